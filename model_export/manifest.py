@@ -1,0 +1,225 @@
+"""The pipeline manifest, `pipeline.json`: the single source of truth every part reads.
+
+Written by `model_export split`, read by the stage service, the local mesh, the Kubernetes renderer and
+the load tester. Only pydantic and the standard library here, so the serving image can import it
+without the export stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MANIFEST_FILE = "pipeline.json"
+FORMAT_VERSION = 1
+
+# KServe v2 datatype names, mapped to numpy dtype names (BYTES has no fixed-width numpy type).
+DATATYPE_TO_NUMPY: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+NUMPY_TO_DATATYPE: dict[str, str] = {v: k for k, v in DATATYPE_TO_NUMPY.items()}
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"
+]
+
+# Stage and pipeline names become Kubernetes object names, service accounts and DNS labels.
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class ManifestError(ValueError):
+    """The manifest is missing, unreadable or inconsistent with the files beside it."""
+
+
+class TensorSpec(BaseModel):
+    """One tensor: `{"name": "image", "datatype": "FP32", "shape": [-1, 224, 224, 3]}`; -1 is dynamic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    datatype: Datatype
+    shape: list[int]
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: list[int]) -> list[int]:
+        if any(d < -1 for d in shape):
+            raise ValueError(f"dimensions must be >= 0 or -1 (dynamic), got {shape}")
+        return shape
+
+    def bytes_per_sample(self) -> int:
+        """Bytes of one sample (the first dimension taken as the batch, other dynamic dims as 1)."""
+        import numpy as np
+
+        itemsize = np.dtype(DATATYPE_TO_NUMPY[self.datatype]).itemsize
+        count = 1
+        for d in self.shape[1:]:
+            count *= max(d, 1)
+        return count * itemsize
+
+
+class StageCost(BaseModel):
+    """What one stage costs, measured by the splitter at batch 1 with the stage service's thread count."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latency_ms: float = Field(ge=0)
+    param_bytes: int = Field(ge=0)
+    bytes_out: int = Field(ge=0, description="bytes per sample this stage sends to the next (or returns)")
+
+
+class Stage(BaseModel):
+    """One stage of the chain: its subgraph file and the tensors that cross its two cuts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: str = "v1"
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    cost: StageCost
+
+    @field_validator("name", "version")
+    @classmethod
+    def _dns(cls, value: str) -> str:
+        if not DNS_LABEL.match(value) or len(value) > 63:
+            raise ValueError(f"{value!r} is not a DNS label (lowercase letters, digits and '-', max 63)")
+        return value
+
+    @field_validator("file")
+    @classmethod
+    def _plain_file(cls, value: str) -> str:
+        if "/" in value or "\\" in value or value in {"", ".", ".."}:
+            raise ValueError(f"stage file must be a plain file name beside pipeline.json, got {value!r}")
+        return value
+
+
+class SourceModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Profile(BaseModel):
+    """How costs were measured, so the numbers can be compared with the service's own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threads: int = Field(ge=1)
+    batch: int = Field(ge=1)
+    runs: int = Field(ge=1)
+    balance: Literal["latency", "params"]
+
+
+class Manifest(BaseModel):
+    """`pipeline.json`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str
+    source_model: SourceModel
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    profile: Profile
+    stages: list[Stage] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _dns(cls, value: str) -> str:
+        if not DNS_LABEL.match(value) or len(value) > 40:
+            raise ValueError(f"pipeline name {value!r} must be a DNS label of at most 40 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _chain_is_consistent(self) -> Manifest:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        if [t.name for t in self.stages[0].inputs] != [t.name for t in self.inputs]:
+            raise ValueError("the first stage's inputs must be the pipeline's inputs")
+        if [t.name for t in self.stages[-1].outputs] != [t.name for t in self.outputs]:
+            raise ValueError("the last stage's outputs must be the pipeline's outputs")
+        for prev, nxt in zip(self.stages, self.stages[1:], strict=False):
+            if {t.name for t in prev.outputs} != {t.name for t in nxt.inputs}:
+                raise ValueError(
+                    f"stage {prev.name} outputs {[t.name for t in prev.outputs]} but "
+                    f"{nxt.name} expects {[t.name for t in nxt.inputs]}"
+                )
+        return self
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"unknown stage {name!r}; the pipeline has {[s.name for s in self.stages]}")
+
+    def index(self, name: str) -> int:
+        return [s.name for s in self.stages].index(self.stage(name).name)
+
+
+def stage_name(pipeline: str, index: int) -> str:
+    return f"{pipeline}-stage-{index}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(path: Path | str) -> Manifest:
+    """Read `pipeline.json` (or the directory that holds it). Raises ManifestError with the reason."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest here; expected the {MANIFEST_FILE} that `split` writes")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: not a readable JSON manifest ({exc})") from exc
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError(f"{path}: invalid manifest:\n{exc}") from exc
+
+
+def write_manifest(manifest: Manifest, directory: Path) -> Path:
+    path = directory / MANIFEST_FILE
+    path.write_text(manifest.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def verify_stage_file(manifest_dir: Path, stage: Stage) -> Path:
+    """Return the stage's ONNX path after checking it exists and its sha256 matches the manifest."""
+    path = manifest_dir / stage.file
+    if not path.is_file():
+        raise ManifestError(f"stage {stage.name}: file {path} is missing")
+    actual = sha256_file(path)
+    if actual != stage.sha256:
+        raise ManifestError(
+            f"stage {stage.name}: {path} has sha256 {actual}, but the manifest expects {stage.sha256}; "
+            "the file was changed or replaced after the split"
+        )
+    return path
