@@ -134,7 +134,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1] = 1
     name: str
     source_model: SourceModel
     inputs: list[TensorSpec] = Field(min_length=1)
