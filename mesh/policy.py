@@ -116,6 +116,17 @@ class StagePolicy(_Strict):
 class Gateway(_Strict):
     host: str = "pipeline.local"
     port: int = Field(default=8080, ge=1, le=65535)
+    # The gateway's own workload identity, the only caller the first stage admits. The defaults are those
+    # of Istio's stock ingress gateway, so the same principal holds in the cluster and in the local mesh.
+    namespace: str = "istio-system"
+    service_account: str = "istio-ingressgateway-service-account"
+
+    @field_validator("namespace", "service_account")
+    @classmethod
+    def _dns(cls, value: str) -> str:
+        if not DNS_LABEL.match(value):
+            raise ValueError(f"{value!r} must be a DNS label")
+        return value
 
 
 class Policy(_Strict):
@@ -173,6 +184,18 @@ class ResolvedPolicy(_Strict):
 
     def principal(self, service_account: str) -> str:
         return f"cluster.local/ns/{self.namespace}/sa/{service_account}"
+
+    def gateway_principal(self) -> str:
+        """Istio principal of the ingress gateway (`cluster.local/ns/istio-system/sa/...` by default)."""
+        return f"cluster.local/ns/{self.gateway.namespace}/sa/{self.gateway.service_account}"
+
+    def gateway_spiffe_id(self) -> str:
+        return f"spiffe://{self.gateway_principal()}"
+
+    def caller_principal(self, name: str) -> str:
+        """The one principal allowed to call stage `name`: the previous stage's, or the gateway's."""
+        index = self.stage(name).index
+        return self.gateway_principal() if index == 0 else self.principal(self.stages[index - 1].name)
 
 
 def load_policy(path: Path | str | None) -> Policy:
