@@ -85,6 +85,33 @@ class ConnectionPool(_Strict):
     max_requests: int = Field(default=1024, ge=1)
 
 
+class Autoscale(_Strict):
+    """Horizontal pod autoscaling of a stage on Kubernetes (the `prod` overlay's HorizontalPodAutoscaler)."""
+
+    min_replicas: int = Field(default=2, ge=1, le=64)
+    max_replicas: int = Field(default=6, ge=1, le=256)
+    target_cpu_percent: int = Field(default=70, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _range(self) -> Autoscale:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas {self.min_replicas}")
+        return self
+
+
+class Resources(_Strict):
+    """CPU and memory of a stage's container on Kubernetes; requests equal limits (Guaranteed QoS)."""
+
+    cpu_millicores: int | None = Field(default=None, ge=100)  # default: 1000 per inference thread
+    memory_mib: int | None = Field(default=None, ge=64)  # default: from the stage's parameter bytes
+
+
+class Tracing(_Strict):
+    """Distributed tracing: the share of requests sampled (Istio Telemetry)."""
+
+    sampling_percent: float = Field(default=100.0, ge=0, le=100)
+
+
 class StagePolicy(_Strict):
     """Policy for calls into one stage. Unset fields take the `defaults` block's value, then the default."""
 
@@ -96,6 +123,8 @@ class StagePolicy(_Strict):
     connection_pool: ConnectionPool | None = None
     buffer_limit_bytes: int | None = Field(default=None, ge=16 * 1024)
     threads: int | None = Field(default=None, ge=1, le=64)
+    autoscale: Autoscale | None = None
+    resources: Resources | None = None
 
     @field_validator("versions")
     @classmethod
@@ -136,6 +165,7 @@ class Policy(_Strict):
     gateway: Gateway = Field(default_factory=Gateway)
     defaults: StagePolicy = Field(default_factory=StagePolicy)
     stages: dict[str, StagePolicy] = Field(default_factory=dict)
+    tracing: Tracing = Field(default_factory=Tracing)
 
     @field_validator("namespace")
     @classmethod
@@ -166,12 +196,16 @@ class ResolvedStage(_Strict):
     buffer_limit_bytes: int
     threads: int
     activation_bytes: int  # bytes per sample of the request body into this stage (binary tensors)
+    autoscale: Autoscale = Field(default_factory=Autoscale)
+    cpu_millicores: int = 1000
+    memory_mib: int = 512
 
 
 class ResolvedPolicy(_Strict):
     namespace: str
     gateway: Gateway
     stages: list[ResolvedStage]
+    tracing: Tracing = Field(default_factory=Tracing)
 
     def stage(self, name: str) -> ResolvedStage:
         for s in self.stages:
@@ -232,6 +266,12 @@ def _default_buffer(activation_bytes: int) -> int:
     return size
 
 
+def _default_memory_mib(param_bytes: int) -> int:
+    """Weights loaded by onnxruntime plus its arena and the Python runtime, in 64 MiB steps."""
+    need = 256 * MIB + 3 * param_bytes
+    return -(-need // (64 * MIB)) * 64
+
+
 def resolve(policy: Policy, manifest: Manifest) -> ResolvedPolicy:
     """Apply the policy to the pipeline; raise PolicyError naming every problem found."""
     known = [s.name for s in manifest.stages]
@@ -250,6 +290,8 @@ def resolve(policy: Policy, manifest: Manifest) -> ResolvedPolicy:
         per_try = _pick(retries.per_try_timeout_s, timeout)
         activation = sum(t.bytes_per_sample() for t in stage.inputs)
         buffer = _pick(own.buffer_limit_bytes, d.buffer_limit_bytes, _default_buffer(activation))
+        threads = _pick(own.threads, d.threads, manifest.profile.threads)
+        resources = _pick(own.resources, d.resources, Resources())
         resolved.append(
             ResolvedStage(
                 name=stage.name,
@@ -262,8 +304,11 @@ def resolve(policy: Policy, manifest: Manifest) -> ResolvedPolicy:
                 outlier_detection=_pick(own.outlier_detection, d.outlier_detection, OutlierDetection()),
                 connection_pool=_pick(own.connection_pool, d.connection_pool, ConnectionPool()),
                 buffer_limit_bytes=buffer,
-                threads=_pick(own.threads, d.threads, manifest.profile.threads),
+                threads=threads,
                 activation_bytes=activation,
+                autoscale=_pick(own.autoscale, d.autoscale, Autoscale()),
+                cpu_millicores=_pick(resources.cpu_millicores, 1000 * threads),
+                memory_mib=_pick(resources.memory_mib, _default_memory_mib(stage.cost.param_bytes)),
             )
         )
         if per_try > timeout:
@@ -284,4 +329,4 @@ def resolve(policy: Policy, manifest: Manifest) -> ResolvedPolicy:
             )
     if problems:
         raise PolicyError("invalid policy for this pipeline:\n  - " + "\n  - ".join(problems))
-    return ResolvedPolicy(namespace=policy.namespace, gateway=policy.gateway, stages=resolved)
+    return ResolvedPolicy(namespace=policy.namespace, gateway=policy.gateway, stages=resolved, tracing=policy.tracing)
