@@ -1,0 +1,218 @@
+"""`split`: cut an ONNX model into N stages at clean cuts balanced by measured cost, and prove the chain.
+
+Order (as onnx's own `extract_model`): validate every argument, then build in a temporary directory
+beside the output, then check; the directory is moved into place only when the chain is proven equal
+to the whole model, so a failure never leaves a half-written pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import onnx
+
+from model_export.errors import ExportError
+from model_export.graph import GraphIndex, extract
+from model_export.manifest import (
+    DNS_LABEL,
+    NUMPY_TO_DATATYPE,
+    Manifest,
+    Profile,
+    SourceModel,
+    Stage,
+    StageCost,
+    TensorSpec,
+    sha256_file,
+    stage_name,
+    write_manifest,
+)
+from model_export.onnx_io import load_onnx, save_onnx
+from model_export.partition import choose_cuts
+from model_export.profile import Activation, activations, param_bytes, time_model
+from model_export.verify import DEFAULT_TOLERANCE, verify_pipeline
+
+Balance = Literal["latency", "params"]
+MB = 1_000_000
+# What moving one MB of activation costs a stage (decode in + encode out on loopback, binary), in ms;
+# see BENCHMARKS / `make bench-hop`. Only a tie-breaker in size: it steers cuts towards small activations.
+DEFAULT_TRANSFER_MS_PER_MB = 0.3
+T = TypeVar("T")
+Track = Callable[[Iterable[T], str], Iterable[T]]
+
+
+def no_progress(items: Iterable[T], description: str) -> Iterable[T]:
+    del description
+    return items
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The model, its clean cuts in order, and each cut tensor's value at batch 1."""
+
+    model: onnx.ModelProto
+    index: GraphIndex
+    cuts: list[str]
+    values: dict[str, Activation]
+
+    def boundaries(self) -> list[list[str]]:
+        return [self.index.inputs, *[[c] for c in self.cuts], self.index.outputs]
+
+    def extract(self, start: list[str], end: list[str], name: str) -> onnx.ModelProto:
+        infos = {n: a.value_info() for n, a in self.values.items()}
+        return extract(self.index, start, end, infos, name)
+
+    def feeds(self, names: list[str]) -> dict:
+        return {n: self.values[n].value for n in names}
+
+
+def find_candidates(model: onnx.ModelProto, threads: int = 1) -> Candidates:
+    index = GraphIndex.build(model)
+    cuts = index.clean_cuts()
+    values = activations(model, index, [*cuts, *index.outputs], threads=threads)
+    return Candidates(model, index, cuts, values)
+
+
+def segment_costs(c: Candidates, balance: Balance, threads: int, runs: int, track: Track) -> list[float]:
+    bounds = c.boundaries()
+    pairs = list(zip(bounds, bounds[1:], strict=False))
+    costs = []
+    for i, (start, end) in enumerate(track(pairs, "measuring segments")):
+        segment = c.extract(start, end, f"segment{i}")
+        if balance == "params":
+            costs.append(float(param_bytes(segment)))
+        else:
+            costs.append(time_model(segment, c.feeds(start), threads, runs))
+    return costs
+
+
+def validate_cuts(c: Candidates, requested: Sequence[str]) -> list[str]:
+    """Check user-given cut tensors exist and are clean; return them ordered inputs -> outputs."""
+    for name in requested:
+        if name not in c.index.producer:
+            sample = ", ".join(c.cuts[:5]) or "(none)"
+            raise ExportError(f"--cut {name!r}: no such tensor in the graph; clean cut points include: {sample}")
+        crossing = c.index.crossing(name)
+        if name in c.index.outputs or crossing:
+            also = sorted(crossing) or ["(it is a graph output)"]
+            raise ExportError(
+                f"--cut {name!r} is not a clean cut: {also} would also cross it (a residual branch, a "
+                "control-flow node or a second output); `python -m model_export cuts MODEL.onnx` lists the "
+                f"clean ones, e.g. {c.cuts[:3]}"
+            )
+    if len(set(requested)) != len(requested):
+        raise ExportError(f"--cut lists a tensor twice: {list(requested)}")
+    return sorted(requested, key=c.cuts.index)
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    manifest: Manifest
+    directory: Path
+    max_abs_diff: float
+    segment_costs: list[float]
+
+
+def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[str] = (),
+                balance: Balance = "latency", threads: int = 1, runs: int = 10, name: str | None = None,
+                tolerance: float = DEFAULT_TOLERANCE, transfer_ms_per_mb: float = DEFAULT_TRANSFER_MS_PER_MB,
+                track: Track = no_progress) -> SplitResult:
+    # 1. validate the arguments, before any heavy work
+    if out.exists():
+        raise ExportError(f"{out} already exists; expected a new directory (remove it or choose another --out)")
+    pipeline = name or out.name
+    if not DNS_LABEL.match(pipeline) or len(pipeline) > 40:
+        raise ExportError(
+            f"pipeline name {pipeline!r} (from --name or the --out directory) must be lowercase letters, digits "
+            "and '-', at most 40 characters"
+        )
+    if stages is not None and stages < 1:
+        raise ExportError(f"--stages must be at least 1, got {stages}")
+    if cuts and stages is not None and stages != len(cuts) + 1:
+        raise ExportError(f"--stages {stages} needs {stages - 1} --cut tensors, got {len(cuts)}")
+    if balance not in ("latency", "params"):
+        raise ExportError(f"--balance must be latency or params, got {balance!r}")
+    if threads < 1 or runs < 1:
+        raise ExportError("--threads and --runs must be at least 1")
+    model = load_onnx(model_path)
+    c = find_candidates(model, threads)
+    n_stages = stages if stages is not None else len(cuts) + 1
+    if cuts:
+        chosen = validate_cuts(c, cuts)
+        costs: list[float] = []
+    else:
+        if n_stages - 1 > len(c.cuts):
+            raise ExportError(
+                f"--stages {n_stages}: the model has only {len(c.cuts)} clean cut points, so at most "
+                f"{len(c.cuts) + 1} stages"
+            )
+        costs = segment_costs(c, balance, threads, runs, track)
+        cut_bytes = [c.values[t].nbytes for t in c.cuts]
+        per_byte = transfer_ms_per_mb / MB if balance == "latency" else 0.0
+        chosen = [c.cuts[i] for i in choose_cuts(costs, cut_bytes, n_stages, transfer_per_byte=per_byte)]
+
+    # 2. build in a temporary directory beside the output
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        manifest = _write_stages(c, chosen, tmp, pipeline, model_path, out, balance, threads, runs, track)
+        # 3. check: the chained stages must compute what the whole model computes
+        diff = verify_pipeline(tmp, model_path=model_path, tolerance=tolerance, track=track)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return SplitResult(manifest, out, diff, costs)
+
+
+def _spec(a: Activation) -> TensorSpec:
+    dtype = a.value.dtype.name
+    if dtype not in NUMPY_TO_DATATYPE:
+        raise ExportError(f"tensor {a.name!r} has dtype {dtype}, which has no KServe v2 datatype")
+    return TensorSpec(name=a.name, datatype=NUMPY_TO_DATATYPE[dtype], shape=[-1, *a.value.shape[1:]])  # type: ignore[arg-type]
+
+
+def _write_stages(c: Candidates, chosen: list[str], directory: Path, pipeline: str, model_path: Path, out: Path,
+                  balance: Balance, threads: int, runs: int, track: Track) -> Manifest:
+    bounds = [c.index.inputs, *[[t] for t in chosen], c.index.outputs]
+    stages = []
+    for i, (start, end) in enumerate(track(list(zip(bounds, bounds[1:], strict=False)), "extracting stages")):
+        sub = c.extract(start, end, stage_name(pipeline, i))
+        try:
+            onnx.checker.check_model(sub, full_check=True)
+            sub = onnx.shape_inference.infer_shapes(sub, strict_mode=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise ExportError(f"stage {i} ({start} -> {end}) fails the ONNX checker: {exc}") from exc
+        file = f"stage-{i}.onnx"
+        save_onnx(sub, directory / file)
+        stages.append(
+            Stage(
+                name=stage_name(pipeline, i),
+                file=file,
+                sha256=sha256_file(directory / file),
+                inputs=[_spec(c.values[t]) for t in start],
+                outputs=[_spec(c.values[t]) for t in end],
+                cost=StageCost(
+                    latency_ms=round(time_model(sub, c.feeds(start), threads, runs), 4),
+                    param_bytes=param_bytes(sub),
+                    bytes_out=sum(c.values[t].nbytes for t in end),
+                ),
+            )
+        )
+    manifest = Manifest(
+        name=pipeline,
+        source_model=SourceModel(
+            file=os.path.relpath(model_path.resolve(), out.resolve()), sha256=sha256_file(model_path)
+        ),
+        inputs=stages[0].inputs,
+        outputs=stages[-1].outputs,
+        profile=Profile(threads=threads, batch=1, runs=runs, balance=balance),
+        stages=stages,
+    )
+    write_manifest(manifest, directory)
+    return manifest
