@@ -1,0 +1,100 @@
+"""Real Keras models end to end: the reference classifier through the CLI, and two Keras application
+architectures no one here wrote (residual connections, batch normalisation), built with weights=None."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from model_export.errors import ExportError
+from model_export.export import export_keras
+from model_export.graph import GraphIndex
+from model_export.manifest import load_manifest
+from model_export.split import split_model
+from model_export.verify import verify_pipeline
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "model_export", *args], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+
+
+def test_reference_model_through_the_command_line(tmp_path: Path) -> None:
+    keras_file, onnx_file, out = tmp_path / "ref.keras", tmp_path / "ref.onnx", tmp_path / "ref"
+    r = cli("reference", "--out", str(keras_file), "--input-size", "64", "--width", "8")
+    assert r.returncode == 0, r.stderr
+    r = cli("export", str(keras_file), "--out", str(onnx_file))
+    assert r.returncode == 0, r.stderr
+    assert "max |keras - onnxruntime|" in r.stdout
+    model = onnx.load(str(onnx_file))
+    assert [i.name for i in model.graph.input] == ["image"] and [o.name for o in model.graph.output] == ["probs"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    r = cli("split", str(onnx_file), "--stages", "4", "--out", str(out), "--runs", "3")
+    assert r.returncode == 0, r.stderr
+    assert "measuring segments" in r.stderr and "verifying chain" in r.stderr  # progress is shown
+    m = load_manifest(out)
+    assert len(m.stages) == 4 and m.inputs[0].shape == [-1, 64, 64, 3] and m.outputs[0].shape == [-1, 1000]
+    assert cli("verify", str(out)).returncode == 0
+    r = cli("inspect", str(out))
+    assert r.returncode == 0 and all(s.name in r.stdout for s in m.stages)
+
+
+def test_export_refuses_what_is_not_a_keras_model(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.keras"
+    fake.write_text("not a zip")
+    r = cli("export", str(fake), "--out", str(tmp_path / "x.onnx"))
+    assert r.returncode == 2 and "not a loadable Keras model" in r.stderr
+    r = cli("export", str(tmp_path / "model.txt"), "--out", str(tmp_path / "x.onnx"))
+    assert r.returncode == 2 and "no such file" in r.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_fails_when_onnxruntime_disagrees_with_keras(tmp_path: Path) -> None:
+    from model_export.reference import save_reference
+
+    keras_file = save_reference(tmp_path / "r.keras", input_size=16, width=2, classes=10)
+    with pytest.raises(ExportError, match="above the tolerance"):
+        export_keras(keras_file, tmp_path / "r.onnx", tolerance=-1.0)
+    assert not (tmp_path / "r.onnx").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["r.keras"]
+
+
+@pytest.mark.parametrize(
+    ("arch", "size"),
+    [("MobileNetV2", 96), ("ResNet50", 64)],
+)
+def test_keras_applications_split_at_clean_cuts(arch: str, size: int, tmp_path: Path) -> None:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, arch)(weights=None, input_shape=(size, size, 3), classes=10)
+    model.save(tmp_path / "m.keras")
+    export_keras(tmp_path / "m.keras", tmp_path / "m.onnx", samples=2)
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    index = GraphIndex.build(graph)
+    adds = [n for n in graph.graph.node if n.op_type == "Add" and all(i in index.dynamic for i in n.input)]
+    assert adds, "expected residual additions in the exported graph"
+    # nothing inside a residual block is a clean cut: every tensor computed on one branch of an Add but
+    # not on the other has the other branch crossing beside it
+    cuts = set(index.clean_cuts())
+    inside = 0
+    for add in adds:
+        p, q = add.input
+        for branch, other in ((p, q), (q, p)):
+            for node in index.ancestors([branch]) - index.ancestors([other]):
+                for tensor in graph.graph.node[node].output:
+                    assert tensor not in cuts and index.crossing(tensor), tensor
+                    inside += 1
+    assert inside > len(adds)
+    result = split_model(tmp_path / "m.onnx", tmp_path / "split", 4, balance="params", runs=1)
+    for stage in result.manifest.stages[1:]:
+        assert stage.inputs[0].name in cuts and len(stage.inputs) == 1
+    assert result.max_abs_diff <= 1e-5
+    assert verify_pipeline(tmp_path / "split", samples=2) <= 1e-5
