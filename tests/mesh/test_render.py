@@ -1,0 +1,230 @@
+"""`python -m mesh render`: layout, determinism, values from the policy, canary, buffer limits, committed tree."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mesh.__main__ import main
+from mesh.policy import Policy, resolve
+from mesh.render import render_tree
+from model_export.manifest import Manifest, load_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+NETWORKING = ("gateway", "virtualservice", "destinationrule", "peerauthentication", "authorizationpolicy",
+              "telemetry", "envoyfilter")
+
+
+def _docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def _by_kind(files: dict[str, str], prefix: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path, text in files.items():
+        if path.startswith(prefix) and path.endswith(".yaml") and not path.endswith("kustomization.yaml"):
+            for d in _docs(text):
+                if isinstance(d, dict) and "kind" in d:
+                    out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+def _policy(**data: Any) -> Policy:
+    return Policy.model_validate(data)
+
+
+def test_layout_one_resource_per_file_named_by_kind(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    files = render_tree(manifest, Policy())
+    resources = [p for p in files if p.endswith(".yaml") and not p.endswith("kustomization.yaml")
+                 and "/patch-" not in p]
+    assert resources
+    for path in resources:
+        docs = _docs(files[path])
+        assert len(docs) == 1, path
+        name = Path(path).name
+        kind = docs[0]["kind"].lower()
+        assert name.startswith(f"{kind}-"), path
+        if kind in NETWORKING:
+            assert re.fullmatch(rf"{kind}-[a-z0-9-]+-[a-z0-9-]+\.yaml", name), path
+    component = yaml.safe_load(files["components/istio/kustomization.yaml"])
+    assert component["kind"] == "Component"
+    assert all("commonLabels" not in text for text in files.values())
+    for overlay in ("dev", "prod", "gpu", "canary"):
+        k = yaml.safe_load(files[f"overlays/{overlay}/kustomization.yaml"])
+        assert k["resources"][0] == "../../base" and k["components"] == ["../../components/istio"]
+
+
+def test_workload_conventions(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    kinds = _by_kind(render_tree(manifest, Policy()), "base/")
+    names = [s.name for s in manifest.stages]
+    assert sorted(sa["metadata"]["name"] for sa in kinds["ServiceAccount"]) == sorted(names)
+    assert sorted(d["metadata"]["name"] for d in kinds["Deployment"]) == sorted(f"{n}-v1" for n in names)
+    for svc in kinds["Service"]:
+        assert [p["name"] for p in svc["spec"]["ports"]] == ["http"]
+    for d in kinds["Deployment"]:
+        pod = d["spec"]["template"]
+        assert set(pod["metadata"]["labels"]) == {"app", "version"}
+        spec = pod["spec"]
+        assert spec["serviceAccountName"] == pod["metadata"]["labels"]["app"]
+        assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] != 1337
+        (c,) = spec["containers"]
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+        assert c["resources"]["requests"] and c["resources"]["limits"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["STAGE_MANIFEST"] == "/models/pipeline.json" and env["STAGE_PORT"] == "8080"
+        # the model files come from the init container into the shared emptyDir
+        assert spec["initContainers"][0]["volumeMounts"][0]["mountPath"] == "/models"
+    last = next(d for d in kinds["Deployment"] if d["metadata"]["labels"]["app"] == names[-1])
+    assert "STAGE_NEXT_URL" not in {e["name"] for e in last["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert len(kinds["PodDisruptionBudget"]) == len(names)
+
+
+def test_render_is_deterministic(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    policy = _policy(stages={manifest.stages[1].name: {"versions": [{"name": "v1", "weight": 70},
+                                                                     {"name": "v2", "weight": 30}]}})
+    first, second = render_tree(manifest, policy), render_tree(manifest, policy)
+    assert first == second
+    assert list(first) == sorted(first)
+    assert not any(re.search(r"20\d\d-\d\d-\d\dT", text) for text in first.values())
+
+
+def test_values_come_from_the_resolved_policy(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    s0, s1, s2 = (s.name for s in manifest.stages)
+    policy = _policy(
+        namespace="ml", gateway={"host": "tiny.example.com"},
+        defaults={"replicas": 2, "threads": 3, "retries": {"attempts": 2, "per_try_timeout_s": 0.5,
+                                                           "retry_on": ["reset", "503"]}},
+        stages={s0: {"timeout_s": 9.5}, s1: {"timeout_s": 4, "outlier_detection": {"consecutive_5xx": 7}},
+                s2: {"timeout_s": 1.25, "connection_pool": {"max_requests": 33}}},
+    )
+    resolved = resolve(policy, manifest)
+    files = render_tree(manifest, policy)
+    base, istio = _by_kind(files, "base/"), _by_kind(files, "components/istio/")
+    assert {o["metadata"].get("namespace") for kind in ("Deployment", "Service") for o in base[kind]} == {"ml"}
+    for d in base["Deployment"]:
+        stage = resolved.stage(d["metadata"]["labels"]["app"])
+        assert d["spec"]["replicas"] == stage.replicas == 2
+        env = {e["name"]: e["value"] for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["STAGE_THREADS"] == "3"
+        if stage.index < 2:
+            nxt = resolved.stages[stage.index + 1]
+            assert env["STAGE_NEXT_URL"] == f"http://{nxt.name}.ml.svc.cluster.local:8080"
+            assert float(env["STAGE_TIMEOUT_S"]) == nxt.timeout_s
+    vs = {v["metadata"]["name"]: v for v in istio["VirtualService"]}
+    assert vs[s0]["spec"]["http"][0]["timeout"] == "9.5s"
+    assert vs[s2]["spec"]["http"][0]["timeout"] == "1.25s"
+    assert vs[s1]["spec"]["http"][0]["retries"] == {"attempts": 2, "perTryTimeout": "0.5s", "retryOn": "reset,503"}
+    assert vs["tiny-gateway"]["spec"]["hosts"] == ["tiny.example.com"]
+    dr = {d["metadata"]["name"]: d for d in istio["DestinationRule"]}
+    assert dr[s1]["spec"]["trafficPolicy"]["outlierDetection"]["consecutive5xxErrors"] == 7
+    assert dr[s2]["spec"]["trafficPolicy"]["connectionPool"]["http"]["http2MaxRequests"] == 33
+    assert istio["Gateway"][0]["spec"]["servers"][0]["hosts"] == ["tiny.example.com"]
+    aps = {a["metadata"]["name"]: a for a in istio["AuthorizationPolicy"]}
+    assert aps["allow-nothing"]["spec"] == {}
+    assert aps[f"{s1}-allow-caller"]["spec"]["rules"][0]["from"][0]["source"]["principals"] == [
+        f"cluster.local/ns/ml/sa/{s0}"]
+    assert aps[f"{s0}-allow-caller"]["spec"]["rules"][0]["from"][0]["source"]["principals"] == [
+        "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"]
+    dashboard = json.loads(files["base/grafana-dashboard-tiny.json"])
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    for metric in ("istio_requests_total", "istio_request_duration_milliseconds_bucket", "stage_requests_total",
+                   "stage_inference_duration_seconds_bucket", "stage_inflight_requests"):
+        assert metric in exprs
+    assert all(f'app="{s}"' in exprs for s in (s0, s1, s2))
+
+
+def test_canary_versions_from_the_policy(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    s1 = manifest.stages[1].name
+    policy = _policy(stages={s1: {"versions": [{"name": "v1", "weight": 80},
+                                               {"name": "v2", "weight": 20, "file": "stage-1-v2.onnx"}]}})
+    files = render_tree(manifest, policy)
+    base = _by_kind(files, "base/")
+    assert f"{s1}-v2" not in {d["metadata"]["name"] for d in base["Deployment"]}
+    stable_vs = next(v for v in _by_kind(files, "components/")["VirtualService"] if v["metadata"]["name"] == s1)
+    assert [r["weight"] for r in stable_vs["spec"]["http"][0]["route"]] == [100]
+    canary = yaml.safe_load(files[f"overlays/canary/deployment-{s1}-v2.yaml"])
+    env = {e["name"]: e["value"] for e in canary["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["STAGE_FILE"] == "/models/stage-1-v2.onnx" and env["STAGE_VERSION"] == "v2"
+    ops = yaml.safe_load(files[f"overlays/canary/patch-virtualservice-{s1}.yaml"])
+    assert [(r["destination"]["subset"], r["weight"]) for r in ops[0]["value"]] == [("v1", 80), ("v2", 20)]
+
+
+def test_canary_default_is_next_version_of_last_stage(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    last = manifest.stages[-1].name
+    files = render_tree(manifest, Policy())
+    assert f"overlays/canary/deployment-{last}-v2.yaml" in files
+    ops = yaml.safe_load(files[f"overlays/canary/patch-virtualservice-{last}.yaml"])
+    assert [r["weight"] for r in ops[0]["value"]] == [90, 10]
+
+
+def test_buffer_limit_envoyfilter_on_the_caller_side(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    limit = 4 << 20
+    files = render_tree(manifest, _policy(defaults={"buffer_limit_bytes": limit}))
+    filters = {f["metadata"]["name"]: f for f in _by_kind(files, "components/")["EnvoyFilter"]}
+    assert sorted(filters) == sorted(f"{s.name}-buffer-limit" for s in manifest.stages)
+    first = filters[f"{manifest.stages[0].name}-buffer-limit"]
+    assert first["metadata"]["namespace"] == "istio-system"
+    assert first["spec"]["workloadSelector"]["labels"] == {"istio": "ingressgateway"}
+    second = filters[f"{manifest.stages[1].name}-buffer-limit"]
+    assert second["spec"]["workloadSelector"]["labels"] == {"app": manifest.stages[0].name}
+    for patch in second["spec"]["configPatches"]:
+        assert patch["patch"]["value"] == {"per_connection_buffer_limit_bytes": limit}
+    # Envoy's default (1 MiB) suffices for the tiny activations: no filter then
+    assert "EnvoyFilter" not in _by_kind(render_tree(manifest, Policy()), "components/")
+
+
+def test_cli_renders_from_a_directory_with_only_the_manifest(tiny_pipeline: tuple[Path, Manifest],
+                                                             tmp_path: Path) -> None:
+    directory, _ = tiny_pipeline
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(directory / "pipeline.json", only / "pipeline.json")
+    out = tmp_path / "out"
+    (out / "base").mkdir(parents=True)
+    (out / "base" / "stale.yaml").write_text("stale: true\n")
+    assert main(["render", "--pipeline", str(only), "--out", str(out)]) == 0
+    assert (out / "components/istio/kustomization.yaml").is_file()
+    assert not (out / "base" / "stale.yaml").exists()
+
+
+def test_cli_rejects_a_policy_that_does_not_fit(tiny_pipeline: tuple[Path, Manifest], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    directory, _ = tiny_pipeline
+    policy = tmp_path / "mesh.yaml"
+    policy.write_text("stages:\n  no-such-stage: {replicas: 2}\n")
+    assert main(["render", "--pipeline", str(directory), "--policy", str(policy), "--out", str(tmp_path)]) == 2
+    assert "no-such-stage" in capsys.readouterr().err
+    assert not (tmp_path / "base").exists()
+
+
+def test_committed_tree_is_the_render_of_the_reference_pipeline(tmp_path: Path) -> None:
+    """kustomize/ is `python -m mesh render --pipeline examples/reference [--policy mesh.yaml]`, byte for byte."""
+    committed = REPO / "kustomize"
+    args = ["render", "--pipeline", str(REPO / "examples/reference"), "--out", str(tmp_path)]
+    if (REPO / "mesh.yaml").is_file():
+        args += ["--policy", str(REPO / "mesh.yaml")]
+    assert main(args) == 0
+    assert load_manifest(REPO / "examples/reference").name == "reference"
+
+    def tree(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    fresh, old = tree(tmp_path), tree(committed)
+    assert sorted(fresh) == sorted(old), "file set differs: re-run `python -m mesh render` and commit kustomize/"
+    stale = [p for p in fresh if fresh[p] != old[p]]
+    assert not stale, f"stale files in kustomize/: {stale}; re-render and commit"
