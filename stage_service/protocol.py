@@ -1,0 +1,344 @@
+"""KServe v2 / Open Inference Protocol (REST): pydantic v2 models and the binary tensor codec.
+
+Spec: https://kserve.github.io/website/latest/modelserving/data_plane/v2_protocol/ and Triton's binary
+tensor data extension: a body is a JSON header of `Inference-Header-Content-Length` bytes followed by the
+raw little-endian, row-major bytes of every tensor whose `parameters.binary_data_size` is set, in the
+order the tensors appear in the header.
+
+This module only turns bytes into named numpy arrays and back, checking that each tensor is consistent
+with itself (datatype known, data matching the shape). Whether the tensors fit the model is checked in
+`runtime.py`. Every problem raises `InvalidInput` naming the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from model_export.manifest import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, TensorSpec
+from stage_service.errors import InvalidInput
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+JSON_CONTENT_TYPE = "application/json"
+# Parameters of the binary extension: they steer encoding and are not echoed back.
+BINARY_PARAMS = frozenset({"binary_data", "binary_data_output", "binary_data_size"})
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+class RequestInput(BaseModel):
+    """`{"name": $string, "shape": [$number, ...], "datatype": $string, "parameters": {...}, "data": [...]}`"""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class RequestOutput(BaseModel):
+    """`{"name": $string, "parameters": {"binary_data": $bool, ...}}`"""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferenceRequest(BaseModel):
+    """`{"id": $string, "parameters": {...}, "inputs": [$request_input, ...], "outputs": [$request_output, ...]}`"""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    """`{"name": $string, "shape": [$number, ...], "datatype": $string, "parameters": {...}, "data": [...]}`"""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferenceResponse(BaseModel):
+    """`{"model_name": $string, "model_version": $string, "id": $string, "parameters": {...},
+    "outputs": [$response_output, ...]}`"""
+
+    model_config = ConfigDict(protected_namespaces=(), extra="ignore")
+
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[ResponseOutput]
+
+
+class MetadataTensor(BaseModel):
+    """`{"name": $string, "datatype": $string, "shape": [$number, ...]}`"""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    @classmethod
+    def from_spec(cls, spec: TensorSpec) -> MetadataTensor:
+        return cls(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+
+
+class ModelMetadata(BaseModel):
+    """`{"name": $string, "versions": [$string, ...], "platform": $string, "inputs": [...], "outputs": [...]}`
+    plus `parameters` (this stage, its place in the pipeline)."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+    parameters: dict[str, Any] | None = None
+
+
+class ServerMetadata(BaseModel):
+    """`{"name": $string, "version": $string, "extensions": [$string, ...]}`"""
+
+    name: str
+    version: str
+    extensions: list[str]
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+def _numpy_dtype(name: str, datatype: str) -> np.dtype[Any]:
+    numpy_name = DATATYPE_TO_NUMPY.get(datatype)
+    if numpy_name is None:
+        raise InvalidInput(
+            f"tensor {name}: unsupported datatype {datatype!r}; expected one of {sorted(DATATYPE_TO_NUMPY)}"
+        )
+    return np.dtype(numpy_name).newbyteorder("<")
+
+
+def _element_count(name: str, shape: Sequence[int], body_bytes: int) -> int:
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"tensor {name}: shape {list(shape)} has a negative dimension; expected sizes >= 0")
+    count = math.prod(shape)
+    # Every element takes at least one byte of the body, binary or JSON: a bigger shape is absurd.
+    if count > body_bytes:
+        raise InvalidInput(
+            f"tensor {name}: shape {list(shape)} has {count} elements, more than a {body_bytes}-byte body can hold"
+        )
+    return count
+
+
+def _from_json_data(name: str, datatype: str, dtype: np.dtype[Any], shape: list[int], count: int,
+                    data: list[Any]) -> np.ndarray:
+    try:
+        raw = np.asarray(data)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"tensor {name}: data is not a rectangular array of numbers ({exc})") from exc
+    if raw.size != count:
+        raise InvalidInput(f"tensor {name}: data has {raw.size} elements but shape {shape} needs {count}")
+    if count == 0:
+        return np.zeros(shape, dtype=dtype)
+    kind = raw.dtype.kind
+    if dtype.kind == "b":
+        ok = kind == "b"
+    elif dtype.kind in "iu":
+        ok = kind in "iu"
+    else:
+        ok = kind in "iuf"
+    if not ok:
+        wanted = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}[dtype.kind]
+        raise InvalidInput(
+            f"tensor {name}: data must hold {wanted} for datatype {datatype}, got {raw.dtype.name} values"
+        )
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        low, high = raw.min(), raw.max()
+        if low < info.min or high > info.max:
+            raise InvalidInput(
+                f"tensor {name}: values [{low}, {high}] are out of range for {datatype} [{info.min}, {info.max}]"
+            )
+    return raw.astype(dtype, copy=False).reshape(shape)
+
+
+def _decode_tensors(tensors: Sequence[RequestInput | ResponseOutput], body: bytes,
+                    offset: int, what: str) -> dict[str, np.ndarray]:
+    """Arrays for JSON `data` or binary sections starting at `offset`, checking the sections fill the body."""
+    arrays: dict[str, np.ndarray] = {}
+    total = len(body)
+    for tensor in tensors:
+        name = tensor.name
+        if name in arrays:
+            raise InvalidInput(f"tensor {name}: appears twice in the {what}")
+        dtype = _numpy_dtype(name, tensor.datatype)
+        count = _element_count(name, tensor.shape, total)
+        params = tensor.parameters or {}
+        size = params.get("binary_data_size")
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InvalidInput(f"tensor {name}: binary_data_size must be a non-negative integer, got {size!r}")
+            expected = count * dtype.itemsize
+            if size != expected:
+                raise InvalidInput(
+                    f"tensor {name}: binary_data_size is {size} bytes but shape {tensor.shape} of "
+                    f"{tensor.datatype} needs {expected}"
+                )
+            if offset + size > total:
+                raise InvalidInput(
+                    f"tensor {name}: the binary body is shorter than its header says: {size} bytes declared "
+                    f"at offset {offset}, only {max(total - offset, 0)} present"
+                )
+            arrays[name] = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(tensor.shape)
+            offset += size
+        elif tensor.data is not None:
+            arrays[name] = _from_json_data(name, tensor.datatype, dtype, tensor.shape, count, tensor.data)
+        else:
+            raise InvalidInput(f"tensor {name}: has neither 'data' nor parameters.binary_data_size")
+    if offset != total:
+        raise InvalidInput(
+            f"the binary body is longer than its header says: {total - offset} bytes after the last tensor"
+        )
+    return arrays
+
+
+def _split_header(body: bytes, header_length: str | None) -> tuple[bytes, int]:
+    if header_length is None:
+        return body, len(body)
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise InvalidInput(f"{HEADER_LENGTH}: expected a byte count, got {header_length!r}") from None
+    if length < 0 or length > len(body):
+        raise InvalidInput(f"{HEADER_LENGTH}: {length} is not within the body's {len(body)} bytes")
+    return body[:length], length
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)
+
+
+def decode_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
+    """Parse a JSON or binary-extension request body into the request and its input arrays."""
+    header, offset = _split_header(body, header_length)
+    try:
+        request = InferenceRequest.model_validate_json(header)
+    except ValidationError as exc:
+        raise InvalidInput(f"invalid inference request: {_validation_message(exc)}") from None
+    return request, _decode_tensors(request.inputs, body, offset, "request")
+
+
+def decode_response(body: bytes, header_length: str | None) -> tuple[InferenceResponse, dict[str, np.ndarray]]:
+    """Parse a JSON or binary-extension response body (the next stage's answer)."""
+    header, offset = _split_header(body, header_length)
+    try:
+        response = InferenceResponse.model_validate_json(header)
+    except ValidationError as exc:
+        raise InvalidInput(f"invalid inference response: {_validation_message(exc)}") from None
+    return response, _decode_tensors(response.outputs, body, offset, "response")
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+def datatype_of(array: np.ndarray) -> str:
+    return NUMPY_TO_DATATYPE[array.dtype.name]
+
+
+def _join(header: dict[str, Any] | BaseModel, sections: list[np.ndarray]) -> tuple[bytes, int | None]:
+    if isinstance(header, BaseModel):
+        head = header.model_dump_json(exclude_none=True).encode()
+    else:
+        head = pydantic_core.to_json(header)
+    if not sections:
+        return head, None
+    # One copy of each tensor, straight into the body; memoryview avoids tobytes()' extra copy.
+    parts: list[bytes | memoryview] = [head]
+    parts.extend(np.ascontiguousarray(a).data.cast("B") for a in sections)
+    return b"".join(parts), len(head)
+
+
+def encode_request(tensors: Mapping[str, np.ndarray], request_id: str | None = None,
+                   parameters: Mapping[str, Any] | None = None) -> tuple[bytes, int]:
+    """A binary-extension request with every input binary and every output asked for in binary."""
+    inputs = [
+        {"name": name, "shape": list(a.shape), "datatype": datatype_of(a),
+         "parameters": {"binary_data_size": a.nbytes}}
+        for name, a in tensors.items()
+    ]
+    header: dict[str, Any] = {"inputs": inputs, "parameters": {**(parameters or {}), "binary_data_output": True}}
+    if request_id is not None:
+        header["id"] = request_id
+    body, length = _join(header, list(tensors.values()))
+    assert length is not None
+    return body, length
+
+
+def encode_json_request(tensors: Mapping[str, np.ndarray], request_id: str | None = None,
+                        binary_output: bool = False) -> bytes:
+    """A plain JSON request (for clients and the benchmark; stages never send this to each other)."""
+    request = InferenceRequest(
+        id=request_id,
+        parameters={"binary_data_output": True} if binary_output else None,
+        inputs=[RequestInput(name=n, shape=list(a.shape), datatype=datatype_of(a), data=a.ravel().tolist())
+                for n, a in tensors.items()],
+    )
+    return request.model_dump_json(exclude_none=True).encode()
+
+
+def encode_response(model_name: str, model_version: str, request_id: str | None,
+                    parameters: Mapping[str, Any] | None,
+                    outputs: Sequence[tuple[str, np.ndarray, bool]]) -> tuple[bytes, int | None]:
+    """The response body and, where any output is binary, the JSON header's length.
+
+    `outputs` holds (name, array, binary) in the order to return them.
+    """
+    listed = []
+    sections = []
+    for name, array, binary in outputs:
+        out = ResponseOutput(name=name, shape=list(array.shape), datatype=datatype_of(array))
+        if binary:
+            out.parameters = {"binary_data_size": array.nbytes}
+            sections.append(array)
+        else:
+            out.data = array.ravel().tolist()
+        listed.append(out)
+    response = InferenceResponse(
+        model_name=model_name, model_version=model_version, id=request_id,
+        parameters=dict(parameters) if parameters else None, outputs=listed,
+    )
+    return _join(response, sections)
+
+
+def wants_binary(request: InferenceRequest, name: str) -> bool:
+    """Whether output `name` goes back binary: its own `binary_data`, else the request's `binary_data_output`."""
+    for out in request.outputs or []:
+        if out.name == name and out.parameters and "binary_data" in out.parameters:
+            return bool(out.parameters["binary_data"])
+    return bool((request.parameters or {}).get("binary_data_output", False))
+
+
+def echoed_parameters(request: InferenceRequest) -> dict[str, Any] | None:
+    """The request's parameters to echo in the response, without the binary extension's own."""
+    if not request.parameters:
+        return None
+    kept = {k: v for k, v in request.parameters.items() if k not in BINARY_PARAMS}
+    return kept or None

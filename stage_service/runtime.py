@@ -1,0 +1,240 @@
+"""The model runtime: one onnxruntime session serving one stage, kept apart from the web layer.
+
+`load_stage(settings)` does every start-up check (manifest, stage name, next URL, the ONNX file's sha256
+or, for a canary `STAGE_FILE`, its fit to the manifest's tensors) and raises `StartupError` naming the
+setting at fault. `StageRuntime.infer` is the one entry point the routes call: it validates inputs against
+the manifest and runs the session on a dedicated thread, off the event loop. That single method is the seam
+where dynamic batching can later queue and merge requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from model_export.manifest import (
+    DATATYPE_TO_NUMPY,
+    Manifest,
+    ManifestError,
+    Stage,
+    TensorSpec,
+    load_manifest,
+    verify_stage_file,
+)
+from stage_service.errors import InferenceFailed, InvalidInput, StartupError
+from stage_service.settings import StageSettings
+
+log = logging.getLogger("stage_service")
+
+# onnxruntime's type strings for the KServe datatypes the manifest may name.
+ORT_TO_DATATYPE = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+}
+
+
+@dataclass(frozen=True)
+class StagePlace:
+    """Where this stage sits in the pipeline, as the manifest says."""
+
+    manifest: Manifest
+    stage: Stage
+    index: int
+    version: str
+    file: Path
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == len(self.manifest.stages) - 1
+
+    @property
+    def next_stage(self) -> Stage | None:
+        return None if self.is_last else self.manifest.stages[self.index + 1]
+
+
+def resolve_providers(requested: list[str]) -> list[str]:
+    """Execution providers in order; 'auto' is CUDA first where onnxruntime-gpu finds a GPU, then CPU."""
+    available = ort.get_available_providers()
+    if requested == ["auto"]:
+        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    missing = [p for p in requested if p not in available]
+    if missing:
+        raise StartupError(f"STAGE_PROVIDERS: {missing} not available in this onnxruntime; available: {available}")
+    return requested
+
+
+def locate_stage(settings: StageSettings) -> StagePlace:
+    """Read the manifest and find this stage; check the next URL fits its place and the file is right."""
+    try:
+        manifest = load_manifest(settings.manifest)
+    except ManifestError as exc:
+        raise StartupError(f"STAGE_MANIFEST: {exc}") from None
+    try:
+        stage = manifest.stage(settings.name)
+    except KeyError as exc:
+        raise StartupError(f"STAGE_NAME: {exc.args[0]}") from None
+    index = manifest.index(stage.name)
+    last = index == len(manifest.stages) - 1
+    if last and settings.next_url:
+        raise StartupError(f"STAGE_NEXT_URL: {stage.name} is the last stage and forwards nowhere; unset it")
+    if not last and not settings.next_url:
+        raise StartupError(
+            f"STAGE_NEXT_URL: {stage.name} is stage {index} of {len(manifest.stages)}; set the base URL of "
+            f"{manifest.stages[index + 1].name}"
+        )
+    directory = settings.manifest if settings.manifest.is_dir() else settings.manifest.parent
+    if settings.file is not None:
+        if not settings.file.is_file():
+            raise StartupError(f"STAGE_FILE: {settings.file} is not a file")
+        path = settings.file
+    else:
+        try:
+            path = verify_stage_file(directory, stage)
+        except ManifestError as exc:
+            raise StartupError(f"STAGE_MANIFEST: refusing to start: {exc}") from None
+    return StagePlace(manifest=manifest, stage=stage, index=index, version=settings.version or stage.version,
+                      file=path)
+
+
+def _dims_fit(file_shape: list[Any], spec: TensorSpec, is_input: bool) -> bool:
+    if len(file_shape) != len(spec.shape):
+        return False
+    for actual, declared in zip(file_shape, spec.shape, strict=True):
+        fixed = isinstance(actual, int) and actual >= 0
+        if fixed and declared != -1 and actual != declared:
+            return False
+        # An input the manifest calls dynamic must be dynamic in the file too: neighbours may send any size.
+        if fixed and declared == -1 and is_input:
+            return False
+    return True
+
+
+def check_contract(session: ort.InferenceSession, stage: Stage, setting: str) -> None:
+    """The file's inputs and outputs must be the manifest stage's: names, datatypes, compatible shapes."""
+    problems: list[str] = []
+    for kind, args, specs in (("input", session.get_inputs(), stage.inputs), ("output", session.get_outputs(),
+                                                                               stage.outputs)):
+        actual = {a.name: a for a in args}
+        declared = {s.name: s for s in specs}
+        if set(actual) != set(declared):
+            problems.append(f"{kind}s are {sorted(actual)} in the file but {sorted(declared)} in the manifest")
+            continue
+        for name, spec in declared.items():
+            datatype = ORT_TO_DATATYPE.get(actual[name].type, actual[name].type)
+            if datatype != spec.datatype:
+                problems.append(f"{kind} {name} is {datatype} in the file but {spec.datatype} in the manifest")
+            if not _dims_fit(list(actual[name].shape), spec, kind == "input"):
+                problems.append(f"{kind} {name} has shape {actual[name].shape} in the file, not compatible with "
+                                f"{spec.shape} in the manifest")
+    if problems:
+        raise StartupError(f"{setting}: the file does not fit stage {stage.name}: " + "; ".join(problems))
+
+
+def load_stage(settings: StageSettings) -> StageRuntime:
+    """Every start-up check, then the session. Raises StartupError naming the setting at fault."""
+    place = locate_stage(settings)
+    providers = resolve_providers(settings.providers)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    setting = "STAGE_FILE" if settings.file is not None else "STAGE_MANIFEST"
+    try:
+        session = ort.InferenceSession(str(place.file), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        raise StartupError(f"{setting}: onnxruntime cannot load {place.file}: {exc}") from None
+    check_contract(session, place.stage, setting)
+    return StageRuntime(place=place, session=session, threads=settings.threads)
+
+
+@dataclass
+class StageRuntime:
+    """One stage's onnxruntime session; inference runs one at a time on its own thread."""
+
+    place: StagePlace
+    session: ort.InferenceSession
+    threads: int
+    _executor: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        # One worker: each run already uses `threads` intra-op threads; concurrency comes from overlapping I/O.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self._output_names = [t.name for t in self.place.stage.outputs]
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def check_inputs(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Raise InvalidInput unless the tensors are exactly the stage's inputs, by name, datatype and shape."""
+        specs = self.place.stage.inputs
+        expected = [s.name for s in specs]
+        for name in tensors:
+            if name not in expected:
+                raise InvalidInput(f"tensor {name}: not an input of {self.place.stage.name}; expected {expected}")
+        for spec in specs:
+            array = tensors.get(spec.name)
+            if array is None:
+                raise InvalidInput(f"tensor {spec.name}: missing; {self.place.stage.name} expects inputs {expected}")
+            if array.dtype.name != DATATYPE_TO_NUMPY[spec.datatype]:
+                got = next((k for k, v in DATATYPE_TO_NUMPY.items() if v == array.dtype.name), array.dtype.name)
+                raise InvalidInput(f"tensor {spec.name}: expected datatype {spec.datatype}, got {got}")
+            shape = array.shape
+            if len(shape) != len(spec.shape) or any(d != -1 and d != s for d, s in zip(spec.shape, shape,
+                                                                                       strict=True)):
+                raise InvalidInput(f"tensor {spec.name}: expected shape {spec.shape} (-1 is any), got {list(shape)}")
+
+    def run(self, tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """Blocking inference: the outputs by name and the milliseconds onnxruntime took."""
+        start = time.perf_counter()
+        try:
+            results = self.session.run(self._output_names, dict(tensors))
+        except Exception as exc:
+            name = type(exc).__name__
+            if name in {"InvalidArgument", "InvalidGraph"}:
+                raise InvalidInput(f"onnxruntime rejected the inputs of {self.place.stage.name}: {exc}") from None
+            raise InferenceFailed(f"inference failed in {self.place.stage.name}: {name}: {exc}") from None
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        return dict(zip(self._output_names, results, strict=True)), elapsed_ms
+
+    async def infer(self, tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """Validate, then run on the inference thread so the event loop keeps answering."""
+        self.check_inputs(tensors)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.run, tensors)
+
+    async def warm_up(self) -> float:
+        """One run on zeros (dynamic dimensions as 1), on the inference thread; returns its milliseconds."""
+        feed = {
+            s.name: np.zeros([1 if d == -1 else d for d in s.shape], dtype=DATATYPE_TO_NUMPY[s.datatype])
+            for s in self.place.stage.inputs
+        }
+        loop = asyncio.get_running_loop()
+        return (await loop.run_in_executor(self._executor, self.run, feed))[1]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

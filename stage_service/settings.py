@@ -1,0 +1,89 @@
+"""The stage service's settings: one class, read from `STAGE_*` environment variables, failing fast.
+
+Nothing is read at import time; `__main__` builds `StageSettings()` once and tests pass their own.
+Checks that need the manifest (the stage exists, the next URL fits its place in the chain, the ONNX
+file matches) happen in `runtime.load_stage`, which names the setting at fault too.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "STAGE_"
+_URL = re.compile(r"^https?://[^/\s:]+(:\d{1,5})?(/[^\s]*)?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+# Short names accepted in STAGE_PROVIDERS besides onnxruntime's own.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class StageSettings(BaseSettings):
+    """Configuration of one stage process. Every field is `STAGE_<FIELD>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    manifest: Path = Field(description="pipeline.json (or its directory); stage files lie beside it")
+    name: str = Field(min_length=1, description="the stage this process serves")
+    next_url: str | None = Field(default=None, description="base URL of the next stage; unset on the last")
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=1, le=65535)
+    threads: int = Field(default=1, ge=1, le=256, description="onnxruntime intra-op threads")
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["auto"],
+        description="execution providers, comma-separated, in order; 'auto' = CUDA first where present, else CPU",
+    )
+    timeout_s: float = Field(default=30.0, gt=0, le=3600, description="timeout of the hop to the next stage")
+    max_request_bytes: int = Field(default=64 << 20, ge=1024, description="largest request body accepted")
+    max_inflight: int = Field(default=64, ge=1, description="in-flight requests past which 503 is answered")
+    version: str | None = Field(default=None, description="version reported; default the manifest's")
+    file: Path | None = Field(default=None, description="replacement ONNX file for a canary of this stage")
+    log_level: str = Field(default="info", pattern=r"^(critical|error|warning|info|debug|trace)$")
+    access_log: bool = False
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [p.strip() for p in value.split(",") if p.strip()]
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("name at least one execution provider, or 'auto'")
+            return [PROVIDER_ALIASES.get(str(p).lower(), str(p)) for p in value]
+        return value
+
+    @field_validator("next_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        value = value.strip().rstrip("/")
+        if not _URL.match(value):
+            raise ValueError(f"{value!r} is not an http(s) base URL such as http://stage-1:8080")
+        return value
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, value: str | None) -> str | None:
+        if value is not None and (not _DNS_LABEL.match(value) or len(value) > 63):
+            raise ValueError(f"{value!r} is not a DNS label (lowercase letters, digits and '-', max 63)")
+        return value
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per invalid field, naming the environment variable, e.g. `STAGE_PORT: ...`."""
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']}{shown}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
