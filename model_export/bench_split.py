@@ -1,0 +1,123 @@
+"""`make bench-split`: how good are the chosen cuts, and what does splitting cost in-process?
+
+For N = 2, 3, 4 stages of one model:
+- bottleneck: the slowest chosen stage, measured as a whole stage, against the best bottleneck that an
+  exhaustive search over every combination of clean cuts finds, each candidate stage measured the same
+  way (target: within 5%);
+- overhead: the sum of the chosen stages' latencies against the whole model's, same thread settings
+  (target: at most 1.10x).
+Writes bench-split.json, a table and bench-split.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from loadtest.machine import describe
+from model_export.__main__ import track
+from model_export.onnx_io import load_onnx
+from model_export.partition import choose_cuts, exhaustive
+from model_export.profile import time_model
+from model_export.split import DEFAULT_TRANSFER_MS_PER_MB, MB, find_candidates, segment_costs
+
+
+def run(model_path: Path, stage_counts: list[int], threads: int, runs: int) -> dict:
+    c = find_candidates(load_onnx(model_path), threads)
+    bounds = c.boundaries()
+    n = len(bounds) - 1
+    costs = segment_costs(c, "latency", threads, runs, track)
+    cut_bytes = [c.values[t].nbytes for t in c.cuts]
+    # every contiguous run of segments is a possible stage: measure each one once, as a stage
+    ranges = [(a, b) for a in range(n) for b in range(a + 1, n + 1)]
+    measured: dict[tuple[int, int], float] = {}
+    for a, b in track(ranges, f"measuring all {len(ranges)} possible stages"):
+        sub = c.extract(bounds[a], bounds[b], f"r{a}_{b}")
+        measured[(a, b)] = time_model(sub, c.feeds(bounds[a]), threads, runs)
+    whole = measured[(0, n)]
+    results = []
+    for stages in stage_counts:
+        chosen = choose_cuts(costs, cut_bytes, stages, transfer_per_byte=DEFAULT_TRANSFER_MS_PER_MB / MB)
+        edges = [0, *[i + 1 for i in chosen], n]
+        stage_ms = [measured[(a, b)] for a, b in zip(edges, edges[1:], strict=False)]
+        best, best_cuts = exhaustive(n, stages, lambda a, b: measured[(a, b)])
+        results.append({
+            "stages": stages,
+            "chosen_cuts": [c.cuts[i] for i in chosen],
+            "stage_ms": stage_ms,
+            "bottleneck_ms": max(stage_ms),
+            "exhaustive_best_ms": best,
+            "exhaustive_cuts": [c.cuts[i] for i in best_cuts],
+            "bottleneck_ratio": max(stage_ms) / best,
+            "sum_of_stages_ms": sum(stage_ms),
+            "whole_ms": whole,
+            "overhead_ratio": sum(stage_ms) / whole,
+            "bytes_crossing": sum(cut_bytes[i] for i in chosen),
+        })
+    return {"model": str(model_path), "machine": describe(), "threads": threads, "runs": runs,
+            "clean_cuts": len(c.cuts), "results": results}
+
+
+def table(report: dict) -> Table:
+    t = Table(title=f"bench-split: {report['model']} ({report['clean_cuts']} clean cuts; {report['machine']}; "
+                    f"{report['threads']} thread(s), median of {report['runs']} runs)")
+    for col in ("N", "stage ms", "bottleneck ms", "exhaustive best ms", "ratio (<=1.05)", "sum of stages ms",
+                "whole ms", "ratio (<=1.10)", "MB crossing"):
+        t.add_column(col, justify="right")
+    for r in report["results"]:
+        t.add_row(str(r["stages"]), " / ".join(f"{x:.2f}" for x in r["stage_ms"]), f"{r['bottleneck_ms']:.2f}",
+                  f"{r['exhaustive_best_ms']:.2f}", f"{r['bottleneck_ratio']:.3f}", f"{r['sum_of_stages_ms']:.2f}",
+                  f"{r['whole_ms']:.2f}", f"{r['overhead_ratio']:.3f}", f"{r['bytes_crossing'] / MB:.2f}")
+    return t
+
+
+def plot(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rs = report["results"]
+    x = np.arange(len(rs))
+    labels = [f"N={r['stages']}" for r in rs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(x - 0.2, [r["bottleneck_ms"] for r in rs], 0.4, label="chosen cuts")
+    left.bar(x + 0.2, [r["exhaustive_best_ms"] for r in rs], 0.4, label="exhaustive best")
+    left.set_title("slowest stage (bottleneck)")
+    right.bar(x - 0.2, [r["sum_of_stages_ms"] for r in rs], 0.4, label="sum of stages")
+    right.bar(x + 0.2, [r["whole_ms"] for r in rs], 0.4, label="whole model")
+    right.set_title("sum of stage latencies vs whole model")
+    for ax in (left, right):
+        ax.set_xticks(x, labels)
+        ax.set_ylabel("ms at batch 1")
+        ax.legend(loc="lower right")
+    fig.suptitle(f"bench-split: {Path(report['model']).name}, {report['threads']} thread(s)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m model_export.bench_split")
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("build/bench-split"))
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=15)
+    args = parser.parse_args()
+    report = run(args.model, args.stages, args.threads, args.runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench-split.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / "bench-split.png")
+    Console(width=200).print(table(report))
+    print(f"wrote {args.out}/bench-split.json and bench-split.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
