@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -35,6 +36,10 @@ from model_export.manifest import Manifest, ManifestError, load_manifest
 DEFAULT_STATE_DIR = Path(".mesh")
 STATE_FILE = "state.json"
 GATEWAY = "gateway"
+# Every process the mesh starts carries its state directory in this variable, so a leftover is findable.
+MARKER_ENV = "MESH_STATE_DIR"
+# Replaces `python -m stage_service` (a shell-style command line), to put the mesh in front of another server.
+APP_COMMAND_ENV = "MESH_APP_COMMAND"
 
 
 class MeshError(RuntimeError):
@@ -135,10 +140,11 @@ def write_envoy_configs(state_dir: Path, resolved: ResolvedPolicy, layout: Layou
     return out
 
 
-def _app_env(manifest_path: Path, resolved: ResolvedPolicy, r: Replica) -> dict[str, str]:
+def _app_env(state_dir: Path, manifest_path: Path, resolved: ResolvedPolicy, r: Replica) -> dict[str, str]:
     stage = resolved.stages[r.index]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_")}
     env.update({
+        MARKER_ENV: str(state_dir.resolve()),
         "STAGE_MANIFEST": str(manifest_path),
         "STAGE_NAME": r.stage,
         "STAGE_VERSION": r.version,
@@ -206,8 +212,8 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
        app_command: list[str] | None = None) -> State:
     """Start the whole local mesh and return once every replica is ready and a request went through.
 
-    `gateway_port` overrides the policy's (0: any free port). `app_command` replaces
-    `python -m stage_service` (tests of the mesh alone).
+    `gateway_port` overrides the policy's (0: any free port). `app_command` (or the environment's
+    MESH_APP_COMMAND) replaces `python -m stage_service`, to put the mesh in front of another server.
     """
     manifest, resolved = _load_inputs(pipeline_dir, policy_file)
     existing = read_state(state_dir)
@@ -227,20 +233,22 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
                   policy=resolved, layout=layout, procs=[])
     _identities(state_dir, resolved)
     bootstraps = write_envoy_configs(state_dir, resolved, layout)
-    app_cmd = app_command or [sys.executable, "-m", "stage_service"]
+    override = os.environ.get(APP_COMMAND_ENV)
+    app_cmd = app_command or (shlex.split(override) if override else [sys.executable, "-m", "stage_service"])
+    envoy_env = {**os.environ, MARKER_ENV: str(state_dir.resolve())}
     manifest_path = (pipeline_dir / "pipeline.json").resolve()
     logs = state_dir / "logs"
     try:
         for i, r in enumerate(layout.replicas):
             state.procs.append(procs.start(r.name, "app", r.stage, app_cmd, logs / f"{r.name}.log",
-                                           env=_app_env(manifest_path, resolved, r)))
+                                           env=_app_env(state_dir, manifest_path, resolved, r)))
             state.procs.append(procs.start(f"{r.name}-sidecar", "sidecar", r.stage,
                                            _envoy_cmd(envoy, bootstraps[r.name], _base_id(state_dir, i + 1), 1),
-                                           logs / f"{r.name}-sidecar.log"))
+                                           logs / f"{r.name}-sidecar.log", env=envoy_env))
             _write_state(state_dir, state)
         state.procs.append(procs.start(GATEWAY, "gateway", None,
                                        _envoy_cmd(envoy, bootstraps[GATEWAY], _base_id(state_dir, 0), 2),
-                                       logs / f"{GATEWAY}.log"))
+                                       logs / f"{GATEWAY}.log", env=envoy_env))
         _write_state(state_dir, state)
         _wait_ready(state, manifest, ready_timeout_s)
     except BaseException:

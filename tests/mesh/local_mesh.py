@@ -1,0 +1,84 @@
+"""Helpers for the local-mesh tests: run the real CLI, find leftover processes, make TLS clients."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from mesh import local, pki
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def mesh_cli(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    """`python -m mesh ARGS` as a user runs it, from the repository root."""
+    return subprocess.run([sys.executable, "-m", "mesh", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+
+
+def processes_of(state_dir: Path) -> list[int]:
+    """Pids of live processes that carry this state directory's marker (see local.MARKER_ENV)."""
+    marker = f"{local.MARKER_ENV}={state_dir.resolve()}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in environ.split(b"\0") and state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def write_policy(path: Path, policy: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+@contextmanager
+def running_mesh(pipeline: Path, policy: Path | None, state_dir: Path) -> Iterator[local.State]:
+    """`mesh up --detach` on a free gateway port; `mesh down` afterwards, which must leave no process."""
+    args = ["up", "--pipeline", str(pipeline), "--detach", "--gateway-port", "0", "--state-dir", str(state_dir)]
+    if policy is not None:
+        args += ["--policy", str(policy)]
+    result = mesh_cli(*args)
+    assert result.returncode == 0, f"mesh up failed:\n{result.stdout}\n{result.stderr}"
+    state = local.read_state(state_dir)
+    assert state is not None
+    try:
+        yield state
+    finally:
+        mesh_cli("down", "--state-dir", str(state_dir))
+        assert processes_of(state_dir) == []
+
+
+def mtls_client(state_dir: Path, spiffe_id: str, tmp: Path) -> httpx.Client:
+    """An httpx client presenting a certificate from the mesh's CA with `spiffe_id` as its identity.
+
+    The sidecars' certificates carry only a SPIFFE URI SAN (no host name), as Istio's do: the chain is
+    checked against the mesh CA, host name checking is off.
+    """
+    ca = pki.CertPair(state_dir / "pki" / "ca.pem", state_dir / "pki" / "ca-key.pem")
+    pair = pki.issue(ca, spiffe_id, tmp, spiffe_id.rsplit("/", 1)[-1])
+    context = ssl.create_default_context(cafile=str(ca.cert))
+    context.check_hostname = False
+    context.load_cert_chain(str(pair.cert), str(pair.key))
+    return httpx.Client(verify=context, timeout=30.0)
+
+
+def copy_pipeline(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
