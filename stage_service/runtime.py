@@ -79,11 +79,20 @@ def resolve_providers(requested: list[str]) -> list[str]:
     """Execution providers in order; 'auto' is CUDA first where onnxruntime-gpu finds a GPU, then CPU."""
     available = ort.get_available_providers()
     if requested == ["auto"]:
-        return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    missing = [p for p in requested if p not in available]
-    if missing:
-        raise StartupError(f"STAGE_PROVIDERS: {missing} not available in this onnxruntime; available: {available}")
-    return requested
+        chosen = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    else:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise StartupError(f"STAGE_PROVIDERS: {missing} not available in this onnxruntime; available: {available}")
+        chosen = list(requested)
+    if "CUDAExecutionProvider" in chosen and hasattr(ort, "preload_dlls"):
+        # onnxruntime-gpu[cuda,cudnn] (the GPU image) ships CUDA and cuDNN as pip packages: load them first.
+        # Without a GPU, session creation falls back to the next provider (CPU) and says so in the log.
+        try:
+            ort.preload_dlls()
+        except Exception as exc:
+            log.warning("onnxruntime.preload_dlls failed (%s); relying on system CUDA libraries", exc)
+    return chosen
 
 
 def locate_stage(settings: StageSettings) -> StagePlace:
