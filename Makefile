@@ -43,5 +43,8 @@ test: lint typecheck
 bench-split: $(BUILD)/reference.onnx
 	$(PY) -m model_export.bench_split $(BUILD)/reference.onnx --out $(BUILD)/bench-split
 
+bench-hop: | $(STAMP)
+	$(PY) -m stage_service.bench_hop --out $(BUILD)/bench-hop
+
 clean:
 	rm -rf $(BUILD) $(VENV)

@@ -1,0 +1,278 @@
+"""`make bench-hop`: what one hop between stage processes costs, binary against JSON, on loopback.
+
+Two real stage processes serve a pipeline `hop`: stage A is an identity (a -> b, FP32 [1, N]) and forwards
+b to stage B exactly as any stage forwards to the next; B reduces b to its mean (c, [1, 1]), so the answer
+coming back is small, as a pipeline's final output usually is. Activations flow forward only, so a hop moves
+the activation once. For activations of about 4 KB, 0.7 MB and 3 MB:
+
+- hop, binary / JSON: a client sends the activation to B and reads B's small answer, encoded with this
+  package's own codec (the one stages use to talk to each other), minus B's onnxruntime time (from
+  `x-stage-timing`): encode, send, receive and decode the activation, plus the small answer's round trip.
+- added stage (binary, as served): latency(client -> A -> B) - latency(client -> B) - A's onnxruntime time,
+  requests interleaved: what one more stage in the chain adds, i.e. one more binary hop of the activation
+  plus a stage process's own request handling. Stages only ever forward binary: no JSON counterpart.
+
+Percentiles of the added stage are differences of the two paths' percentiles. Writes `bench-hop.json` and
+`bench-hop.png` to --out and prints a table. Needs the dev extras (onnx, matplotlib); not used in serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from stage_service.chain import TIMING_HEADER
+from stage_service.protocol import HEADER_LENGTH, decode_response, encode_json_request, encode_request
+
+SIZES = {"4 KB": 1024, "0.7 MB": 175_000, "3 MB": 750_000}  # FP32 elements
+HOST = "127.0.0.1"
+
+
+def write_identity_pipeline(directory: Path) -> Path:
+    """pipeline.json + stage A (identity, FP32 [1, -1]) and stage B (mean, [1, 1]); returns the manifest path."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from model_export.manifest import (
+        Manifest,
+        Profile,
+        SourceModel,
+        Stage,
+        StageCost,
+        TensorSpec,
+        sha256_file,
+        write_manifest,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    names = ["a", "b", "c"]
+    stages = []
+    nodes = [helper.make_node("Identity", ["a"], ["b"]), helper.make_node("ReduceMean", ["b"], ["c"], axes=[1])]
+    out_shapes: list[list[int | str]] = [[1, "n"], [1, 1]]
+    for i in range(2):
+        graph = helper.make_graph(
+            [nodes[i]], f"hop{i}",
+            [helper.make_tensor_value_info(names[i], TensorProto.FLOAT, [1, "n"])],
+            [helper.make_tensor_value_info(names[i + 1], TensorProto.FLOAT, out_shapes[i])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+        file = f"stage-{i}.onnx"
+        onnx.save(model, directory / file)
+        stages.append(Stage(
+            name=f"hop-stage-{i}", file=file, sha256=sha256_file(directory / file),
+            inputs=[TensorSpec(name=names[i], datatype="FP32", shape=[1, -1])],
+            outputs=[TensorSpec(name=names[i + 1], datatype="FP32", shape=[1, -1] if i == 0 else [1, 1])],
+            cost=StageCost(latency_ms=0.0, param_bytes=0, bytes_out=0),
+        ))
+    manifest = Manifest(
+        name="hop", source_model=SourceModel(file="stage-0.onnx", sha256=stages[0].sha256),
+        inputs=stages[0].inputs, outputs=stages[-1].outputs,
+        profile=Profile(threads=1, batch=1, runs=1, balance="latency"), stages=stages,
+    )
+    return write_manifest(manifest, directory)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _start(manifest: Path, name: str, next_url: str | None, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_")}
+    env.update({"STAGE_MANIFEST": str(manifest), "STAGE_NAME": name, "STAGE_HOST": HOST, "STAGE_PORT": str(port),
+                "STAGE_THREADS": "1", "STAGE_LOG_LEVEL": "warning", "STAGE_MAX_REQUEST_BYTES": str(256 << 20)})
+    if next_url:
+        env["STAGE_NEXT_URL"] = next_url
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "stage_service"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://{HOST}:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise TimeoutError(f"{name} not ready:\n{log.read_text()}")
+
+
+def _stage_ms(response: httpx.Response, index: int) -> float:
+    return float(response.headers[TIMING_HEADER].split(",")[index].split("=")[1])
+
+
+Call = Callable[[], tuple[float, httpx.Response]]
+
+
+def _binary_call(client: httpx.Client, url: str, model: str, x: np.ndarray, input_name: str) -> Call:
+    def call() -> tuple[float, httpx.Response]:
+        start = time.perf_counter()
+        body, length = encode_request({input_name: x})
+        r = client.post(f"{url}/v2/models/{model}/infer", content=body, headers={HEADER_LENGTH: str(length)})
+        _, out = decode_response(r.content, r.headers.get(HEADER_LENGTH))
+        elapsed = time.perf_counter() - start
+        assert r.status_code == 200 and out["c"].shape == (1, 1), r.text[:300]
+        return elapsed * 1000.0, r
+    return call
+
+
+def _json_call(client: httpx.Client, url: str, model: str, x: np.ndarray, input_name: str) -> Call:
+    def call() -> tuple[float, httpx.Response]:
+        start = time.perf_counter()
+        body = encode_json_request({input_name: x})
+        r = client.post(f"{url}/v2/models/{model}/infer", content=body, headers={"content-type": "application/json"})
+        _, out = decode_response(r.content, r.headers.get(HEADER_LENGTH))
+        elapsed = time.perf_counter() - start
+        assert r.status_code == 200 and out["c"].shape == (1, 1), r.text[:300]
+        return elapsed * 1000.0, r
+    return call
+
+
+def _pcts(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values)
+    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "mean": float(a.mean()),
+            "n": len(values)}
+
+
+def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10) -> dict[str, Any]:
+    """Start the two stage processes, measure every size, write the JSON and the plot; return the results."""
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-hop-"))
+    manifest = write_identity_pipeline(work / "hop")
+    proc_b, url_b = _start(manifest, "hop-stage-1", None, work / "b.log")
+    procs = [proc_b]
+    results: dict[str, Any] = {}
+    try:
+        proc_a, url_a = _start(manifest, "hop-stage-0", url_b, work / "a.log")
+        procs.append(proc_a)
+        rng = np.random.default_rng(0)
+        with httpx.Client(timeout=120) as client:
+            for label, n in SIZES.items():
+                x = rng.standard_normal((1, n)).astype(np.float32)
+                chain = _binary_call(client, url_a, "hop", x, "a")
+                direct = _binary_call(client, url_b, "hop-stage-1", x, "b")
+                as_json = _json_call(client, url_b, "hop-stage-1", x, "b")
+                for _ in range(warmup):
+                    chain(), direct(), as_json()
+                chain_ms, direct_ms, hop_bin, infer_a = [], [], [], []
+                for _ in range(runs if n < 500_000 else max(runs // 2, 20)):
+                    ms, r = chain()
+                    chain_ms.append(ms)
+                    infer_a.append(_stage_ms(r, 0))
+                    ms, r = direct()
+                    direct_ms.append(ms)
+                    hop_bin.append(ms - _stage_ms(r, 0))
+                hop_json = []
+                for _ in range(json_runs if n >= 100_000 else runs):
+                    ms, r = as_json()
+                    hop_json.append(ms - _stage_ms(r, 0))
+                c, d, ia = _pcts(chain_ms), _pcts(direct_ms), _pcts(infer_a)
+                added = {k: c[k] - d[k] - ia["p50"] for k in ("p50", "p99", "mean")}
+                results[label] = {
+                    "bytes": x.nbytes,
+                    "hop_binary_ms": _pcts(hop_bin),
+                    "hop_json_ms": _pcts(hop_json),
+                    "added_stage_binary_ms": added,
+                    "chain_ms": c,
+                    "direct_ms": d,
+                    "inference_a_ms": ia,
+                }
+                results[label]["json_over_binary_p50"] = (
+                    results[label]["hop_json_ms"]["p50"] / max(results[label]["hop_binary_ms"]["p50"], 1e-9)
+                )
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(30)
+    report = {
+        "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                    "python": platform.python_version()},
+        "method": __doc__,
+        "sizes": results,
+    }
+    (out / "bench-hop.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, out / "bench-hop.png")
+    return report
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results)
+    series = [("hop, binary", "hop_binary_ms"), ("hop, JSON", "hop_json_ms"),
+              ("added stage (binary, as served)", "added_stage_binary_ms")]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.27
+    for i, (name, key) in enumerate(series):
+        p50 = [max(results[s][key]["p50"], 1e-3) for s in labels]
+        p99 = [max(results[s][key]["p99"], 1e-3) for s in labels]
+        xs = [j + (i - 1) * width for j in range(len(labels))]
+        ax.bar(xs, p50, width, label=f"{name} p50")
+        ax.scatter(xs, p99, marker="_", s=200, color="black", zorder=3, label="p99" if i == 0 else None)
+    ax.axhline(2.0, color="red", linestyle=":", linewidth=1, label="target: binary 3 MB hop p50 2 ms")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("activation size (FP32)")
+    ax.set_ylabel("milliseconds (log)")
+    ax.set_title("Per-hop overhead between stage processes on loopback")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"per-hop overhead, ms ({report['machine']['machine']}, {report['machine']['cpus']} CPUs)")
+    for column in ("activation", "binary hop p50", "binary hop p99", "JSON hop p50", "JSON hop p99",
+                   "JSON / binary (p50)", "added stage p50", "added stage p99"):
+        table.add_column(column, justify="right")
+    for label, r in report["sizes"].items():
+        table.add_row(
+            label, f"{r['hop_binary_ms']['p50']:.3f}", f"{r['hop_binary_ms']['p99']:.3f}",
+            f"{r['hop_json_ms']['p50']:.1f}", f"{r['hop_json_ms']['p99']:.1f}", f"{r['json_over_binary_p50']:.0f}x",
+            f"{r['added_stage_binary_ms']['p50']:.3f}", f"{r['added_stage_binary_ms']['p99']:.3f}",
+        )
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stage_service.bench_hop",
+                                     description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("build/bench-hop"))
+    parser.add_argument("--runs", type=int, default=200, help="binary requests per size and path")
+    parser.add_argument("--json-runs", type=int, default=30, help="JSON requests at 0.7 MB and 3 MB")
+    args = parser.parse_args(argv)
+    report = run_bench(args.out, runs=args.runs, json_runs=args.json_runs)
+    print_table(report)
+    print(f"wrote {args.out / 'bench-hop.json'} and {args.out / 'bench-hop.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
