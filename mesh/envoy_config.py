@@ -1,8 +1,9 @@
 """Envoy configuration for the local mesh, generated from the layout and the resolved policy.
 
-Every Envoy gets a static bootstrap (node, admin) that points at two files, `lds.json` and `cds.json`, in
-a directory Envoy watches: writing them again (atomically, by rename) applies a new policy without
-restarting anything. What goes where mirrors Istio:
+Every Envoy gets a static bootstrap (node, admin) that points at `lds.json` and `cds.json` in a
+directory Envoy watches, and its listeners take their routes from `rds-<listener>.json` beside them: writing the files
+again (atomically, by rename) applies a new policy without restarting anything, and a route change (weights,
+timeouts, retries) applies even to connections already open. What goes where mirrors Istio:
 
 - a stage's sidecar has an `inbound` listener (mTLS required, RBAC admitting only the previous stage's
   SPIFFE id, or the gateway's for the first stage) in front of its app, and, unless it is the last
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from mesh.policy import ResolvedPolicy, ResolvedStage
 
 Json = dict[str, Any]
 LDS_FILE = "lds.json"
+
 CDS_FILE = "cds.json"
 APP_CLUSTER = "inbound|app"
 CONNECT_TIMEOUT = "1s"
@@ -118,21 +121,36 @@ def _rbac(allowed_spiffe_id: str) -> Json:
     }
 
 
-def _hcm(stat_prefix: str, route: Json, filters: list[Json], **extra: Any) -> Json:
+def _config_source(dynamic_dir: Path, file: str) -> Json:
+    return {"path_config_source": {"path": str(dynamic_dir / file), "watched_directory": {"path": str(dynamic_dir)}},
+            "resource_api_version": "V3"}
+
+
+def rds_file(route_name: str) -> str:
+    """A file-based RDS subscription reads exactly one RouteConfiguration: one file per route name."""
+    return f"rds-{route_name}.json"
+
+
+def _hcm(stat_prefix: str, dynamic_dir: Path, filters: list[Json], **extra: Any) -> Json:
+    """An HTTP connection manager whose routes come from RDS (the watched `rds-<name>.json`): a new route (weights,
+    timeouts, retries) then applies to open connections too, where a listener change would drain them."""
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": _typed(
             "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             stat_prefix=stat_prefix,
             codec_type="AUTO",
-            route_config={"name": stat_prefix, "virtual_hosts": [{"name": stat_prefix, "domains": ["*"],
-                                                                  "routes": [{"match": {"prefix": "/"},
-                                                                              "route": route}]}]},
+            rds={"config_source": _config_source(dynamic_dir, rds_file(stat_prefix)), "route_config_name": stat_prefix},
             http_filters=[*filters, _router()],
             access_log=_access_log(),
             **extra,
         ),
     }
+
+
+def _route_config(name: str, action: Json) -> Json:
+    return {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"],
+                                             "routes": [{"match": {"prefix": "/"}, "route": action}]}]}
 
 
 def route_to(stage: ResolvedStage) -> Json:
@@ -204,20 +222,31 @@ def outbound_clusters(layout: Layout, stage: ResolvedStage, identity: CertPair, 
     return clusters
 
 
-def _outbound_listener(name: str, port: int, stage: ResolvedStage) -> Json:
-    return {
+@dataclass
+class Resources:
+    """What one Envoy serves: listeners (LDS), their routes (RDS), clusters (CDS)."""
+
+    listeners: list[Json] = field(default_factory=list)
+    routes: list[Json] = field(default_factory=list)
+    clusters: list[Json] = field(default_factory=list)
+
+
+def _outbound(res: Resources, name: str, port: int, stage: ResolvedStage, dynamic_dir: Path) -> None:
+    res.listeners.append({
         "name": name,
         "address": _address(port),
         "per_connection_buffer_limit_bytes": stage.buffer_limit_bytes,
-        "filter_chains": [{"filters": [_hcm(name, route_to(stage), [])]}],
-    }
+        "filter_chains": [{"filters": [_hcm(name, dynamic_dir, [])]}],
+    })
+    res.routes.append(_route_config(name, route_to(stage)))
 
 
-def sidecar(layout: Layout, policy: ResolvedPolicy, replica: Replica, identity: CertPair,
-            ca: Path) -> tuple[list[Json], list[Json]]:
-    """Listeners and clusters of one replica's sidecar."""
+def sidecar(layout: Layout, policy: ResolvedPolicy, replica: Replica, identity: CertPair, ca: Path,
+            dynamic_dir: Path) -> Resources:
+    """Listeners, routes and clusters of one replica's sidecar."""
     stage = policy.stages[replica.index]
-    inbound = {
+    res = Resources()
+    res.listeners.append({
         "name": "inbound",
         "address": _address(replica.inbound_port),
         "per_connection_buffer_limit_bytes": stage.buffer_limit_bytes,
@@ -225,49 +254,47 @@ def sidecar(layout: Layout, policy: ResolvedPolicy, replica: Replica, identity: 
             "transport_socket": _downstream_mtls(identity, ca),
             "filters": [_hcm(
                 "inbound",
-                # The caller's sidecar owns the timeout; the inbound side never cuts a request short.
-                {"cluster": APP_CLUSTER, "timeout": "0s"},
+                dynamic_dir,
                 [_rbac("spiffe://" + policy.caller_principal(stage.name))],
                 forward_client_cert_details="SANITIZE_SET",
                 set_current_client_cert_details={"uri": True},
             )],
         }],
-    }
-    app = {
+    })
+    # The caller's sidecar owns the timeout; the inbound side never cuts a request short.
+    res.routes.append(_route_config("inbound", {"cluster": APP_CLUSTER, "timeout": "0s"}))
+    res.clusters.append({
         "name": APP_CLUSTER,
         "type": "STATIC",
         "connect_timeout": CONNECT_TIMEOUT,
         "per_connection_buffer_limit_bytes": stage.buffer_limit_bytes,
         "load_assignment": {"cluster_name": APP_CLUSTER,
                             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(replica.app_port)}}]}]},
-    }
-    listeners, clusters = [inbound], [app]
+    })
     if replica.outbound_port is not None:
         nxt = policy.stages[replica.index + 1]
-        listeners.append(_outbound_listener("outbound", replica.outbound_port, nxt))
-        clusters += outbound_clusters(layout, nxt, identity, ca, policy.spiffe_id(nxt.name))
-    return listeners, clusters
+        _outbound(res, "outbound", replica.outbound_port, nxt, dynamic_dir)
+        res.clusters += outbound_clusters(layout, nxt, identity, ca, policy.spiffe_id(nxt.name))
+    return res
 
 
-def gateway(layout: Layout, policy: ResolvedPolicy, identity: CertPair, ca: Path) -> tuple[list[Json], list[Json]]:
-    """Listeners and clusters of the gateway: plaintext HTTP in, mTLS to the first stage."""
+def gateway(layout: Layout, policy: ResolvedPolicy, identity: CertPair, ca: Path, dynamic_dir: Path) -> Resources:
+    """Listener, route and clusters of the gateway: plaintext HTTP in, mTLS to the first stage."""
     first = policy.stages[0]
-    listeners = [_outbound_listener("gateway", layout.gateway_port, first)]
-    return listeners, outbound_clusters(layout, first, identity, ca, policy.spiffe_id(first.name))
+    res = Resources()
+    _outbound(res, "gateway", layout.gateway_port, first, dynamic_dir)
+    res.clusters += outbound_clusters(layout, first, identity, ca, policy.spiffe_id(first.name))
+    return res
 
 
 def bootstrap(node_id: str, cluster: str, admin_port: int, dynamic_dir: Path) -> Json:
     """Static part: node, admin, and LDS/CDS read from files in a watched directory."""
 
-    def source(file: str) -> Json:
-        return {"path_config_source": {"path": str(dynamic_dir / file),
-                                       "watched_directory": {"path": str(dynamic_dir)}},
-                "resource_api_version": "V3"}
-
     return {
         "node": {"id": node_id, "cluster": cluster},
         "admin": {"address": _address(admin_port)},
-        "dynamic_resources": {"lds_config": source(LDS_FILE), "cds_config": source(CDS_FILE)},
+        "dynamic_resources": {"lds_config": _config_source(dynamic_dir, LDS_FILE),
+                              "cds_config": _config_source(dynamic_dir, CDS_FILE)},
         "overload_manager": {"resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",
             "typed_config": _typed(
@@ -283,12 +310,16 @@ def _atomic_write(path: Path, data: Json) -> None:
     os.replace(tmp, path)
 
 
-def write_dynamic(dynamic_dir: Path, listeners: list[Json], clusters: list[Json]) -> None:
-    """Write CDS, then LDS (a listener may name a new cluster), each by rename so Envoy sees whole files."""
+def write_dynamic(dynamic_dir: Path, resources: Resources) -> None:
+    """Write CDS, RDS, then LDS (each may name what the one before defines), each by rename so Envoy
+    only ever reads whole files."""
     dynamic_dir.mkdir(parents=True, exist_ok=True)
 
-    def response(type_name: str, resources: list[Json]) -> Json:
-        return {"resources": [_typed(type_name, **r) for r in resources]}
+    def response(type_name: str, items: list[Json]) -> Json:
+        return {"resources": [_typed(type_name, **r) for r in items]}
 
-    _atomic_write(dynamic_dir / CDS_FILE, response("envoy.config.cluster.v3.Cluster", clusters))
-    _atomic_write(dynamic_dir / LDS_FILE, response("envoy.config.listener.v3.Listener", listeners))
+    _atomic_write(dynamic_dir / CDS_FILE, response("envoy.config.cluster.v3.Cluster", resources.clusters))
+    for route in resources.routes:
+        _atomic_write(dynamic_dir / rds_file(route["name"]),
+                      response("envoy.config.route.v3.RouteConfiguration", [route]))
+    _atomic_write(dynamic_dir / LDS_FILE, response("envoy.config.listener.v3.Listener", resources.listeners))

@@ -108,13 +108,16 @@ def _base_id(state_dir: Path, index: int) -> int:
     return (zlib.crc32(str(state_dir.resolve()).encode()) % 100_000) * 100 + index
 
 
+def _dynamic_dir(state_dir: Path, name: str) -> Path:
+    return (state_dir / "envoy" / name / "dynamic").resolve()
+
+
 def _write_envoy(state_dir: Path, name: str, cluster: str, admin_port: int,
-                 resources: tuple[list[envoy_config.Json], list[envoy_config.Json]]) -> Path:
-    directory = state_dir / "envoy" / name
-    dynamic = directory / "dynamic"
-    envoy_config.write_dynamic(dynamic, *resources)
-    path = directory / "bootstrap.json"
-    path.write_text(json.dumps(envoy_config.bootstrap(name, cluster, admin_port, dynamic.resolve()), indent=1))
+                 resources: envoy_config.Resources) -> Path:
+    dynamic = _dynamic_dir(state_dir, name)
+    envoy_config.write_dynamic(dynamic, resources)
+    path = dynamic.parent / "bootstrap.json"
+    path.write_text(json.dumps(envoy_config.bootstrap(name, cluster, admin_port, dynamic), indent=1))
     return path
 
 
@@ -133,10 +136,13 @@ def write_envoy_configs(state_dir: Path, resolved: ResolvedPolicy, layout: Layou
     pairs = {n: pki.CertPair((state_dir / "pki" / f"{n}.pem").resolve(), (state_dir / "pki" / f"{n}-key.pem").resolve())
              for n in [GATEWAY, *(s.name for s in resolved.stages)]}
     out = {GATEWAY: _write_envoy(state_dir, GATEWAY, GATEWAY, layout.gateway_admin_port,
-                                 envoy_config.gateway(layout, resolved, pairs[GATEWAY], ca))}
+                                 envoy_config.gateway(layout, resolved, pairs[GATEWAY], ca,
+                                                      _dynamic_dir(state_dir, GATEWAY)))}
     for r in layout.replicas:
-        out[r.name] = _write_envoy(state_dir, f"{r.name}-sidecar", r.stage, r.admin_port,
-                                   envoy_config.sidecar(layout, resolved, r, pairs[r.stage], ca))
+        name = f"{r.name}-sidecar"
+        out[r.name] = _write_envoy(state_dir, name, r.stage, r.admin_port,
+                                   envoy_config.sidecar(layout, resolved, r, pairs[r.stage], ca,
+                                                        _dynamic_dir(state_dir, name)))
     return out
 
 
@@ -164,7 +170,9 @@ def _app_env(state_dir: Path, manifest_path: Path, resolved: ResolvedPolicy, r: 
 
 def _envoy_cmd(envoy: str, bootstrap: Path, base_id: int, concurrency: int) -> list[str]:
     return [envoy, "-c", str(bootstrap), "--base-id", str(base_id), "--disable-hot-restart",
-            "--concurrency", str(concurrency), "--log-level", "warn"]
+            "--concurrency", str(concurrency), "--log-level", "warn",
+            # A changed listener (a new buffer limit) drains its old connections within seconds, not 10 minutes.
+            "--drain-time-s", "5"]
 
 
 def _probe(client: httpx.Client, url: str) -> bool:
