@@ -38,7 +38,8 @@ def cmd_reference(args: argparse.Namespace) -> int:
     from model_export.reference import save_reference
 
     path = save_reference(args.out, input_size=args.input_size, width=args.width, head=args.head,
-                          classes=args.classes, seed=args.seed)
+                          classes=args.classes, hidden_layers=args.hidden_layers, hidden_width=args.hidden_width,
+                          seed=args.seed)
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -121,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=["pool", "flatten"], default="pool",
                    help="flatten gives a much larger Dense layer (memory tests)")
     p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--hidden-layers", type=int, default=0, help="Dense+ReLU layers before the classifier")
+    p.add_argument("--hidden-width", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_reference)
 
