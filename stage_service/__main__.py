@@ -16,6 +16,7 @@ from stage_service.settings import StageSettings, describe_validation_error
 
 EXIT_BAD_SETTINGS = 2
 EXIT_STARTUP_FAILED = 3
+KEEPALIVE_TIMEOUT_S = 75
 
 
 def main() -> int:
@@ -38,6 +39,9 @@ def main() -> int:
         log_level=settings.log_level, access_log=settings.access_log,
         # In-flight requests may wait on the whole rest of the chain: give them that long to finish.
         timeout_graceful_shutdown=int(settings.timeout_s) + 5,
+        # Longer than the callers' idle-connection expiry (chain.KEEPALIVE_EXPIRY_S, Envoy's), so a caller never
+        # reuses a connection this server is closing at that very moment (a reset, not retried by the app).
+        timeout_keep_alive=KEEPALIVE_TIMEOUT_S,
     )
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it has drained; a no-op handler turns that into a

@@ -22,6 +22,8 @@ TIMING_HEADER = "x-stage-timing"
 PROPAGATED = frozenset({"traceparent", "tracestate", "x-request-id", "b3"})
 PROPAGATED_PREFIXES = ("x-b3-", "x-pipeline-")
 _PASSED_ON = frozenset({502, 503, 504})
+# Idle pooled connections are dropped before the next stage would close them (uvicorn: 75 s here).
+KEEPALIVE_EXPIRY_S = 30.0
 
 
 def propagated_headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -49,7 +51,8 @@ class NextStage:
         self.url = f"{base_url}/v2/models/{stage_name}/infer"
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                                keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
     async def infer(self, tensors: Mapping[str, np.ndarray], request_id: str | None,
