@@ -60,26 +60,27 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_apply)
 
     p = sub.add_parser("demo-request", help="one request through the gateway: top-5 classes and each stage's time")
-    p.add_argument("--pipeline", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pipeline", type=Path, default=None, help="default: the running mesh's pipeline")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input")
     _state_dir(p)
     p.set_defaults(func=_demo_request)
 
 
 def _fail(message: str) -> int:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return 2
 
 
 def _table(state: local.State) -> Table:
-    table = Table(title=f"pipeline {state.layout.pipeline} (namespace {state.policy.namespace})")
-    for col in ("stage", "version", "weight", "replica", "app port", "sidecar in (mTLS)", "sidecar out", "identity"):
-        table.add_column(col)
+    table = Table(title=f"pipeline {state.layout.pipeline}: identities spiffe://cluster.local/ns/"
+                        f"{state.policy.namespace}/sa/<stage>", title_justify="left")
+    for col in ("stage", "version", "weight", "replica", "app", "sidecar in (mTLS)", "sidecar out"):
+        table.add_column(col, no_wrap=col == "stage")
     for r in state.layout.replicas:
         stage = state.policy.stages[r.index]
         weight = next(v.weight for v in stage.versions if v.name == r.version)
         table.add_row(r.stage, r.version, f"{weight}%", str(r.replica), str(r.app_port), str(r.inbound_port),
-                      str(r.outbound_port or "-"), state.policy.principal(r.stage))
+                      str(r.outbound_port or "-"))
     return table
 
 
@@ -93,7 +94,8 @@ def _up(args: argparse.Namespace) -> int:
         return _fail("interrupted; everything started was stopped")
     console.print(_table(state))
     url = state.layout.gateway_url
-    console.print(f"gateway: [bold]{url}[/]  (POST {url}/v2/models/{state.layout.pipeline}/infer)", highlight=False)
+    console.print(f"gateway: [bold]{url}[/]  (POST {url}/v2/models/{state.layout.pipeline}/infer)",
+                  highlight=False, soft_wrap=True)
     if args.detach:
         console.print(f"running detached; `python -m mesh status` / `down` (state in {args.state_dir})")
         return 0
@@ -135,7 +137,7 @@ def _status(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     table = Table(title=f"pipeline {state.layout.pipeline}, gateway {state.layout.gateway_url}")
     for col in ("process", "role", "pid", "state", "log"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "process")
     for row in rows:
         label = ("[green]ready[/]" if row.ready else "[yellow]running, not ready[/]") if row.alive \
             else "[red]crashed or killed[/]"
@@ -174,12 +176,12 @@ def _apply(args: argparse.Namespace) -> int:
 
 def _demo_request(args: argparse.Namespace) -> int:
     try:
-        manifest = load_manifest(args.pipeline)
         state = local.read_state(args.state_dir)
+        if state is None:
+            return _fail(f"no mesh is running from {args.state_dir}; run `python -m mesh up --detach` first")
+        manifest = load_manifest(args.pipeline or state.pipeline_dir)
     except (ManifestError, local.MeshError) as exc:
         return _fail(str(exc))
-    if state is None:
-        return _fail(f"no mesh is running from {args.state_dir}; run `python -m mesh up --detach` first")
     rng = np.random.default_rng(args.seed)
     inputs = {}
     for t in manifest.inputs:
@@ -194,11 +196,12 @@ def _demo_request(args: argparse.Namespace) -> int:
     except httpx.HTTPError as exc:
         return _fail(f"request to {url} failed: {exc}")
     console.print(f"POST {url}/v2/models/{manifest.name}/infer (binary, batch 1): {response.status_code}, "
-                  f"{total_ms:.1f} ms end to end", highlight=False)
+                  f"{total_ms:.1f} ms end to end", highlight=False, soft_wrap=True)
     for name, array in outputs.items():
         scores = array.reshape(array.shape[0], -1)[0]
         top = np.argsort(scores)[::-1][:5]
-        console.print(f"top-5 of {name}: " + ", ".join(f"class {i} ({scores[i]:.4f})" for i in top), highlight=False)
+        console.print(f"top-5 of {name}: " + ", ".join(f"class {i} ({scores[i]:.4f})" for i in top),
+                      highlight=False, soft_wrap=True)
     table = Table(title=f"time per stage ({STAGE_TIMING})")
     table.add_column("stage")
     table.add_column("version")

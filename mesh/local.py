@@ -230,6 +230,8 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
             raise MeshError(f"a mesh is already running from {state_dir} (pipeline {existing.layout.pipeline}, "
                             f"gateway {existing.layout.gateway_url}); run `python -m mesh down` first")
         shutil.rmtree(state_dir)  # stale: everything it recorded is gone
+    for old in ("logs", "envoy"):  # left by an earlier mesh that was stopped: start afresh
+        shutil.rmtree(state_dir / old, ignore_errors=True)
     envoy = _envoy_path()
     try:
         layout = plan(resolved, manifest.name, pipeline_dir, gateway_port)
