@@ -12,6 +12,9 @@ the activation once. For activations of about 4 KB, 0.7 MB and 3 MB:
   requests interleaved: what one more stage in the chain adds, i.e. one more binary hop of the activation
   plus a stage process's own request handling. Stages only ever forward binary: no JSON counterpart.
 
+- floor: the same binary body from the same client to a bare uvicorn ASGI app that reads it and answers
+  two bytes: what uvicorn, httpx and loopback cost with no stage code at all.
+
 Percentiles of the added stage are over paired differences (each chain request minus the direct request
 sent right after it), so noise from other processes on the machine widens its p99. Writes `bench-hop.json` and
 `bench-hop.png` to --out and prints a table. Needs the dev extras (onnx, matplotlib); not used in serving.
@@ -117,6 +120,56 @@ def _start(manifest: Path, name: str, next_url: str | None, log: Path) -> tuple[
     raise TimeoutError(f"{name} not ready:\n{log.read_text()}")
 
 
+async def _floor_app(scope: dict[str, Any], receive: Callable[[], Any], send: Callable[[Any], Any]) -> None:
+    """Bare ASGI app: reads the whole body, answers 2 bytes. The transport floor under every stage."""
+    if scope["type"] != "http":
+        return
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    b"".join(chunks)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _serve_floor(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(_floor_app, host=HOST, port=port, loop="uvloop", http="httptools", log_level="warning",
+                lifespan="off")
+
+
+def _start_floor(log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "stage_service.bench_hop", "--serve-floor", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://{HOST}:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.post(url, content=b"x", timeout=1)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    proc.kill()
+    raise TimeoutError(f"floor server not up:\n{log.read_text()}")
+
+
+def _floor_call(client: httpx.Client, url: str, x: np.ndarray) -> Call:
+    def call() -> tuple[float, httpx.Response]:
+        start = time.perf_counter()
+        body, length = encode_request({"b": x})
+        r = client.post(url, content=body, headers={HEADER_LENGTH: str(length)})
+        elapsed = time.perf_counter() - start
+        assert r.status_code == 200 and r.content == b"ok"
+        return elapsed * 1000.0, r
+    return call
+
+
 def _stage_ms(response: httpx.Response, index: int) -> float:
     return float(response.headers[TIMING_HEADER].split(",")[index].split("=")[1])
 
@@ -165,6 +218,8 @@ def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10)
     try:
         proc_a, url_a = _start(manifest, "hop-stage-0", url_b, work / "a.log")
         procs.append(proc_a)
+        proc_floor, url_floor = _start_floor(work / "floor.log")
+        procs.append(proc_floor)
         rng = np.random.default_rng(0)
         with httpx.Client(timeout=120) as client:
             for label, n in SIZES.items():
@@ -172,9 +227,10 @@ def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10)
                 chain = _binary_call(client, url_a, "hop", x, "a")
                 direct = _binary_call(client, url_b, "hop-stage-1", x, "b")
                 as_json = _json_call(client, url_b, "hop-stage-1", x, "b")
+                floor = _floor_call(client, url_floor, x)
                 for _ in range(warmup):
-                    chain(), direct(), as_json()
-                chain_ms, direct_ms, hop_bin, infer_a = [], [], [], []
+                    chain(), direct(), as_json(), floor()
+                chain_ms, direct_ms, hop_bin, infer_a, floor_ms = [], [], [], [], []
                 for _ in range(runs if n < 500_000 else max(runs // 2, 20)):
                     ms, r = chain()
                     chain_ms.append(ms)
@@ -182,6 +238,7 @@ def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10)
                     ms, r = direct()
                     direct_ms.append(ms)
                     hop_bin.append(ms - _stage_ms(r, 0))
+                    floor_ms.append(floor()[0])
                 hop_json = []
                 for _ in range(json_runs if n >= 100_000 else runs):
                     ms, r = as_json()
@@ -194,6 +251,7 @@ def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10)
                     "hop_binary_ms": _pcts(hop_bin),
                     "hop_json_ms": _pcts(hop_json),
                     "added_stage_binary_ms": added,
+                    "transport_floor_ms": _pcts(floor_ms),
                     "chain_ms": c,
                     "direct_ms": d,
                     "inference_a_ms": ia,
@@ -224,14 +282,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(results)
-    series = [("hop, binary", "hop_binary_ms"), ("hop, JSON", "hop_json_ms"),
-              ("added stage (binary, as served)", "added_stage_binary_ms")]
+    series = [("floor (bare uvicorn)", "transport_floor_ms"), ("hop, binary", "hop_binary_ms"),
+              ("hop, JSON", "hop_json_ms"), ("added stage (binary, as served)", "added_stage_binary_ms")]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    width = 0.27
+    width = 0.2
     for i, (name, key) in enumerate(series):
         p50 = [max(results[s][key]["p50"], 1e-3) for s in labels]
         p99 = [max(results[s][key]["p99"], 1e-3) for s in labels]
-        xs = [j + (i - 1) * width for j in range(len(labels))]
+        xs = [j + (i - 1.5) * width for j in range(len(labels))]
         ax.bar(xs, p50, width, label=f"{name} p50")
         ax.scatter(xs, p99, marker="_", s=200, color="black", zorder=3, label="p99" if i == 0 else None)
     ax.axhline(2.0, color="red", linestyle=":", linewidth=1, label="target: binary 3 MB hop p50 2 ms")
@@ -252,16 +310,18 @@ def print_table(report: dict[str, Any]) -> None:
 
     table = Table(title=f"per-hop overhead, ms ({report['machine']['machine']}, {report['machine']['cpus']} CPUs)")
     for column in ("size", "binary p50", "binary p99", "JSON p50", "JSON p99", "JSON/bin", "+stage p50",
-                   "+stage p99"):
+                   "+stage p99", "floor p50"):
         table.add_column(column, justify="right", no_wrap=True)
-    table.caption = "binary/JSON: one hop, client -> B; +stage: (client -> A -> B) - (client -> B), binary"
+    table.caption = ("binary/JSON: one hop, client -> B; +stage: (client -> A -> B) - (client -> B), binary; "
+                     "floor: the same binary body to a bare uvicorn app")
     for label, r in report["sizes"].items():
         table.add_row(
             label, f"{r['hop_binary_ms']['p50']:.3f}", f"{r['hop_binary_ms']['p99']:.3f}",
             f"{r['hop_json_ms']['p50']:.1f}", f"{r['hop_json_ms']['p99']:.1f}", f"{r['json_over_binary_p50']:.0f}x",
             f"{r['added_stage_binary_ms']['p50']:.3f}", f"{r['added_stage_binary_ms']['p99']:.3f}",
+            f"{r['transport_floor_ms']['p50']:.3f}",
         )
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("build/bench-hop"))
     parser.add_argument("--runs", type=int, default=200, help="binary requests per size and path")
     parser.add_argument("--json-runs", type=int, default=30, help="JSON requests at 0.7 MB and 3 MB")
+    parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_floor:
+        _serve_floor(args.serve_floor)
+        return 0
     report = run_bench(args.out, runs=args.runs, json_runs=args.json_runs)
     print_table(report)
     print(f"wrote {args.out / 'bench-hop.json'} and {args.out / 'bench-hop.png'}")
