@@ -18,6 +18,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import time
 import zlib
@@ -281,8 +282,17 @@ def down(state_dir: Path = DEFAULT_STATE_DIR, grace_s: float = 10.0) -> list[pro
     ordered = sorted(state.procs, key=lambda p: order.get(p.role, 3))
     was_alive = [p for p in ordered if procs.alive(p)]
     left = procs.stop(ordered, grace_s=grace_s)
-    if left:
-        raise MeshError(f"could not stop {[f'{p.name} (pid {p.pid})' for p in left]}")
+    # Verify: nothing that carries this mesh's marker may outlive it (a child a stage process started, say).
+    marker = str(state_dir.resolve())
+    for pid in procs.marked(MARKER_ENV, marker):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while procs.marked(MARKER_ENV, marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stray = procs.marked(MARKER_ENV, marker)
+    if left or stray:
+        raise MeshError(f"could not stop {[f'{p.name} (pid {p.pid})' for p in left]} {stray or ''}")
     (state_dir / STATE_FILE).unlink()
     return was_alive
 

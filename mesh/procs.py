@@ -90,6 +90,24 @@ def stop(procs: list[Proc], grace_s: float = 10.0) -> list[Proc]:
     return [p for p in procs if alive(p)]
 
 
+def marked(variable: str, value: str) -> list[int]:
+    """Pids of live processes whose environment holds `variable=value` (what we started, and their children)."""
+    needle = f"{variable}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+        except OSError:  # gone, or another user's
+            continue
+        stat = _stat(int(entry.name))
+        if stat is not None and stat[0] not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
 def tail(path: Path | str, lines: int = 20) -> str:
     try:
         text = Path(path).read_text(errors="replace")

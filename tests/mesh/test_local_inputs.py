@@ -144,5 +144,5 @@ def test_foreground_up_tears_down_on_sigterm(tiny_pipeline: tuple[Path, Manifest
         if cli.poll() is None:
             cli.kill()
             local.down(state_dir)
-    assert cli.returncode == 0 and "stopped 7 processes" in rest
+    assert cli.returncode == 0 and "stopped 7 processes" in rest, (cli.returncode, rest)
     assert processes_of(state_dir) == []
