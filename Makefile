@@ -9,7 +9,7 @@ STAGES ?= 4
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test lint typecheck bench bench-split bench-hop clean
+.PHONY: venv demo test lint typecheck bench bench-split bench-hop bench-peers peers-venv clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,24 @@ bench-split: $(BUILD)/reference.onnx
 
 bench-hop: | $(STAMP)
 	$(PY) -m stage_service.bench_hop --out $(BUILD)/bench-hop
+
+# Peer servers (MLServer, KServe, Ray Serve) for the side-by-side bench: each in its own venv under
+# .venv-peers/ (their pins conflict with each other), never in the product's; pins in loadtest/peers/requirements/.
+PEERS := kserve mlserver ray
+PEERS_VENV := .venv-peers
+
+$(PEERS_VENV)/%/.installed: loadtest/peers/requirements/%.txt
+	rm -rf $(PEERS_VENV)/$*
+	$(PYTHON) -m venv $(PEERS_VENV)/$*
+	$(PEERS_VENV)/$*/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/$*/bin/python -m pip install --quiet -r $<
+	touch $@
+
+peers-venv: $(foreach p,$(PEERS),$(PEERS_VENV)/$(p)/.installed)
+
+bench-peers: peers-venv | $(STAMP)
+	test -f $(PIPELINE)/pipeline.json || $(MAKE) demo
+	$(PY) -m loadtest.bench_peers --pipeline $(PIPELINE) --stage reference-stage-1 --out $(BUILD)/bench-peers
 
 clean:
 	rm -rf $(BUILD) $(VENV)
