@@ -84,7 +84,13 @@ def _table(state: local.State) -> Table:
     return table
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def _up(args: argparse.Namespace) -> int:
+    # SIGTERM, like Ctrl-C, interrupts from the start: a half-started mesh is stopped by `local.up` itself.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         with console.status("starting the mesh (stage processes, sidecars, gateway)..."):
             state = local.up(args.pipeline, args.policy, args.state_dir, args.gateway_port, args.timeout)
@@ -92,33 +98,36 @@ def _up(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted; everything started was stopped")
-    console.print(_table(state))
-    url = state.layout.gateway_url
-    console.print(f"gateway: [bold]{url}[/]  (POST {url}/v2/models/{state.layout.pipeline}/infer)",
-                  highlight=False, soft_wrap=True)
-    if args.detach:
-        console.print(f"running detached; `python -m mesh status` / `down` (state in {args.state_dir})")
-        return 0
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    console.print("Ctrl-C stops the mesh")
-    reported: set[str] = set()
     try:
-        while True:
-            time.sleep(1.0)
-            for p in state.procs:
-                if p.name not in reported and not procs.alive(p):
-                    reported.add(p.name)
-                    err.print(f"[red]{p.name} (pid {p.pid}) exited[/]; see {p.log}", highlight=False)
+        console.print(_table(state))
+        url = state.layout.gateway_url
+        console.print(f"gateway: [bold]{url}[/]  (POST {url}/v2/models/{state.layout.pipeline}/infer)",
+                      highlight=False, soft_wrap=True)
+        if args.detach:
+            console.print(f"running detached; `python -m mesh status` / `down` (state in {args.state_dir})")
+            return 0
+        _foreground(state)
     except KeyboardInterrupt:
         pass
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Whatever ends the foreground (Ctrl-C, SIGTERM, even one arriving mid-print), the mesh goes with it;
+    # the teardown itself is not interruptible.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     stopped = local.down(args.state_dir)
     console.print(f"stopped {len(stopped)} processes")
     return 0
+
+
+def _foreground(state: local.State) -> None:
+    """Stay until Ctrl-C or SIGTERM (both raise KeyboardInterrupt), reporting processes that exit."""
+    console.print("Ctrl-C stops the mesh")
+    reported: set[str] = set()
+    while True:
+        time.sleep(1.0)
+        for p in state.procs:
+            if p.name not in reported and not procs.alive(p):
+                reported.add(p.name)
+                err.print(f"[red]{p.name} (pid {p.pid}) exited[/]; see {p.log}", highlight=False, soft_wrap=True)
 
 
 def _down(args: argparse.Namespace) -> int:

@@ -140,9 +140,12 @@ def test_foreground_up_tears_down_on_sigterm(tiny_pipeline: tuple[Path, Manifest
         assert len(processes_of(state_dir)) == 7  # 3 apps, 3 sidecars, 1 gateway
         cli.send_signal(signal.SIGTERM)
         rest, _ = cli.communicate(timeout=60)
+        left = processes_of(state_dir)
     finally:
         if cli.poll() is None:
             cli.kill()
+            cli.wait()
+        if processes_of(state_dir):  # never leave a failed test's processes behind
             local.down(state_dir)
     assert cli.returncode == 0 and "stopped 7 processes" in rest, (cli.returncode, rest)
-    assert processes_of(state_dir) == []
+    assert left == []
