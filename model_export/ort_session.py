@@ -19,13 +19,6 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def available_providers(requested: list[str] | None = None) -> list[str]:
-    """The requested providers that this onnxruntime build has, CUDA first when present; CPU always last."""
-    have = ort.get_available_providers()
-    wanted = requested or ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    chosen = [p for p in wanted if p in have and p != "CPUExecutionProvider"]
-    return [*chosen, "CPUExecutionProvider"]
-
-
-def create_session(model: str | bytes, threads: int = 1, providers: list[str] | None = None) -> ort.InferenceSession:
-    return ort.InferenceSession(model, session_options(threads), providers=available_providers(providers))
+def create_session(model: str | bytes, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session, as the splitter measures and verifies (the stage service picks its own providers)."""
+    return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])

@@ -3,8 +3,8 @@
 `load_stage(settings)` does every start-up check (manifest, stage name, next URL, the ONNX file's sha256
 or, for a canary `STAGE_FILE`, its fit to the manifest's tensors) and raises `StartupError` naming the
 setting at fault. `StageRuntime.infer` is the one entry point the routes call: it validates inputs against
-the manifest and runs the session on a dedicated thread, off the event loop. That single method is the seam
-where dynamic batching can later queue and merge requests.
+the manifest and runs the session on a dedicated thread, off the event loop; with dynamic batching on
+(`STAGE_MAX_BATCH_SIZE` > 1) it queues the request for `batching.DynamicBatcher` instead.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from model_export.manifest import (
     load_manifest,
     verify_stage_file,
 )
+from model_export.ort_session import session_options
+from stage_service.batching import DynamicBatcher
 from stage_service.errors import InferenceFailed, InvalidInput, StartupError
 from stage_service.settings import StageSettings
 
@@ -166,18 +168,20 @@ def load_stage(settings: StageSettings) -> StageRuntime:
     """Every start-up check, then the session. Raises StartupError naming the setting at fault."""
     place = locate_stage(settings)
     providers = resolve_providers(settings.providers)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # the same options the splitter measured the stage's cost with
+    options = session_options(settings.threads)
+    if settings.max_batch_size > 1:
+        fixed = [t.name for t in place.stage.inputs if not t.shape or t.shape[0] != -1]
+        if fixed:
+            raise StartupError(f"STAGE_MAX_BATCH_SIZE: inputs {fixed} have no dynamic batch dimension to batch on")
     setting = "STAGE_FILE" if settings.file is not None else "STAGE_MANIFEST"
     try:
         session = ort.InferenceSession(str(place.file), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own pybind exception types
         raise StartupError(f"{setting}: onnxruntime cannot load {place.file}: {exc}") from None
     check_contract(session, place.stage, setting)
-    return StageRuntime(place=place, session=session, threads=settings.threads)
+    return StageRuntime(place=place, session=session, threads=settings.threads,
+                        max_batch_size=settings.max_batch_size, max_queue_delay_ms=settings.max_queue_delay_ms)
 
 
 @dataclass
@@ -187,12 +191,17 @@ class StageRuntime:
     place: StagePlace
     session: ort.InferenceSession
     threads: int
+    max_batch_size: int = 1
+    max_queue_delay_ms: float = 0.0
     _executor: ThreadPoolExecutor = field(init=False)
+    batcher: DynamicBatcher | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         # One worker: each run already uses `threads` intra-op threads; concurrency comes from overlapping I/O.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
         self._output_names = [t.name for t in self.place.stage.outputs]
+        if self.max_batch_size > 1:
+            self.batcher = DynamicBatcher(self._run_off_loop, self.max_batch_size, self.max_queue_delay_ms)
 
     @property
     def providers(self) -> list[str]:
@@ -230,11 +239,16 @@ class StageRuntime:
         elapsed_ms = (time.perf_counter() - start) * 1000.0
         return dict(zip(self._output_names, results, strict=True)), elapsed_ms
 
+    async def _run_off_loop(self, tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.run, tensors)
+
     async def infer(self, tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
-        """Validate, then run on the inference thread so the event loop keeps answering."""
+        """Validate, then run on the inference thread (alone, or merged with others by the batcher) so the
+        event loop keeps answering."""
         self.check_inputs(tensors)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.run, tensors)
+        if self.batcher is not None:
+            return await self.batcher.submit(tensors)
+        return await self._run_off_loop(dict(tensors))
 
     async def warm_up(self) -> float:
         """One run on zeros (dynamic dimensions as 1), on the inference thread; returns its milliseconds."""
@@ -246,4 +260,6 @@ class StageRuntime:
         return (await loop.run_in_executor(self._executor, self.run, feed))[1]
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         self._executor.shutdown(wait=True)

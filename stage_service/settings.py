@@ -46,6 +46,10 @@ class StageSettings(BaseSettings):
     max_inflight: int = Field(default=64, ge=1, description="in-flight requests past which 503 is answered")
     version: str | None = Field(default=None, description="version reported; default the manifest's")
     file: Path | None = Field(default=None, description="replacement ONNX file for a canary of this stage")
+    max_batch_size: int = Field(default=1, ge=1, le=4096,
+                                description="dynamic batching: samples merged into one run; 1 = off")
+    max_queue_delay_ms: float = Field(default=2.0, ge=0, le=10_000,
+                                      description="dynamic batching: longest wait for more requests")
     log_level: str = Field(default="info", pattern=r"^(critical|error|warning|info|debug|trace)$")
     access_log: bool = False
 
