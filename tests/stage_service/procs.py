@@ -1,163 +1,31 @@
-"""Launch real stage processes (`python -m stage_service`) on loopback, for these tests and the mesh's.
-
-    chain = start_chain(manifest_path)            # every stage, each forwarding to the next, all ready
-    chain[0].url                                  # http://127.0.0.1:<port>
-    stop_all(chain)                               # SIGTERM, wait, return codes
-
-Each process logs to a file (`StageProcess.log_path`, read with `.log()`), so a failing test can show why.
-"""
+"""Stage processes for tests: the launch helpers of `stage_service.launch`, plus the test-only proxy."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from model_export.manifest import load_manifest
+from stage_service.launch import (
+    HOST,
+    StageProcess,
+    free_port,
+    launch,
+    stage_command,
+    stage_env,
+    start_chain,
+    start_stage,
+    stop_all,
+    wait_ready,
+)
 
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def stage_command() -> list[str]:
-    return [sys.executable, "-m", "stage_service"]
-
-
-@dataclass
-class StageProcess:
-    """One running stage process."""
-
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    _sent: set[int] = field(default_factory=set, repr=False)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def send(self, sig: int = signal.SIGTERM) -> None:
-        """Send `sig` once (a second SIGTERM during interpreter shutdown would kill it uncleanly)."""
-        if self.proc.poll() is None and sig not in self._sent:
-            self._sent.add(sig)
-            self.proc.send_signal(sig)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Send `sig` (SIGTERM: drain and exit 0), wait, kill if it hangs; return the exit code."""
-        if self.proc.poll() is None:
-            self.send(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
-
-
-def stage_env(manifest: Path, name: str, port: int, next_url: str | None = None,
-              extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of one stage process: the caller's, without inherited STAGE_*, plus these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_")}
-    env.update({
-        "STAGE_MANIFEST": str(manifest),
-        "STAGE_NAME": name,
-        "STAGE_HOST": HOST,
-        "STAGE_PORT": str(port),
-        "STAGE_THREADS": "1",
-        "STAGE_LOG_LEVEL": "warning",
-        "PYTHONUNBUFFERED": "1",
-    })
-    if next_url:
-        env["STAGE_NEXT_URL"] = next_url
-    env.update(extra or {})
-    return env
-
-
-def launch(env: Mapping[str, str], name: str, port: int, log_dir: Path | None = None) -> StageProcess:
-    """Start `python -m stage_service` with exactly this environment; do not wait."""
-    directory = log_dir or Path(tempfile.mkdtemp(prefix="stage-logs-"))
-    directory.mkdir(parents=True, exist_ok=True)
-    log_path = directory / f"{name}-{port}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(stage_command(), env=dict(env), stdout=log, stderr=subprocess.STDOUT)
-    return StageProcess(name=name, port=port, proc=proc, log_path=log_path)
-
-
-def wait_ready(stage: StageProcess, timeout: float = 60.0) -> None:
-    """Poll `/v2/health/ready` until 200; raise with the process's log if it exits or the time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not stage.alive():
-            raise RuntimeError(f"stage {stage.name} exited with {stage.proc.returncode}:\n{stage.log()}")
-        try:
-            if httpx.get(f"{stage.url}/v2/health/ready", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"stage {stage.name} not ready within {timeout} s:\n{stage.log()}")
-
-
-def start_stage(manifest: Path, name: str, *, next_url: str | None = None, port: int | None = None,
-                env: Mapping[str, str] | None = None, log_dir: Path | None = None, ready: bool = True,
-                timeout: float = 60.0) -> StageProcess:
-    """Start one stage on a free loopback port (`env` adds or overrides STAGE_* settings)."""
-    port = port or free_port()
-    stage = launch(stage_env(manifest, name, port, next_url, env), name, port, log_dir)
-    if ready:
-        try:
-            wait_ready(stage, timeout)
-        except BaseException:
-            stage.stop(signal.SIGKILL)
-            raise
-    return stage
-
-
-def start_chain(manifest: Path, *, env: Mapping[str, str] | None = None, log_dir: Path | None = None,
-                timeout: float = 60.0) -> list[StageProcess]:
-    """Every stage of the manifest, each forwarding to the next, all started at once and all ready."""
-    names = [s.name for s in load_manifest(manifest).stages]
-    ports = [free_port() for _ in names]
-    stages: list[StageProcess] = []
-    try:
-        for i, (name, port) in enumerate(zip(names, ports, strict=True)):
-            next_url = f"http://{HOST}:{ports[i + 1]}" if i + 1 < len(names) else None
-            stages.append(launch(stage_env(manifest, name, port, next_url, env), name, port, log_dir))
-        for stage in stages:
-            wait_ready(stage, timeout)
-    except BaseException:
-        stop_all(stages, signal.SIGKILL)
-        raise
-    return stages
-
-
-def stop_all(stages: list[StageProcess], sig: int = signal.SIGTERM) -> list[int]:
-    """Stop every stage (first to last); return their exit codes."""
-    for stage in stages:
-        stage.send(sig)
-    return [stage.stop(sig) for stage in stages]
+__all__ = ["HOST", "StageProcess", "free_port", "launch", "stage_command", "stage_env", "start_chain",
+           "start_stage", "start_fake_stage", "stop_all", "wait_ready"]
 
 
 def start_fake_stage(target: str, *, log_dir: Path | None = None, timeout: float = 30.0) -> StageProcess:
