@@ -9,7 +9,7 @@ STAGES ?= 4
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test lint typecheck bench bench-split bench-hop bench-peers peers-venv clean
+.PHONY: venv demo render test lint typecheck bench bench-split bench-hop bench-peers peers-venv clean
 
 venv: $(STAMP)
 
@@ -29,7 +29,13 @@ demo: $(BUILD)/reference.onnx
 	rm -rf $(PIPELINE)
 	$(PY) -m model_export split $(BUILD)/reference.onnx --stages $(STAGES) --out $(PIPELINE)
 	$(PY) -m model_export verify $(PIPELINE)
-	$(PY) -m model_export inspect $(PIPELINE)
+	$(PY) -m model_export inspect $(PIPELINE) --plot $(BUILD)/reference-stages.png
+	$(PY) -m mesh up --pipeline $(PIPELINE) --policy mesh.yaml --detach
+	$(PY) -m mesh demo-request --pipeline $(PIPELINE); rc=$$?; $(PY) -m mesh down; exit $$rc
+
+# Re-render the committed Kubernetes tree from the committed manifest and policy.
+render: | $(STAMP)
+	$(PY) -m mesh render --pipeline examples/reference --policy mesh.yaml --out kustomize
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check model_export stage_service mesh loadtest tests
