@@ -13,6 +13,7 @@ from stage_service.app import create_app
 from stage_service.errors import StartupError
 from stage_service.runtime import load_stage
 from stage_service.settings import StageSettings, describe_validation_error
+from stage_service.tracing import StageTracing
 
 EXIT_BAD_SETTINGS = 2
 EXIT_STARTUP_FAILED = 3
@@ -30,10 +31,13 @@ def main() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         runtime = load_stage(settings)
+        place = runtime.place
+        tracing = StageTracing.from_env(pipeline=place.manifest.name, stage=place.stage.name,
+                                        version=place.version, index=place.index)
     except StartupError as exc:
         print(f"stage_service: cannot start: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
-    app = create_app(settings, runtime)
+    app = create_app(settings, runtime, tracing)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, loop="uvloop", http="httptools", lifespan="on",
         log_level=settings.log_level, access_log=settings.access_log,

@@ -15,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
+from opentelemetry.trace import Span
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
@@ -33,6 +34,16 @@ from stage_service.errors import (
 from stage_service.metrics import InferMetricsMiddleware, StageMetrics
 from stage_service.runtime import StageRuntime, load_stage, locate_stage
 from stage_service.settings import StageSettings
+from stage_service.tracing import (
+    ATTR_BODY_IN,
+    ATTR_BODY_OUT,
+    ATTR_INFER_ID,
+    ATTR_STATUS,
+    ATTR_TENSOR_BYTES_IN,
+    ATTR_TENSOR_BYTES_OUT,
+    StageTracing,
+    annotate,
+)
 
 log = logging.getLogger("stage_service")
 PLATFORM = "onnxruntime_onnx"
@@ -49,6 +60,7 @@ class ServiceState:
 
     settings: StageSettings
     metrics: StageMetrics
+    tracing: StageTracing
     runtime: StageRuntime | None = None
     next_stage: NextStage | None = None
     ready: bool = False
@@ -94,12 +106,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def create_app(settings: StageSettings, runtime: StageRuntime | None = None) -> FastAPI:
-    """The ASGI app of one stage. Without `runtime`, the lifespan loads it (all start-up checks included)."""
+def create_app(settings: StageSettings, runtime: StageRuntime | None = None,
+               tracing: StageTracing | None = None) -> FastAPI:
+    """The ASGI app of one stage. Without `runtime`, the lifespan loads it (all start-up checks included);
+    without `tracing`, it is built from the `OTEL_*` environment (`tracing.StageTracing.from_env`)."""
     place = runtime.place if runtime is not None else locate_stage(settings)
     manifest, stage = place.manifest, place.stage
     metrics = StageMetrics(manifest.name, stage.name, place.version)
-    state = ServiceState(settings=settings, metrics=metrics, runtime=runtime)
+    if tracing is None:
+        tracing = StageTracing.from_env(pipeline=manifest.name, stage=stage.name, version=place.version,
+                                        index=place.index)
+    state = ServiceState(settings=settings, metrics=metrics, tracing=tracing, runtime=runtime)
     final_outputs: list[TensorSpec] = list(manifest.outputs)
     final_names = [t.name for t in final_outputs]
 
@@ -110,7 +127,7 @@ def create_app(settings: StageSettings, runtime: StageRuntime | None = None) -> 
         next_stage = place.next_stage
         if next_stage is not None and settings.next_url:
             state.next_stage = NextStage(settings.next_url, next_stage.name, settings.timeout_s,
-                                         settings.max_inflight)
+                                         settings.max_inflight, tracing)
         state.warm_up_task = asyncio.create_task(warm_up())
         try:
             yield
@@ -121,6 +138,7 @@ def create_app(settings: StageSettings, runtime: StageRuntime | None = None) -> 
             if state.next_stage is not None:
                 await state.next_stage.aclose()
             state.runtime.close()
+            await asyncio.to_thread(tracing.shutdown)  # flushes the last spans
 
     async def warm_up() -> None:
         assert state.runtime is not None
@@ -204,12 +222,24 @@ def create_app(settings: StageSettings, runtime: StageRuntime | None = None) -> 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{model_version}/infer")
     async def infer(name: str, request: Request, model_version: str | None = None) -> Response:
+        route = request.scope["route"].path if "route" in request.scope else "/v2/models/{name}/infer"
+        with tracing.server(route, request.method, request.scope["path"], request.headers) as span:
+            response = await infer_traced(name, request, model_version, span)
+            annotate(span, {ATTR_STATUS: response.status_code, ATTR_BODY_OUT: len(response.body)})
+            return response
+
+    async def infer_traced(name: str, request: Request, model_version: str | None, span: Span | None) -> Response:
         resolve(name, model_version)
         require_ready()
         assert state.runtime is not None
         with Admission(state):
             body = await read_body(request, settings.max_request_bytes)
-            req, tensors = protocol.decode_request(body, request.headers.get(protocol.HEADER_LENGTH))
+            with tracing.span("decode"):
+                req, tensors = protocol.decode_request(body, request.headers.get(protocol.HEADER_LENGTH))
+            if span is not None:
+                span.set_attributes({ATTR_BODY_IN: len(body),
+                                     ATTR_TENSOR_BYTES_IN: sum(int(t.nbytes) for t in tensors.values()),
+                                     **({ATTR_INFER_ID: req.id} if req.id else {})})
             wanted = [o.name for o in req.outputs] if req.outputs else final_names
             for out in wanted:
                 if out not in final_names:
@@ -217,7 +247,8 @@ def create_app(settings: StageSettings, runtime: StageRuntime | None = None) -> 
             if len(set(wanted)) != len(wanted):
                 raise InvalidInput(f"outputs {wanted}: an output is requested twice")
 
-            outputs, ms = await state.runtime.infer(tensors)
+            with tracing.span("inference"):
+                outputs, ms = await state.runtime.infer(tensors)
             metrics.inference.observe(ms / 1000.0)
             timing = f"{stage.name}/{place.version}={ms:.3f}"
             if state.next_stage is not None:
@@ -234,9 +265,12 @@ def create_app(settings: StageSettings, runtime: StageRuntime | None = None) -> 
             selected: list[tuple[str, np.ndarray, bool]] = [
                 (n, outputs[n], protocol.wants_binary(req, n)) for n in wanted
             ]
-            content, header_length = protocol.encode_response(
-                name, place.version, req.id, protocol.echoed_parameters(req), selected
-            )
+            if span is not None:
+                span.set_attribute(ATTR_TENSOR_BYTES_OUT, sum(int(a.nbytes) for _, a, _ in selected))
+            with tracing.span("encode"):
+                content, header_length = protocol.encode_response(
+                    name, place.version, req.id, protocol.echoed_parameters(req), selected
+                )
         headers = {TIMING_HEADER: timing}
         if header_length is None:
             return Response(content, headers=headers, media_type=protocol.JSON_CONTENT_TYPE)

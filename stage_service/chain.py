@@ -3,7 +3,8 @@
 Retries, outlier detection and mTLS are the mesh's job (Envoy / Istio). Here a failed hop becomes one
 error naming the next stage: 502 when it is unreachable or answered badly, 504 when it is too slow; a
 502/503/504 that the next stage itself answered (naming a stage further down) is passed on as it is.
-`propagated_headers` is the seam where OpenTelemetry context injection will go.
+`propagated_headers` picks the headers every hop carries on; with tracing on, the hop's CLIENT span
+(`tracing.StageTracing.forward`) replaces their trace context with its own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from stage_service.errors import InvalidInput, UpstreamError, UpstreamTimeout
 from stage_service.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH, decode_response, encode_request
+from stage_service.tracing import StageTracing
 
 TIMING_HEADER = "x-stage-timing"
 PROPAGATED = frozenset({"traceparent", "tracestate", "x-request-id", "b3"})
@@ -44,8 +46,10 @@ def _error_text(response: httpx.Response) -> str:
 class NextStage:
     """Client of the next stage's `/v2/models/<stage>/infer`, shared by all requests of the process."""
 
-    def __init__(self, base_url: str, stage_name: str, timeout_s: float, max_connections: int) -> None:
+    def __init__(self, base_url: str, stage_name: str, timeout_s: float, max_connections: int,
+                 tracing: StageTracing | None = None) -> None:
         self.base_url = base_url
+        self.tracing = tracing or StageTracing.disabled()
         self.stage_name = stage_name
         self.timeout_s = timeout_s
         self.url = f"{base_url}/v2/models/{stage_name}/infer"
@@ -59,25 +63,28 @@ class NextStage:
                     headers: Mapping[str, str]) -> tuple[dict[str, np.ndarray], str | None, float]:
         """Send the tensors on; return the final outputs, the next stage's timing header and the hop's seconds."""
         body, header_length = encode_request(tensors, request_id)
-        send_headers = {**headers, HEADER_LENGTH: str(header_length), "content-type": BINARY_CONTENT_TYPE}
         where = f"next stage {self.stage_name} ({self.base_url})"
-        start = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                response = await self.client.post(self.url, content=body, headers=send_headers)
-        except (TimeoutError, httpx.TimeoutException):
-            raise UpstreamTimeout(f"{where} did not answer within {self.timeout_s:g} s") from None
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"{where} is unreachable: {type(exc).__name__}: {exc}") from None
-        seconds = time.perf_counter() - start
-        if response.status_code != 200:
-            text = _error_text(response)
-            status = response.status_code if response.status_code in _PASSED_ON else 502
-            raise UpstreamError(f"{where} answered {response.status_code}: {text}", status)
-        try:
-            _, outputs = decode_response(response.content, response.headers.get(HEADER_LENGTH))
-        except InvalidInput as exc:
-            raise UpstreamError(f"{where} sent an invalid response: {exc.message}") from None
+        with self.tracing.forward(self.url, self.stage_name) as hop:
+            send_headers = {**hop.headers(headers), HEADER_LENGTH: str(header_length),
+                            "content-type": BINARY_CONTENT_TYPE}
+            start = time.perf_counter()
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    response = await self.client.post(self.url, content=body, headers=send_headers)
+            except (TimeoutError, httpx.TimeoutException):
+                raise UpstreamTimeout(f"{where} did not answer within {self.timeout_s:g} s") from None
+            except httpx.HTTPError as exc:
+                raise UpstreamError(f"{where} is unreachable: {type(exc).__name__}: {exc}") from None
+            seconds = time.perf_counter() - start
+            hop.response(response.status_code, len(body), len(response.content))
+            if response.status_code != 200:
+                text = _error_text(response)
+                status = response.status_code if response.status_code in _PASSED_ON else 502
+                raise UpstreamError(f"{where} answered {response.status_code}: {text}", status)
+            try:
+                _, outputs = decode_response(response.content, response.headers.get(HEADER_LENGTH))
+            except InvalidInput as exc:
+                raise UpstreamError(f"{where} sent an invalid response: {exc.message}") from None
         return outputs, response.headers.get(TIMING_HEADER), seconds
 
     async def aclose(self) -> None:
