@@ -39,6 +39,7 @@ STATE_FILE = "state.json"
 GATEWAY = "gateway"
 # Every process the mesh starts carries its state directory in this variable, so a leftover is findable.
 MARKER_ENV = "MESH_STATE_DIR"
+TRACES_DIR = "traces"  # under the state directory: each stage process's spans (stage_service.tracing)
 # Replaces `python -m stage_service` (a shell-style command line), to put the mesh in front of another server.
 APP_COMMAND_ENV = "MESH_APP_COMMAND"
 
@@ -158,6 +159,8 @@ def _app_env(state_dir: Path, manifest_path: Path, resolved: ResolvedPolicy, r: 
         "STAGE_HOST": LOOPBACK,
         "STAGE_PORT": str(r.app_port),
         "STAGE_THREADS": str(stage.threads),
+        # Spans as JSON lines, one file per replica, for `python -m mesh trace` (OTEL_SDK_DISABLED=true: none).
+        "STAGE_TRACE_FILE": str((state_dir / TRACES_DIR / f"{r.name}.jsonl").resolve()),
         "PYTHONUNBUFFERED": "1",
     })
     if r.file:
@@ -231,7 +234,7 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
             raise MeshError(f"a mesh is already running from {state_dir} (pipeline {existing.layout.pipeline}, "
                             f"gateway {existing.layout.gateway_url}); run `python -m mesh down` first")
         shutil.rmtree(state_dir)  # stale: everything it recorded is gone
-    for old in ("logs", "envoy"):  # left by an earlier mesh that was stopped: start afresh
+    for old in ("logs", "envoy", TRACES_DIR):  # left by an earlier mesh that was stopped: start afresh
         shutil.rmtree(state_dir / old, ignore_errors=True)
     envoy = _envoy_path()
     try:
