@@ -46,6 +46,31 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(PY) -m pytest
 
+# The large variant for the memory benchmark: about 490 MB of weights over eight Dense layers.
+$(BUILD)/large.keras: | $(STAMP)
+	$(PY) -m model_export reference --out $@ --hidden-layers 8
+
+$(BUILD)/large.onnx: $(BUILD)/large.keras
+	$(PY) -m model_export export $< --out $@
+
+$(BUILD)/large/pipeline.json: $(BUILD)/large.onnx
+	rm -rf $(BUILD)/large
+	$(PY) -m model_export split $< --stages 4 --balance params --runs 3 --out $(BUILD)/large
+
+$(BUILD)/large-whole/pipeline.json: $(BUILD)/large.onnx
+	rm -rf $(BUILD)/large-whole
+	$(PY) -m model_export split $< --stages 1 --runs 3 --out $(BUILD)/large-whole
+
+$(PIPELINE)/pipeline.json: $(BUILD)/reference.onnx
+	rm -rf $(PIPELINE)
+	$(PY) -m model_export split $< --stages $(STAGES) --out $(PIPELINE)
+
+# Everything measured in one run on this machine: BENCHMARKS.md (tables) and build/bench*/ (JSON, PNG).
+bench: $(PIPELINE)/pipeline.json $(BUILD)/large/pipeline.json $(BUILD)/large-whole/pipeline.json
+	$(PY) -m loadtest.bench --pipeline $(PIPELINE) --model $(BUILD)/reference.onnx --large $(BUILD)/large \
+		--large-whole $(BUILD)/large-whole --out $(BUILD)/bench
+	$(MAKE) bench-split bench-hop bench-peers
+
 bench-split: $(BUILD)/reference.onnx
 	$(PY) -m model_export.bench_split $(BUILD)/reference.onnx --out $(BUILD)/bench-split
 

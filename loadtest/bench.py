@@ -1,0 +1,329 @@
+"""`make bench`: the benchmark suite, one run on one machine, written to BENCHMARKS.md and JSON.
+
+Sections (each a function returning rows, so a failure in one is reported and the rest still run):
+- latency: whole model in-process, stages chained in-process, stage processes chained directly on
+  loopback, and through the local Envoy mesh with mTLS: p50/p99 at batch 1 and throughput at saturation;
+- equal cores: a 2-stage pipeline against the whole model in one process and against two replicas of it;
+- memory: peak RSS of each stage process against the whole model's, on the large variant, 4 stages;
+- batching: throughput at concurrency 16 with and without dynamic batching;
+- per hop, JSON against binary, and the peers: their own benchmarks (`bench-hop`, `bench-peers`), whose
+  latest results are folded in when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtest import report
+from loadtest.benchmarks_md import update_section
+from loadtest.machine import describe
+from loadtest.runner import LoadSettings, closed_loop
+from loadtest.workload import build
+from model_export.manifest import load_manifest
+from model_export.ort_session import create_session
+from model_export.verify import Chain, pipeline_inputs, resolve_source
+from stage_service.launch import StageProcess, start_chain, stop_all
+
+SWEEP = (1, 2, 4, 8)
+
+
+def _log(text: str) -> None:
+    print(f"[bench] {text}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def in_process(run: Callable[[], object], seconds: float, threads: int = 1) -> dict[str, float]:
+    """p50/p99 of sequential calls, then throughput with `threads` callers at once (onnxruntime frees the GIL)."""
+    for _ in range(3):
+        run()
+    lat: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        begin = time.perf_counter()
+        run()
+        lat.append((time.perf_counter() - begin) * 1000)
+    done = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def worker(i: int) -> None:
+        while time.perf_counter() < stop:
+            run()
+            done[i] += 1
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    start = time.perf_counter()
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "throughput_rps": sum(done) / (time.perf_counter() - start)}
+
+
+def over_http(url: str, model: str, seconds: float, sweep: tuple[int, ...] = SWEEP) -> dict[str, Any]:
+    """p50/p99 at concurrency 1 and the best throughput of a closed-loop sweep."""
+    workload = build(url, model, binary=True)
+    base = LoadSettings(concurrency=1, duration_s=seconds, timeout_s=60)
+    asyncio.run(closed_loop(workload, replace(base, duration_s=1.0)))  # warm connections and caches
+    runs = {c: report.summarize(asyncio.run(closed_loop(workload, replace(base, concurrency=c))), seconds)
+            for c in sweep}
+    errors = {c: r["errors"] for c, r in runs.items() if r["errors"]}
+    best = max(runs, key=lambda c: runs[c]["throughput_rps"])
+    return {"p50_ms": runs[1]["latency_ms"]["p50"], "p99_ms": runs[1]["latency_ms"]["p99"],
+            "throughput_rps": runs[best]["throughput_rps"], "at_concurrency": best,
+            "sweep": {c: {"rps": r["throughput_rps"], "p50_ms": r["latency_ms"]["p50"]} for c, r in runs.items()},
+            "errors": errors}
+
+
+@contextmanager
+def direct_chain(pipeline: Path, env: dict[str, str] | None = None) -> Iterator[list[StageProcess]]:
+    with tempfile.TemporaryDirectory(prefix="bench-logs-") as logs:
+        stages = start_chain(pipeline / "pipeline.json", env=env, log_dir=Path(logs))
+        try:
+            yield stages
+        finally:
+            stop_all(stages)
+
+
+@contextmanager
+def local_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[str]:
+    from mesh import local
+
+    with tempfile.TemporaryDirectory(prefix="bench-mesh-") as state:
+        st = local.up(pipeline, policy, state_dir=Path(state), gateway_port=0)
+        try:
+            yield st.layout.gateway_url
+        finally:
+            local.down(Path(state))
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+# ------------------------------------------------------------------------------------------- sections
+
+
+def latency_section(pipeline: Path, seconds: float) -> list[dict[str, Any]]:
+    manifest = load_manifest(pipeline)
+    feeds = pipeline_inputs(manifest, 1, 0)
+    whole = create_session(str(resolve_source(pipeline, manifest, None)), 1)
+    chain = Chain(pipeline, manifest, threads=1)
+    n = len(manifest.stages)
+    rows: list[dict[str, Any]] = []
+    _log("whole model in-process")
+    rows.append({"setup": "whole model, in-process (1 thread/call, 2 callers for throughput)",
+                 **in_process(lambda: whole.run(None, feeds), seconds, threads=2)})
+    _log("stages chained in-process")
+    rows.append({"setup": f"{n} stages chained in-process", **in_process(lambda: chain.run(feeds), seconds, 2)})
+    _log("stage processes chained directly on loopback")
+    with direct_chain(pipeline) as stages:
+        rows.append({"setup": f"{n} stage processes chained on loopback (binary)",
+                     **over_http(stages[0].url, manifest.name, seconds)})
+    _log("through the local Envoy mesh with mTLS")
+    with local_mesh(pipeline) as url:
+        rows.append({"setup": f"{n} stages through the Envoy mesh (gateway + sidecars, mTLS)",
+                     **over_http(url, manifest.name, seconds)})
+    direct, meshed = float(rows[2]["p50_ms"]), float(rows[3]["p50_ms"])
+    # hops that gain Envoy: client->gateway->stage-0 and each stage->stage (outbound + inbound sidecar)
+    rows[3]["per_hop_overhead_ms"] = (meshed - direct) / n
+    return rows
+
+
+def ensure_split(onnx_model: Path, out: Path, stages: int) -> Path:
+    """The model split into `stages` under `out` (1 stage: the whole model as one servable stage)."""
+    from model_export.split import split_model
+
+    if not (out / "pipeline.json").exists():
+        _log(f"splitting {onnx_model} into {stages} stage(s) at {out}")
+        split_model(onnx_model, out, stages, runs=3)
+    return out
+
+
+def equal_cores_section(onnx_model: Path, work: Path, seconds: float) -> list[dict[str, Any]]:
+    """2 cores: a 2-stage pipeline (2 processes x 1 thread) vs the whole model (1 process x 2 threads) vs
+    two replicas of it (2 x 1 thread) — all through the same local mesh, so each pays the same proxies."""
+    two, one = ensure_split(onnx_model, work / "split-2", 2), ensure_split(onnx_model, work / "whole", 1)
+    policies: dict[str, tuple[Path, str]] = {
+        "whole model, 1 process x 2 threads": (one, "defaults: {threads: 2}\n"),
+        "whole model, 2 replicas x 1 thread": (one, "defaults: {replicas: 2, threads: 1}\n"),
+        "2-stage pipeline, 2 processes x 1 thread": (two, "defaults: {threads: 1}\n"),
+    }
+    rows: list[dict[str, Any]] = []
+    for label, (pipeline, text) in policies.items():
+        _log(f"equal cores: {label}")
+        policy = work / f"{label.split(',')[0].replace(' ', '-')}-{len(rows)}.yaml"
+        policy.write_text(text)
+        with local_mesh(pipeline, policy) as url:
+            rows.append({"setup": label, **over_http(url, load_manifest(pipeline).name, seconds)})
+    return rows
+
+
+def memory_section(large: Path, large_whole: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for pipeline in (large_whole, large):
+        manifest = load_manifest(pipeline)
+        _log(f"memory: {manifest.name} ({len(manifest.stages)} stage process(es))")
+        with direct_chain(pipeline) as stages:
+            import httpx
+
+            from stage_service.protocol import HEADER_LENGTH, encode_request
+
+            body, length = encode_request(pipeline_inputs(manifest, 1, 0))
+            for _ in range(5):
+                r = httpx.post(f"{stages[0].url}/v2/models/{manifest.name}/infer", content=body,
+                               headers={HEADER_LENGTH: str(length)}, timeout=120)
+                r.raise_for_status()
+            for stage, proc in zip(manifest.stages, stages, strict=True):
+                rows.append({"setup": manifest.name, "stage": stage.name, "param_mb": stage.cost.param_bytes / 1e6,
+                             "peak_rss_mb": peak_rss_mb(proc.proc.pid)})
+    whole_rss = rows[0]["peak_rss_mb"]
+    for row in rows:
+        row["ratio_to_whole"] = row["peak_rss_mb"] / whole_rss
+    return rows
+
+
+def batching_section(whole_pipeline: Path, seconds: float, concurrency: int = 16) -> list[dict[str, Any]]:
+    manifest = load_manifest(whole_pipeline)
+    rows: list[dict[str, Any]] = []
+    for label, env in (("off", {}), ("max batch 16, max delay 5 ms",
+                                     {"STAGE_MAX_BATCH_SIZE": "16", "STAGE_MAX_QUEUE_DELAY_MS": "5"})):
+        _log(f"dynamic batching {label}")
+        with direct_chain(whole_pipeline, {"STAGE_MAX_INFLIGHT": "256", **env}) as stages:
+            r = over_http(stages[0].url, manifest.name, seconds, sweep=(1, concurrency))
+        rows.append({"setup": f"dynamic batching {label}", "throughput_rps": r["sweep"][concurrency]["rps"],
+                     "p50_ms_at_concurrency": r["sweep"][concurrency]["p50_ms"], "errors": r["errors"]})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def _f(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    out = ["## make bench", "", f"Measured by `make bench` on {result['machine']}, {result['date']}.",
+           "All traffic on loopback; batch 1 unless stated; JSON in `build/bench/bench.json`.", ""]
+    lat = result.get("latency")
+    if lat:
+        out += ["### Latency and throughput: in-process, chained processes, Envoy mesh", "",
+                "| setup | p50 ms | p99 ms | throughput /s (best of concurrency 1, 2, 4, 8) |", "|---|---|---|---|"]
+        out += [f"| {r['setup']} | {_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {_f(r['throughput_rps'])} |" for r in lat]
+        mesh = lat[-1]
+        out += ["", f"Envoy mesh overhead over direct chaining: {_f(mesh['per_hop_overhead_ms'])} ms p50 per hop "
+                f"(target at most 1 ms).", ""]
+    eq = result.get("equal_cores")
+    if eq:
+        whole = eq[0]["throughput_rps"]
+        out += ["### Equal cores (2): split pipeline against the whole model", "",
+                "| setup | p50 ms | throughput /s | vs whole model |", "|---|---|---|---|"]
+        out += [f"| {r['setup']} | {_f(r['p50_ms'])} | {_f(r['throughput_rps'])} | {r['throughput_rps'] / whole:.2f}x |"
+                for r in eq]
+        out += ["", "Target: 2-stage pipeline throughput at least 0.9x the whole model's.", ""]
+    mem = result.get("memory")
+    if mem:
+        out += ["### Memory: peak RSS per stage process, large variant (4 stages)", "",
+                "| pipeline | stage | params MB | peak RSS MB | vs whole |", "|---|---|---|---|---|"]
+        out += [f"| {r['setup']} | {r['stage']} | {_f(r['param_mb'])} | {_f(r['peak_rss_mb'])} | "
+                f"{r['ratio_to_whole']:.2f}x |" for r in mem]
+        out += ["", "Target: largest stage at most 0.4x the whole model's peak RSS.", ""]
+    bat = result.get("batching")
+    if bat:
+        out += ["### Dynamic batching (whole reference model as one stage, concurrency 16)", "",
+                "| setup | throughput /s | p50 ms |", "|---|---|---|"]
+        out += [f"| {r['setup']} | {_f(r['throughput_rps'])} | {_f(r['p50_ms_at_concurrency'])} |" for r in bat]
+        out.append("")
+    for name, error in result.get("failed", {}).items():
+        out += [f"### {name}: failed", "", f"```\n{error}\n```", ""]
+    return "\n".join(out)
+
+
+def plot(result: dict[str, Any], out: Path) -> None:
+    """Bars: p50 and throughput per latency setup; peak RSS per process of the memory run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lat = result.get("latency")
+    if lat:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+        labels = [r["setup"].split(" (")[0] for r in lat]
+        left.barh(labels, [r["p50_ms"] for r in lat])
+        left.set_xlabel("p50 latency, ms (batch 1)")
+        right.barh(labels, [r["throughput_rps"] for r in lat], color="tab:green")
+        right.set_xlabel("throughput at saturation, requests/s")
+        right.set_yticks([])
+        fig.suptitle("reference pipeline: in-process, chained processes, Envoy mesh")
+        fig.tight_layout()
+        fig.savefig(out / "latency.png", dpi=100)
+        plt.close(fig)
+    mem = result.get("memory")
+    if mem:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar([r["stage"] for r in mem], [r["peak_rss_mb"] for r in mem])
+        ax.set_ylabel("peak RSS, MB")
+        ax.set_title("peak RSS per process: whole model vs each of 4 stages")
+        ax.tick_params(axis="x", rotation=20)
+        fig.tight_layout()
+        fig.savefig(out / "memory.png", dpi=100)
+        plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__)
+    parser.add_argument("--pipeline", type=Path, default=Path("build/reference"))
+    parser.add_argument("--model", type=Path, default=Path("build/reference.onnx"))
+    parser.add_argument("--large", type=Path, default=Path("build/large"))
+    parser.add_argument("--large-whole", type=Path, default=Path("build/large-whole"))
+    parser.add_argument("--out", type=Path, default=Path("build/bench"))
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--benchmarks", type=Path, default=Path("BENCHMARKS.md"))
+    parser.add_argument("--only", nargs="*", choices=["latency", "equal_cores", "memory", "batching"])
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"machine": describe(), "date": time.strftime("%Y-%m-%d"), "failed": {}}
+    sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
+        "latency": lambda: latency_section(args.pipeline, args.seconds),
+        "equal_cores": lambda: equal_cores_section(args.model, args.out / "equal-cores", args.seconds),
+        "memory": lambda: memory_section(args.large, args.large_whole),
+        "batching": lambda: batching_section(ensure_split(args.model, args.out / "equal-cores" / "whole", 1),
+                                             args.seconds),
+    }
+    for name, fn in sections.items():
+        if args.only and name not in args.only:
+            continue
+        try:
+            result[name] = fn()
+        except Exception as exc:  # report and go on: one broken section must not hide the others
+            result["failed"][name] = f"{type(exc).__name__}: {exc}"
+            _log(f"{name} failed: {exc}")
+    (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out)
+    update_section(args.benchmarks, "bench", markdown(result))
+    print(markdown(result))
+    _log(f"wrote {args.out}/bench.json, PNG plots there, and the 'bench' section of {args.benchmarks}")
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
