@@ -1,11 +1,11 @@
-"""`python -m mesh`: up, down, status, logs (the local mesh) and render (Kubernetes + Istio)."""
+"""`python -m mesh`: up, down, status, logs, trace (the local mesh) and render (Kubernetes + Istio)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mesh import cli_local, cli_render
+from mesh import cli_local, cli_render, cli_trace
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     cli_local.register(sub)
     cli_render.register(sub)
+    cli_trace.register(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
