@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from loadtest.benchmarks_md import update_section
 from loadtest.machine import describe
 from model_export.__main__ import track
 from model_export.onnx_io import load_onnx
@@ -75,6 +76,21 @@ def table(report: dict) -> Table:
     return t
 
 
+def markdown(report: dict) -> str:
+    lines = ["## Split quality (make bench-split)", "",
+             f"`{report['model']}`, {report['clean_cuts']} clean cuts; {report['machine']}; {report['threads']} "
+             f"thread(s) per stage, median of {report['runs']} runs. Every possible stage (each run of consecutive "
+             "segments) is measured as a stage; the exhaustive search picks the best cuts from those measurements.",
+             "", "| N | stage ms | bottleneck ms | exhaustive best ms | ratio (target <= 1.05) | sum of stages ms "
+             "| whole ms | ratio (target <= 1.10) | MB crossing |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['stages']} | {' / '.join(f'{x:.2f}' for x in r['stage_ms'])} | {r['bottleneck_ms']:.2f} | "
+            f"{r['exhaustive_best_ms']:.2f} | {r['bottleneck_ratio']:.3f} | {r['sum_of_stages_ms']:.2f} | "
+            f"{r['whole_ms']:.2f} | {r['overhead_ratio']:.3f} | {r['bytes_crossing'] / MB:.2f} |")
+    return "\n".join(lines)
+
+
 def plot(report: dict, out: Path) -> None:
     import matplotlib
 
@@ -106,6 +122,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m model_export.bench_split")
     parser.add_argument("model", type=Path)
     parser.add_argument("--out", type=Path, default=Path("build/bench-split"))
+    parser.add_argument("--benchmarks", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=15)
@@ -115,7 +132,8 @@ def main() -> int:
     (args.out / "bench-split.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out / "bench-split.png")
     Console(width=200).print(table(report))
-    print(f"wrote {args.out}/bench-split.json and bench-split.png")
+    update_section(args.benchmarks, "bench-split", markdown(report))
+    print(f"wrote {args.out}/bench-split.json, bench-split.png and its section of {args.benchmarks}")
     return 0
 
 

@@ -324,10 +324,28 @@ def print_table(report: dict[str, Any]) -> None:
     Console(width=160).print(table)
 
 
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = ["## Per-hop overhead (make bench-hop)", "",
+             f"Measured on {m['machine']}, {m['cpus']} CPUs; milliseconds. binary/JSON: one hop, client -> B; "
+             "+stage: (client -> A -> B) - (client -> B), binary; floor: the same binary body to a bare uvicorn app. "
+             "Method and targets: README, Performance.", "",
+             "| activation | binary p50 | binary p99 | JSON p50 | JSON p99 | JSON / binary | +stage p50 | +stage p99 "
+             "| floor p50 |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label, r in report["sizes"].items():
+        lines.append(
+            f"| {label} | {r['hop_binary_ms']['p50']:.3f} | {r['hop_binary_ms']['p99']:.3f} | "
+            f"{r['hop_json_ms']['p50']:.1f} | {r['hop_json_ms']['p99']:.1f} | {r['json_over_binary_p50']:.0f}x | "
+            f"{r['added_stage_binary_ms']['p50']:.3f} | {r['added_stage_binary_ms']['p99']:.3f} | "
+            f"{r['transport_floor_ms']['p50']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stage_service.bench_hop",
                                      description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("build/bench-hop"))
+    parser.add_argument("--benchmarks", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--runs", type=int, default=200, help="binary requests per size and path")
     parser.add_argument("--json-runs", type=int, default=30, help="JSON requests at 0.7 MB and 3 MB")
     parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -337,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = run_bench(args.out, runs=args.runs, json_runs=args.json_runs)
     print_table(report)
-    print(f"wrote {args.out / 'bench-hop.json'} and {args.out / 'bench-hop.png'}")
+    from loadtest.benchmarks_md import update_section
+
+    update_section(args.benchmarks, "bench-hop", markdown(report))
+    print(f"wrote {args.out / 'bench-hop.json'}, {args.out / 'bench-hop.png'} and its section of {args.benchmarks}")
     return 0
 
 
