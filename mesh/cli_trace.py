@@ -21,6 +21,7 @@ from mesh.trace import (
     span_files,
 )
 
+SETTLE_NS = 600_000_000
 console = Console()
 err = Console(stderr=True)
 
@@ -39,7 +40,7 @@ def register(sub: Any) -> None:
     p.add_argument("--list", type=int, nargs="?", const=20, default=None, metavar="N",
                    help="list the last N traces (default 20) instead of drawing one")
     p.add_argument("--width", type=int, default=BAR_WIDTH, help=f"timeline width in characters (default {BAR_WIDTH})")
-    p.add_argument("--wait", type=float, default=1.0,
+    p.add_argument("--wait", type=float, default=2.0,
                    help="seconds to wait for spans still being written (they reach the files within ~0.2 s)")
     p.add_argument("--state-dir", type=Path, default=local.DEFAULT_STATE_DIR,
                    help="the mesh's state directory (default: .mesh)")
@@ -58,7 +59,8 @@ def _trace(args: argparse.Namespace) -> int:
     if args.list is not None:
         console.print(render_list(recent_traces(load_spans(files), args.list)))
         return 0
-    # A request just answered may still have spans in a process's export queue: wait for them briefly.
+    # Spans reach the files within ~0.2 s of their end (stage_service.tracing.FILE_FLUSH_DELAY_MS): a request
+    # answered just now may have some still queued, the outermost last. Read again until the trace settles.
     deadline = time.monotonic() + max(0.0, args.wait)
     while True:
         try:
@@ -69,8 +71,8 @@ def _trace(args: argparse.Namespace) -> int:
                 continue
             err.print(f"[bold red]error:[/] {exc}")
             return 1
-        if len(trace.roots) == 1 or time.monotonic() >= deadline:
+        if time.time_ns() - trace.end_ns >= SETTLE_NS or time.monotonic() >= deadline:
             break
-        time.sleep(0.1)  # spans of the trace whose parents have not been written yet
+        time.sleep(0.1)
     console.print(render_waterfall(trace, max(10, args.width)))
     return 0

@@ -226,7 +226,7 @@ def render_waterfall(trace: Trace, width: int = BAR_WIDTH) -> RenderableType:
     title = (f"trace {trace.trace_id}  request {trace.request_id or '-'}  {_ms(total)} ms  "
              f"{len(trace.spans)} spans in {len(services)} processes"
              + (f"  [bold red]{len(errors)} with errors[/]" if errors else ""))
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    table = Table(show_edge=False, pad_edge=False)
     table.add_column("span", no_wrap=True)
     table.add_column("stage", no_wrap=True)
     table.add_column("ms", justify="right", no_wrap=True)
@@ -244,7 +244,7 @@ def render_waterfall(trace: Trace, width: int = BAR_WIDTH) -> RenderableType:
         share = span.duration_ns / total if total > 0 else 1.0
         table.add_row(label, stage, _ms(span.duration_ns), f"{share:6.1%}",
                       Text(bar(span.start_ns, span.end_ns, t0, total, width), style=style))
-    parts: list[RenderableType] = [table]
+    parts: list[RenderableType] = [Text.from_markup(title), table]
     for span in errors:
         parts.append(Text(f"error in {span.service} {span.name}: {span.status_message or ''}", style="red"))
     return Group(*parts)
