@@ -68,8 +68,8 @@ def build_dashboard(pipeline: str, resolved: ResolvedPolicy) -> dict[str, Any]:
             _target(f"sum by (destination_version, response_code) "
                     f"(rate(istio_requests_total{{{mesh_sel}}}[$__rate_interval]))",
                     "{{destination_version}} {{response_code}}", "A"),
-            _target(f"sum by (version, status) (rate(stage_requests_total{{{app_sel}}}[$__rate_interval]))",
-                    "app {{version}} {{status}}", "B"),
+            _target(f"sum by (version, code) (rate(stage_requests_total{{{app_sel}}}[$__rate_interval]))",
+                    "app {{version}} {{code}}", "B"),
         ], 0, y + 1))
         panels.append(_panel(pid + 2, f"{stage.name}: latency p50/p99 (hop) and inference p99", "s", [
             *[_target(f"histogram_quantile({q}, sum by (le) (rate("
