@@ -92,7 +92,7 @@ def problems(exprs: list[str], exposed: dict[str, set[str]]) -> list[str]:
             found.append(f"no metric found in {expr!r}")
         for name, labels in selectors:
             if name in exposed:
-                allowed = exposed[name] | SCRAPE_LABELS | {"le"}
+                allowed: set[str] | frozenset[str] = exposed[name] | SCRAPE_LABELS | {"le"}
             elif name in ISTIO_METRICS:
                 allowed = ISTIO_LABELS
             else:
