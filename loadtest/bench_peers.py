@@ -412,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     machine = describe()
+    load_before = os.getloadavg()  # the machine is shared: say how busy it was
     results: list[dict[str, Any]] = []
     skipped = {}
     t0 = time.monotonic()
@@ -430,10 +431,12 @@ def main(argv: list[str] | None = None) -> int:
                         "sweep": args.sweep_duration},
         "settings": {"onnxruntime": "intra_op 1, inter_op 1, sequential, ORT_ENABLE_ALL, CPU",
                      "mlserver_parallel_workers": args.mlserver_parallel_workers},
+        "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
         "skipped": skipped, "elapsed_s": time.monotonic() - t0, "results": results, "target": verdicts,
     }
     (args.out / "peers.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (args.out / "table.md").write_text(f"Machine: {machine}\n\n" + markdown(results, args.levels))
+    load = f"load average (1 min) {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
+    (args.out / "table.md").write_text(f"Machine: {machine}; {load}\n\n" + markdown(results, args.levels))
     plot(results, args.out / "peers.png", title)
     console.print(rich_table(results, args.levels, title))
     for v in verdicts:

@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from model_export.manifest import DATATYPE_TO_NUMPY, TensorSpec, load_manifest
+from model_export.manifest import TensorSpec, load_manifest
+from model_export.samples import random_tensors
 from stage_service.protocol import (
     BINARY_CONTENT_TYPE,
     HEADER_LENGTH,
@@ -74,19 +75,6 @@ def fetch_inputs(url: str, model: str, timeout: float = 10.0) -> list[TensorSpec
                 for t in response.json()["inputs"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise WorkloadError(f"{meta_url}: not KServe v2 model metadata ({exc})") from exc
-
-
-def random_tensors(specs: list[TensorSpec], batch: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for s in specs:
-        shape = [batch, *[d if d > 0 else 1 for d in s.shape[1:]]]
-        dtype = np.dtype(DATATYPE_TO_NUMPY[s.datatype])
-        if np.issubdtype(dtype, np.floating):
-            out[s.name] = rng.random(shape).astype(dtype)
-        else:
-            out[s.name] = rng.integers(0, 2 if dtype == np.bool_ else 10, shape).astype(dtype)
-    return out
 
 
 def build(url: str, model: str, binary: bool = True, batch: int = 1, variants: int = 4,

@@ -19,6 +19,7 @@ from model_export.errors import ExportError
 from model_export.graph import GraphIndex
 from model_export.onnx_io import BATCH_DIM
 from model_export.ort_session import create_session
+from model_export.samples import random_batch
 
 
 @dataclass(frozen=True)
@@ -38,24 +39,14 @@ class Activation:
 
 
 def graph_input_values(model: onnx.ModelProto, index: GraphIndex, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Random values for the graph inputs: uniform [0, 1) floats, small integers, dynamic dims as 1."""
-    rng = np.random.default_rng(seed)
-    values = {}
+    """Random values for the graph inputs (see `samples.random_batch`)."""
+    specs = []
     for value in model.graph.input:
-        if value.name not in index.inputs:
-            continue
-        tensor_type = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tensor_type.shape.dim]
-        if dims:
-            dims[0] = batch
-        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            values[value.name] = rng.random(dims).astype(dtype)
-        elif dtype == np.bool_:
-            values[value.name] = rng.integers(0, 2, dims).astype(dtype)
-        else:
-            values[value.name] = rng.integers(0, 10, dims).astype(dtype)
-    return values
+        if value.name in index.inputs:
+            tensor_type = value.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim[1:]]
+            specs.append((value.name, dims, helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)))
+    return random_batch(specs, batch, seed)
 
 
 def activations(model: onnx.ModelProto, index: GraphIndex, tensors: list[str], seed: int = 0,

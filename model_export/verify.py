@@ -9,24 +9,16 @@ from typing import Any
 import numpy as np
 
 from model_export.errors import ExportError
-from model_export.manifest import DATATYPE_TO_NUMPY, Manifest, ManifestError, load_manifest, verify_stage_file
+from model_export.manifest import Manifest, ManifestError, load_manifest, verify_stage_file
 from model_export.ort_session import create_session
+from model_export.samples import random_tensors
 
 DEFAULT_TOLERANCE = 1e-5
 
 
 def pipeline_inputs(manifest: Manifest, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Random inputs for the pipeline as its manifest describes them (dynamic dims other than batch: 1)."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in manifest.inputs:
-        shape = [batch, *[d if d > 0 else 1 for d in spec.shape[1:]]]
-        dtype = np.dtype(DATATYPE_TO_NUMPY[spec.datatype])
-        if np.issubdtype(dtype, np.floating):
-            feeds[spec.name] = rng.random(shape).astype(dtype)
-        else:
-            feeds[spec.name] = rng.integers(0, 2 if dtype == np.bool_ else 10, shape).astype(dtype)
-    return feeds
+    """Random inputs for the pipeline as its manifest describes them."""
+    return random_tensors(manifest.inputs, batch, seed)
 
 
 class Chain:

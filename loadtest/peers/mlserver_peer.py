@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grpc-port", type=int, default=0, help="gRPC port (default: a free one)")
     p.add_argument("--workdir", type=Path, help="where the settings files go (default: a new temp dir)")
     args = p.parse_args(argv)
-    directory = args.workdir or Path(tempfile.mkdtemp(prefix="mlserver-peer-"))
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = (args.workdir or Path(tempfile.mkdtemp(prefix="mlserver-peer-"))).resolve()
+    directory.mkdir(parents=True, exist_ok=True)  # absolute: `mlserver start` runs from inside it
     write_config(directory, args)
     repo = str(Path(__file__).resolve().parents[2])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
