@@ -1,7 +1,8 @@
 """OpenTelemetry for the stage service: every piece of tracing set-up lives here; routes only call into it.
 
 Per inference request: a SERVER span that continues the caller's trace (W3C `traceparent` or B3, whichever
-the request carries; B3 wins where both do, as Istio's sidecars rewrite B3 on every hop), with INTERNAL
+the request carries; W3C wins where both do and disagree, as Envoy's OpenTelemetry tracer, the provider
+Istio is set up with here, rewrites only `traceparent` on every hop), with INTERNAL
 children `decode`, `inference` and `encode` and a CLIENT child `forward` for the hop to the next stage,
 whose context goes out as W3C *and* B3 headers so that the mesh's own spans (Envoy, Istio) join the trace.
 
@@ -12,6 +13,9 @@ Configured by the standard variables only, read once at start-up (`StageTracing.
   otherwise, so that a process nobody collects from pays nothing (the spec's default would be `otlp`).
 - OTLP is OTLP/HTTP protobuf (`OTEL_EXPORTER_OTLP_*`: endpoint, headers, timeout, certificates);
   `OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL` may only be `http/protobuf`.
+- `OTEL_PROPAGATORS`: default `b3multi,tracecontext` (extracted in that order, the last found wins; both
+  injected); also `b3` (single header), `baggage`, `none`. With Istio's Zipkin provider, which rewrites B3,
+  `tracecontext,b3multi` links the sidecars' spans as parents instead.
 - `OTEL_SERVICE_NAME` (default: the stage's name), `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`
   and `_ARG` (default `parentbased_always_on`), `OTEL_BSP_*`, `OTEL_SDK_DISABLED=true`.
 - `STAGE_TRACE_FILE`: besides those, append every span as one JSON line to this file (the local mesh sets
@@ -34,8 +38,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from opentelemetry import trace
-from opentelemetry.propagators.b3 import B3MultiFormat
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
 from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -74,8 +80,12 @@ ATTR_ERROR_TYPE = "error.type"
 ATTR_BODY_IN = "http.request.body.size"
 ATTR_BODY_OUT = "http.response.body.size"
 
-# Extraction runs in this order and a later propagator overrides an earlier one: B3 wins.
-PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), B3MultiFormat()])
+# OTEL_PROPAGATORS names; extraction runs in the listed order and a later one overrides an earlier one.
+PROPAGATORS: dict[str, type[TextMapPropagator]] = {
+    "tracecontext": TraceContextTextMapPropagator, "b3multi": B3MultiFormat, "b3": B3SingleFormat,
+    "baggage": W3CBaggagePropagator,
+}
+DEFAULT_PROPAGATORS = "b3multi,tracecontext"
 _NOOP = contextlib.nullcontext()
 
 
@@ -146,6 +156,15 @@ def _otlp_exporter(environ: Mapping[str, str]) -> SpanExporter:
     return OTLPSpanExporter()  # reads OTEL_EXPORTER_OTLP_* itself
 
 
+def build_propagator(environ: Mapping[str, str]) -> CompositePropagator:
+    """OTEL_PROPAGATORS (default b3multi,tracecontext) as one propagator; StartupError for an unknown name."""
+    names = [n.strip().lower() for n in environ.get("OTEL_PROPAGATORS", DEFAULT_PROPAGATORS).split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROPAGATORS and n != "none"]
+    if unknown:
+        raise StartupError(f"OTEL_PROPAGATORS: unknown propagator(s) {unknown}; use {sorted(PROPAGATORS)} or none")
+    return CompositePropagator([PROPAGATORS[n]() for n in names if n != "none"])
+
+
 def trace_file_path(template: str, stage: str, version: str) -> Path:
     """STAGE_TRACE_FILE with its placeholders filled in."""
     path = template.replace("{stage}", stage).replace("{version}", version).replace("{pid}", str(os.getpid()))
@@ -183,16 +202,17 @@ def build_processors(environ: Mapping[str, str], stage: str = "stage", version: 
 class ForwardSpan:
     """The CLIENT span of one hop to the next stage (or a no-op stand-in when tracing is off)."""
 
-    def __init__(self, span: Span | None) -> None:
+    def __init__(self, span: Span | None, propagator: TextMapPropagator | None = None) -> None:
         self.span = span
+        self.propagator = propagator
 
     def headers(self, incoming: Mapping[str, str]) -> dict[str, str]:
         """The headers to send: `incoming` with its trace context replaced by this span's (W3C and B3)."""
-        if self.span is None:
+        if self.span is None or self.propagator is None:
             return dict(incoming)
         out = {k: v for k, v in incoming.items()
                if k.lower() not in TRACE_HEADERS and not k.lower().startswith(TRACE_HEADER_PREFIX)}
-        PROPAGATOR.inject(out, context=trace.set_span_in_context(self.span))
+        self.propagator.inject(out, context=trace.set_span_in_context(self.span))
         return out
 
     def response(self, status_code: int, sent_bytes: int, received_bytes: int) -> None:
@@ -208,8 +228,10 @@ _NO_FORWARD = ForwardSpan(None)
 class StageTracing:
     """The tracer of one stage process. Disabled (no provider), every method is a near-free no-op."""
 
-    def __init__(self, provider: TracerProvider | None, attributes: Mapping[str, str | int]) -> None:
+    def __init__(self, provider: TracerProvider | None, attributes: Mapping[str, str | int],
+                 propagator: TextMapPropagator | None = None) -> None:
         self.provider = provider
+        self.propagator = propagator or build_propagator({})
         self.enabled = provider is not None
         self.attributes = dict(attributes)
         self.tracer = provider.get_tracer(INSTRUMENTATION) if provider is not None else None
@@ -222,6 +244,7 @@ class StageTracing:
     def from_env(cls, *, pipeline: str, stage: str, version: str, index: int) -> StageTracing:
         """Build from `OTEL_*` / `STAGE_TRACE_FILE`; StartupError naming the variable if one is invalid."""
         processors = build_processors(os.environ, stage, version)
+        propagator = build_propagator(os.environ)
         if not processors:
             return cls.disabled()
         # Resource.create reads OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME; service.name defaults to the stage.
@@ -232,7 +255,7 @@ class StageTracing:
         for processor in processors:
             provider.add_span_processor(processor)
         return cls(provider, {ATTR_PIPELINE: pipeline, ATTR_STAGE: stage, ATTR_VERSION: version,
-                              ATTR_INDEX: index})
+                              ATTR_INDEX: index}, propagator)
 
     @contextlib.contextmanager
     def _span(self, name: str, kind: SpanKind, attributes: Mapping[str, Any] | None = None,
@@ -257,7 +280,8 @@ class StageTracing:
         request_id = headers.get(REQUEST_ID_HEADER)
         if request_id:
             attributes[ATTR_REQUEST_ID] = request_id
-        return self._span(f"{method} {route}", SpanKind.SERVER, attributes, PROPAGATOR.extract(headers))
+        return self._span(f"{method} {route}", SpanKind.SERVER, attributes,
+                          self.propagator.extract(headers))
 
     def span(self, name: str) -> contextlib.AbstractContextManager[Span | None]:
         """An INTERNAL child of the current span: decode, inference, encode."""
@@ -273,7 +297,7 @@ class StageTracing:
             return
         with self._span("forward", SpanKind.CLIENT, {"http.request.method": "POST", "url.full": url,
                                                      ATTR_NEXT_STAGE: next_stage}) as span:
-            yield ForwardSpan(span)
+            yield ForwardSpan(span, self.propagator)
 
     def shutdown(self) -> None:
         """Flush and close every exporter (the lifespan's end)."""

@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from model_export.manifest import Manifest
 from stage_service.errors import StartupError
-from stage_service.tracing import StageTracing, build_processors
+from stage_service.tracing import StageTracing, build_processors, build_propagator
 from tests.stage_service.procs import StageProcess, start_fake_stage, start_stage
 from tests.tiny import IR_VERSION, OPSET, dense_stage_graph
 
@@ -310,3 +310,36 @@ def test_forward_headers_carry_the_client_span_in_both_formats() -> None:
     assert flags & 1  # sampled (0x02 is W3C level 2's "random trace id")
     assert out == {"x-request-id": "r", "x-pipeline-t": "1", "x-b3-traceid": trace_id, "x-b3-spanid": span_id,
                    "x-b3-sampled": "1"}
+
+
+@pytest.mark.parametrize(("propagators", "winner"), [(None, "w3c"), ("tracecontext,b3multi", "b3")])
+def test_where_w3c_and_b3_disagree_the_last_propagator_wins(propagators: str | None, winner: str) -> None:
+    """By default W3C (what Envoy's OpenTelemetry tracer rewrites); OTEL_PROPAGATORS reorders."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    env = {"OTEL_PROPAGATORS": propagators} if propagators else {}
+    tracing = StageTracing(provider, {}, build_propagator(env))
+    w3c = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+    b3 = ("80f198ee56343ba864fe8b2a57d3eff7", "e457b5a2e4d86bd1")
+    incoming = {"traceparent": f"00-{w3c[0]}-{w3c[1]}-01", "x-b3-traceid": b3[0], "x-b3-spanid": b3[1],
+                "x-b3-sampled": "1"}
+    with tracing.server("/r", "POST", "/r", incoming):
+        pass
+    server = exporter.get_finished_spans()[0]
+    assert server.parent is not None
+    expected = w3c if winner == "w3c" else b3
+    assert (f"{server.parent.trace_id:032x}", f"{server.parent.span_id:016x}") == expected
+
+
+def test_propagators_from_otel_propagators() -> None:
+    assert len(build_propagator({})._propagators) == 2
+    with pytest.raises(StartupError, match="OTEL_PROPAGATORS: unknown propagator"):
+        build_propagator({"OTEL_PROPAGATORS": "tracecontext,xray"})
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = StageTracing(provider, {}, build_propagator({"OTEL_PROPAGATORS": "b3"}))
+    with tracing.server("/r", "POST", "/r", {}), tracing.forward("http://next", "n") as hop:
+        out = hop.headers({})
+    assert list(out) == ["b3"]  # the single-header B3 format only
