@@ -33,7 +33,7 @@ def main() -> int:
         runtime = load_stage(settings)
         place = runtime.place
         tracing = StageTracing.from_env(pipeline=place.manifest.name, stage=place.stage.name,
-                                        version=place.version, index=place.index)
+                                        version=place.version, index=place.index, trace_file=settings.trace_file)
     except StartupError as exc:
         print(f"stage_service: cannot start: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS

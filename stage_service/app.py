@@ -115,7 +115,7 @@ def create_app(settings: StageSettings, runtime: StageRuntime | None = None,
     metrics = StageMetrics(manifest.name, stage.name, place.version)
     if tracing is None:
         tracing = StageTracing.from_env(pipeline=manifest.name, stage=stage.name, version=place.version,
-                                        index=place.index)
+                                        index=place.index, trace_file=settings.trace_file)
     state = ServiceState(settings=settings, metrics=metrics, tracing=tracing, runtime=runtime)
     final_outputs: list[TensorSpec] = list(manifest.outputs)
     final_names = [t.name for t in final_outputs]

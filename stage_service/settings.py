@@ -50,6 +50,8 @@ class StageSettings(BaseSettings):
                                 description="dynamic batching: samples merged into one run; 1 = off")
     max_queue_delay_ms: float = Field(default=2.0, ge=0, le=10_000,
                                       description="dynamic batching: longest wait for more requests")
+    trace_file: str | None = Field(default=None, description="also append every span as a JSON line here; "
+                                   "{stage}, {version} and {pid} are filled in")
     log_level: str = Field(default="info", pattern=r"^(critical|error|warning|info|debug|trace)$")
     access_log: bool = False
 

@@ -171,7 +171,8 @@ def trace_file_path(template: str, stage: str, version: str) -> Path:
     return Path(path)
 
 
-def build_processors(environ: Mapping[str, str], stage: str = "stage", version: str = "0") -> list[SpanProcessor]:
+def build_processors(environ: Mapping[str, str], stage: str = "stage", version: str = "0",
+                     trace_file: str | None = None) -> list[SpanProcessor]:
     """The span processors the environment asks for; none means tracing is off. StartupError if invalid."""
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return []
@@ -188,7 +189,7 @@ def build_processors(environ: Mapping[str, str], stage: str = "stage", version: 
         elif name != "none":
             raise StartupError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r}; use otlp, console or none "
                                f"(and {TRACE_FILE_ENV} for a JSON-lines file)")
-    file = environ.get(TRACE_FILE_ENV, "").strip()
+    file = (trace_file or "").strip()
     if file:
         delay = None if environ.get("OTEL_BSP_SCHEDULE_DELAY") else FILE_FLUSH_DELAY_MS
         try:
@@ -241,9 +242,10 @@ class StageTracing:
         return cls(None, {})
 
     @classmethod
-    def from_env(cls, *, pipeline: str, stage: str, version: str, index: int) -> StageTracing:
-        """Build from `OTEL_*` / `STAGE_TRACE_FILE`; StartupError naming the variable if one is invalid."""
-        processors = build_processors(os.environ, stage, version)
+    def from_env(cls, *, pipeline: str, stage: str, version: str, index: int,
+                 trace_file: str | None = None) -> StageTracing:
+        """Build from `OTEL_*` and the `STAGE_TRACE_FILE` setting; StartupError naming the variable if invalid."""
+        processors = build_processors(os.environ, stage, version, trace_file)
         propagator = build_propagator(os.environ)
         if not processors:
             return cls.disabled()

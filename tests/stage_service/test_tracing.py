@@ -268,29 +268,29 @@ def test_exporters_from_otel_variables(tmp_path: Path) -> None:
     assert len(build_processors({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})) == 1  # otlp implied
     assert len(build_processors({"OTEL_TRACES_EXPORTER": "otlp,console"})) == 2
     assert build_processors({"OTEL_TRACES_EXPORTER": "none"}) == []
-    assert len(build_processors({"STAGE_TRACE_FILE": str(tmp_path / "{stage}.jsonl")}, "st", "v1")) == 1
+    assert len(build_processors({}, "st", "v1", str(tmp_path / "{stage}.jsonl"))) == 1
     assert (tmp_path / "st.jsonl").exists()
-    assert build_processors({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "console",
-                             "STAGE_TRACE_FILE": str(tmp_path / "x.jsonl")}) == []
+    assert build_processors({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "console"},
+                            trace_file=str(tmp_path / "x.jsonl")) == []
     with pytest.raises(StartupError, match="OTEL_TRACES_EXPORTER: unknown exporter 'zipkin'"):
         build_processors({"OTEL_TRACES_EXPORTER": "zipkin"})
     with pytest.raises(StartupError, match="OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc' is not supported"):
         build_processors({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
     with pytest.raises(StartupError, match="STAGE_TRACE_FILE: cannot open"):
-        build_processors({"STAGE_TRACE_FILE": str(tmp_path / "st.jsonl" / "under-a-file.jsonl")})
+        build_processors({}, trace_file=str(tmp_path / "st.jsonl" / "under-a-file.jsonl"))
 
 
 def test_service_name_defaults_to_the_stage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("STAGE_TRACE_FILE", str(tmp_path / "t.jsonl"))
+    trace_file = str(tmp_path / "t.jsonl")
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
     monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
-    tracing = StageTracing.from_env(pipeline="p", stage="p-stage-1", version="v2", index=1)
+    tracing = StageTracing.from_env(pipeline="p", stage="p-stage-1", version="v2", index=1, trace_file=trace_file)
     assert tracing.provider is not None
     assert tracing.provider.resource.attributes["service.name"] == "p-stage-1"
     assert tracing.provider.resource.attributes["service.version"] == "v2"
     tracing.shutdown()
     monkeypatch.setenv("OTEL_SERVICE_NAME", "custom")
-    tracing = StageTracing.from_env(pipeline="p", stage="p-stage-1", version="v2", index=1)
+    tracing = StageTracing.from_env(pipeline="p", stage="p-stage-1", version="v2", index=1, trace_file=trace_file)
     assert tracing.provider is not None and tracing.provider.resource.attributes["service.name"] == "custom"
     tracing.shutdown()
 
