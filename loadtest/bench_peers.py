@@ -8,7 +8,7 @@ peers run from their own venvs (`.venv-peers/<peer>`, made by `make peers-venv`)
 generator run from the product's venv. One server at a time: start, wait until ready, then per encoding it
 speaks (binary tensor extension and/or JSON): warm up, a closed loop at concurrency 1 (p50/p99 latency), a short
 sweep of higher concurrency (throughput at saturation), all with the same request bodies; then stop it. The
-peak RSS of the server's whole process tree is sampled from /proc while it runs.
+peak RSS of the server's whole process tree, sampled from /proc every 0.5 s, is reported per encoding.
 
 Ours must serve a stage without a next stage to forward to, so it serves a one-stage manifest made from the
 pipeline's (`standalone_manifest`): the same stage entry, the same ONNX file (sha256 checked at start).
@@ -263,6 +263,15 @@ def peer_version(peer: str) -> str:
     return out.stdout.strip() or "?"
 
 
+def git_head() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out.stdout.strip() or "?"
+
+
 def make_server(key: str, pipeline: Path, stage: str, out: Path, mlserver_workers: int) -> Server:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_")}
@@ -300,6 +309,7 @@ def bench_server(key: str, args: argparse.Namespace, version: str) -> list[dict[
         startup = server.wait_ready(args.stage, args.ready_timeout)
         for row in rows:
             binary = row["encoding"] == "binary"
+            server.peak_rss = 0  # each encoding's own peak (the sampler keeps raising it from the tree's RSS)
             workload = build(server.url, args.stage, binary=binary)
             _closed(workload, 1, args.warmup)
             runs = []
@@ -312,7 +322,8 @@ def bench_server(key: str, args: argparse.Namespace, version: str) -> list[dict[
                 failed = summary["requests"] - summary["ok"]
                 if failed:
                     err.print(f"  [red]{failed} failed[/]: {summary['errors']}")
-            row.update(runs=runs, latency=runs[0], startup_s=startup)  # levels start at 1
+            time.sleep(0.6)  # one more RSS sample
+            row.update(runs=runs, latency=runs[0], startup_s=startup, peak_rss_bytes=server.peak_rss)
     except (RuntimeError, TimeoutError, WorkloadError) as exc:
         err.print(f"  [red]{key} failed:[/] {exc}")
         for row in rows:
@@ -320,7 +331,7 @@ def bench_server(key: str, args: argparse.Namespace, version: str) -> list[dict[
     finally:
         server.stop()
     for row in rows:
-        row.update(peak_rss_bytes=server.peak_rss, processes=server.processes)
+        row["processes"] = server.processes
     return rows
 
 
@@ -336,7 +347,7 @@ def plot(results: list[dict[str, Any]], out: Path, title: str) -> Path:
     panels = [
         ("p50 latency at concurrency 1, ms (lower is better)", [r["latency"]["latency_ms"]["p50"] for r in ok]),
         ("peak throughput, requests/s (higher is better)", [best(r["runs"])["throughput_rps"] for r in ok]),
-        ("peak RSS of the server's processes, MiB", [(r.get("peak_rss_bytes") or 0) / 2**20 for r in ok]),
+        ("peak RSS of the server's processes under load, MiB", [(r.get("peak_rss_bytes") or 0) / 2**20 for r in ok]),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
     for ax, (label, values) in zip(axes, panels, strict=True):
@@ -421,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped[key] = f"{peer_python(key)} missing: run `make peers-venv`"
             err.print(f"[yellow]skipping {key}[/]: {skipped[key]}")
             continue
-        version = "0.1.0 (this repo)" if key == "ours" else peer_version(key)
+        version = f"this repo @ {git_head()}" if key == "ours" else peer_version(key)
         results.extend(bench_server(key, args, version))
     verdicts = compare(results)
     title = f"{args.stage} of {args.pipeline}, one server at a time, closed loop ({machine})"
