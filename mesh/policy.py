@@ -107,9 +107,11 @@ class Resources(_Strict):
 
 
 class Tracing(_Strict):
-    """Distributed tracing: the share of requests sampled (Istio Telemetry)."""
+    """Distributed tracing: the share of requests sampled (Istio Telemetry) and where the stage services send
+    their spans in the cluster (OTLP over HTTP; default: the collector of Istio's Jaeger addon; null: none)."""
 
     sampling_percent: float = Field(default=100.0, ge=0, le=100)
+    otlp_endpoint: str | None = "http://jaeger-collector.istio-system.svc.cluster.local:4318"
 
 
 class StagePolicy(_Strict):

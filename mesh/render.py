@@ -139,6 +139,8 @@ def _env(manifest: Manifest, resolved: ResolvedPolicy, stage: ResolvedStage, ver
         env["STAGE_TIMEOUT_S"] = f"{nxt.timeout_s:g}"
     if version.file is not None:
         env["STAGE_FILE"] = f"{MODEL_DIR}/{version.file}"
+    if resolved.tracing.otlp_endpoint:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = resolved.tracing.otlp_endpoint
     del manifest
     return [{"name": k, "value": env[k]} for k in sorted(env)]
 
