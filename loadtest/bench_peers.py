@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loadtest import report
+from loadtest.benchmarks_md import update_section
 from loadtest.machine import describe
 from loadtest.runner import LoadSettings, run
 from loadtest.workload import WorkloadError, build
@@ -147,6 +148,16 @@ def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _fmt_mib(value: int | None) -> str:
     return f"{value / 2**20:.0f}" if value else "-"
+
+
+def verdict_markdown(verdicts: list[dict[str, Any]]) -> str:
+    """The target as ratios: peer p50 over ours and our peak throughput over the peer's."""
+    lines = ["Target (ours ahead of each peer in p50 latency and throughput on the same stage), as ratios in this run:",
+             "", "| peer, encoding | peer p50 / ours | ours peak throughput / peer's | ahead |", "|---|---|---|---|"]
+    for v in verdicts:
+        lines.append(f"| {v['peer']}, {v['encoding']} | {v['peer_p50_over_ours']:.2f}x | "
+                     f"{v['ours_throughput_over_peer']:.2f}x | {'yes' if v['ours_ahead'] else 'no'} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results: list[dict[str, Any]], levels: list[int]) -> str:
@@ -395,6 +406,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", type=Path, required=True, help="pipeline directory (pipeline.json + stages)")
     p.add_argument("--stage", required=True, help="the stage every server serves, e.g. reference-stage-1")
     p.add_argument("--out", type=Path, default=Path("build/bench-peers"))
+    p.add_argument("--benchmarks", type=Path, default=Path("BENCHMARKS.md"), help="file whose section to update")
     p.add_argument("--servers", default="ours," + ",".join(PEERS),
                    help="comma list of ours,kserve,mlserver,ray (a peer whose venv is missing is skipped)")
     p.add_argument("--encodings", default="binary,json", help="comma list of binary,json")
@@ -447,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     (args.out / "peers.json").write_text(json.dumps(meta, indent=2) + "\n")
     load = f"load average (1 min) {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
-    (args.out / "table.md").write_text(f"Machine: {machine}; {load}\n\n" + markdown(results, args.levels))
+    table_md = f"Machine: {machine}; {load}\n\n" + markdown(results, args.levels)
+    (args.out / "table.md").write_text(table_md)
+    update_section(args.benchmarks, "bench-peers", table_md + "\n" + verdict_markdown(verdicts))
     plot(results, args.out / "peers.png", title)
     console.print(rich_table(results, args.levels, title))
     for v in verdicts:
