@@ -142,9 +142,11 @@ def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[
     model = load_onnx(model_path)
     c = find_candidates(model, threads)
     n_stages = stages if stages is not None else len(cuts) + 1
+    costs: list[float] = []
     if cuts:
         chosen = validate_cuts(c, cuts)
-        costs: list[float] = []
+    elif n_stages == 1:
+        chosen = []  # the whole model as one servable stage: nothing to balance
     else:
         if n_stages - 1 > len(c.cuts):
             raise ExportError(

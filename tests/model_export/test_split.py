@@ -161,3 +161,11 @@ def test_verify_and_inspect_refuse_a_directory_without_a_manifest(tmp_path: Path
     assert "no manifest here" in _error(capsys, ["verify", str(tmp_path)])
     (tmp_path / "pipeline.json").write_text("{not json")
     assert "not a readable JSON manifest" in _error(capsys, ["inspect", str(tmp_path)])
+
+
+def test_one_stage_is_the_whole_model_as_one_servable_stage(whole: Path, tmp_path: Path) -> None:
+    result = split_model(whole, tmp_path / "one", 1, runs=1)
+    m = result.manifest
+    assert len(m.stages) == 1 and result.segment_costs == []
+    assert m.stages[0].inputs == m.inputs and m.stages[0].outputs == m.outputs
+    assert result.max_abs_diff == 0.0
