@@ -1,14 +1,13 @@
 """What every peer server shares: which stage to serve, an onnxruntime session set up like ours, the CLI.
 
-Runs inside the peers' virtual environments, which have onnxruntime, numpy and pydantic but not the product:
-the manifest is read through `model_export.manifest` when it imports (it needs only pydantic), else as plain
-JSON; the session through `model_export.ort_session` when it imports, else with the same options written out.
+Runs inside the peers' virtual environments, which have onnxruntime, numpy and pydantic but not the product
+installed; `bench_peers` puts the repository on PYTHONPATH, so the manifest model and the session options
+are the product's own (`model_export.manifest`, `model_export.ort_session` need nothing more).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +34,9 @@ def load_stage_file(pipeline: Path | str, stage: str) -> StageFile:
     """The stage `stage` of the pipeline directory (or its pipeline.json); raises ValueError if it is not there."""
     path = Path(pipeline)
     directory = path.parent if path.is_file() else path
-    try:
-        from model_export.manifest import load_manifest
-    except ImportError:  # a peer venv without pydantic: read the same file as plain JSON
-        data = json.loads((directory / "pipeline.json").read_text())
-    else:
-        data = load_manifest(directory).model_dump()
+    from model_export.manifest import load_manifest
+
+    data = load_manifest(directory).model_dump()
     for s in data["stages"]:
         if s["name"] == stage:
             def tensors(key: str, s: dict[str, Any] = s) -> list[dict[str, Any]]:
@@ -55,20 +51,9 @@ def load_stage_file(pipeline: Path | str, stage: str) -> StageFile:
 def create_session(path: Path, threads: int = 1) -> Any:
     """An onnxruntime CPU session with the stage service's options (intra-op `threads`, inter-op 1,
     sequential, every graph optimization)."""
-    import onnxruntime as ort
+    from model_export.ort_session import create_session as product_session
 
-    try:
-        from model_export.ort_session import session_options
-
-        options = session_options(threads)
-    except ImportError:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return product_session(str(path), threads)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
