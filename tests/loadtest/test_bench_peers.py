@@ -46,25 +46,19 @@ def test_standalone_manifest_serves_a_middle_stage_alone(tiny_pipeline: tuple[Pa
         assert stage.stop() == 0
 
 
-def test_peer_stage_file_from_manifest_and_from_plain_json(tiny_pipeline: tuple[Path, Manifest],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_peer_stage_file_from_the_manifest(tiny_pipeline: tuple[Path, Manifest]) -> None:
     directory, manifest = tiny_pipeline
     stage = load_stage_file(directory, manifest.stages[2].name)
     assert stage.file == (directory / manifest.stages[2].file).resolve()
     meta = stage.metadata("onnxruntime")
     assert meta["inputs"] == [t.model_dump() for t in manifest.stages[2].inputs]
-    monkeypatch.setitem(sys.modules, "model_export.manifest", None)  # as in a venv without the product
     assert load_stage_file(directory / "pipeline.json", manifest.stages[2].name) == stage
     with pytest.raises(ValueError, match="no stage 'nope'"):
         load_stage_file(directory, "nope")
 
 
-@pytest.mark.parametrize("without_product", [False, True])
-def test_peer_session_has_the_stage_service_options(tiny_pipeline: tuple[Path, Manifest], without_product: bool,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_peer_session_has_the_stage_service_options(tiny_pipeline: tuple[Path, Manifest]) -> None:
     directory, manifest = tiny_pipeline
-    if without_product:
-        monkeypatch.setitem(sys.modules, "model_export.ort_session", None)
     options = create_session(directory / manifest.stages[0].file, threads=1).get_session_options()
     assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
     assert str(options.execution_mode).endswith("ORT_SEQUENTIAL")
