@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from loadtest.machine import describe
 from stage_service.chain import TIMING_HEADER
 from stage_service.protocol import HEADER_LENGTH, decode_response, encode_json_request, encode_request
 
@@ -266,7 +267,7 @@ def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10)
             proc.wait(30)
     report = {
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), "description": describe()},
         "method": __doc__,
         "sizes": results,
     }
@@ -326,8 +327,9 @@ def print_table(report: dict[str, Any]) -> None:
 
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
+    where = m.get("description") or f"{m['machine']}, {m['cpus']} CPUs"
     lines = ["## Per-hop overhead (make bench-hop)", "",
-             f"Measured on {m['machine']}, {m['cpus']} CPUs; milliseconds. binary/JSON: one hop, client -> B; "
+             f"Measured on {where}; milliseconds. binary/JSON: one hop, client -> B; "
              "+stage: (client -> A -> B) - (client -> B), binary; floor: the same binary body to a bare uvicorn app. "
              "Method and targets: README, Performance.", "",
              "| activation | binary p50 | binary p99 | JSON p50 | JSON p99 | JSON / binary | +stage p50 | +stage p99 "
