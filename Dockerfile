@@ -16,7 +16,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml ./
-COPY model_export/__init__.py model_export/manifest.py model_export/
+COPY model_export/__init__.py model_export/manifest.py model_export/ort_session.py model_export/
 COPY stage_service/ stage_service/
 RUN pip install --upgrade pip && pip install .
 # Versions live only in pyproject.toml: read the onnxruntime-gpu pin from its `gpu` extra.
