@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import threading
 import time
@@ -101,14 +102,24 @@ def direct_chain(pipeline: Path, env: dict[str, str] | None = None) -> Iterator[
 
 @contextmanager
 def local_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[str]:
+    """The pipeline behind the local Envoy mesh, with tracing off as in the direct runs (the mesh writes
+    every span to a file by default), so the two differ only by the proxies."""
     from mesh import local
 
-    with tempfile.TemporaryDirectory(prefix="bench-mesh-") as state:
-        st = local.up(pipeline, policy, state_dir=Path(state), gateway_port=0)
-        try:
-            yield st.layout.gateway_url
-        finally:
-            local.down(Path(state))
+    saved = os.environ.get("OTEL_SDK_DISABLED")
+    os.environ["OTEL_SDK_DISABLED"] = "true"
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-mesh-") as state:
+            st = local.up(pipeline, policy, state_dir=Path(state), gateway_port=0)
+            try:
+                yield st.layout.gateway_url
+            finally:
+                local.down(Path(state))
+    finally:
+        if saved is None:
+            os.environ.pop("OTEL_SDK_DISABLED", None)
+        else:
+            os.environ["OTEL_SDK_DISABLED"] = saved
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -301,7 +312,10 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", choices=["latency", "equal_cores", "memory", "batching"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"machine": describe(), "date": time.strftime("%Y-%m-%d"), "failed": {}}
+    previous = args.out / "bench.json"
+    # with --only, the other sections keep their last results, so BENCHMARKS.md stays whole
+    result: dict[str, Any] = json.loads(previous.read_text()) if args.only and previous.exists() else {}
+    result.update({"machine": describe(), "date": time.strftime("%Y-%m-%d"), "failed": {}})
     sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "latency": lambda: latency_section(args.pipeline, args.seconds),
         "equal_cores": lambda: equal_cores_section(args.model, args.out / "equal-cores", args.seconds),
