@@ -197,14 +197,13 @@ class IstioSchemas:
                 schemas.kinds[(f"{group}/{version['name']}", kind)] = _Kind(raw, validator)
         return schemas
 
-    def rules(self) -> list[str]:
-        """Every distinct CEL rule of every served version, in a stable order."""
-        found: set[str] = set()
+    def validations(self) -> list[dict[str, Any]]:
+        """Every `x-kubernetes-validations` entry (rule, message, ...) of every served version's schema."""
+        found: list[dict[str, Any]] = []
 
         def walk(node: Any) -> None:
             if isinstance(node, dict):
-                for r in node.get("x-kubernetes-validations") or []:
-                    found.add(r["rule"])
+                found.extend(node.get("x-kubernetes-validations") or [])
                 for v in node.values():
                     walk(v)
             elif isinstance(node, list):
@@ -213,7 +212,11 @@ class IstioSchemas:
 
         for k in self.kinds.values():
             walk(k.schema)
-        return sorted(found)
+        return found
+
+    def rules(self) -> list[str]:
+        """Every distinct CEL rule of every served version, in a stable order."""
+        return sorted({r["rule"] for r in self.validations()})
 
     def unevaluable_rules(self) -> dict[str, str]:
         """Rules the CEL library cannot compile here, with its reason; they are skipped by `validate`."""
