@@ -195,12 +195,12 @@ def memory_section(large: Path, large_whole: Path) -> list[dict[str, Any]]:
         with direct_chain(pipeline) as stages:
             import httpx
 
-            from stage_service.protocol import HEADER_LENGTH, encode_request
+            from stage_service.protocol import request_body
 
-            body, length = encode_request(pipeline_inputs(manifest, 1, 0))
+            body, headers = request_body(pipeline_inputs(manifest, 1, 0))
             for _ in range(5):
                 r = httpx.post(f"{stages[0].url}/v2/models/{manifest.name}/infer", content=body,
-                               headers={HEADER_LENGTH: str(length)}, timeout=120)
+                               headers=headers, timeout=120)
                 r.raise_for_status()
             for stage, proc in zip(manifest.stages, stages, strict=True):
                 rows.append({"setup": manifest.name, "stage": stage.name, "param_mb": stage.cost.param_bytes / 1e6,

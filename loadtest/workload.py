@@ -15,14 +15,7 @@ import numpy as np
 
 from model_export.manifest import TensorSpec, load_manifest
 from model_export.samples import random_tensors
-from stage_service.protocol import (
-    BINARY_CONTENT_TYPE,
-    HEADER_LENGTH,
-    JSON_CONTENT_TYPE,
-    decode_response,
-    encode_json_request,
-    encode_request,
-)
+from stage_service.protocol import decode_response, request_body
 
 
 class WorkloadError(RuntimeError):
@@ -100,11 +93,6 @@ def build(url: str, model: str, binary: bool = True, batch: int = 1, variants: i
         if whole is not None:
             names = [o.name for o in whole.get_outputs()]
             expected = dict(zip(names, whole.run(names, tensors), strict=True))
-        if binary:
-            content, length = encode_request(tensors)
-            headers = {"content-type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(length)}
-        else:
-            content = encode_json_request(tensors)
-            headers = {"content-type": JSON_CONTENT_TYPE}
+        content, headers = request_body(tensors, binary)
         workload.bodies.append(Body(content, headers, expected))
     return workload

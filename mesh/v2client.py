@@ -1,21 +1,19 @@
 """A minimal KServe v2 REST client (binary tensor extension and JSON), for readiness probes and the demo.
 
 Standard v2 clients work against the gateway unchanged; this one exists so the mesh needs no client
-library and can probe the whole chain with one request.
+library and can probe the whole chain with one request. The codec is the stage service's own.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import httpx
 import numpy as np
 
-from model_export.manifest import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, TensorSpec
+from model_export.manifest import DATATYPE_TO_NUMPY, TensorSpec
+from stage_service.chain import TIMING_HEADER
+from stage_service.protocol import HEADER_LENGTH, decode_response, request_body
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
-STAGE_TIMING = "x-stage-timing"
+STAGE_TIMING = TIMING_HEADER  # re-exported: the demo and tests read it from here
 
 
 def zeros(specs: list[TensorSpec], batch: int = 1) -> dict[str, np.ndarray]:
@@ -28,44 +26,13 @@ def zeros(specs: list[TensorSpec], batch: int = 1) -> dict[str, np.ndarray]:
 
 
 def encode(inputs: dict[str, np.ndarray], binary: bool = True) -> tuple[bytes, dict[str, str]]:
-    """Body and headers of an infer request; with `binary`, tensors and outputs travel as raw bytes."""
-    header: dict[str, Any] = {"inputs": []}
-    chunks = []
-    for name, array in inputs.items():
-        entry: dict[str, Any] = {"name": name, "shape": list(array.shape),
-                                 "datatype": NUMPY_TO_DATATYPE[array.dtype.name]}
-        if binary:
-            raw = np.ascontiguousarray(array).tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            entry["data"] = array.reshape(-1).tolist()
-        header["inputs"].append(entry)
-    if not binary:
-        return json.dumps(header).encode(), {"content-type": "application/json"}
-    header["parameters"] = {"binary_data_output": True}
-    head = json.dumps(header).encode()
-    return head + b"".join(chunks), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+    """Body and headers of an infer request (the stage service's own codec)."""
+    return request_body(inputs, binary)
 
 
 def decode(response: httpx.Response) -> dict[str, np.ndarray]:
     """Output tensors of an infer response, JSON or binary."""
-    body = response.content
-    length = response.headers.get(HEADER_LENGTH)
-    head_end = int(length) if length is not None else len(body)
-    header = json.loads(body[:head_end])
-    offset = head_end
-    out = {}
-    for t in header["outputs"]:
-        dtype = np.dtype(DATATYPE_TO_NUMPY[t["datatype"]])
-        size = (t.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            array = np.frombuffer(body[offset:offset + size], dtype=dtype)
-            offset += size
-        else:
-            array = np.asarray(t["data"], dtype=dtype)
-        out[t["name"]] = array.reshape(t["shape"])
-    return out
+    return decode_response(response.content, response.headers.get(HEADER_LENGTH))[1]
 
 
 def infer(client: httpx.Client, base_url: str, model: str, inputs: dict[str, np.ndarray],

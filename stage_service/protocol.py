@@ -325,6 +325,15 @@ def encode_json_request(tensors: Mapping[str, np.ndarray], request_id: str | Non
     return _dumps(header)
 
 
+def request_body(tensors: Mapping[str, np.ndarray], binary: bool = True) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of an infer request as a client sends it: binary tensors (outputs asked for in
+    binary too) or plain JSON."""
+    if binary:
+        body, length = encode_request(tensors)
+        return body, {"content-type": BINARY_CONTENT_TYPE, HEADER_LENGTH: str(length)}
+    return encode_json_request(tensors), {"content-type": JSON_CONTENT_TYPE}
+
+
 def encode_response(model_name: str, model_version: str, request_id: str | None,
                     parameters: Mapping[str, Any] | None,
                     outputs: Sequence[tuple[str, np.ndarray, bool]]) -> tuple[bytes, int | None]:
