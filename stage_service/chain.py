@@ -2,7 +2,10 @@
 
 Retries, outlier detection and mTLS are the mesh's job (Envoy / Istio). Here a failed hop becomes one
 error naming the next stage: 502 when it is unreachable or answered badly, 504 when it is too slow; a
-502/503/504 that the next stage itself answered (naming a stage further down) is passed on as it is.
+502 or 504 that the next stage itself answered (naming a stage further down) is passed on as it is. A 503
+from downstream becomes 502: 503 is what the mesh retries by default, and only the hop next to the failure
+should retry it; passed up the chain, every outer hop would retry it again (3 attempts over 4 hops: up to
+81 runs of the last stage for one request).
 `propagated_headers` picks the headers every hop carries on; with tracing on, the hop's CLIENT span
 (`tracing.StageTracing.forward`) replaces their trace context with its own.
 """
@@ -23,7 +26,7 @@ from stage_service.tracing import StageTracing
 TIMING_HEADER = "x-stage-timing"
 PROPAGATED = frozenset({"traceparent", "tracestate", "x-request-id", "b3"})
 PROPAGATED_PREFIXES = ("x-b3-", "x-pipeline-")
-_PASSED_ON = frozenset({502, 503, 504})
+_PASSED_ON = frozenset({502, 504})
 # Idle pooled connections are dropped before the next stage would close them (uvicorn: 75 s here).
 KEEPALIVE_EXPIRY_S = 30.0
 

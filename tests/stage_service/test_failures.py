@@ -127,8 +127,9 @@ def test_tracing_and_pipeline_headers_are_propagated(guarded: StageProcess, fake
     assert seen["inference-header-content-length"].isdigit()  # stage-to-stage is binary
 
 
-def test_over_max_inflight_is_503_at_once(guarded: StageProcess, fake: StageProcess,
-                                          reference: Callable[..., np.ndarray]) -> None:
+def test_over_max_inflight_is_503_at_once(guarded: StageProcess, fake: StageProcess, manifest_path: Path,
+                                          logs: Path, reference: Callable[..., np.ndarray]) -> None:
+    front = start_stage(manifest_path, "tiny-stage-0", next_url=guarded.url, log_dir=logs)
     with ThreadPoolExecutor(2) as pool:
         held = [pool.submit(infer_h1, guarded, HOLD) for _ in range(2)]
         try:
@@ -137,8 +138,16 @@ def test_over_max_inflight_is_503_at_once(guarded: StageProcess, fake: StageProc
             r = infer_h1(guarded)
             assert r.status_code == 503
             assert "STAGE_MAX_INFLIGHT=2" in r.json()["error"]
+            # The stage in front gets that 503 as the next stage's answer and turns it into 502: the mesh
+            # retries 503 at the hop next to the overload, and must not retry it again at every outer hop.
+            body, length = encode_request({"x": np.zeros((1, 16), np.float32)})
+            r0 = httpx.post(f"{front.url}/v2/models/tiny/infer", content=body, timeout=60,
+                            headers={"Inference-Header-Content-Length": str(length)})
+            assert r0.status_code == 502
+            assert "tiny-stage-1" in r0.json()["error"] and "answered 503" in r0.json()["error"]
         finally:
             release(fake)
+            assert front.stop() == 0
         for future in held:
             response = future.result()
             assert response.status_code == 200, response.text
