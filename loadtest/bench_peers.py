@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -44,8 +43,8 @@ from loadtest.machine import describe
 from loadtest.runner import LoadSettings, run
 from loadtest.workload import WorkloadError, build
 from model_export.manifest import ManifestError, load_manifest, write_manifest
+from stage_service.launch import HOST, free_port, stage_command, stage_env
 
-HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
 PEERS_VENV = REPO / ".venv-peers"
 PEERS = ("kserve", "mlserver", "ray")
@@ -59,12 +58,6 @@ TITLES = {"ours": "stage service (ours)", "kserve": "KServe ModelServer", "mlser
 
 console = Console(width=None if sys.stdout.isatty() else 170)
 err = Console(stderr=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------------------------ pure helpers
@@ -289,10 +282,9 @@ def make_server(key: str, pipeline: Path, stage: str, out: Path, mlserver_worker
     env["PYTHONUNBUFFERED"] = "1"
     log = out / "logs" / f"{key}.log"
     if key == "ours":
-        env.update({"STAGE_MANIFEST": str(standalone_manifest(pipeline, stage, out / "ours-manifest")),
-                    "STAGE_NAME": stage, "STAGE_HOST": HOST, "STAGE_PORT": str(port), "STAGE_THREADS": "1",
-                    "STAGE_PROVIDERS": "cpu", "STAGE_LOG_LEVEL": "warning"})
-        return Server(key, [sys.executable, "-m", "stage_service"], env, port, log)
+        env = stage_env(standalone_manifest(pipeline, stage, out / "ours-manifest"), stage, port,
+                        extra={"STAGE_PROVIDERS": "cpu"})
+        return Server(key, stage_command(), env, port, log)
     command = [str(peer_python(key)), "-m", f"loadtest.peers.{key}_peer", "--pipeline", str(pipeline),
                "--stage", stage, "--host", HOST, "--port", str(port), "--threads", "1"]
     if key == "mlserver":

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,10 +40,10 @@ import numpy as np
 
 from loadtest.machine import describe
 from stage_service.chain import TIMING_HEADER
+from stage_service.launch import HOST, free_port, start_stage
 from stage_service.protocol import HEADER_LENGTH, decode_response, encode_json_request, encode_request
 
 SIZES = {"4 KB": 1024, "0.7 MB": 175_000, "3 MB": 750_000}  # FP32 elements
-HOST = "127.0.0.1"
 
 
 def write_identity_pipeline(directory: Path) -> Path:
@@ -91,34 +90,10 @@ def write_identity_pipeline(directory: Path) -> Path:
     return write_manifest(manifest, directory)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def _start(manifest: Path, name: str, next_url: str | None, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_")}
-    env.update({"STAGE_MANIFEST": str(manifest), "STAGE_NAME": name, "STAGE_HOST": HOST, "STAGE_PORT": str(port),
-                "STAGE_THREADS": "1", "STAGE_LOG_LEVEL": "warning", "STAGE_MAX_REQUEST_BYTES": str(256 << 20)})
-    if next_url:
-        env["STAGE_NEXT_URL"] = next_url
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "stage_service"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise TimeoutError(f"{name} not ready:\n{log.read_text()}")
+def _start(manifest: Path, name: str, next_url: str | None, log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    stage = start_stage(manifest, name, next_url=next_url, log_dir=log_dir,
+                        env={"STAGE_MAX_REQUEST_BYTES": str(256 << 20)})
+    return stage.proc, stage.url
 
 
 async def _floor_app(scope: dict[str, Any], receive: Callable[[], Any], send: Callable[[Any], Any]) -> None:
@@ -144,7 +119,7 @@ def _serve_floor(port: int) -> None:
 
 
 def _start_floor(log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "stage_service.bench_hop", "--serve-floor", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT)
@@ -213,11 +188,11 @@ def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-hop-"))
     manifest = write_identity_pipeline(work / "hop")
-    proc_b, url_b = _start(manifest, "hop-stage-1", None, work / "b.log")
+    proc_b, url_b = _start(manifest, "hop-stage-1", None, work)
     procs = [proc_b]
     results: dict[str, Any] = {}
     try:
-        proc_a, url_a = _start(manifest, "hop-stage-0", url_b, work / "a.log")
+        proc_a, url_a = _start(manifest, "hop-stage-0", url_b, work)
         procs.append(proc_a)
         proc_floor, url_floor = _start_floor(work / "floor.log")
         procs.append(proc_floor)
