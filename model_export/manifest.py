@@ -11,9 +11,9 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MANIFEST_FILE = "pipeline.json"
 FORMAT_VERSION = 1
@@ -38,8 +38,32 @@ Datatype = Literal[
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"
 ]
 
-# Stage and pipeline names become Kubernetes object names, service accounts and DNS labels.
+# Stage and pipeline names become Kubernetes object names, service accounts and DNS labels (RFC 1123).
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS_LABEL_MAX = 63
+# A pipeline name is the prefix of its stages' names (`<pipeline>-stage-<i>`, then `-<version>` in
+# Deployment names), so it must leave room for them inside one label.
+PIPELINE_NAME_MAX = 40
+
+
+def check_dns_label(value: str, max_length: int = DNS_LABEL_MAX) -> str:
+    """Return `value` if it is a DNS label of at most `max_length` characters, else raise ValueError."""
+    if not DNS_LABEL.match(value) or len(value) > max_length:
+        raise ValueError(
+            f"{value!r} is not a DNS label (lowercase letters, digits and '-', starting and ending with a letter "
+            f"or digit, at most {max_length} characters)"
+        )
+    return value
+
+
+def check_pipeline_name(value: str) -> str:
+    return check_dns_label(value, PIPELINE_NAME_MAX)
+
+
+DnsLabel = Annotated[str, AfterValidator(check_dns_label)]
+"""A name that Kubernetes and Istio accept as an object name, a service account and a host label."""
+PipelineName = Annotated[str, AfterValidator(check_pipeline_name)]
+"""A DNS label short enough to prefix its stages' names."""
 
 
 class ManifestError(ValueError):
@@ -88,20 +112,13 @@ class Stage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    version: str = "v1"
+    name: DnsLabel
+    version: DnsLabel = "v1"
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     cost: StageCost
-
-    @field_validator("name", "version")
-    @classmethod
-    def _dns(cls, value: str) -> str:
-        if not DNS_LABEL.match(value) or len(value) > 63:
-            raise ValueError(f"{value!r} is not a DNS label (lowercase letters, digits and '-', max 63)")
-        return value
 
     @field_validator("file")
     @classmethod
@@ -135,19 +152,12 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format_version: Literal[1] = 1
-    name: str
+    name: PipelineName
     source_model: SourceModel
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     profile: Profile
     stages: list[Stage] = Field(min_length=1)
-
-    @field_validator("name")
-    @classmethod
-    def _dns(cls, value: str) -> str:
-        if not DNS_LABEL.match(value) or len(value) > 40:
-            raise ValueError(f"pipeline name {value!r} must be a DNS label of at most 40 characters")
-        return value
 
     @model_validator(mode="after")
     def _chain_is_consistent(self) -> Manifest:

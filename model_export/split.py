@@ -20,7 +20,6 @@ import onnx
 from model_export.errors import ExportError
 from model_export.graph import GraphIndex, extract
 from model_export.manifest import (
-    DNS_LABEL,
     NUMPY_TO_DATATYPE,
     Manifest,
     Profile,
@@ -28,6 +27,7 @@ from model_export.manifest import (
     Stage,
     StageCost,
     TensorSpec,
+    check_pipeline_name,
     sha256_file,
     stage_name,
     write_manifest,
@@ -126,11 +126,10 @@ def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[
     if out.exists():
         raise ExportError(f"{out} already exists; expected a new directory (remove it or choose another --out)")
     pipeline = name or out.name
-    if not DNS_LABEL.match(pipeline) or len(pipeline) > 40:
-        raise ExportError(
-            f"pipeline name {pipeline!r} (from --name or the --out directory) must be lowercase letters, digits "
-            "and '-', at most 40 characters"
-        )
+    try:
+        check_pipeline_name(pipeline)
+    except ValueError as exc:
+        raise ExportError(f"pipeline name (from --name or the --out directory): {exc}") from exc
     if stages is not None and stages < 1:
         raise ExportError(f"--stages must be at least 1, got {stages}")
     if cuts and stages is not None and stages != len(cuts) + 1:

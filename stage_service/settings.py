@@ -14,9 +14,10 @@ from typing import Annotated
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model_export.manifest import DnsLabel
+
 ENV_PREFIX = "STAGE_"
 _URL = re.compile(r"^https?://[^/\s:]+(:\d{1,5})?(/[^\s]*)?$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 # Short names accepted in STAGE_PROVIDERS besides onnxruntime's own.
 PROVIDER_ALIASES = {
@@ -44,7 +45,7 @@ class StageSettings(BaseSettings):
     timeout_s: float = Field(default=30.0, gt=0, le=3600, description="timeout of the hop to the next stage")
     max_request_bytes: int = Field(default=64 << 20, ge=1024, description="largest request body accepted")
     max_inflight: int = Field(default=64, ge=1, description="in-flight requests past which 503 is answered")
-    version: str | None = Field(default=None, description="version reported; default the manifest's")
+    version: DnsLabel | None = Field(default=None, description="version reported; default the manifest's")
     file: Path | None = Field(default=None, description="replacement ONNX file for a canary of this stage")
     max_batch_size: int = Field(default=1, ge=1, le=4096,
                                 description="dynamic batching: samples merged into one run; 1 = off")
@@ -74,13 +75,6 @@ class StageSettings(BaseSettings):
         value = value.strip().rstrip("/")
         if not _URL.match(value):
             raise ValueError(f"{value!r} is not an http(s) base URL such as http://stage-1:8080")
-        return value
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, value: str | None) -> str | None:
-        if value is not None and (not _DNS_LABEL.match(value) or len(value) > 63):
-            raise ValueError(f"{value!r} is not a DNS label (lowercase letters, digits and '-', max 63)")
         return value
 
 

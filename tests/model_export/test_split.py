@@ -132,7 +132,8 @@ def test_bad_inputs_get_one_clear_message_and_leave_nothing(whole: Path, tmp_pat
     assert "already exists" in _error(capsys, ["split", str(whole), "--stages", "2", "--out", str(existing)])
     assert "needs 2 --cut" in _error(capsys, ["split", str(whole), "--stages", "3", "--cut", "h1", "--out", str(out)])
     bad_name = str(tmp_path / "Bad_Name")
-    assert "must be lowercase" in _error(capsys, ["split", str(whole), "--stages", "2", "--out", bad_name])
+    assert "is not a DNS label (lowercase letters" in _error(capsys, ["split", str(whole), "--stages", "2", "--out",
+                                                                  bad_name])
     assert not out.exists() and not (tmp_path / "Bad_Name").exists()
     _no_leftovers(tmp_path)
 
