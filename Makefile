@@ -38,10 +38,10 @@ render: | $(STAMP)
 	$(PY) -m mesh render --pipeline examples/reference --policy mesh.yaml --out kustomize
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check model_export stage_service mesh loadtest tests
+	$(VENV)/bin/ruff check model_export stage_service mesh loadtest benchmarks tests
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy model_export stage_service mesh loadtest
+	$(VENV)/bin/mypy model_export stage_service mesh loadtest benchmarks
 
 test: lint typecheck
 	$(PY) -m pytest
@@ -67,22 +67,22 @@ $(PIPELINE)/pipeline.json: $(BUILD)/reference.onnx
 
 # Everything measured in one run on this machine: BENCHMARKS.md (tables) and build/bench*/ (JSON, PNG).
 bench: $(PIPELINE)/pipeline.json $(BUILD)/large/pipeline.json $(BUILD)/large-whole/pipeline.json
-	$(PY) -m loadtest.bench --pipeline $(PIPELINE) --model $(BUILD)/reference.onnx --large $(BUILD)/large \
+	$(PY) -m benchmarks.suite --pipeline $(PIPELINE) --model $(BUILD)/reference.onnx --large $(BUILD)/large \
 		--large-whole $(BUILD)/large-whole --out $(BUILD)/bench
 	$(MAKE) bench-split bench-hop bench-peers
 
 bench-split: $(BUILD)/reference.onnx
-	$(PY) -m model_export.bench_split $(BUILD)/reference.onnx --out $(BUILD)/bench-split
+	$(PY) -m benchmarks.split $(BUILD)/reference.onnx --out $(BUILD)/bench-split
 
 bench-hop: | $(STAMP)
-	$(PY) -m stage_service.bench_hop --out $(BUILD)/bench-hop
+	$(PY) -m benchmarks.hop --out $(BUILD)/bench-hop
 
 # Peer servers (MLServer, KServe, Ray Serve) for the side-by-side bench: each in its own venv under
-# .venv-peers/ (their pins conflict with each other), never in the product's; pins in loadtest/peers/requirements/.
+# .venv-peers/ (their pins conflict with each other), never in the product's; pins in benchmarks/peer_servers/requirements/.
 PEERS := kserve mlserver ray
 PEERS_VENV := .venv-peers
 
-$(PEERS_VENV)/%/.installed: loadtest/peers/requirements/%.txt
+$(PEERS_VENV)/%/.installed: benchmarks/peer_servers/requirements/%.txt
 	rm -rf $(PEERS_VENV)/$*
 	$(PYTHON) -m venv $(PEERS_VENV)/$*
 	$(PEERS_VENV)/$*/bin/python -m pip install --quiet --upgrade pip
@@ -93,7 +93,7 @@ peers-venv: $(foreach p,$(PEERS),$(PEERS_VENV)/$(p)/.installed)
 
 bench-peers: peers-venv | $(STAMP)
 	test -f $(PIPELINE)/pipeline.json || $(MAKE) demo
-	$(PY) -m loadtest.bench_peers --pipeline $(PIPELINE) --stage reference-stage-1 --out $(BUILD)/bench-peers
+	$(PY) -m benchmarks.peers --pipeline $(PIPELINE) --stage reference-stage-1 --out $(BUILD)/bench-peers
 
 clean:
 	rm -rf $(BUILD) $(VENV)

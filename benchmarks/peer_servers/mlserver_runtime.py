@@ -14,7 +14,7 @@ from mlserver.codecs import NumpyCodec
 from mlserver.types import InferenceRequest, InferenceResponse
 from mlserver.utils import get_model_uri
 
-from loadtest.peers.common import create_session
+from benchmarks.peer_servers.common import create_session
 
 
 class OnnxStage(MLModel):  # type: ignore[misc]

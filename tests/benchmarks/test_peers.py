@@ -15,9 +15,9 @@ import httpx
 import numpy as np
 import pytest
 
-from loadtest.bench_peers import compare, markdown, process_tree, rss_bytes, standalone_manifest, start_time
-from loadtest.peers.common import create_session, load_stage_file
-from loadtest.peers.mlserver_peer import write_config
+from benchmarks.peer_servers.common import create_session, load_stage_file
+from benchmarks.peer_servers.mlserver_peer import write_config
+from benchmarks.peers import compare, markdown, process_tree, rss_bytes, standalone_manifest, start_time
 from model_export.manifest import Manifest, load_manifest
 from stage_service.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH, decode_response, encode_request
 from tests.stage_service.procs import start_stage
@@ -76,7 +76,7 @@ def test_mlserver_config_files(tiny_pipeline: tuple[Path, Manifest], tmp_path: P
     assert server["http_port"] == 18080 and server["parallel_workers"] == 0
     assert server["gzip_enabled"] is False and server["metrics_endpoint"] is None and server["debug"] is False
     model = json.loads((tmp_path / name / "model-settings.json").read_text())
-    assert model["implementation"] == "loadtest.peers.mlserver_runtime.OnnxStage"
+    assert model["implementation"] == "benchmarks.peer_servers.mlserver_runtime.OnnxStage"
     assert Path(model["parameters"]["uri"]) == (directory / manifest.stages[1].file).resolve()
     assert model["inputs"][0]["name"] == manifest.stages[1].inputs[0].name
 

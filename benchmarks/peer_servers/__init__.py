@@ -1,4 +1,4 @@
-"""Peer model servers serving one of our stage files, for `python -m loadtest.bench_peers`.
+"""Peer model servers serving one of our stage files, for `python -m benchmarks.peers`.
 
 Each peer module (`mlserver_peer`, `kserve_peer`, `ray_peer`) runs in its own virtual environment under
 `.venv-peers/<peer>` (made by `make peers-venv`; their pins conflict with each other and none of them is a

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from loadtest.benchmarks_md import update_section
+from benchmarks.sections import update_section
 from loadtest.machine import describe
 from model_export.__main__ import track
 from model_export.onnx_io import load_onnx
@@ -119,7 +119,7 @@ def plot(report: dict, out: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m model_export.bench_split")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.split")
     parser.add_argument("model", type=Path)
     parser.add_argument("--out", type=Path, default=Path("build/bench-split"))
     parser.add_argument("--benchmarks", type=Path, default=Path("BENCHMARKS.md"))

@@ -1,7 +1,7 @@
 """What every peer server shares: which stage to serve, an onnxruntime session set up like ours, the CLI.
 
 Runs inside the peers' virtual environments, which have onnxruntime, numpy and pydantic but not the product
-installed; `bench_peers` puts the repository on PYTHONPATH, so the manifest model and the session options
+installed; `benchmarks.peers` puts the repository on PYTHONPATH, so the manifest model and the session options
 are the product's own (`model_export.manifest`, `model_export.ort_session` need nothing more).
 """
 

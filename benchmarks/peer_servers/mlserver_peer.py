@@ -1,9 +1,9 @@
 """MLServer serving one stage: writes `settings.json` and `model-settings.json`, then execs `mlserver start`.
 
-    .venv-peers/mlserver/bin/python -m loadtest.peers.mlserver_peer --pipeline build/reference \\
+    .venv-peers/mlserver/bin/python -m benchmarks.peer_servers.mlserver_peer --pipeline build/reference \\
         --stage reference-stage-1 --port 8080 [--parallel-workers 0]
 
-The model is the custom runtime `loadtest.peers.mlserver_runtime.OnnxStage`. MLServer's REST v2 speaks JSON
+The model is the custom runtime `benchmarks.peer_servers.mlserver_runtime.OnnxStage`. MLServer's REST v2 speaks JSON
 tensors only (no binary tensor extension). Settings that differ from MLServer's defaults, each to match what
 the stage service does: `debug` off (no per-request access log), gzip of responses off (httpx asks for gzip,
 and the stage service never compresses), the separate metrics server off, and `parallel_workers` (default 1:
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loadtest.peers.common import load_stage_file, parser
+from benchmarks.peer_servers.common import load_stage_file, parser
 
 
 def _free_port(host: str) -> int:
@@ -41,7 +41,7 @@ def write_config(directory: Path, args: object) -> Path:
         "parallel_workers": a["parallel_workers"], "load_models_at_startup": True,
     }
     model = {
-        "name": stage.name, "implementation": "loadtest.peers.mlserver_runtime.OnnxStage",
+        "name": stage.name, "implementation": "benchmarks.peer_servers.mlserver_runtime.OnnxStage",
         "platform": "onnxruntime", "versions": [stage.version],
         "inputs": stage.inputs, "outputs": stage.outputs,
         "parameters": {"uri": str(stage.file), "version": stage.version, "extra": {"threads": a["threads"]}},

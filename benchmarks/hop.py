@@ -121,7 +121,7 @@ def _serve_floor(port: int) -> None:
 def _start_floor(log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "stage_service.bench_hop", "--serve-floor", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.hop", "--serve-floor", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://{HOST}:{port}"
     deadline = time.monotonic() + 60
@@ -319,7 +319,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stage_service.bench_hop",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.hop",
                                      description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("build/bench-hop"))
     parser.add_argument("--benchmarks", type=Path, default=Path("BENCHMARKS.md"))
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = run_bench(args.out, runs=args.runs, json_runs=args.json_runs)
     print_table(report)
-    from loadtest.benchmarks_md import update_section
+    from benchmarks.sections import update_section
 
     update_section(args.benchmarks, "bench-hop", markdown(report))
     print(f"wrote {args.out / 'bench-hop.json'}, {args.out / 'bench-hop.png'} and its section of {args.benchmarks}")

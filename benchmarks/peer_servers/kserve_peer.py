@@ -1,6 +1,6 @@
 """KServe's Python model server serving one stage: a `kserve.Model` subclass under `kserve.ModelServer`.
 
-    .venv-peers/kserve/bin/python -m loadtest.peers.kserve_peer --pipeline build/reference \\
+    .venv-peers/kserve/bin/python -m benchmarks.peer_servers.kserve_peer --pipeline build/reference \\
         --stage reference-stage-1 --port 8080
 
 Written as KServe's custom-model docs write one: a synchronous `predict` taking an `InferRequest` and returning
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from loadtest.peers.common import StageFile, create_session, load_stage_file, parser
+from benchmarks.peer_servers.common import StageFile, create_session, load_stage_file, parser
 
 
 def main(argv: list[str] | None = None) -> None:

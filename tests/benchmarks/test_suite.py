@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loadtest.bench import in_process, latency_section, markdown
-from loadtest.benchmarks_md import update_section
+from benchmarks.sections import update_section
+from benchmarks.suite import in_process, latency_section, markdown
 from model_export.manifest import Manifest
 
 

@@ -1,6 +1,6 @@
 """Ray Serve serving one stage: one deployment (one replica) with a FastAPI ingress that speaks KServe v2 REST.
 
-    .venv-peers/ray/bin/python -m loadtest.peers.ray_peer --pipeline build/reference \\
+    .venv-peers/ray/bin/python -m benchmarks.peer_servers.ray_peer --pipeline build/reference \\
         --stage reference-stage-1 --port 8080
 
 What it is, exactly: Ray Serve has no KServe v2 / Open Inference Protocol server of its own, so the ingress is a
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from loadtest.peers.common import StageFile, create_session, load_stage_file, parser
+from benchmarks.peer_servers.common import StageFile, create_session, load_stage_file, parser
 
 
 def build_app(stage: StageFile, threads: int) -> Any:

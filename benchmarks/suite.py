@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.sections import update_section
 from loadtest import report
-from loadtest.benchmarks_md import update_section
 from loadtest.machine import describe
 from loadtest.runner import LoadSettings, closed_loop
 from loadtest.workload import build
@@ -301,7 +301,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.suite", description=__doc__)
     parser.add_argument("--pipeline", type=Path, default=Path("build/reference"))
     parser.add_argument("--model", type=Path, default=Path("build/reference.onnx"))
     parser.add_argument("--large", type=Path, default=Path("build/large"))

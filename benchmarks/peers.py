@@ -1,6 +1,6 @@
-"""`python -m loadtest.bench_peers`: our stage service against MLServer, KServe and Ray Serve on the same stage.
+"""`python -m benchmarks.peers`: our stage service against MLServer, KServe and Ray Serve on the same stage.
 
-    python -m loadtest.bench_peers --pipeline build/reference --stage reference-stage-1 --out build/bench-peers
+    python -m benchmarks.peers --pipeline build/reference --stage reference-stage-1 --out build/bench-peers
 
 Every server serves the same stage ONNX file in an onnxruntime session with the same options (1 intra-op
 thread, 1 inter-op, sequential, every graph optimization) over KServe v2 REST, on a free 127.0.0.1 port. The
@@ -37,8 +37,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.sections import update_section
 from loadtest import report
-from loadtest.benchmarks_md import update_section
 from loadtest.machine import describe
 from loadtest.runner import LoadSettings, run
 from loadtest.workload import WorkloadError, build
@@ -285,7 +285,7 @@ def make_server(key: str, pipeline: Path, stage: str, out: Path, mlserver_worker
         env = stage_env(standalone_manifest(pipeline, stage, out / "ours-manifest"), stage, port,
                         extra={"STAGE_PROVIDERS": "cpu"})
         return Server(key, stage_command(), env, port, log)
-    command = [str(peer_python(key)), "-m", f"loadtest.peers.{key}_peer", "--pipeline", str(pipeline),
+    command = [str(peer_python(key)), "-m", f"benchmarks.peer_servers.{key}_peer", "--pipeline", str(pipeline),
                "--stage", stage, "--host", HOST, "--port", str(port), "--threads", "1"]
     if key == "mlserver":
         command += ["--parallel-workers", str(mlserver_workers), "--workdir", str(out / "mlserver-config")]
@@ -393,7 +393,7 @@ def _levels(text: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench_peers", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", type=Path, required=True, help="pipeline directory (pipeline.json + stages)")
     p.add_argument("--stage", required=True, help="the stage every server serves, e.g. reference-stage-1")
