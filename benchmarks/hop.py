@@ -100,13 +100,10 @@ async def _floor_app(scope: dict[str, Any], receive: Callable[[], Any], send: Ca
     """Bare ASGI app: reads the whole body, answers 2 bytes. The transport floor under every stage."""
     if scope["type"] != "http":
         return
-    chunks = []
     while True:
         message = await receive()
-        chunks.append(message.get("body", b""))
         if not message.get("more_body"):
             break
-    b"".join(chunks)
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
 

@@ -47,9 +47,8 @@ from stage_service.launch import HOST, free_port, stage_command, stage_env
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS_VENV = REPO / ".venv-peers"
+# Each peer by the name of its distribution, which also names its venv, requirements file and module.
 PEERS = ("kserve", "mlserver", "ray")
-# The distribution whose version names each peer in the results.
-DISTRIBUTION = {"kserve": "kserve", "mlserver": "mlserver", "ray": "ray"}
 # What each server speaks: MLServer's REST has no binary tensor extension.
 ENCODINGS = {"ours": ("binary", "json"), "kserve": ("binary", "json"), "mlserver": ("json",),
              "ray": ("binary", "json")}
@@ -259,7 +258,7 @@ def peer_python(peer: str) -> Path:
 
 
 def peer_version(peer: str) -> str:
-    code = f"import importlib.metadata as m; print(m.version({DISTRIBUTION[peer]!r}))"
+    code = f"import importlib.metadata as m; print(m.version({peer!r}))"
     try:
         out = subprocess.run([str(peer_python(peer)), "-c", code], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):

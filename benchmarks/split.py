@@ -13,18 +13,28 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
+from rich.progress import track as rich_track
 from rich.table import Table
 
 from benchmarks.sections import update_section
 from loadtest.machine import describe
-from model_export.__main__ import track
 from model_export.onnx_io import load_onnx
 from model_export.partition import choose_cuts, exhaustive
 from model_export.profile import time_model
 from model_export.split import DEFAULT_TRANSFER_MS_PER_MB, MB, find_candidates, segment_costs
+
+T = TypeVar("T")
+err = Console(stderr=True)
+
+
+def track(items: Iterable[T], description: str) -> Iterable[T]:
+    """A progress bar over `items` on stderr."""
+    return rich_track(items, description=description, console=err)
 
 
 def run(model_path: Path, stage_counts: list[int], threads: int, runs: int) -> dict:
