@@ -39,6 +39,7 @@ render: | $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check model_export stage_service mesh loadtest benchmarks tests
+	$(VENV)/bin/lint-imports --no-logo
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy model_export stage_service mesh loadtest benchmarks
