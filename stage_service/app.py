@@ -1,52 +1,30 @@
-"""The web layer: `create_app(settings)` wires routes, middleware, error handlers and lifespan in one place.
+"""The web layer: `create_app(settings, runtime, tracing)` wires routes, middleware, error handlers and lifespan.
 
-Routes only adapt HTTP to the runtime (`runtime.py`) and the next hop (`chain.py`); the wire format lives
-in `protocol.py`, statuses in `errors.py`.
+The routes (`router`) only adapt HTTP to the data plane (`dataplane.DataPlane`): each reads what the request
+carries, makes one call, and turns the answer into a response. The wire format lives in `protocol.py`,
+statuses in `errors.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
 
-import numpy as np
-from fastapi import FastAPI, Request, Response
-from opentelemetry.trace import Span
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
-from model_export.manifest import TensorSpec
 from stage_service import protocol
-from stage_service.chain import TIMING_HEADER, NextStage, propagated_headers
-from stage_service.errors import (
-    InvalidInput,
-    ModelNotFound,
-    ModelNotReady,
-    Overloaded,
-    PayloadTooLarge,
-    UpstreamError,
-    install_handlers,
-)
+from stage_service.chain import TIMING_HEADER
+from stage_service.dataplane import INFER_ROUTE, DataPlane, InferAnswer, InferCall
+from stage_service.errors import InvalidInput, PayloadTooLarge, install_handlers
 from stage_service.metrics import InferMetricsMiddleware, StageMetrics
-from stage_service.runtime import StageRuntime, load_stage, locate_stage
+from stage_service.runtime import StageRuntime
 from stage_service.settings import StageSettings
-from stage_service.tracing import (
-    ATTR_BODY_IN,
-    ATTR_BODY_OUT,
-    ATTR_INFER_ID,
-    ATTR_STATUS,
-    ATTR_TENSOR_BYTES_IN,
-    ATTR_TENSOR_BYTES_OUT,
-    StageTracing,
-    annotate,
-)
-
-log = logging.getLogger("stage_service")
-PLATFORM = "onnxruntime_onnx"
+from stage_service.tracing import StageTracing
 
 try:
     SERVICE_VERSION = version("meshpipe")
@@ -54,36 +32,59 @@ except PackageNotFoundError:  # running from a source tree without installation
     SERVICE_VERSION = "0.0.0"
 
 
-@dataclass
-class ServiceState:
-    """What the routes share: filled in by the lifespan."""
-
-    settings: StageSettings
-    metrics: StageMetrics
-    tracing: StageTracing
-    runtime: StageRuntime | None = None
-    next_stage: NextStage | None = None
-    ready: bool = False
-    inflight: int = 0
-    warm_up_task: asyncio.Task[None] | None = field(default=None, repr=False)
+def get_plane(request: Request) -> DataPlane:
+    plane: DataPlane = request.app.state.plane
+    return plane
 
 
-class Admission:
-    """At most `limit` inference requests in flight; past it, Overloaded (503) at once, never a queue."""
+Plane = Annotated[DataPlane, Depends(get_plane)]
+router = APIRouter()
 
-    def __init__(self, state: ServiceState) -> None:
-        self.state = state
 
-    def __enter__(self) -> None:
-        if self.state.inflight >= self.state.settings.max_inflight:
-            raise Overloaded(
-                f"stage {self.state.settings.name} has {self.state.inflight} requests in flight "
-                f"(STAGE_MAX_INFLIGHT={self.state.settings.max_inflight}); try again"
-            )
-        self.state.inflight += 1
+@router.get("/v2")
+async def server_metadata(plane: Plane) -> protocol.ServerMetadata:
+    return plane.server_metadata()
 
-    def __exit__(self, *_: object) -> None:
-        self.state.inflight -= 1
+
+@router.get("/v2/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/v2/health/ready")
+async def ready(plane: Plane) -> dict[str, bool]:
+    plane.require_ready()
+    return {"ready": True}
+
+
+@router.get("/v2/models/{name}/ready")
+@router.get("/v2/models/{name}/versions/{model_version}/ready")
+async def model_ready(name: str, plane: Plane, model_version: str | None = None) -> dict[str, object]:
+    plane.resolve(name, model_version)
+    plane.require_ready()
+    return {"name": name, "ready": True}
+
+
+@router.get("/v2/models/{name}")
+@router.get("/v2/models/{name}/versions/{model_version}")
+async def model_metadata(name: str, plane: Plane, model_version: str | None = None) -> protocol.ModelMetadata:
+    return plane.model_metadata(name, model_version)
+
+
+@router.get("/metrics")
+async def prometheus_metrics(plane: Plane) -> Response:
+    return Response(generate_latest(plane.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post(INFER_ROUTE)
+@router.post("/v2/models/{name}/versions/{model_version}/infer")
+async def infer(name: str, request: Request, plane: Plane, model_version: str | None = None) -> Response:
+    body = await read_body(request, request.app.state.settings.max_request_bytes)
+    route = request.scope["route"].path if "route" in request.scope else INFER_ROUTE
+    call = InferCall(model=name, version=model_version, body=body,
+                     header_length=request.headers.get(protocol.HEADER_LENGTH), headers=request.headers,
+                     route=route, path=request.scope["path"])
+    return answer_response(await plane.infer(call))
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -106,175 +107,35 @@ async def read_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def create_app(settings: StageSettings, runtime: StageRuntime | None = None,
-               tracing: StageTracing | None = None) -> FastAPI:
-    """The ASGI app of one stage. Without `runtime`, the lifespan loads it (all start-up checks included);
-    without `tracing`, it is built from the `OTEL_*` environment (`tracing.StageTracing.from_env`)."""
-    place = runtime.place if runtime is not None else locate_stage(settings)
-    manifest, stage = place.manifest, place.stage
-    metrics = StageMetrics(manifest.name, stage.name, place.version)
-    if tracing is None:
-        tracing = StageTracing.from_env(pipeline=manifest.name, stage=stage.name, version=place.version,
-                                        index=place.index, trace_file=settings.trace_file)
-    state = ServiceState(settings=settings, metrics=metrics, tracing=tracing, runtime=runtime)
-    final_outputs: list[TensorSpec] = list(manifest.outputs)
-    final_names = [t.name for t in final_outputs]
+def answer_response(answer: InferAnswer) -> Response:
+    headers = {TIMING_HEADER: answer.timing}
+    if answer.header_length is None:
+        return Response(answer.content, headers=headers, media_type=protocol.JSON_CONTENT_TYPE)
+    headers[protocol.HEADER_LENGTH] = str(answer.header_length)
+    return Response(answer.content, headers=headers, media_type=protocol.BINARY_CONTENT_TYPE)
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if state.runtime is None:
-            state.runtime = await asyncio.to_thread(load_stage, settings)
-        next_stage = place.next_stage
-        if next_stage is not None and settings.next_url:
-            state.next_stage = NextStage(settings.next_url, next_stage.name, settings.timeout_s,
-                                         settings.max_inflight, tracing)
-        state.warm_up_task = asyncio.create_task(warm_up())
-        try:
-            yield
-        finally:
-            state.ready = False
-            metrics.ready.set(0)
-            state.warm_up_task.cancel()
-            if state.next_stage is not None:
-                await state.next_stage.aclose()
-            state.runtime.close()
-            await asyncio.to_thread(tracing.shutdown)  # flushes the last spans
 
-    async def warm_up() -> None:
-        assert state.runtime is not None
-        try:
-            ms = await state.runtime.warm_up()
-            log.info("stage %s/%s warm (%.3f ms on %s)", stage.name, place.version, ms, state.runtime.providers)
-        except Exception as exc:  # a model whose dynamic dims cannot be 1 still serves real requests
-            log.warning("stage %s: warm-up on zeros failed (%s); serving anyway", stage.name, exc)
-        state.ready = True
-        metrics.ready.set(1)
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Warm up in the background (readiness says when it is done); on shutdown, close the data plane."""
+    plane: DataPlane = app.state.plane
+    warm_up = asyncio.create_task(plane.warm_up())
+    try:
+        yield
+    finally:
+        warm_up.cancel()
+        await plane.close()
 
-    app = FastAPI(title=f"stage {stage.name}", version=SERVICE_VERSION, lifespan=lifespan, docs_url=None,
+
+def create_app(settings: StageSettings, runtime: StageRuntime, tracing: StageTracing) -> FastAPI:
+    """The ASGI app of one stage, serving `runtime` (loaded and checked by `runtime.load_stage`)."""
+    place = runtime.place
+    metrics = StageMetrics(place.manifest.name, place.stage.name, place.version)
+    app = FastAPI(title=f"stage {place.stage.name}", version=SERVICE_VERSION, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
-    app.state.stage = state
+    app.state.settings = settings
+    app.state.plane = DataPlane(settings, runtime, tracing, metrics, SERVICE_VERSION)
     install_handlers(app)
     app.add_middleware(InferMetricsMiddleware, metrics=metrics)
-
-    def resolve(name: str, model_version: str | None = None) -> bool:
-        """True for the pipeline name (first stage only), False for the stage's own; else ModelNotFound."""
-        is_pipeline = place.is_first and name == manifest.name
-        if name != stage.name and not is_pipeline:
-            served = [stage.name] + ([manifest.name] if place.is_first else [])
-            raise ModelNotFound(f"model {name!r} is not served here; this process serves {served}")
-        if model_version is not None and model_version != place.version:
-            raise ModelNotFound(f"model {name!r} has no version {model_version!r}; this stage serves {place.version!r}")
-        return is_pipeline
-
-    def require_ready() -> None:
-        if not state.ready:
-            raise ModelNotReady(f"stage {stage.name} is not ready (warming up or shutting down)")
-
-    # --------------------------------------------------------------------------------- health, metadata
-
-    @app.get("/v2")
-    async def server_metadata() -> protocol.ServerMetadata:
-        return protocol.ServerMetadata(name="meshpipe-stage-service", version=SERVICE_VERSION,
-                                       extensions=["binary_tensor_data"])
-
-    @app.get("/v2/health/live")
-    async def live() -> dict[str, bool]:
-        return {"live": True}
-
-    @app.get("/v2/health/ready")
-    async def ready() -> dict[str, bool]:
-        require_ready()
-        return {"ready": True}
-
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{model_version}/ready")
-    async def model_ready(name: str, model_version: str | None = None) -> dict[str, object]:
-        resolve(name, model_version)
-        require_ready()
-        return {"name": name, "ready": True}
-
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{model_version}")
-    async def model_metadata(name: str, model_version: str | None = None) -> protocol.ModelMetadata:
-        is_pipeline = resolve(name, model_version)
-        inputs = manifest.inputs if is_pipeline else stage.inputs
-        return protocol.ModelMetadata(
-            name=name,
-            versions=[place.version],
-            platform=PLATFORM,
-            inputs=[protocol.MetadataTensor.from_spec(t) for t in inputs],
-            outputs=[protocol.MetadataTensor.from_spec(t) for t in final_outputs],
-            parameters={
-                "pipeline": manifest.name,
-                "stage": stage.name,
-                "stage_index": place.index,
-                "stages": [s.name for s in manifest.stages[place.index:]],
-                "stage_outputs": [protocol.MetadataTensor.from_spec(t).model_dump() for t in stage.outputs],
-            },
-        )
-
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    # ----------------------------------------------------------------------------------------- inference
-
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{model_version}/infer")
-    async def infer(name: str, request: Request, model_version: str | None = None) -> Response:
-        route = request.scope["route"].path if "route" in request.scope else "/v2/models/{name}/infer"
-        with tracing.server(route, request.method, request.scope["path"], request.headers) as span:
-            response = await infer_traced(name, request, model_version, span)
-            annotate(span, {ATTR_STATUS: response.status_code, ATTR_BODY_OUT: len(response.body)})
-            return response
-
-    async def infer_traced(name: str, request: Request, model_version: str | None, span: Span | None) -> Response:
-        resolve(name, model_version)
-        require_ready()
-        assert state.runtime is not None
-        with Admission(state):
-            body = await read_body(request, settings.max_request_bytes)
-            with tracing.span("decode"):
-                req, tensors = protocol.decode_request(body, request.headers.get(protocol.HEADER_LENGTH))
-            if span is not None:
-                span.set_attributes({ATTR_BODY_IN: len(body),
-                                     ATTR_TENSOR_BYTES_IN: sum(int(t.nbytes) for t in tensors.values()),
-                                     **({ATTR_INFER_ID: req.id} if req.id else {})})
-            wanted = [o.name for o in req.outputs] if req.outputs else final_names
-            for out in wanted:
-                if out not in final_names:
-                    raise InvalidInput(f"output {out}: not an output of {name}; its outputs are {final_names}")
-            if len(set(wanted)) != len(wanted):
-                raise InvalidInput(f"outputs {wanted}: an output is requested twice")
-
-            with tracing.span("inference"):
-                outputs, ms = await state.runtime.infer(tensors)
-            metrics.inference.observe(ms / 1000.0)
-            timing = f"{stage.name}/{place.version}={ms:.3f}"
-            if state.next_stage is not None:
-                outputs, downstream_timing, seconds = await state.next_stage.infer(
-                    outputs, req.id, propagated_headers(request.headers)
-                )
-                metrics.downstream.observe(seconds)
-                if downstream_timing:
-                    timing = f"{timing},{downstream_timing}"
-            missing = [n for n in wanted if n not in outputs]
-            if missing:
-                raise UpstreamError(f"next stage {place.next_stage and place.next_stage.name} did not return "
-                                    f"outputs {missing}")
-            selected: list[tuple[str, np.ndarray, bool]] = [
-                (n, outputs[n], protocol.wants_binary(req, n)) for n in wanted
-            ]
-            if span is not None:
-                span.set_attribute(ATTR_TENSOR_BYTES_OUT, sum(int(a.nbytes) for _, a, _ in selected))
-            with tracing.span("encode"):
-                content, header_length = protocol.encode_response(
-                    name, place.version, req.id, protocol.echoed_parameters(req), selected
-                )
-        headers = {TIMING_HEADER: timing}
-        if header_length is None:
-            return Response(content, headers=headers, media_type=protocol.JSON_CONTENT_TYPE)
-        headers[protocol.HEADER_LENGTH] = str(header_length)
-        return Response(content, headers=headers, media_type=protocol.BINARY_CONTENT_TYPE)
-
+    app.include_router(router)
     return app

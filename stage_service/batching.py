@@ -38,7 +38,6 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._carry: _Pending | None = None
         self._task: asyncio.Task[None] | None = None
-        self.batches_run = 0  # for tests and metrics: how many merged runs happened
 
     async def submit(self, tensors: Tensors) -> tuple[dict[str, np.ndarray], float]:
         """This request's outputs and the milliseconds of the run it shared."""
@@ -96,7 +95,6 @@ class DynamicBatcher:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
-        self.batches_run += 1
         offset = 0
         for p in live:
             rows = {n: a[offset:offset + p.size] for n, a in outputs.items()}

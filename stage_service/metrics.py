@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -33,6 +34,9 @@ class StageMetrics:
                                   buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("stage_inference_duration_seconds", "This stage's onnxruntime run time.",
                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("stage_inference_batch_size",
+                                    "Samples per onnxruntime run (more than one request's with dynamic batching).",
+                                    buckets=BATCH_BUCKETS, registry=r)
         self.downstream = Histogram("stage_downstream_duration_seconds",
                                     "Time of the hop to the next stage, its answer included.",
                                     buckets=LATENCY_BUCKETS, registry=r)

@@ -33,8 +33,9 @@ BINARY_PARAMS = frozenset({"binary_data", "binary_data_output", "binary_data_siz
 # ----------------------------------------------------------------------------------------------- models
 
 
-class RequestInput(BaseModel):
-    """`{"name": $string, "shape": [$number, ...], "datatype": $string, "parameters": {...}, "data": [...]}`"""
+class InferTensor(BaseModel):
+    """A tensor of a request's `inputs` or a response's `outputs`, which the spec gives the same shape:
+    `{"name": $string, "shape": [$number, ...], "datatype": $string, "parameters": {...}, "data": [...]}`"""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -61,18 +62,8 @@ class InferenceRequest(BaseModel):
 
     id: str | None = None
     parameters: dict[str, Any] | None = None
-    inputs: list[RequestInput] = Field(min_length=1)
+    inputs: list[InferTensor] = Field(min_length=1)
     outputs: list[RequestOutput] | None = None
-
-
-class ResponseOutput(BaseModel):
-    """`{"name": $string, "shape": [$number, ...], "datatype": $string, "parameters": {...}, "data": [...]}`"""
-
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list[Any] | None = None
 
 
 class InferenceResponse(BaseModel):
@@ -85,7 +76,7 @@ class InferenceResponse(BaseModel):
     model_version: str | None = None
     id: str | None = None
     parameters: dict[str, Any] | None = None
-    outputs: list[ResponseOutput]
+    outputs: list[InferTensor]
 
 
 class MetadataTensor(BaseModel):
@@ -176,7 +167,7 @@ def _from_json_data(name: str, datatype: str, dtype: np.dtype[Any], shape: list[
     return raw.astype(dtype, copy=False).reshape(shape)
 
 
-def _decode_tensors(tensors: Sequence[RequestInput | ResponseOutput], body: bytes,
+def _decode_tensors(tensors: Sequence[InferTensor], body: bytes,
                     offset: int, what: str) -> dict[str, np.ndarray]:
     """Arrays for JSON `data` or binary sections starting at `offset`, checking the sections fill the body."""
     arrays: dict[str, np.ndarray] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,6 +193,8 @@ class StageRuntime:
     threads: int
     max_batch_size: int = 1
     max_queue_delay_ms: float = 0.0
+    # Told the samples of every onnxruntime run (the metrics' batch-size histogram); called on the run's thread.
+    on_run: Callable[[int], None] | None = None
     _executor: ThreadPoolExecutor = field(init=False)
     batcher: DynamicBatcher | None = field(init=False, default=None)
 
@@ -226,8 +228,9 @@ class StageRuntime:
                                                                                        strict=True)):
                 raise InvalidInput(f"tensor {spec.name}: expected shape {spec.shape} (-1 is any), got {list(shape)}")
 
-    def run(self, tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
-        """Blocking inference: the outputs by name and the milliseconds onnxruntime took."""
+    def run(self, tensors: Mapping[str, np.ndarray], report: bool = True) -> tuple[dict[str, np.ndarray], float]:
+        """Blocking inference: the outputs by name and the milliseconds onnxruntime took; `report` tells
+        `on_run` the run's samples (not for the warm-up)."""
         start = time.perf_counter()
         try:
             results = self.session.run(self._output_names, dict(tensors))
@@ -237,6 +240,9 @@ class StageRuntime:
                 raise InvalidInput(f"onnxruntime rejected the inputs of {self.place.stage.name}: {exc}") from None
             raise InferenceFailed(f"inference failed in {self.place.stage.name}: {name}: {exc}") from None
         elapsed_ms = (time.perf_counter() - start) * 1000.0
+        if report and self.on_run is not None:
+            first = next(iter(tensors.values()), None)
+            self.on_run(int(first.shape[0]) if first is not None and first.ndim else 1)
         return dict(zip(self._output_names, results, strict=True)), elapsed_ms
 
     async def _run_off_loop(self, tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
@@ -257,7 +263,7 @@ class StageRuntime:
             for s in self.place.stage.inputs
         }
         loop = asyncio.get_running_loop()
-        return (await loop.run_in_executor(self._executor, self.run, feed))[1]
+        return (await loop.run_in_executor(self._executor, self.run, feed, False))[1]
 
     def close(self) -> None:
         if self.batcher is not None:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from model_export.manifest import Manifest
+from model_export.manifest import Manifest, load_manifest, write_manifest
 from stage_service.batching import DynamicBatcher
+from stage_service.errors import StartupError
 from stage_service.protocol import HEADER_LENGTH, decode_response, encode_request
+from stage_service.runtime import load_stage
+from stage_service.settings import StageSettings
 from tests.stage_service.procs import start_chain, stop_all
 
 
@@ -101,14 +106,36 @@ def test_a_batching_chain_returns_each_caller_its_own_answer(tiny_pipeline: tupl
 
         for x, y in zip(xs, asyncio.run(send_all()), strict=True):
             np.testing.assert_allclose(y, reference(x), atol=1e-5)
-        metrics = httpx.get(f"{stages[0].url}/metrics").text
-        assert 'stage_requests_total{code="200"} 24.0' in metrics
+        metrics = samples(httpx.get(f"{stages[0].url}/metrics").text)
+        assert metrics['stage_requests_total{code="200"}'] == 24
+        # every sample ran once, in fewer runs than requests: requests were merged (batching off: 24 runs)
+        assert metrics["stage_inference_batch_size_sum"] == sum(x.shape[0] for x in xs)
+        assert metrics["stage_inference_batch_size_count"] < len(xs)
     finally:
         assert stop_all(stages) == [0, 0, 0]
 
 
-def test_batching_needs_a_dynamic_batch_dimension() -> None:
-    from stage_service.settings import StageSettings
+def samples(text: str) -> dict[str, float]:
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
 
-    with pytest.raises(ValueError, match="max_batch_size"):
+
+def test_max_batch_size_must_be_positive() -> None:
+    with pytest.raises(ValidationError, match="max_batch_size"):
         StageSettings(manifest=Path("x"), name="s", max_batch_size=0)
+
+
+def test_batching_needs_a_dynamic_batch_dimension(tiny_pipeline: tuple[Path, Manifest], tmp_path: Path) -> None:
+    """A stage whose input has a fixed batch dimension of 1 cannot merge requests: refused at start-up."""
+    directory = tmp_path / "fixed"
+    shutil.copytree(tiny_pipeline[0], directory)
+    manifest = load_manifest(directory)
+    stage = manifest.stages[1]
+    fixed = stage.model_copy(update={"inputs": [t.model_copy(update={"shape": [1, 32]}) for t in stage.inputs]})
+    write_manifest(manifest.model_copy(update={"stages": [manifest.stages[0], fixed, manifest.stages[2]]}), directory)
+    settings = StageSettings(manifest=directory / "pipeline.json", name=stage.name, next_url="http://127.0.0.1:1",
+                             max_batch_size=4)
+    with pytest.raises(StartupError, match=r"STAGE_MAX_BATCH_SIZE: inputs \['h1'\] have no dynamic batch dimension"):
+        load_stage(settings)
+    # the same stage starts without batching, so the refusal was about batching only
+    load_stage(settings.model_copy(update={"max_batch_size": 1})).close()
