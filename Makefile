@@ -9,7 +9,7 @@ STAGES ?= 4
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo render test lint typecheck bench bench-split bench-hop bench-peers peers-venv clean
+.PHONY: venv demo render test lint typecheck istio-tools bench bench-split bench-hop bench-peers peers-venv clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,11 @@ demo: $(BUILD)/reference.onnx
 # Re-render the committed Kubernetes tree from the committed manifest and policy.
 render: | $(STAMP)
 	$(PY) -m mesh render --pipeline examples/reference --policy mesh.yaml --out kustomize
+
+# Istio's binaries (istioctl), built from the istio.io/istio Go module that tools/istio/go.mod pins, into
+# ${XDG_CACHE_HOME:-~/.cache}/meshpipe/istio/<hash of go.mod+go.sum>/; built only when missing. Needs Go >= 1.26.
+istio-tools: | $(STAMP)
+	$(PY) -m tests.judges.istio build
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check model_export stage_service mesh loadtest benchmarks tests
