@@ -176,9 +176,9 @@ def _apply(args: argparse.Namespace) -> int:
         resolved = local.apply(args.policy, args.state_dir)
     except local.MeshError as exc:
         return _fail(str(exc))
-    for s in resolved.stages:
+    for s, hop in zip(resolved.stages, resolved.hops, strict=True):
         console.print(f"{s.name}: versions {', '.join(f'{v.name}={v.weight}%' for v in s.versions)}, "
-                      f"timeout {s.timeout_s}s, {s.retries.attempts} retries")
+                      f"timeout {hop.route.timeout_s}s, {hop.route.attempts} retries")
     console.print("applied: Envoy reloads its watched configuration files; nothing was restarted")
     return 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mesh.policy import ResolvedPolicy
+from mesh.plan import Plan
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
@@ -39,7 +39,7 @@ def _row(pid: int, title: str, y: int) -> dict[str, Any]:
             "title": title, "type": "row"}
 
 
-def build_dashboard(pipeline: str, resolved: ResolvedPolicy) -> dict[str, Any]:
+def build_dashboard(pipeline: str, resolved: Plan) -> dict[str, Any]:
     """The dashboard as a dict (Grafana schema 39)."""
     ns = resolved.namespace
     first = resolved.stages[0].name
@@ -110,5 +110,5 @@ def build_dashboard(pipeline: str, resolved: ResolvedPolicy) -> dict[str, Any]:
     }
 
 
-def dashboard_json(pipeline: str, resolved: ResolvedPolicy) -> str:
+def dashboard_json(pipeline: str, resolved: Plan) -> str:
     return json.dumps(build_dashboard(pipeline, resolved), indent=2, sort_keys=True) + "\n"

@@ -1,4 +1,4 @@
-"""Envoy configuration for the local mesh, generated from the layout and the resolved policy.
+"""Envoy configuration for the local mesh: a writer of the plan of hops (`mesh.plan`) and the layout.
 
 Every Envoy gets a static bootstrap (node, admin) that points at `lds.json` and `cds.json` in a
 directory Envoy watches, and its listeners take their routes from `rds-<listener>.json` beside them: writing the files
@@ -8,10 +8,10 @@ timeouts, retries) applies even to connections already open. What goes where mir
 - a stage's sidecar has an `inbound` listener (mTLS required, RBAC admitting only the previous stage's
   SPIFFE id, or the gateway's for the first stage) in front of its app, and, unless it is the last
   stage, an `outbound` listener on loopback that the app calls the next stage through;
-- calls into stage S carry S's policy: the caller's route holds S's timeout and retries and splits
-  traffic across S's versions by weight; one cluster per version holds S's outlier detection,
-  connection pool and buffer limit and originates mTLS with the caller's certificate, checking the
-  server's SPIFFE id;
+- the hop into stage S (`Hop`) is written on the caller's side: its route holds the timeout, retries,
+  fault injection and the split across S's versions by weight; one cluster per version holds the
+  outlier detection, connection pool and buffer limit and originates mTLS with the caller's
+  certificate, checking the SAN the hop expects;
 - the gateway is the same outbound half in front of the first stage, on the policy's gateway port.
 
 `per_connection_buffer_limit_bytes` is raised on listeners and clusters that carry a stage's activations:
@@ -28,7 +28,7 @@ from typing import Any
 
 from mesh.layout import LOOPBACK, Layout, Replica
 from mesh.pki import CertPair
-from mesh.policy import ResolvedPolicy, ResolvedStage
+from mesh.plan import Hop, Plan
 
 Json = dict[str, Any]
 LDS_FILE = "lds.json"
@@ -37,6 +37,7 @@ CDS_FILE = "cds.json"
 APP_CLUSTER = "inbound|app"
 CONNECT_TIMEOUT = "1s"
 MAX_DOWNSTREAM_CONNECTIONS = 16384
+FAULT_FILTER = "envoy.filters.http.fault"
 
 
 def _seconds(value: float) -> str:
@@ -102,8 +103,9 @@ def _router() -> Json:
             "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
 
 
-def _rbac(allowed_spiffe_id: str) -> Json:
-    """Envoy's RBAC filter: ALLOW only the caller whose certificate carries `allowed_spiffe_id`, else 403."""
+def _rbac(allowed_principals: list[str]) -> Json:
+    """Envoy's RBAC filter: ALLOW only callers whose certificate carries one of these principals as its
+    SPIFFE id (`spiffe://` + principal, as istiod writes an AuthorizationPolicy's principals), else 403."""
     return {
         "name": "envoy.filters.http.rbac",
         "typed_config": _typed(
@@ -113,7 +115,8 @@ def _rbac(allowed_spiffe_id: str) -> Json:
                 "policies": {
                     "allow-previous-hop": {
                         "permissions": [{"any": True}],
-                        "principals": [{"authenticated": {"principal_name": {"exact": allowed_spiffe_id}}}],
+                        "principals": [{"authenticated": {"principal_name": {"exact": f"spiffe://{p}"}}}
+                                       for p in allowed_principals],
                     }
                 },
             },
@@ -153,55 +156,100 @@ def _route_config(name: str, action: Json) -> Json:
                                              "routes": [{"match": {"prefix": "/"}, "route": action}]}]}
 
 
-def route_to(stage: ResolvedStage) -> Json:
-    """The route action for calls into `stage`: its timeout, its retries, its versions by weight."""
-    action: Json = {"timeout": _seconds(stage.timeout_s)}
-    weighted = [v for v in stage.versions if v.weight > 0]
-    if len(weighted) == 1:
-        action["cluster"] = cluster_name(stage.name, weighted[0].name)
+def _fault_filter() -> Json:
+    """Envoy's fault filter with no fault of its own: each route's `typed_per_filter_config` sets one, as
+    istiod does, so `mesh apply` changes faults with a route change."""
+    return {"name": FAULT_FILTER, "typed_config": _typed("envoy.extensions.filters.http.fault.v3.HTTPFault")}
+
+
+def _percent(value: float) -> Json:
+    """Istio's conversion of a percentage: parts per million."""
+    return {"numerator": round(value * 10_000), "denominator": "MILLION"}
+
+
+def fault_config(hop: Hop) -> Json | None:
+    fault = hop.route.fault
+    if fault is None:
+        return None
+    config: Json = {}
+    if fault.delay is not None:
+        config["delay"] = {"fixed_delay": _seconds(fault.delay.fixed_delay_s),
+                           "percentage": _percent(fault.delay.percent)}
+    if fault.abort is not None:
+        config["abort"] = {"http_status": fault.abort.http_status, "percentage": _percent(fault.abort.percent)}
+    return _typed("envoy.extensions.filters.http.fault.v3.HTTPFault", **config)
+
+
+def _retry_policy(hop: Hop) -> Json:
+    """Istio's translation of an HTTPRetry (`retry.ConvertPolicy`): Envoy's conditions, the status codes, the
+    per-try timeout, and retries on another endpoint than the one that just failed."""
+    route = hop.route
+    policy: Json = {
+        "retry_on": ",".join(route.retry_on),
+        "num_retries": route.attempts,
+        "per_try_timeout": _seconds(route.per_try_timeout_s),
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": _typed("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"),
+        }],
+        "host_selection_retry_max_attempts": 5,
+    }
+    if route.retriable_status_codes:
+        policy["retriable_status_codes"] = list(route.retriable_status_codes)
+    return policy
+
+
+def route_to(hop: Hop) -> Json:
+    """The route action of the hop: its timeout, its retries, its versions by weight."""
+    action: Json = {"timeout": _seconds(hop.route.timeout_s)}
+    destinations = hop.route.destinations
+    if len(destinations) == 1:
+        action["cluster"] = cluster_name(hop.callee, destinations[0].version)
     else:
         action["weighted_clusters"] = {
-            "clusters": [{"name": cluster_name(stage.name, v.name), "weight": v.weight} for v in weighted]
+            "clusters": [{"name": cluster_name(hop.callee, d.version), "weight": d.weight} for d in destinations]
         }
-    retries = stage.retries
-    if retries.attempts > 0:
-        codes = [int(v) for v in retries.retry_on if v.isdigit()]
-        retry_on = [v for v in retries.retry_on if not v.isdigit()]
-        if codes and "retriable-status-codes" not in retry_on:
-            retry_on.append("retriable-status-codes")
-        policy: Json = {
-            "retry_on": ",".join(retry_on),
-            "num_retries": retries.attempts,
-            "per_try_timeout": _seconds(stage.per_try_timeout_s),
-            # Like Istio: a retry goes to another endpoint than the one that just failed, where there is one.
-            "retry_host_predicate": [{
-                "name": "envoy.retry_host_predicates.previous_hosts",
-                "typed_config": _typed("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"),
-            }],
-            "host_selection_retry_max_attempts": 5,
-        }
-        if codes:
-            policy["retriable_status_codes"] = codes
-        action["retry_policy"] = policy
+    if hop.route.attempts > 0:
+        action["retry_policy"] = _retry_policy(hop)
     return action
 
 
-def outbound_clusters(layout: Layout, stage: ResolvedStage, identity: CertPair, ca: Path,
-                      server_spiffe_id: str) -> list[Json]:
-    """One cluster per version of `stage`, its endpoints the inbound ports of that version's replicas."""
-    pool = stage.connection_pool
-    od = stage.outlier_detection
+def _outlier_detection(hop: Hop) -> Json:
+    """Istio's translation of a DestinationRule's outlierDetection (`applyOutlierDetection`)."""
+    od = hop.upstream.outlier_detection
+    out: Json = {
+        "consecutive_5xx": od.consecutive_5xx,
+        "enforcing_consecutive_5xx": 100 if od.consecutive_5xx else 0,
+        "consecutive_gateway_failure": od.consecutive_gateway_errors,
+        "enforcing_consecutive_gateway_failure": 100 if od.consecutive_gateway_errors else 0,
+        "enforcing_success_rate": 0,
+        "interval": _seconds(od.interval_s),
+        "base_ejection_time": _seconds(od.base_ejection_time_s),
+        "max_ejection_percent": od.max_ejection_percent,
+    }
+    if od.split_external_local_origin_errors:
+        out["split_external_local_origin_errors"] = True
+        out["enforcing_local_origin_success_rate"] = 0
+        if od.consecutive_local_origin_failures:
+            out["consecutive_local_origin_failure"] = od.consecutive_local_origin_failures
+            out["enforcing_consecutive_local_origin_failure"] = 100
+    return out
+
+
+def outbound_clusters(layout: Layout, hop: Hop, identity: CertPair, ca: Path) -> list[Json]:
+    """One cluster per version of the callee, its endpoints the inbound ports of that version's replicas."""
+    pool = hop.upstream.connection_pool
     clusters = []
-    for version in stage.versions:
-        name = cluster_name(stage.name, version.name)
+    for version in hop.upstream.subsets:
+        name = cluster_name(hop.callee, version)
         endpoints = [{"endpoint": {"address": _address(r.inbound_port)}}
-                     for r in layout.of_version(stage.name, version.name)]
+                     for r in layout.of_version(hop.callee, version)]
         clusters.append({
             "name": name,
             "type": "STATIC",
             "connect_timeout": CONNECT_TIMEOUT,
             "lb_policy": "LEAST_REQUEST",
-            "per_connection_buffer_limit_bytes": stage.buffer_limit_bytes,
+            "per_connection_buffer_limit_bytes": hop.upstream.buffer_limit_bytes,
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
             "circuit_breakers": {"thresholds": [{
                 "max_connections": pool.max_connections,
@@ -211,13 +259,10 @@ def outbound_clusters(layout: Layout, stage: ResolvedStage, identity: CertPair, 
                 # overflow errors; Istio lifts it too.
                 "max_retries": pool.max_requests,
             }]},
-            "outlier_detection": {
-                "consecutive_5xx": od.consecutive_5xx,
-                "interval": _seconds(od.interval_s),
-                "base_ejection_time": _seconds(od.base_ejection_time_s),
-                "max_ejection_percent": od.max_ejection_percent,
-            },
-            "transport_socket": _upstream_tls(identity, ca, server_spiffe_id),
+            "outlier_detection": _outlier_detection(hop),
+            # Like istiod with outlier detection (minHealthPercent 0): no panic routing to ejected replicas.
+            "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+            "transport_socket": _upstream_tls(identity, ca, hop.upstream.expected_san),
         })
     return clusters
 
@@ -231,31 +276,35 @@ class Resources:
     clusters: list[Json] = field(default_factory=list)
 
 
-def _outbound(res: Resources, name: str, port: int, stage: ResolvedStage, dynamic_dir: Path) -> None:
+def _outbound(res: Resources, name: str, port: int, hop: Hop, dynamic_dir: Path) -> None:
     res.listeners.append({
         "name": name,
         "address": _address(port),
-        "per_connection_buffer_limit_bytes": stage.buffer_limit_bytes,
-        "filter_chains": [{"filters": [_hcm(name, dynamic_dir, [])]}],
+        "per_connection_buffer_limit_bytes": hop.upstream.buffer_limit_bytes,
+        "filter_chains": [{"filters": [_hcm(name, dynamic_dir, [_fault_filter()])]}],
     })
-    res.routes.append(_route_config(name, route_to(stage)))
+    route = _route_config(name, route_to(hop))
+    fault = fault_config(hop)
+    if fault is not None:
+        route["virtual_hosts"][0]["routes"][0]["typed_per_filter_config"] = {FAULT_FILTER: fault}
+    res.routes.append(route)
 
 
-def sidecar(layout: Layout, policy: ResolvedPolicy, replica: Replica, identity: CertPair, ca: Path,
+def sidecar(layout: Layout, plan: Plan, replica: Replica, identity: CertPair, ca: Path,
             dynamic_dir: Path) -> Resources:
     """Listeners, routes and clusters of one replica's sidecar."""
-    stage = policy.stages[replica.index]
+    inbound = plan.hop_into(replica.stage)
     res = Resources()
     res.listeners.append({
         "name": "inbound",
         "address": _address(replica.inbound_port),
-        "per_connection_buffer_limit_bytes": stage.buffer_limit_bytes,
+        "per_connection_buffer_limit_bytes": inbound.upstream.buffer_limit_bytes,
         "filter_chains": [{
             "transport_socket": _downstream_mtls(identity, ca),
             "filters": [_hcm(
                 "inbound",
                 dynamic_dir,
-                [_rbac("spiffe://" + policy.caller_principal(stage.name))],
+                [_rbac(inbound.allowed_principals)],
                 forward_client_cert_details="SANITIZE_SET",
                 set_current_client_cert_details={"uri": True},
             )],
@@ -267,23 +316,23 @@ def sidecar(layout: Layout, policy: ResolvedPolicy, replica: Replica, identity: 
         "name": APP_CLUSTER,
         "type": "STATIC",
         "connect_timeout": CONNECT_TIMEOUT,
-        "per_connection_buffer_limit_bytes": stage.buffer_limit_bytes,
+        "per_connection_buffer_limit_bytes": inbound.upstream.buffer_limit_bytes,
         "load_assignment": {"cluster_name": APP_CLUSTER,
                             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(replica.app_port)}}]}]},
     })
-    if replica.outbound_port is not None:
-        nxt = policy.stages[replica.index + 1]
-        _outbound(res, "outbound", replica.outbound_port, nxt, dynamic_dir)
-        res.clusters += outbound_clusters(layout, nxt, identity, ca, policy.spiffe_id(nxt.name))
+    outbound = plan.hop_from(replica.stage)
+    if replica.outbound_port is not None and outbound is not None:
+        _outbound(res, "outbound", replica.outbound_port, outbound, dynamic_dir)
+        res.clusters += outbound_clusters(layout, outbound, identity, ca)
     return res
 
 
-def gateway(layout: Layout, policy: ResolvedPolicy, identity: CertPair, ca: Path, dynamic_dir: Path) -> Resources:
+def gateway(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dynamic_dir: Path) -> Resources:
     """Listener, route and clusters of the gateway: plaintext HTTP in, mTLS to the first stage."""
-    first = policy.stages[0]
+    first = plan.hops[0]
     res = Resources()
     _outbound(res, "gateway", layout.gateway_port, first, dynamic_dir)
-    res.clusters += outbound_clusters(layout, first, identity, ca, policy.spiffe_id(first.name))
+    res.clusters += outbound_clusters(layout, first, identity, ca)
     return res
 
 

@@ -329,7 +329,8 @@ def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def semantic_problems(objs: list[dict[str, Any]], known_principals: Iterable[str] = KNOWN_PRINCIPALS) -> list[str]:
     """Cross-object checks: each Service selects a Deployment; each VirtualService destination has a
     DestinationRule with that subset; AuthorizationPolicy principals are existing ServiceAccounts; route
-    weights sum to 100; timeouts shrink along the chain; Service and container ports are named."""
+    weights sum to 100; timeouts shrink along the chain; Service and container ports are named; a Deployment an
+    HPA scales has no replicas of its own."""
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for o in objs:
         by_kind.setdefault(str(o.get("kind")), []).append(o)
@@ -398,6 +399,7 @@ def semantic_problems(objs: list[dict[str, Any]], known_principals: Iterable[str
                 problems.append(f"{vid}: http[{i}] perTryTimeout {retries['perTryTimeout']} exceeds the "
                                 f"route timeout {http['timeout']}")
     problems.extend(_chain_timeouts(pods, timeouts))
+    problems.extend(_autoscaled_replicas(deployments, by_kind.get("HorizontalPodAutoscaler", [])))
 
     accounts = {f"cluster.local/ns/{ns_of(sa)}/sa/{name_of(sa)}" for sa in by_kind.get("ServiceAccount", [])}
     accounts |= set(known_principals)
@@ -408,6 +410,23 @@ def semantic_problems(objs: list[dict[str, Any]], known_principals: Iterable[str
                     if principal not in accounts:
                         problems.append(f"AuthorizationPolicy/{ns_of(ap)}/{name_of(ap)}: principal {principal} "
                                         f"is no ServiceAccount of the tree nor a known one")
+    return problems
+
+
+def _autoscaled_replicas(deployments: list[dict[str, Any]], hpas: list[dict[str, Any]]) -> list[str]:
+    """A Deployment that a HorizontalPodAutoscaler scales must leave `replicas` unset: every apply would
+    otherwise reset the autoscaler's decision to the written count."""
+    by_name = {((d.get("metadata") or {}).get("namespace") or "default", d["metadata"]["name"]): d
+               for d in deployments}
+    problems = []
+    for h in hpas:
+        ns = (h.get("metadata") or {}).get("namespace") or "default"
+        ref = (h.get("spec") or {}).get("scaleTargetRef") or {}
+        target = by_name.get((ns, ref.get("name"))) if ref.get("kind") == "Deployment" else None
+        if target is not None and "replicas" in (target.get("spec") or {}):
+            problems.append(f"Deployment/{ns}/{ref['name']}: replicas {target['spec']['replicas']} is set, but "
+                            f"HorizontalPodAutoscaler/{ns}/{h['metadata']['name']} scales it; every apply would "
+                            "reset the autoscaler's decision (leave replicas to its minReplicas)")
     return problems
 
 

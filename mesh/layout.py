@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from mesh.policy import ResolvedPolicy
+from mesh.plan import Plan
 
 LOOPBACK = "127.0.0.1"
 
@@ -69,7 +69,7 @@ def check_port_free(port: int) -> None:
             raise PortInUse(f"port {port} on {LOOPBACK} is already in use ({exc.strerror})") from exc
 
 
-def plan(resolved: ResolvedPolicy, pipeline: str, pipeline_dir: Path, gateway_port: int | None = None) -> Layout:
+def plan(resolved: Plan, pipeline: str, pipeline_dir: Path, gateway_port: int | None = None) -> Layout:
     """Assign free loopback ports to the gateway and to every replica of every version of every stage.
 
     `gateway_port` overrides the policy's; 0 picks a free one. The sockets that found the free ports stay

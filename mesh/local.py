@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mesh import envoy_config, pki, procs
 from mesh.layout import LOOPBACK, Layout, PortInUse, Replica, plan
-from mesh.policy import PolicyError, ResolvedPolicy, load_policy, resolve
+from mesh.plan import Placement, Plan, resolve
+from mesh.policy import PolicyError, load_policy
 from mesh.v2client import infer, zeros
 from model_export.manifest import Manifest, ManifestError, load_manifest
 
@@ -53,7 +54,7 @@ class State(BaseModel):
 
     pipeline_dir: str
     policy_file: str | None
-    policy: ResolvedPolicy
+    policy: Plan
     layout: Layout
     procs: list[procs.Proc]
 
@@ -89,7 +90,7 @@ def _write_state(state_dir: Path, state: State) -> None:
     os.replace(tmp, state_dir / STATE_FILE)
 
 
-def _load_inputs(pipeline_dir: Path, policy_file: Path | None) -> tuple[Manifest, ResolvedPolicy]:
+def _load_inputs(pipeline_dir: Path, policy_file: Path | None) -> tuple[Manifest, Plan]:
     if not pipeline_dir.is_dir():
         raise MeshError(f"pipeline directory {pipeline_dir} does not exist; run `python -m model_export split` first")
     try:
@@ -123,20 +124,19 @@ def _write_envoy(state_dir: Path, name: str, cluster: str, admin_port: int,
     return path
 
 
-def _identities(state_dir: Path, resolved: ResolvedPolicy) -> tuple[Path, dict[str, pki.CertPair]]:
+def _identities(state_dir: Path, resolved: Plan) -> tuple[Path, dict[str, pki.CertPair]]:
     directory = state_dir / "pki"
     ca = pki.create_ca(directory)
-    pairs = {GATEWAY: pki.issue(ca, resolved.gateway_spiffe_id(), directory, GATEWAY)}
-    for stage in resolved.stages:
-        pairs[stage.name] = pki.issue(ca, resolved.spiffe_id(stage.name), directory, stage.name)
+    pairs = {name: pki.issue(ca, identity.spiffe_id, directory, name)
+             for name, identity in resolved.identities().items()}
     return ca.cert.resolve(), {k: pki.CertPair(v.cert.resolve(), v.key.resolve()) for k, v in pairs.items()}
 
 
-def write_envoy_configs(state_dir: Path, resolved: ResolvedPolicy, layout: Layout) -> dict[str, Path]:
+def write_envoy_configs(state_dir: Path, resolved: Plan, layout: Layout) -> dict[str, Path]:
     """(Re)generate every Envoy's configuration; return the bootstrap path per Envoy name."""
     ca = (state_dir / "pki" / "ca.pem").resolve()
     pairs = {n: pki.CertPair((state_dir / "pki" / f"{n}.pem").resolve(), (state_dir / "pki" / f"{n}-key.pem").resolve())
-             for n in [GATEWAY, *(s.name for s in resolved.stages)]}
+             for n in resolved.identities()}
     out = {GATEWAY: _write_envoy(state_dir, GATEWAY, GATEWAY, layout.gateway_admin_port,
                                  envoy_config.gateway(layout, resolved, pairs[GATEWAY], ca,
                                                       _dynamic_dir(state_dir, GATEWAY)))}
@@ -148,27 +148,18 @@ def write_envoy_configs(state_dir: Path, resolved: ResolvedPolicy, layout: Layou
     return out
 
 
-def _app_env(state_dir: Path, manifest_path: Path, resolved: ResolvedPolicy, r: Replica) -> dict[str, str]:
-    stage = resolved.stages[r.index]
+def _app_env(state_dir: Path, manifest_path: Path, resolved: Plan, r: Replica) -> dict[str, str]:
+    """The replica's environment: this process's without inherited STAGE_*, then the plan's settings."""
+    stage = resolved.stage(r.stage)
+    version = next(v for v in stage.versions if v.name == r.version)
+    next_url = f"http://{LOOPBACK}:{r.outbound_port}" if r.outbound_port is not None else None
+    placement = Placement(manifest=str(manifest_path), model_dir=manifest_path.parent, host=LOOPBACK,
+                          port=r.app_port, next_url=next_url)
+    # Spans as JSON lines, one file per replica, for `python -m mesh trace` (OTEL_SDK_DISABLED=true: none).
+    settings = resolved.settings(stage, version, placement,
+                                 trace_file=str((state_dir / TRACES_DIR / f"{r.name}.jsonl").resolve()))
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_")}
-    env.update({
-        MARKER_ENV: str(state_dir.resolve()),
-        "STAGE_MANIFEST": str(manifest_path),
-        "STAGE_NAME": r.stage,
-        "STAGE_VERSION": r.version,
-        "STAGE_HOST": LOOPBACK,
-        "STAGE_PORT": str(r.app_port),
-        "STAGE_THREADS": str(stage.threads),
-        # Spans as JSON lines, one file per replica, for `python -m mesh trace` (OTEL_SDK_DISABLED=true: none).
-        "STAGE_TRACE_FILE": str((state_dir / TRACES_DIR / f"{r.name}.jsonl").resolve()),
-        "PYTHONUNBUFFERED": "1",
-    })
-    if r.file:
-        env["STAGE_FILE"] = r.file
-    if r.outbound_port is not None:
-        env["STAGE_NEXT_URL"] = f"http://{LOOPBACK}:{r.outbound_port}"
-        # The sidecar's route timeout answers first (504 naming the stage); the app's is only a backstop.
-        env["STAGE_TIMEOUT_S"] = str(resolved.stages[r.index + 1].timeout_s + 1.0)
+    env.update({MARKER_ENV: str(state_dir.resolve()), "PYTHONUNBUFFERED": "1", **settings.to_env()})
     return env
 
 
@@ -327,7 +318,7 @@ def log_files(stage: str, state_dir: Path = DEFAULT_STATE_DIR, sidecars: bool = 
     return [Path(p.log) for p in chosen]
 
 
-def apply(policy_file: Path | None, state_dir: Path = DEFAULT_STATE_DIR) -> ResolvedPolicy:
+def apply(policy_file: Path | None, state_dir: Path = DEFAULT_STATE_DIR) -> Plan:
     """Apply a changed traffic policy to the running mesh by rewriting Envoy's watched files; no restart.
 
     Only what Envoy holds may change (weights, timeouts, retries, outlier detection, pools, buffers);
@@ -338,7 +329,7 @@ def apply(policy_file: Path | None, state_dir: Path = DEFAULT_STATE_DIR) -> Reso
         raise MeshError(f"no mesh is running from {state_dir}")
     _, resolved = _load_inputs(Path(state.pipeline_dir), policy_file)
 
-    def shape(p: ResolvedPolicy) -> list[tuple[str, int, list[str], int]]:
+    def shape(p: Plan) -> list[tuple[str, int, list[str], int]]:
         return [(s.name, s.replicas, sorted(v.name for v in s.versions), s.threads) for s in p.stages]
 
     if shape(resolved) != shape(state.policy) or resolved.gateway != state.policy.gateway \

@@ -1,9 +1,7 @@
 """The traffic policy, `mesh.yaml`: the one place a user sets policy for the local mesh and for Istio.
 
-`load_policy` reads and validates the file alone; `resolve` joins it with the manifest and returns a
-`ResolvedPolicy` in which every value is concrete and every cross-check (weights, shrinking timeouts,
-buffer limits against activations, unknown stages) has passed. The local mesh and the renderer read only
-the resolved form, so neither re-derives a default.
+`load_policy` reads and validates the file alone. `mesh.plan.resolve` joins it with the manifest into the
+plan of hops that both meshes are written from; nothing else reads a `Policy`.
 """
 
 from __future__ import annotations
@@ -13,13 +11,13 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from model_export.manifest import DNS_LABEL, Manifest
+from model_export.manifest import DNS_LABEL
 
-MIB = 1 << 20
-ENVOY_DEFAULT_BUFFER = MIB
 # Envoy's retry_on values for HTTP; bare status codes become retriable_status_codes.
 RETRY_ON = {
     "5xx",
+    "unavailable",
+    "cancelled",
     "gateway-error",
     "reset",
     "reset-before-request",
@@ -30,8 +28,6 @@ RETRY_ON = {
     "envoy-ratelimited",
     "http3-post-connect-failure",
 }
-# Per stage, the default overall timeout covers this much time for every stage from it to the end.
-DEFAULT_SECONDS_PER_STAGE = 5.0
 
 
 class PolicyError(ValueError):
@@ -58,10 +54,18 @@ class Version(_Strict):
         return value
 
 
+# Istio's default conditions (what a VirtualService without `retries` gets: connect-failure, refused-stream,
+# unavailable, cancelled and status 503), plus `reset`: a replica that hangs past the per-try timeout or
+# dies mid-request is retried on another one. `unavailable`/`cancelled` are gRPC statuses; they never fire
+# on this HTTP/1.1 chain and are kept so the conditions read like Istio's.
+DEFAULT_RETRY_ON = ("connect-failure", "refused-stream", "unavailable", "cancelled", "reset", "503")
+
+
 class Retries(_Strict):
     attempts: int = Field(default=3, ge=0, le=10)
+    # Default: derived from the stages' measured latency (mesh.plan.per_try_timeouts), never over timeout_s.
     per_try_timeout_s: float | None = Field(default=None, gt=0)
-    retry_on: list[str] = Field(default_factory=lambda: ["connect-failure", "refused-stream", "reset", "503"])
+    retry_on: list[str] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON))
 
     @field_validator("retry_on")
     @classmethod
@@ -73,7 +77,14 @@ class Retries(_Strict):
 
 
 class OutlierDetection(_Strict):
-    consecutive_5xx: int = Field(default=3, ge=1)
+    """Ejection of a replica that keeps failing. With `split_external_local_origin_errors`, failures the
+    caller's proxy sees itself (connect failures, resets, per-try timeouts: a hung replica) count apart from
+    the 5xx answers the replica sends, so a replica that hangs is ejected as fast as one that answers 503."""
+
+    consecutive_5xx: int = Field(default=3, ge=0)
+    consecutive_gateway_errors: int = Field(default=3, ge=0)  # 502, 503, 504; 0: off
+    consecutive_local_origin_failures: int = Field(default=3, ge=0)  # counted only when split; 0: off
+    split_external_local_origin_errors: bool = True
     interval_s: float = Field(default=1.0, gt=0)
     base_ejection_time_s: float = Field(default=30.0, gt=0)
     max_ejection_percent: int = Field(default=50, ge=0, le=100)
@@ -83,6 +94,30 @@ class ConnectionPool(_Strict):
     max_connections: int = Field(default=1024, ge=1)
     max_pending_requests: int = Field(default=1024, ge=1)
     max_requests: int = Field(default=1024, ge=1)
+
+
+class Delay(_Strict):
+    percent: float = Field(default=100.0, ge=0, le=100)
+    fixed_delay_s: float = Field(gt=0, le=3600)
+
+
+class Abort(_Strict):
+    percent: float = Field(default=100.0, ge=0, le=100)
+    http_status: int = Field(ge=200, le=599)
+
+
+class Fault(_Strict):
+    """Fault injection on the hop into a stage (Istio's HTTPFaultInjection): the caller's proxy delays or
+    answers a share of the requests itself. For chaos tests; never in a production policy."""
+
+    delay: Delay | None = None
+    abort: Abort | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> Fault:
+        if self.delay is None and self.abort is None:
+            raise ValueError("fault needs a delay, an abort or both")
+        return self
 
 
 class Autoscale(_Strict):
@@ -127,6 +162,7 @@ class StagePolicy(_Strict):
     threads: int | None = Field(default=None, ge=1, le=64)
     autoscale: Autoscale | None = None
     resources: Resources | None = None
+    fault: Fault | None = None
 
     @field_validator("versions")
     @classmethod
@@ -183,57 +219,6 @@ class Policy(_Strict):
         return self
 
 
-class ResolvedStage(_Strict):
-    """A stage's effective policy: every value concrete."""
-
-    name: str
-    index: int
-    replicas: int
-    versions: list[Version]
-    timeout_s: float
-    retries: Retries
-    per_try_timeout_s: float
-    outlier_detection: OutlierDetection
-    connection_pool: ConnectionPool
-    buffer_limit_bytes: int
-    threads: int
-    activation_bytes: int  # bytes per sample of the request body into this stage (binary tensors)
-    autoscale: Autoscale = Field(default_factory=Autoscale)
-    cpu_millicores: int = 1000
-    memory_mib: int = 512
-
-
-class ResolvedPolicy(_Strict):
-    namespace: str
-    gateway: Gateway
-    stages: list[ResolvedStage]
-    tracing: Tracing = Field(default_factory=Tracing)
-
-    def stage(self, name: str) -> ResolvedStage:
-        for s in self.stages:
-            if s.name == name:
-                return s
-        raise KeyError(name)
-
-    def spiffe_id(self, service_account: str) -> str:
-        return f"spiffe://cluster.local/ns/{self.namespace}/sa/{service_account}"
-
-    def principal(self, service_account: str) -> str:
-        return f"cluster.local/ns/{self.namespace}/sa/{service_account}"
-
-    def gateway_principal(self) -> str:
-        """Istio principal of the ingress gateway (`cluster.local/ns/istio-system/sa/...` by default)."""
-        return f"cluster.local/ns/{self.gateway.namespace}/sa/{self.gateway.service_account}"
-
-    def gateway_spiffe_id(self) -> str:
-        return f"spiffe://{self.gateway_principal()}"
-
-    def caller_principal(self, name: str) -> str:
-        """The one principal allowed to call stage `name`: the previous stage's, or the gateway's."""
-        index = self.stage(name).index
-        return self.gateway_principal() if index == 0 else self.principal(self.stages[index - 1].name)
-
-
 def load_policy(path: Path | str | None) -> Policy:
     """Read `mesh.yaml`; None gives the defaults, so the mesh runs with no file at all."""
     if path is None:
@@ -253,82 +238,3 @@ def load_policy(path: Path | str | None) -> Policy:
         return Policy.model_validate(data)
     except ValidationError as exc:
         raise PolicyError(f"{path}: invalid policy:\n{exc}") from exc
-
-
-def _pick(*values):  # type: ignore[no-untyped-def]
-    return next(v for v in values if v is not None)
-
-
-def _default_buffer(activation_bytes: int) -> int:
-    """Room for a retried body of the largest batch we expect plus headers, never below Envoy's 1 MiB."""
-    need = 2 * activation_bytes + 64 * 1024
-    size = ENVOY_DEFAULT_BUFFER
-    while size < need:
-        size *= 2
-    return size
-
-
-def _default_memory_mib(param_bytes: int) -> int:
-    """Weights loaded by onnxruntime plus its arena and the Python runtime, in 64 MiB steps."""
-    need = 256 * MIB + 3 * param_bytes
-    return -(-need // (64 * MIB)) * 64
-
-
-def resolve(policy: Policy, manifest: Manifest) -> ResolvedPolicy:
-    """Apply the policy to the pipeline; raise PolicyError naming every problem found."""
-    known = [s.name for s in manifest.stages]
-    problems = [
-        f"stages.{name}: unknown stage; the pipeline {manifest.name!r} has {known}"
-        for name in policy.stages
-        if name not in known
-    ]
-    n = len(manifest.stages)
-    resolved: list[ResolvedStage] = []
-    for i, stage in enumerate(manifest.stages):
-        own = policy.stages.get(stage.name, StagePolicy())
-        d = policy.defaults
-        retries = _pick(own.retries, d.retries, Retries())
-        timeout = _pick(own.timeout_s, d.timeout_s, DEFAULT_SECONDS_PER_STAGE * (n - i))
-        per_try = _pick(retries.per_try_timeout_s, timeout)
-        activation = sum(t.bytes_per_sample() for t in stage.inputs)
-        buffer = _pick(own.buffer_limit_bytes, d.buffer_limit_bytes, _default_buffer(activation))
-        threads = _pick(own.threads, d.threads, manifest.profile.threads)
-        resources = _pick(own.resources, d.resources, Resources())
-        resolved.append(
-            ResolvedStage(
-                name=stage.name,
-                index=i,
-                replicas=_pick(own.replicas, d.replicas, 1),
-                versions=_pick(own.versions, [Version(name=stage.version, weight=100)]),
-                timeout_s=timeout,
-                retries=retries,
-                per_try_timeout_s=per_try,
-                outlier_detection=_pick(own.outlier_detection, d.outlier_detection, OutlierDetection()),
-                connection_pool=_pick(own.connection_pool, d.connection_pool, ConnectionPool()),
-                buffer_limit_bytes=buffer,
-                threads=threads,
-                activation_bytes=activation,
-                autoscale=_pick(own.autoscale, d.autoscale, Autoscale()),
-                cpu_millicores=_pick(resources.cpu_millicores, 1000 * threads),
-                memory_mib=_pick(resources.memory_mib, _default_memory_mib(stage.cost.param_bytes)),
-            )
-        )
-        if per_try > timeout:
-            problems.append(
-                f"stages.{stage.name}: per_try_timeout_s {per_try} exceeds its timeout_s {timeout}"
-            )
-        if retries.attempts > 0 and buffer < activation:
-            problems.append(
-                f"stages.{stage.name}: buffer_limit_bytes {buffer} is smaller than its largest activation "
-                f"({activation} bytes per sample); Envoy would not retry such requests. "
-                f"Raise it to at least {activation} or set retries.attempts to 0"
-            )
-    for outer, inner in zip(resolved, resolved[1:], strict=False):
-        if inner.timeout_s >= outer.timeout_s:
-            problems.append(
-                f"timeouts must shrink along the chain: {outer.name} has {outer.timeout_s}s but the later "
-                f"{inner.name} has {inner.timeout_s}s; an outer hop's timeout must cover the hops inside it"
-            )
-    if problems:
-        raise PolicyError("invalid policy for this pipeline:\n  - " + "\n  - ".join(problems))
-    return ResolvedPolicy(namespace=policy.namespace, gateway=policy.gateway, stages=resolved, tracing=policy.tracing)

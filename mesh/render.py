@@ -1,8 +1,8 @@
 """Render a pipeline and its `mesh.yaml` to a kustomize tree of Kubernetes and Istio resources.
 
-Every value comes from the manifest (names, tensors) and the `ResolvedPolicy` (replicas, versions and
-weights, timeouts, retries, outlier detection, connection pool, buffer limits, threads, resources,
-autoscaling, namespace, gateway host, tracing); nothing is re-derived here. The output is a mapping of
+A writer of the plan of hops (`mesh.plan`): every value comes from the manifest (names, tensors) and the
+`Plan` (per hop the route, the upstream and the authorization; per stage replicas, versions, threads,
+resources, autoscaling and each replica's `StageSettings`); nothing is re-derived here. The output is a mapping of
 relative path to text, deterministic (sorted keys, stable file order, no timestamps), written by
 `write_tree`.
 
@@ -13,7 +13,7 @@ Layout (one resource per file, `<kind>-<target>-<variant>.yaml` for networking f
     components/istio/     kind: Component, so an overlay may leave Istio out: Gateway, VirtualServices,
                           DestinationRules, PeerAuthentication, AuthorizationPolicies, Telemetry, EnvoyFilters
     overlays/dev          one replica per Deployment, CPU
-    overlays/prod         the policy's autoscale.min_replicas, one HorizontalPodAutoscaler per stage
+    overlays/prod         one HorizontalPodAutoscaler per Deployment, which alone sets its replicas
     overlays/gpu          the GPU image, CUDA first, nvidia.com/gpu limits and toleration
     overlays/canary       a second version of one stage at a weight (from the policy where it names one)
 
@@ -33,7 +33,8 @@ from typing import Any
 import yaml
 
 from mesh.dashboard import dashboard_json
-from mesh.policy import ENVOY_DEFAULT_BUFFER, Policy, ResolvedPolicy, ResolvedStage, StagePolicy, Version, resolve
+from mesh.plan import ENVOY_DEFAULT_BUFFER, GATEWAY, Hop, Placement, Plan, StagePlan, resolve
+from mesh.policy import Fault, Policy, StagePolicy, Version
 from model_export.manifest import MANIFEST_FILE, Manifest
 
 IMAGE = "meshpipe/stage-service"
@@ -90,17 +91,17 @@ def _meta(name: str, namespace: str | None, labels: dict[str, str] | None = None
 # ---------------------------------------------------------------------------------------------- base
 
 
-def namespace_obj(resolved: ResolvedPolicy) -> dict[str, Any]:
+def namespace_obj(resolved: Plan) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace",
             "metadata": _meta(resolved.namespace, None, {"istio-injection": "enabled"})}
 
 
-def service_account(stage: ResolvedStage, ns: str) -> dict[str, Any]:
+def service_account(stage: StagePlan, ns: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(stage.name, ns, {"app": stage.name}),
             "automountServiceAccountToken": False}
 
 
-def service(stage: ResolvedStage, ns: str) -> dict[str, Any]:
+def service(stage: StagePlan, ns: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -113,7 +114,7 @@ def service(stage: ResolvedStage, ns: str) -> dict[str, Any]:
     }
 
 
-def pod_disruption_budget(stage: ResolvedStage, ns: str) -> dict[str, Any]:
+def pod_disruption_budget(stage: StagePlan, ns: str) -> dict[str, Any]:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
@@ -122,30 +123,18 @@ def pod_disruption_budget(stage: ResolvedStage, ns: str) -> dict[str, Any]:
     }
 
 
-def _env(manifest: Manifest, resolved: ResolvedPolicy, stage: ResolvedStage, version: Version) -> list[dict[str, str]]:
-    env = {
-        "STAGE_MANIFEST": f"{MODEL_DIR}/{MANIFEST_FILE}",
-        "STAGE_NAME": stage.name,
-        "STAGE_HOST": "0.0.0.0",
-        "STAGE_PORT": str(PORT),
-        "STAGE_THREADS": str(stage.threads),
-        "STAGE_PROVIDERS": "cpu",
-        "STAGE_VERSION": version.name,
-        "OMP_NUM_THREADS": str(stage.threads),
-    }
-    if stage.index + 1 < len(resolved.stages):
-        nxt = resolved.stages[stage.index + 1]
-        env["STAGE_NEXT_URL"] = f"http://{fqdn(nxt.name, resolved.namespace)}:{PORT}"
-        env["STAGE_TIMEOUT_S"] = f"{nxt.timeout_s:g}"
-    if version.file is not None:
-        env["STAGE_FILE"] = f"{MODEL_DIR}/{version.file}"
+def _env(resolved: Plan, stage: StagePlan, version: Version) -> list[dict[str, str]]:
+    nxt = resolved.hop_from(stage.name)
+    placement = Placement(manifest=f"{MODEL_DIR}/{MANIFEST_FILE}", model_dir=Path(MODEL_DIR), host="0.0.0.0",
+                          port=PORT, next_url=f"http://{fqdn(nxt.callee, resolved.namespace)}:{PORT}" if nxt else None)
+    env = resolved.settings(stage, version, placement, providers="cpu").to_env()
+    env["OMP_NUM_THREADS"] = str(stage.threads)
     if resolved.tracing.otlp_endpoint:
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = resolved.tracing.otlp_endpoint
-    del manifest
     return [{"name": k, "value": env[k]} for k in sorted(env)]
 
 
-def deployment(manifest: Manifest, resolved: ResolvedPolicy, stage: ResolvedStage, version: Version,
+def deployment(manifest: Manifest, resolved: Plan, stage: StagePlan, version: Version,
                replicas: int) -> dict[str, Any]:
     """`<stage>-<version>`: non-root, read-only root, probes, model files copied in by an init container."""
     labels = {"app": stage.name, "version": version.name}
@@ -193,7 +182,7 @@ def deployment(manifest: Manifest, resolved: ResolvedPolicy, stage: ResolvedStag
                         "image": f"{IMAGE}:{IMAGE_TAG}",
                         "imagePullPolicy": "IfNotPresent",
                         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
-                        "env": _env(manifest, resolved, stage, version),
+                        "env": _env(resolved, stage, version),
                         "startupProbe": probe("/v2/health/live", 2, 60),
                         "livenessProbe": probe("/v2/health/live", 10, 3),
                         "readinessProbe": probe("/v2/health/ready", 5, 3),
@@ -212,42 +201,73 @@ def deployment(manifest: Manifest, resolved: ResolvedPolicy, stage: ResolvedStag
 # --------------------------------------------------------------------------------------------- istio
 
 
-def route(stage: ResolvedStage, ns: str) -> list[dict[str, Any]]:
-    return [{"destination": {"host": fqdn(stage.name, ns), "subset": v.name, "port": {"number": PORT}},
-             "weight": v.weight} for v in stage.versions]
+def route(hop: Hop, ns: str) -> list[dict[str, Any]]:
+    return [{"destination": {"host": fqdn(hop.callee, ns), "subset": d.version, "port": {"number": PORT}},
+             "weight": d.weight} for d in hop.route.destinations]
 
 
-def _http_route(stage: ResolvedStage, ns: str, name: str, match: list[dict[str, Any]] | None) -> dict[str, Any]:
+def _percentage(value: float) -> dict[str, float]:
+    return {"value": value}
+
+
+def _fault(fault: Fault) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if fault.delay is not None:
+        out["delay"] = {"fixedDelay": duration(fault.delay.fixed_delay_s),
+                        "percentage": _percentage(fault.delay.percent)}
+    if fault.abort is not None:
+        out["abort"] = {"httpStatus": fault.abort.http_status, "percentage": _percentage(fault.abort.percent)}
+    return out
+
+
+def _http_route(hop: Hop, ns: str, name: str, match: list[dict[str, Any]] | None) -> dict[str, Any]:
     http: dict[str, Any] = {"name": name}
     if match:
         http["match"] = match
-    http["route"] = route(stage, ns)
-    http["timeout"] = duration(stage.timeout_s)
-    if stage.retries.attempts > 0:
-        http["retries"] = {"attempts": stage.retries.attempts, "perTryTimeout": duration(stage.per_try_timeout_s),
-                           "retryOn": ",".join(stage.retries.retry_on)}
+    http["route"] = route(hop, ns)
+    http["timeout"] = duration(hop.route.timeout_s)
+    if hop.route.attempts > 0:
+        http["retries"] = {"attempts": hop.route.attempts, "perTryTimeout": duration(hop.route.per_try_timeout_s),
+                           "retryOn": hop.route.istio_retry_on}
     else:
         http["retries"] = {"attempts": 0}
+    if hop.route.fault is not None:
+        http["fault"] = _fault(hop.route.fault)
     return http
 
 
-def virtual_service(stage: ResolvedStage, ns: str) -> dict[str, Any]:
+def virtual_service(hop: Hop, ns: str) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "VirtualService",
-        "metadata": _meta(stage.name, ns),
-        "spec": {"hosts": [fqdn(stage.name, ns)], "http": [_http_route(stage, ns, "chain", None)]},
+        "metadata": _meta(hop.callee, ns),
+        "spec": {"hosts": [fqdn(hop.callee, ns)], "http": [_http_route(hop, ns, "chain", None)]},
     }
 
 
-def destination_rule(stage: ResolvedStage, ns: str) -> dict[str, Any]:
-    od, cp = stage.outlier_detection, stage.connection_pool
+def _outlier_detection(hop: Hop) -> dict[str, Any]:
+    od = hop.upstream.outlier_detection
+    out: dict[str, Any] = {
+        "consecutive5xxErrors": od.consecutive_5xx,
+        "consecutiveGatewayErrors": od.consecutive_gateway_errors,
+        "interval": duration(od.interval_s),
+        "baseEjectionTime": duration(od.base_ejection_time_s),
+        "maxEjectionPercent": od.max_ejection_percent,
+    }
+    if od.split_external_local_origin_errors:
+        out["splitExternalLocalOriginErrors"] = True
+        out["consecutiveLocalOriginFailures"] = od.consecutive_local_origin_failures
+    return out
+
+
+def destination_rule(hop: Hop, ns: str) -> dict[str, Any]:
+    cp = hop.upstream.connection_pool
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "DestinationRule",
-        "metadata": _meta(stage.name, ns),
+        "metadata": _meta(hop.callee, ns),
         "spec": {
-            "host": fqdn(stage.name, ns),
+            "host": fqdn(hop.callee, ns),
             "trafficPolicy": {
                 "tls": {"mode": "ISTIO_MUTUAL"},
                 "connectionPool": {
@@ -255,19 +275,14 @@ def destination_rule(stage: ResolvedStage, ns: str) -> dict[str, Any]:
                     "http": {"http1MaxPendingRequests": cp.max_pending_requests,
                              "http2MaxRequests": cp.max_requests},
                 },
-                "outlierDetection": {
-                    "consecutive5xxErrors": od.consecutive_5xx,
-                    "interval": duration(od.interval_s),
-                    "baseEjectionTime": duration(od.base_ejection_time_s),
-                    "maxEjectionPercent": od.max_ejection_percent,
-                },
+                "outlierDetection": _outlier_detection(hop),
             },
-            "subsets": [{"name": v.name, "labels": {"version": v.name}} for v in stage.versions],
+            "subsets": [{"name": v, "labels": {"version": v}} for v in hop.upstream.subsets],
         },
     }
 
 
-def gateway(manifest: Manifest, resolved: ResolvedPolicy) -> dict[str, Any]:
+def gateway(manifest: Manifest, resolved: Plan) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "Gateway",
@@ -280,9 +295,8 @@ def gateway(manifest: Manifest, resolved: ResolvedPolicy) -> dict[str, Any]:
     }
 
 
-def gateway_virtual_service(manifest: Manifest, resolved: ResolvedPolicy) -> dict[str, Any]:
+def gateway_virtual_service(manifest: Manifest, resolved: Plan) -> dict[str, Any]:
     """The pipeline's host at the gateway: `/v2/...` to the first stage, which answers for the pipeline."""
-    first = resolved.stages[0]
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "VirtualService",
@@ -290,7 +304,7 @@ def gateway_virtual_service(manifest: Manifest, resolved: ResolvedPolicy) -> dic
         "spec": {
             "hosts": [resolved.gateway.host],
             "gateways": [manifest.name],
-            "http": [_http_route(first, resolved.namespace, "pipeline", [{"uri": {"prefix": "/v2"}}])],
+            "http": [_http_route(resolved.hops[0], resolved.namespace, "pipeline", [{"uri": {"prefix": "/v2"}}])],
         },
     }
 
@@ -305,23 +319,23 @@ def allow_nothing(ns: str) -> dict[str, Any]:
             "metadata": _meta("allow-nothing", ns), "spec": {}}
 
 
-def allow_caller(resolved: ResolvedPolicy, stage: ResolvedStage) -> dict[str, Any]:
+def allow_caller(hop: Hop, ns: str) -> dict[str, Any]:
     return {
         "apiVersion": "security.istio.io/v1",
         "kind": "AuthorizationPolicy",
-        "metadata": _meta(f"{stage.name}-allow-caller", resolved.namespace),
+        "metadata": _meta(f"{hop.callee}-allow-caller", ns),
         "spec": {
-            "selector": {"matchLabels": {"app": stage.name}},
+            "selector": {"matchLabels": {"app": hop.callee}},
             "action": "ALLOW",
             "rules": [{
-                "from": [{"source": {"principals": [resolved.caller_principal(stage.name)]}}],
+                "from": [{"source": {"principals": list(hop.allowed_principals)}}],
                 "to": [{"operation": {"ports": [str(PORT)], "paths": ["/v2", "/v2/*"]}}],
             }],
         },
     }
 
 
-def telemetry(manifest: Manifest, resolved: ResolvedPolicy) -> dict[str, Any]:
+def telemetry(manifest: Manifest, resolved: Plan) -> dict[str, Any]:
     return {
         "apiVersion": "telemetry.istio.io/v1",
         "kind": "Telemetry",
@@ -331,30 +345,30 @@ def telemetry(manifest: Manifest, resolved: ResolvedPolicy) -> dict[str, Any]:
     }
 
 
-def needs_buffer_filter(stage: ResolvedStage) -> bool:
-    return stage.retries.attempts > 0 and stage.buffer_limit_bytes > ENVOY_DEFAULT_BUFFER
+def needs_buffer_filter(hop: Hop) -> bool:
+    return hop.route.attempts > 0 and hop.upstream.buffer_limit_bytes > ENVOY_DEFAULT_BUFFER
 
 
-def buffer_filter(resolved: ResolvedPolicy, stage: ResolvedStage) -> dict[str, Any]:
-    """Raise Envoy's buffer limit on the caller's side of the hop into `stage`, where retries buffer bodies.
+def buffer_filter(resolved: Plan, hop: Hop) -> dict[str, Any]:
+    """Raise Envoy's buffer limit on the caller's side of `hop`, where retries buffer bodies.
 
     The caller is the previous stage's sidecar (or, for the first stage, the ingress gateway, whose
     EnvoyFilter must live in the gateway's namespace). The listener that receives the body and the cluster
     that sends it both get `per_connection_buffer_limit_bytes`: Envoy keeps a body for a retry only while
     it fits the listener's limit (otherwise 507/failed retry), and the router caps it by both.
     """
-    limit = stage.buffer_limit_bytes
-    if stage.index == 0:
+    limit = hop.upstream.buffer_limit_bytes
+    if hop.caller == GATEWAY:
         context, ns, selector = "GATEWAY", resolved.gateway.namespace, dict(INGRESS_GATEWAY_SELECTOR)
         listener_port = INGRESS_GATEWAY_TARGET_PORT
     else:
         context, ns = "SIDECAR_OUTBOUND", resolved.namespace
-        selector = {"app": resolved.stages[stage.index - 1].name}
+        selector = {"app": hop.caller}
         listener_port = PORT
     return {
         "apiVersion": "networking.istio.io/v1alpha3",
         "kind": "EnvoyFilter",
-        "metadata": _meta(f"{stage.name}-buffer-limit", ns),
+        "metadata": _meta(f"{hop.callee}-buffer-limit", ns),
         "spec": {
             "workloadSelector": {"labels": selector},
             "configPatches": [
@@ -363,14 +377,14 @@ def buffer_filter(resolved: ResolvedPolicy, stage: ResolvedStage) -> dict[str, A
                  "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": limit}}},
                 {"applyTo": "CLUSTER",
                  "match": {"context": context,
-                           "cluster": {"service": fqdn(stage.name, resolved.namespace), "portNumber": PORT}},
+                           "cluster": {"service": fqdn(hop.callee, resolved.namespace), "portNumber": PORT}},
                  "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": limit}}},
             ],
         },
     }
 
 
-def hpa(stage: ResolvedStage, ns: str, deployment_name: str) -> dict[str, Any]:
+def hpa(stage: StagePlan, ns: str, deployment_name: str) -> dict[str, Any]:
     a = stage.autoscale
     return {
         "apiVersion": "autoscaling/v2",
@@ -433,68 +447,89 @@ def _file(kind: str, target: str, variant: str | None = None) -> str:
     return "-".join(parts) + ".yaml"
 
 
-def render_tree(manifest: Manifest, policy: Policy) -> dict[str, str]:
-    """Every file of the kustomize tree, by path relative to its root."""
-    resolved = resolve(stable_policy(policy), manifest)
-    canary = resolve(canary_policy(policy, manifest), manifest)
+Files = dict[str, str]
+Objects = dict[str, dict[str, Any]]
+
+
+def _base(manifest: Manifest, resolved: Plan) -> Files:
+    """Namespace, and per stage ServiceAccount, Service, PodDisruptionBudget and one Deployment per version."""
     ns = resolved.namespace
-    files: dict[str, str] = {}
-
-    # base
-    base: dict[str, dict[str, Any]] = {_file("Namespace", ns): namespace_obj(resolved)}
+    objs: Objects = {_file("Namespace", ns): namespace_obj(resolved)}
     for s in resolved.stages:
-        base[_file("ServiceAccount", s.name)] = service_account(s, ns)
-        base[_file("Service", s.name)] = service(s, ns)
-        base[_file("PodDisruptionBudget", s.name)] = pod_disruption_budget(s, ns)
+        objs[_file("ServiceAccount", s.name)] = service_account(s, ns)
+        objs[_file("Service", s.name)] = service(s, ns)
+        objs[_file("PodDisruptionBudget", s.name)] = pod_disruption_budget(s, ns)
         for v in s.versions:
-            base[_file("Deployment", f"{s.name}-{v.name}")] = deployment(manifest, resolved, s, v, s.replicas)
+            objs[_file("Deployment", f"{s.name}-{v.name}")] = deployment(manifest, resolved, s, v, s.replicas)
     dashboard_file = f"grafana-dashboard-{manifest.name}.json"
-    files[f"base/{dashboard_file}"] = dashboard_json(manifest.name, resolved)
-    files["base/kustomization.yaml"] = _kustomization(
-        "Kustomization",
-        labels=[{"pairs": {"app.kubernetes.io/part-of": manifest.name}}],
-        resources=sorted(base),
-        configMapGenerator=[{
-            "name": f"{manifest.name}-grafana-dashboard",
-            "namespace": ns,
-            "files": [dashboard_file],
-            "options": {"disableNameSuffixHash": True, "labels": {"grafana_dashboard": "1"}},
-        }],
-    )
-    files.update({f"base/{k}": _dump(v) for k, v in base.items()})
+    files = {
+        f"base/{dashboard_file}": dashboard_json(manifest.name, resolved),
+        "base/kustomization.yaml": _kustomization(
+            "Kustomization",
+            labels=[{"pairs": {"app.kubernetes.io/part-of": manifest.name}}],
+            resources=sorted(objs),
+            configMapGenerator=[{
+                "name": f"{manifest.name}-grafana-dashboard",
+                "namespace": ns,
+                "files": [dashboard_file],
+                "options": {"disableNameSuffixHash": True, "labels": {"grafana_dashboard": "1"}},
+            }],
+        ),
+    }
+    files.update({f"base/{k}": _dump(v) for k, v in objs.items()})
+    return files
 
-    # components/istio
-    istio: dict[str, dict[str, Any]] = {
+
+def _istio_component(manifest: Manifest, resolved: Plan) -> Files:
+    """components/istio: the gateway, and per hop its VirtualService, DestinationRule, AuthorizationPolicy and
+    (where retried bodies outgrow Envoy's default buffer) EnvoyFilter."""
+    ns = resolved.namespace
+    objs: Objects = {
         _file("Gateway", manifest.name, "http"): gateway(manifest, resolved),
         _file("VirtualService", manifest.name, "gateway"): gateway_virtual_service(manifest, resolved),
         _file("PeerAuthentication", "default", "strict"): peer_authentication(ns),
         _file("AuthorizationPolicy", ns, "allow-nothing"): allow_nothing(ns),
         _file("Telemetry", manifest.name, "tracing"): telemetry(manifest, resolved),
     }
-    for s in resolved.stages:
-        istio[_file("DestinationRule", s.name, "mtls")] = destination_rule(s, ns)
-        istio[_file("VirtualService", s.name, "chain")] = virtual_service(s, ns)
-        istio[_file("AuthorizationPolicy", s.name, "allow-caller")] = allow_caller(resolved, s)
-        if needs_buffer_filter(s):
-            istio[_file("EnvoyFilter", s.name, "buffer-limit")] = buffer_filter(resolved, s)
-    files["components/istio/kustomization.yaml"] = _kustomization("Component", resources=sorted(istio))
-    files.update({f"components/istio/{k}": _dump(v) for k, v in istio.items()})
+    for hop in resolved.hops:
+        objs[_file("DestinationRule", hop.callee, "mtls")] = destination_rule(hop, ns)
+        objs[_file("VirtualService", hop.callee, "chain")] = virtual_service(hop, ns)
+        objs[_file("AuthorizationPolicy", hop.callee, "allow-caller")] = allow_caller(hop, ns)
+        if needs_buffer_filter(hop):
+            objs[_file("EnvoyFilter", hop.callee, "buffer-limit")] = buffer_filter(resolved, hop)
+    files = {"components/istio/kustomization.yaml": _kustomization("Component", resources=sorted(objs))}
+    files.update({f"components/istio/{k}": _dump(v) for k, v in objs.items()})
+    return files
 
-    deployments = [(s, f"{s.name}-{v.name}") for s in resolved.stages for v in s.versions]
 
-    # overlays/dev: one replica each
-    files["overlays/dev/kustomization.yaml"] = _kustomization(
-        "Kustomization", resources=["../../base"], components=["../../components/istio"],
-        replicas=[{"name": d, "count": 1} for _, d in deployments])
+def _deployments(resolved: Plan) -> list[tuple[StagePlan, str]]:
+    return [(s, f"{s.name}-{v.name}") for s in resolved.stages for v in s.versions]
 
-    # overlays/prod: the autoscaler's floor as replicas, and one HPA per stage
-    prod = {_file("HorizontalPodAutoscaler", d): hpa(s, ns, d) for s, d in deployments}
-    files["overlays/prod/kustomization.yaml"] = _kustomization(
-        "Kustomization", resources=["../../base", *sorted(prod)], components=["../../components/istio"],
-        replicas=[{"name": d, "count": s.autoscale.min_replicas} for s, d in deployments])
-    files.update({f"overlays/prod/{k}": _dump(v) for k, v in prod.items()})
 
-    # overlays/gpu: the GPU image, CUDA first, one GPU per pod
+def _overlay(name: str, resources: list[str] | None = None, **fields: Any) -> Files:
+    return {f"overlays/{name}/kustomization.yaml": _kustomization(
+        "Kustomization", resources=["../../base", *(resources or [])], components=["../../components/istio"],
+        **fields)}
+
+
+def _dev_overlay(resolved: Plan) -> Files:
+    """One replica per Deployment."""
+    return _overlay("dev", replicas=[{"name": d, "count": 1} for _, d in _deployments(resolved)])
+
+
+def _prod_overlay(resolved: Plan) -> Files:
+    """One HorizontalPodAutoscaler per Deployment, and no `replicas` on the Deployments it scales: a
+    `replicas` there would reset the autoscaler's decision on every apply (its minReplicas is the floor)."""
+    hpas = {_file("HorizontalPodAutoscaler", d): hpa(s, resolved.namespace, d) for s, d in _deployments(resolved)}
+    patch = "patch-deployment-no-replicas.yaml"
+    files = _overlay("prod", sorted(hpas), patches=[{"path": patch, "target": {"kind": "Deployment"}}])
+    files[f"overlays/prod/{patch}"] = _dump([{"op": "remove", "path": "/spec/replicas"}])
+    files.update({f"overlays/prod/{k}": _dump(v) for k, v in hpas.items()})
+    return files
+
+
+def _gpu_overlay() -> Files:
+    """The GPU image, CUDA first, one GPU per pod."""
     gpu_patch = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "any-stage"},
         "spec": {"template": {"spec": {
@@ -504,41 +539,50 @@ def render_tree(manifest: Manifest, policy: Policy) -> dict[str, str]:
                             "resources": {"limits": {"nvidia.com/gpu": "1"}}}],
         }}},
     }
+    files = _overlay("gpu", images=[{"name": IMAGE, "newTag": GPU_IMAGE_TAG}],
+                     patches=[{"path": "patch-deployment-gpu.yaml", "target": {"kind": "Deployment"}}])
     files["overlays/gpu/patch-deployment-gpu.yaml"] = _dump(gpu_patch)
-    files["overlays/gpu/kustomization.yaml"] = _kustomization(
-        "Kustomization", resources=["../../base"], components=["../../components/istio"],
-        images=[{"name": IMAGE, "newTag": GPU_IMAGE_TAG}],
-        patches=[{"path": "patch-deployment-gpu.yaml", "target": {"kind": "Deployment"}}])
+    return files
 
-    # overlays/canary: the canary versions' Deployments, their subsets and the weights
-    canary_res: dict[str, dict[str, Any]] = {}
-    canary_patches: list[dict[str, Any]] = []
-    for s in canary.stages:
-        stable = resolved.stage(s.name)
-        if [v.name for v in s.versions] == [v.name for v in stable.versions] and s.versions == stable.versions:
+
+def _patch_target(kind: str, name: str) -> dict[str, str]:
+    return {"group": "networking.istio.io", "version": "v1", "kind": kind, "name": name}
+
+
+def _canary_overlay(manifest: Manifest, stable: Plan, canary: Plan) -> Files:
+    """The canary versions' Deployments, their subsets and the weights."""
+    files: Files = {}
+    objs: Objects = {}
+    patches: list[dict[str, Any]] = []
+    ns = canary.namespace
+    for s, hop in zip(canary.stages, canary.hops, strict=True):
+        if s.versions == stable.stage(s.name).versions:
             continue
-        known = {v.name for v in stable.versions}
+        known = {v.name for v in stable.stage(s.name).versions}
         for v in s.versions:
             if v.name not in known:
-                canary_res[_file("Deployment", f"{s.name}-{v.name}")] = deployment(manifest, canary, s, v, 1)
+                objs[_file("Deployment", f"{s.name}-{v.name}")] = deployment(manifest, canary, s, v, 1)
         subset_ops = [{"op": "add", "path": "/spec/subsets/-", "value": {"name": v.name, "labels": {"version": v.name}}}
                       for v in s.versions if v.name not in known]
-        route_op = [{"op": "replace", "path": "/spec/http/0/route", "value": route(s, ns)}]
+        route_op = [{"op": "replace", "path": "/spec/http/0/route", "value": route(hop, ns)}]
         dr_patch, vs_patch = f"patch-destinationrule-{s.name}.yaml", f"patch-virtualservice-{s.name}.yaml"
         files[f"overlays/canary/{dr_patch}"] = _dump(subset_ops)
         files[f"overlays/canary/{vs_patch}"] = _dump(route_op)
-        canary_patches.append({"path": dr_patch, "target": {"group": "networking.istio.io", "version": "v1",
-                                                            "kind": "DestinationRule", "name": s.name}})
-        canary_patches.append({"path": vs_patch, "target": {"group": "networking.istio.io", "version": "v1",
-                                                            "kind": "VirtualService", "name": s.name}})
-        if s.index == 0:
-            canary_patches.append({"path": vs_patch, "target": {
-                "group": "networking.istio.io", "version": "v1", "kind": "VirtualService",
-                "name": f"{manifest.name}-gateway"}})
-    files["overlays/canary/kustomization.yaml"] = _kustomization(
-        "Kustomization", resources=["../../base", *sorted(canary_res)], components=["../../components/istio"],
-        patches=canary_patches)
-    files.update({f"overlays/canary/{k}": _dump(v) for k, v in canary_res.items()})
+        patches.append({"path": dr_patch, "target": _patch_target("DestinationRule", s.name)})
+        patches.append({"path": vs_patch, "target": _patch_target("VirtualService", s.name)})
+        if hop.caller == GATEWAY:
+            patches.append({"path": vs_patch, "target": _patch_target("VirtualService", f"{manifest.name}-gateway")})
+    files.update(_overlay("canary", sorted(objs), patches=patches))
+    files.update({f"overlays/canary/{k}": _dump(v) for k, v in objs.items()})
+    return files
+
+
+def render_tree(manifest: Manifest, policy: Policy) -> dict[str, str]:
+    """Every file of the kustomize tree, by path relative to its root."""
+    stable = resolve(stable_policy(policy), manifest)
+    canary = resolve(canary_policy(policy, manifest), manifest)
+    files = {**_base(manifest, stable), **_istio_component(manifest, stable), **_dev_overlay(stable),
+             **_prod_overlay(stable), **_gpu_overlay(), **_canary_overlay(manifest, stable, canary)}
     return dict(sorted(files.items()))
 
 

@@ -56,6 +56,26 @@ class StageSettings(BaseSettings):
     log_level: str = Field(default="info", pattern=r"^(critical|error|warning|info|debug|trace)$")
     access_log: bool = False
 
+    def to_env(self) -> dict[str, str]:
+        """The `STAGE_*` variables that give these settings: every field set explicitly (the others keep
+        their defaults), providers by their short names where they have one."""
+        short = {full: alias for alias, full in PROVIDER_ALIASES.items()}
+        env = {}
+        for name in sorted(self.model_fields_set):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "providers":
+                text = ",".join(short.get(p, p) for p in value)
+            elif isinstance(value, bool):
+                text = str(value).lower()
+            elif isinstance(value, float):
+                text = str(int(value)) if value.is_integer() else repr(value)
+            else:
+                text = str(value)
+            env[f"{ENV_PREFIX}{name.upper()}"] = text
+        return env
+
     @field_validator("providers", mode="before")
     @classmethod
     def _split_providers(cls, value: object) -> object:

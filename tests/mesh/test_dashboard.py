@@ -19,7 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.dashboard import build_dashboard
-from mesh.policy import load_policy, resolve
+from mesh.plan import resolve
+from mesh.policy import load_policy
 from model_export.manifest import Manifest
 from tests.stage_service.procs import StageProcess, start_stage
 

@@ -51,7 +51,7 @@ def test_activation_is_larger_than_envoy_default_buffer(mesh: tuple[local.State,
     state, _, _ = mesh
     middle = state.policy.stage(MIDDLE)
     assert middle.activation_bytes == 4 * WIDTH > 1 << 20
-    assert middle.buffer_limit_bytes >= middle.activation_bytes
+    assert state.policy.hop_into(MIDDLE).upstream.buffer_limit_bytes >= middle.activation_bytes
     assert len(state.layout.of_stage(MIDDLE)) == 2
 
 

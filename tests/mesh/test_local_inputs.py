@@ -15,7 +15,8 @@ import pytest
 from mesh import envoy_config, local
 from mesh.layout import plan
 from mesh.pki import CertPair
-from mesh.policy import Policy, load_policy, resolve
+from mesh.plan import resolve
+from mesh.policy import Policy, load_policy
 from model_export.manifest import Manifest, load_manifest
 from tests.mesh.local_mesh import REPO, mesh_cli, processes_of, write_policy
 

@@ -99,7 +99,7 @@ def test_rbac_admits_only_the_previous_stage(mesh: tuple[local.State, Path], tmp
     for who in ("tiny-stage-0", "tiny-stage-2"):
         with mtls_client(state_dir, f"spiffe://cluster.local/ns/tiny-ns/sa/{who}", tmp_path) as client:
             outcomes[who] = client.post(url, content=body, headers=headers)
-    with mtls_client(state_dir, state.policy.gateway_spiffe_id(), tmp_path) as client:
+    with mtls_client(state_dir, state.policy.gateway_identity.spiffe_id, tmp_path) as client:
         outcomes["gateway"] = client.post(url, content=body, headers=headers)
     # Right service account, wrong namespace: not the previous stage either.
     with mtls_client(state_dir, "spiffe://cluster.local/ns/other/sa/tiny-stage-0", tmp_path) as client:

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from mesh.__main__ import main
-from mesh.policy import Policy, resolve
+from mesh.plan import resolve
+from mesh.policy import Policy
 from mesh.render import render_tree
 from model_export.manifest import Manifest, load_manifest
 
@@ -119,13 +120,15 @@ def test_values_come_from_the_resolved_policy(tiny_pipeline: tuple[Path, Manifes
         env = {e["name"]: e["value"] for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["STAGE_THREADS"] == "3"
         if stage.index < 2:
-            nxt = resolved.stages[stage.index + 1]
-            assert env["STAGE_NEXT_URL"] == f"http://{nxt.name}.ml.svc.cluster.local:8080"
-            assert float(env["STAGE_TIMEOUT_S"]) == nxt.timeout_s
+            nxt = resolved.hops[stage.index + 1]
+            assert env["STAGE_NEXT_URL"] == f"http://{nxt.callee}.ml.svc.cluster.local:8080"
+            # the caller's sidecar answers a timeout first; the app's own is a backstop 1 s later
+            assert float(env["STAGE_TIMEOUT_S"]) == nxt.route.timeout_s + 1.0
     vs = {v["metadata"]["name"]: v for v in istio["VirtualService"]}
     assert vs[s0]["spec"]["http"][0]["timeout"] == "9.5s"
     assert vs[s2]["spec"]["http"][0]["timeout"] == "1.25s"
-    assert vs[s1]["spec"]["http"][0]["retries"] == {"attempts": 2, "perTryTimeout": "0.5s", "retryOn": "reset,503"}
+    assert vs[s1]["spec"]["http"][0]["retries"] == {"attempts": 2, "perTryTimeout": "0.5s",
+                                                    "retryOn": "reset,retriable-status-codes,503"}
     assert vs["tiny-gateway"]["spec"]["hosts"] == ["tiny.example.com"]
     dr = {d["metadata"]["name"]: d for d in istio["DestinationRule"]}
     assert dr[s1]["spec"]["trafficPolicy"]["outlierDetection"]["consecutive5xxErrors"] == 7

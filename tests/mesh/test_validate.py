@@ -153,7 +153,7 @@ def test_overlay_differences(built: dict[str, Objects]) -> None:
     assert {d["spec"]["replicas"] for d in deployments("dev").values()} == {1}
     hpas = [o for o in built["prod"] if o["kind"] == "HorizontalPodAutoscaler"]
     assert len(hpas) == len(deployments("prod"))
-    assert all(d["spec"]["replicas"] >= 2 for d in deployments("prod").values())
+    assert all("replicas" not in d["spec"] for d in deployments("prod").values())  # the HPAs scale them
     gpu = next(iter(deployments("gpu").values()))["spec"]["template"]["spec"]["containers"][0]
     assert gpu["image"].endswith("-gpu") and gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {e["name"]: e["value"] for e in gpu["env"]}["STAGE_PROVIDERS"] == "cuda,cpu"
@@ -260,3 +260,15 @@ def test_semantic_checks_catch_a_broken_tree(built: dict[str, Objects], case: st
     assert semantic_problems(built["canary"]) == []
     problems = semantic_problems(_broken(built["canary"], mutate))
     assert any(needle in p for p in problems), problems
+
+
+def test_semantic_checks_catch_replicas_fighting_an_autoscaler(built: dict[str, Objects]) -> None:
+    """The prod overlay leaves replicas to the HPAs; a Deployment that sets them anyway is caught."""
+    assert semantic_problems(built["prod"]) == []
+
+    def pin_replicas(objs: Objects) -> None:
+        _one(objs, "Deployment", "tiny-stage-1-v1")["spec"]["replicas"] = 2
+
+    problems = semantic_problems(_broken(built["prod"], pin_replicas))
+    assert any("Deployment/tiny-ns/tiny-stage-1-v1: replicas 2 is set" in p and "HorizontalPodAutoscaler" in p
+               for p in problems), problems

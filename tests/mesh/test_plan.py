@@ -1,0 +1,192 @@
+"""The plan of hops: one decision per question, written out alike by the local Envoy config and the Istio tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mesh import envoy_config
+from mesh.layout import plan as plan_layout
+from mesh.local import _app_env
+from mesh.pki import CertPair
+from mesh.plan import (
+    APP_TIMEOUT_MARGIN_S,
+    GATEWAY,
+    PER_TRY_FLOOR_S,
+    Placement,
+    Plan,
+    derived_per_try_timeouts,
+    resolve,
+)
+from mesh.policy import Policy, PolicyError
+from mesh.render import render_tree
+from model_export.manifest import Manifest
+from stage_service.settings import StageSettings
+
+ISTIO_DEFAULT_RETRY_ON = {"connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"}
+
+
+def _resolve(manifest: Manifest, **policy: Any) -> Plan:
+    return resolve(Policy.model_validate(policy), manifest)
+
+
+def _istio(files: dict[str, str], kind: str, name: str) -> dict[str, Any]:
+    for path, text in files.items():
+        if path.startswith("components/istio/"):
+            for doc in yaml.safe_load_all(text):
+                if isinstance(doc, dict) and doc.get("kind") == kind and doc["metadata"]["name"] == name:
+                    return doc
+    raise KeyError((kind, name))
+
+
+def _envoy(tmp_path: Path, manifest: Manifest, pipeline: Path, plan: Plan, stage: str) -> envoy_config.Resources:
+    """The sidecar config of the first replica of `stage` (its outbound side holds the hop after it)."""
+    layout = plan_layout(plan, manifest.name, pipeline, gateway_port=0)
+    replica = next(r for r in layout.replicas if r.stage == stage)
+    pair = CertPair(tmp_path / "c.pem", tmp_path / "k.pem")
+    return envoy_config.sidecar(layout, plan, replica, pair, tmp_path / "ca.pem", tmp_path)
+
+
+def _outbound_route(res: envoy_config.Resources) -> dict[str, Any]:
+    route = next(r for r in res.routes if r["name"] == "outbound")["virtual_hosts"][0]["routes"][0]
+    assert isinstance(route, dict)
+    return route
+
+
+def test_one_hop_per_stage_with_identities_derived_once(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    plan = _resolve(manifest, namespace="ml")
+    assert [(h.caller, h.callee) for h in plan.hops] == [
+        (GATEWAY, "tiny-stage-0"), ("tiny-stage-0", "tiny-stage-1"), ("tiny-stage-1", "tiny-stage-2")]
+    for hop in plan.hops:
+        callee = plan.stage(hop.callee)
+        assert hop.callee_identity == callee.identity
+        assert hop.upstream.expected_san == callee.identity.spiffe_id == f"spiffe://cluster.local/ns/ml/sa/{hop.callee}"
+        assert hop.allowed_principals == [hop.caller_identity.principal]
+        caller = plan.gateway_identity if hop.caller == GATEWAY else plan.stage(hop.caller).identity
+        assert hop.caller_identity == caller
+    assert plan.gateway_identity.principal == "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+
+
+def test_weight_zero_version_is_deployed_but_not_routed_in_both_meshes(tiny_pipeline: tuple[Path, Manifest],
+                                                                        tmp_path: Path) -> None:
+    pipeline, manifest = tiny_pipeline
+    versions = [{"name": "v1", "weight": 100}, {"name": "v2", "weight": 0}]
+    policy = {"stages": {"tiny-stage-1": {"versions": versions}}}
+    plan = _resolve(manifest, **policy)
+    hop = plan.hop_into("tiny-stage-1")
+    assert hop.upstream.subsets == ["v1", "v2"] and [d.version for d in hop.route.destinations] == ["v1"]
+    # local: a cluster per version, the route to v1 alone (as istiod writes a route with a 0-weighted version)
+    res = _envoy(tmp_path, manifest, pipeline, plan, "tiny-stage-0")
+    assert {"outbound|v1|tiny-stage-1", "outbound|v2|tiny-stage-1"} <= {c["name"] for c in res.clusters}
+    assert _outbound_route(res)["route"]["cluster"] == "outbound|v1|tiny-stage-1"
+    # Istio: the canary overlay deploys v2 and defines its subset; the route names v1 alone
+    files = render_tree(manifest, Policy.model_validate(policy))
+    ops = yaml.safe_load(files["overlays/canary/patch-virtualservice-tiny-stage-1.yaml"])
+    assert [r["destination"]["subset"] for r in ops[0]["value"]] == ["v1"]
+    assert "overlays/canary/deployment-tiny-stage-1-v2.yaml" in files
+
+
+def test_app_timeout_is_the_route_timeout_plus_a_margin_in_both_meshes(tiny_pipeline: tuple[Path, Manifest],
+                                                                       tmp_path: Path) -> None:
+    pipeline, manifest = tiny_pipeline
+    plan = _resolve(manifest, stages={"tiny-stage-1": {"timeout_s": 7.5}})
+    expected = str(7.5 + APP_TIMEOUT_MARGIN_S)
+    layout = plan_layout(plan, manifest.name, pipeline, gateway_port=0)
+    replica = next(r for r in layout.replicas if r.stage == "tiny-stage-0")
+    local_env = _app_env(tmp_path, pipeline / "pipeline.json", plan, replica)
+    assert local_env["STAGE_TIMEOUT_S"] == expected
+    deployment = yaml.safe_load(render_tree(manifest, Policy.model_validate(
+        {"stages": {"tiny-stage-1": {"timeout_s": 7.5}}}))["base/deployment-tiny-stage-0-v1.yaml"])
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["STAGE_TIMEOUT_S"] == expected
+    last = next(r for r in layout.replicas if r.stage == "tiny-stage-2")
+    assert "STAGE_TIMEOUT_S" not in _app_env(tmp_path, pipeline / "pipeline.json", plan, last)
+
+
+def test_settings_to_env_round_trips(tiny_pipeline: tuple[Path, Manifest], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, manifest = tiny_pipeline
+    plan = _resolve(manifest, defaults={"threads": 2},
+                    stages={"tiny-stage-1": {"versions": [{"name": "v3", "weight": 100, "file": "s1.onnx"}]}})
+    stage = plan.stage("tiny-stage-1")
+    monkeypatch.setenv("STAGE_MAX_INFLIGHT", "5")  # the planning process's environment never leaks in
+    settings = plan.settings(stage, stage.versions[0], Placement("/m/pipeline.json", Path("/m"), "0.0.0.0", 9000,
+                                                                 "http://next:8080"), providers="cuda,cpu")
+    env = settings.to_env()
+    assert "STAGE_MAX_INFLIGHT" not in env
+    assert env["STAGE_PROVIDERS"] == "cuda,cpu" and env["STAGE_THREADS"] == "2" and env["STAGE_FILE"] == "/m/s1.onnx"
+    monkeypatch.delenv("STAGE_MAX_INFLIGHT")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert StageSettings() == StageSettings.model_validate(settings.model_dump())
+
+
+def test_per_try_timeout_comes_from_measured_latency(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    slow = manifest.model_copy(update={"stages": [
+        s.model_copy(update={"cost": s.cost.model_copy(update={"latency_ms": ms})})
+        for s, ms in zip(manifest.stages, (50.0, 300.0, 10.0), strict=True)]})
+    # a try into stage i covers stages i.. (10 x their latency, at least the floor) and the next hop's try
+    assert derived_per_try_timeouts(slow) == [3.6 + 3.1 + PER_TRY_FLOOR_S, 3.1 + PER_TRY_FLOOR_S, PER_TRY_FLOOR_S]
+    plan = _resolve(slow, stages={"tiny-stage-0": {"timeout_s": 5.0}, "tiny-stage-1": {"timeout_s": 4.0},
+                                  "tiny-stage-2": {"timeout_s": 3.0}})
+    assert [h.route.per_try_timeout_s for h in plan.hops] == [5.0, 4.0, PER_TRY_FLOOR_S]  # never over timeout_s
+    explicit = _resolve(slow, defaults={"retries": {"per_try_timeout_s": 0.25}})
+    assert {h.route.per_try_timeout_s for h in explicit.hops} == {0.25}
+
+
+def test_default_retries_include_istios_defaults(tiny_pipeline: tuple[Path, Manifest], tmp_path: Path) -> None:
+    pipeline, manifest = tiny_pipeline
+    plan = _resolve(manifest)
+    retry = _outbound_route(_envoy(tmp_path, manifest, pipeline, plan, "tiny-stage-0"))["route"]["retry_policy"]
+    assert ISTIO_DEFAULT_RETRY_ON | {"reset"} == set(retry["retry_on"].split(","))
+    assert retry["retriable_status_codes"] == [503]
+    vs = _istio(render_tree(manifest, Policy()), "VirtualService", "tiny-stage-1")
+    assert set(vs["spec"]["http"][0]["retries"]["retryOn"].split(",")) == ISTIO_DEFAULT_RETRY_ON | {"reset", "503"}
+
+
+def test_outlier_detection_ejects_hung_replicas_in_both_meshes(tiny_pipeline: tuple[Path, Manifest],
+                                                              tmp_path: Path) -> None:
+    pipeline, manifest = tiny_pipeline
+    plan = _resolve(manifest, defaults={"outlier_detection": {"consecutive_gateway_errors": 4,
+                                                              "consecutive_local_origin_failures": 2}})
+    cluster = next(c for c in _envoy(tmp_path, manifest, pipeline, plan, "tiny-stage-0").clusters
+                   if c["name"] == "outbound|v1|tiny-stage-1")
+    od = cluster["outlier_detection"]
+    assert od["consecutive_gateway_failure"] == 4 and od["enforcing_consecutive_gateway_failure"] == 100
+    assert od["split_external_local_origin_errors"] is True
+    assert od["consecutive_local_origin_failure"] == 2 and od["enforcing_consecutive_local_origin_failure"] == 100
+    dr = _istio(render_tree(manifest, Policy.model_validate(
+        {"defaults": {"outlier_detection": {"consecutive_gateway_errors": 4,
+                                            "consecutive_local_origin_failures": 2}}})), "DestinationRule",
+                "tiny-stage-1")["spec"]["trafficPolicy"]["outlierDetection"]
+    assert dr["consecutiveGatewayErrors"] == 4 and dr["consecutiveLocalOriginFailures"] == 2
+    assert dr["splitExternalLocalOriginErrors"] is True
+
+
+def test_fault_injection_in_both_meshes(tiny_pipeline: tuple[Path, Manifest], tmp_path: Path) -> None:
+    pipeline, manifest = tiny_pipeline
+    fault = {"delay": {"percent": 10, "fixed_delay_s": 0.5}, "abort": {"percent": 2.5, "http_status": 503}}
+    policy = {"stages": {"tiny-stage-1": {"fault": fault}}}
+    plan = _resolve(manifest, **policy)
+    res = _envoy(tmp_path, manifest, pipeline, plan, "tiny-stage-0")
+    per_route = _outbound_route(res)["typed_per_filter_config"][envoy_config.FAULT_FILTER]
+    assert per_route["delay"] == {"fixed_delay": "0.500s", "percentage": {"numerator": 100_000,
+                                                                          "denominator": "MILLION"}}
+    assert per_route["abort"] == {"http_status": 503, "percentage": {"numerator": 25_000, "denominator": "MILLION"}}
+    vs = _istio(render_tree(manifest, Policy.model_validate(policy)), "VirtualService", "tiny-stage-1")
+    assert vs["spec"]["http"][0]["fault"] == {"delay": {"fixedDelay": "0.5s", "percentage": {"value": 10.0}},
+                                              "abort": {"httpStatus": 503, "percentage": {"value": 2.5}}}
+    other = _istio(render_tree(manifest, Policy.model_validate(policy)), "VirtualService", "tiny-stage-2")
+    assert "fault" not in other["spec"]["http"][0]
+    with pytest.raises(ValueError, match="needs a delay, an abort or both"):
+        Policy.model_validate({"stages": {"tiny-stage-1": {"fault": {}}}})
+
+
+def test_a_per_try_timeout_over_the_timeout_is_refused(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    with pytest.raises(PolicyError, match="per_try_timeout_s 9.0 exceeds its timeout_s"):
+        _resolve(manifest, defaults={"retries": {"per_try_timeout_s": 9.0}})
