@@ -23,6 +23,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -34,6 +35,7 @@ from mesh.plan import Placement, Plan, resolve
 from mesh.policy import PolicyError, load_policy
 from mesh.v2client import infer, zeros
 from model_export.manifest import Manifest, ManifestError, load_manifest
+from stage_service.supervisor import NotReady, ProcessExited, Target, wait_ready
 
 DEFAULT_STATE_DIR = Path(".mesh")
 STATE_FILE = "state.json"
@@ -186,19 +188,19 @@ def _ready_url(state: State, p: procs.Proc) -> str:
     return f"http://{LOOPBACK}:{replica.admin_port}/ready"
 
 
+def _target(state: State, client: httpx.Client, p: procs.Proc) -> Target:
+    return Target(name=p.name, ready=partial(_probe, client, _ready_url(state, p)), alive=partial(procs.alive, p),
+                  log=lambda: f"last lines of {p.log}:\n{procs.tail(p.log)}")
+
+
 def _wait_ready(state: State, manifest: Manifest, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    pending = list(state.procs)
+    started = time.monotonic()
     with httpx.Client() as client:
-        while pending:
-            for p in state.procs:
-                if not procs.alive(p):
-                    raise MeshError(f"{p.name} exited during start-up; last lines of {p.log}:\n{procs.tail(p.log)}")
-            pending = [p for p in pending if not _probe(client, _ready_url(state, p))]
-            if pending and time.monotonic() > deadline:
-                raise MeshError(f"not ready after {timeout_s:.0f}s: {[p.name for p in pending]}; see their logs")
-            if pending:
-                time.sleep(0.2)
+        try:
+            wait_ready([_target(state, client, p) for p in state.procs], timeout_s, interval=0.2)
+        except (ProcessExited, NotReady) as exc:
+            raise MeshError(str(exc)) from exc
+        deadline = started + timeout_s
         # One real request through the gateway proves the whole chain: mTLS, RBAC and routing on every hop.
         while True:
             try:

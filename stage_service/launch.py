@@ -12,17 +12,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from model_export.manifest import load_manifest
+from stage_service.supervisor import Child, Target, http_ready, wait_ready
 
 HOST = "127.0.0.1"
 
@@ -38,42 +35,19 @@ def stage_command() -> list[str]:
     return [sys.executable, "-m", "stage_service"]
 
 
-@dataclass
-class StageProcess:
+@dataclass(kw_only=True)
+class StageProcess(Child):
     """One running stage process."""
 
-    name: str
     port: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    _sent: set[int] = field(default_factory=set, repr=False)
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def send(self, sig: int = signal.SIGTERM) -> None:
-        """Send `sig` once (a second SIGTERM during interpreter shutdown would kill it uncleanly)."""
-        if self.proc.poll() is None and sig not in self._sent:
-            self._sent.add(sig)
-            self.proc.send_signal(sig)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Send `sig` (SIGTERM: drain and exit 0), wait, kill if it hangs; return the exit code."""
-        if self.proc.poll() is None:
-            self.send(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
+    def health_target(self) -> Target:
+        """Ready once `/v2/health/ready` answers 200."""
+        return self.target(http_ready(f"{self.url}/v2/health/ready"))
 
 
 def stage_env(manifest: Path, name: str, port: int, next_url: str | None = None,
@@ -98,26 +72,7 @@ def stage_env(manifest: Path, name: str, port: int, next_url: str | None = None,
 def launch(env: Mapping[str, str], name: str, port: int, log_dir: Path | None = None) -> StageProcess:
     """Start `python -m stage_service` with exactly this environment; do not wait."""
     directory = log_dir or Path(tempfile.mkdtemp(prefix="stage-logs-"))
-    directory.mkdir(parents=True, exist_ok=True)
-    log_path = directory / f"{name}-{port}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(stage_command(), env=dict(env), stdout=log, stderr=subprocess.STDOUT)
-    return StageProcess(name=name, port=port, proc=proc, log_path=log_path)
-
-
-def wait_ready(stage: StageProcess, timeout: float = 60.0) -> None:
-    """Poll `/v2/health/ready` until 200; raise with the process's log if it exits or the time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not stage.alive():
-            raise RuntimeError(f"stage {stage.name} exited with {stage.proc.returncode}:\n{stage.log()}")
-        try:
-            if httpx.get(f"{stage.url}/v2/health/ready", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"stage {stage.name} not ready within {timeout} s:\n{stage.log()}")
+    return StageProcess.start(name, stage_command(), directory / f"{name}-{port}.log", env=env, port=port)
 
 
 def start_stage(manifest: Path, name: str, *, next_url: str | None = None, port: int | None = None,
@@ -128,7 +83,7 @@ def start_stage(manifest: Path, name: str, *, next_url: str | None = None, port:
     stage = launch(stage_env(manifest, name, port, next_url, env), name, port, log_dir)
     if ready:
         try:
-            wait_ready(stage, timeout)
+            wait_ready([stage.health_target()], timeout)
         except BaseException:
             stage.stop(signal.SIGKILL)
             raise
@@ -145,8 +100,7 @@ def start_chain(manifest: Path, *, env: Mapping[str, str] | None = None, log_dir
         for i, (name, port) in enumerate(zip(names, ports, strict=True)):
             next_url = f"http://{HOST}:{ports[i + 1]}" if i + 1 < len(names) else None
             stages.append(launch(stage_env(manifest, name, port, next_url, env), name, port, log_dir))
-        for stage in stages:
-            wait_ready(stage, timeout)
+        wait_ready([stage.health_target() for stage in stages], timeout)
     except BaseException:
         stop_all(stages, signal.SIGKILL)
         raise
