@@ -6,7 +6,9 @@ STAMP := $(VENV)/.installed
 BUILD := build
 PIPELINE := $(BUILD)/reference
 STAGES ?= 4
+# TensorFlow's start-up banners (oneDNN, absl) say nothing a user of these commands needs.
 export TF_CPP_MIN_LOG_LEVEL := 2
+export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONUNBUFFERED := 1
 
 .PHONY: venv demo render test lint typecheck istio-tools bench bench-split bench-hop bench-peers peers-venv clean
@@ -32,6 +34,8 @@ demo: $(BUILD)/reference.onnx
 	$(PY) -m model_export inspect $(PIPELINE) --plot $(BUILD)/reference-stages.png
 	$(PY) -m mesh up --pipeline $(PIPELINE) --policy mesh.yaml --detach
 	$(PY) -m mesh demo-request --pipeline $(PIPELINE); rc=$$?; $(PY) -m mesh down; exit $$rc
+	@echo "note: the reference model is untrained (random weights, fixed seed), so its top-5 is flat;"
+	@echo "      README 'Your own model' shows how to serve a trained one."
 
 # Re-render the committed Kubernetes tree from the committed manifest and policy.
 render: | $(STAMP)

@@ -1,16 +1,17 @@
-"""`python -m mesh`: up, down, status, logs, trace (the local mesh) and render (Kubernetes + Istio)."""
+"""`python -m mesh`: up, down, status, logs, apply, demo-request, trace (the local mesh) and render (Kubernetes +
+Istio)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from mesh import cli_local, cli_render, cli_trace
+from model_export.cli_help import CommandParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mesh", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = CommandParser(prog="python -m mesh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_local.register(sub)
     cli_render.register(sub)
     cli_trace.register(sub)

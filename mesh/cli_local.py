@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
@@ -13,74 +14,118 @@ from typing import Any
 import httpx
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from mesh import local, procs
+from mesh import local, procs, state_dir
 from mesh.v2client import STAGE_TIMING, infer, stage_timing
-from model_export.manifest import DATATYPE_TO_NUMPY, ManifestError, load_manifest
+from model_export.cli_help import compact_table, console_width, fits
+from model_export.manifest import DATATYPE_TO_NUMPY, Manifest, ManifestError, load_manifest
 
-console = Console()
-err = Console(stderr=True)
+console = Console(width=console_width(sys.stdout))
+err = Console(stderr=True, width=console_width(sys.stderr))
+
+STATE_DIR_HELP = ("the mesh's state directory (default: the nearest .mesh/ from here upwards that holds a "
+                  "mesh, else the one the last `up` recorded in " + str(state_dir.record_file()) + ")")
 
 
 def _state_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state-dir", type=Path, default=local.DEFAULT_STATE_DIR,
-                        help="where the mesh keeps state, certificates, Envoy configs and logs (default: .mesh)")
+    parser.add_argument("--state-dir", type=Path, default=None, help=STATE_DIR_HELP)
+
+
+def _json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def register(sub: Any) -> None:
     """Add this side's subcommands to the `python -m mesh` parser."""
     p = sub.add_parser("up", help="start the pipeline locally: stage processes, Envoy sidecars, an Envoy gateway")
-    p.add_argument("--pipeline", type=Path, required=True, help="the split pipeline's directory (pipeline.json)")
+    p.add_argument("--pipeline", type=Path, required=True,
+                   help="the pipeline directory written by `python -m model_export split` (pipeline.json)")
     p.add_argument("--policy", type=Path, default=None, help="mesh.yaml traffic policy (default: built-in defaults)")
     p.add_argument("--detach", action="store_true", help="return once ready and leave the mesh running")
-    p.add_argument("--gateway-port", type=int, default=None, help="override the policy's gateway port; 0: any free")
+    p.add_argument("--gateway-port", type=int, default=None,
+                   help="override the policy's gateway.port (default: the policy's, 8080); 0: any free port")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every replica to be ready")
-    _state_dir(p)
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="where to keep state, certificates, Envoy configs and logs (default: the nearest .mesh/ "
+                        "from here upwards, else ./.mesh); recorded so other commands find it from anywhere")
+    _json(p)
     p.set_defaults(func=_up)
 
-    p = sub.add_parser("down", help="stop everything `up` started")
+    p = sub.add_parser("down", help="stop everything `up` started (logs stay for `mesh logs`)")
     _state_dir(p)
     p.set_defaults(func=_down)
 
     p = sub.add_parser("status", help="every process of the mesh: running, ready, or crashed (exit 1)")
     _state_dir(p)
+    _json(p)
     p.set_defaults(func=_status)
 
-    p = sub.add_parser("logs", help="logs of one stage's processes (or of the gateway)")
-    p.add_argument("stage", help="a stage name, or `gateway`")
+    p = sub.add_parser("logs", help="logs of a stage's processes, of one process, or of the gateway; "
+                                    "after `down`, of the last mesh")
+    p.add_argument("name", help="a stage (all its replicas and sidecars), `gateway`, or a process as `status` "
+                                "lists it (e.g. reference-stage-1-v1-0)")
     p.add_argument("-n", "--lines", type=int, default=50, help="last N lines of each log (0: all)")
     p.add_argument("--no-sidecars", action="store_true", help="only the stage apps' logs, not their Envoys'")
     _state_dir(p)
     p.set_defaults(func=_logs)
 
     p = sub.add_parser("apply", help="apply a changed traffic policy to the running mesh, without restarting")
-    p.add_argument("--policy", type=Path, default=None, help="mesh.yaml (default: built-in defaults)")
+    p.add_argument("--policy", type=Path, default=None,
+                   help="mesh.yaml (default: the file `up` used, re-read; the built-in defaults if it used none)")
     _state_dir(p)
     p.set_defaults(func=_apply)
 
     p = sub.add_parser("demo-request", help="one request through the gateway: top-5 classes and each stage's time")
-    p.add_argument("--pipeline", type=Path, default=None, help="default: the running mesh's pipeline")
+    p.add_argument("--url", default=None,
+                   help="the gateway's base URL, e.g. a port-forwarded Istio ingress gateway (default: the "
+                        "running local mesh's gateway)")
+    p.add_argument("--host", default=None,
+                   help="Host header, for a gateway that routes by host (the policy's gateway.host, "
+                        "e.g. pipeline.local, on the cluster) (default: the URL's host)")
+    p.add_argument("--token", default=None, help="sent as `Authorization: Bearer TOKEN`, for a gateway that needs one")
+    p.add_argument("--pipeline", type=Path, default=None,
+                   help="the pipeline directory, for its input shapes and name (default: the running mesh's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input")
     _state_dir(p)
+    _json(p)
     p.set_defaults(func=_demo_request)
 
 
 def _fail(message: str) -> int:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return 2
 
 
-def _table(state: local.State) -> Table:
-    table = Table(title=f"pipeline {state.layout.pipeline}: identities spiffe://cluster.local/ns/"
-                        f"{state.policy.namespace}/sa/<stage>", title_justify="left")
-    for col in ("stage", "version", "weight", "replica", "app", "sidecar in (mTLS)", "sidecar out"):
-        table.add_column(col, no_wrap=col == "stage")
+def _found(args: argparse.Namespace) -> Path:
+    return state_dir.find(args.state_dir)
+
+
+def _not_found(args: argparse.Namespace, what: str) -> str:
+    where = str(args.state_dir) if args.state_dir is not None else state_dir.searched()
+    return f"{what} ({where}); start one with `python -m mesh up --pipeline DIR --detach`, or pass --state-dir"
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=1))
+
+
+def _replicas(state: local.State) -> list[dict[str, object]]:
+    rows = []
     for r in state.layout.replicas:
         stage = state.policy.stages[r.index]
         weight = next(v.weight for v in stage.versions if v.name == r.version)
-        table.add_row(r.stage, r.version, f"{weight}%", str(r.replica), str(r.app_port), str(r.inbound_port),
-                      str(r.outbound_port or "-"))
+        rows.append({"name": r.name, "stage": r.stage, "version": r.version, "weight": weight,
+                     "app_port": r.app_port, "inbound_port": r.inbound_port, "outbound_port": r.outbound_port})
+    return rows
+
+
+def _table(state: local.State) -> Table:
+    table = compact_table("replica", "weight", "app", "in (mTLS)", "out", right=("weight", "app", "in (mTLS)", "out"))
+    for row in _replicas(state):
+        table.add_row(str(row["name"]), f"{row['weight']}%", str(row["app_port"]), str(row["inbound_port"]),
+                      str(row["outbound_port"] or "-"))
     return table
 
 
@@ -89,22 +134,32 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
+    where = state_dir.for_up(args.state_dir)
     # SIGTERM, like Ctrl-C, interrupts from the start: a half-started mesh is stopped by `local.up` itself.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with console.status("starting the mesh (stage processes, sidecars, gateway)..."):
-            state = local.up(args.pipeline, args.policy, args.state_dir, args.gateway_port, args.timeout)
+        with err.status("starting the mesh (stage processes, sidecars, gateway)..."):
+            state = local.up(args.pipeline, args.policy, where, args.gateway_port, args.timeout)
     except local.MeshError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted; everything started was stopped")
+    state_dir.record(where)
     try:
-        console.print(_table(state))
         url = state.layout.gateway_url
-        console.print(f"gateway: [bold]{url}[/]  (POST {url}/v2/models/{state.layout.pipeline}/infer)",
-                      highlight=False, soft_wrap=True)
+        if args.json:
+            _print_json({"pipeline": state.layout.pipeline, "gateway_url": url, "state_dir": str(where.resolve()),
+                         "namespace": state.policy.namespace, "replicas": _replicas(state)})
+        else:
+            console.print(f"pipeline {state.layout.pipeline}: identities "
+                          f"spiffe://cluster.local/ns/{state.policy.namespace}/sa/<stage>", highlight=False)
+            console.print(_table(state))
+            console.print(f"gateway: [bold]{url}[/]  (POST {url}/v2/models/{state.layout.pipeline}/infer)",
+                          highlight=False, soft_wrap=True)
         if args.detach:
-            console.print(f"running detached; `python -m mesh status` / `down` (state in {args.state_dir})")
+            (err if args.json else console).print(
+                f"running detached; `python -m mesh status` / `down` find it from any directory (state in {where})",
+                highlight=False, soft_wrap=True)
             return 0
         _foreground(state)
     except KeyboardInterrupt:
@@ -113,14 +168,14 @@ def _up(args: argparse.Namespace) -> int:
     # the teardown itself is not interruptible.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    stopped = local.down(args.state_dir)
-    console.print(f"stopped {len(stopped)} processes")
+    stopped = local.down(where)
+    err.print(f"stopped {len(stopped)} processes")
     return 0
 
 
 def _foreground(state: local.State) -> None:
     """Stay until Ctrl-C or SIGTERM (both raise KeyboardInterrupt), reporting processes that exit."""
-    console.print("Ctrl-C stops the mesh")
+    err.print("Ctrl-C stops the mesh")
     reported: set[str] = set()
     while True:
         time.sleep(1.0)
@@ -131,37 +186,66 @@ def _foreground(state: local.State) -> None:
 
 
 def _down(args: argparse.Namespace) -> int:
+    where = _found(args)
     try:
-        stopped = local.down(args.state_dir)
+        stopped = local.down(where)
     except local.MeshError as exc:
         return _fail(str(exc))
-    console.print(f"stopped {len(stopped)} processes" if stopped else f"nothing running from {args.state_dir}")
+    if stopped:
+        console.print(f"stopped {len(stopped)} processes (state in {where}; `python -m mesh logs` still reads "
+                      "their logs)", highlight=False, soft_wrap=True)
+    else:
+        console.print(_not_found(args, "no mesh is running"), highlight=False, soft_wrap=True)
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
+    where = _found(args)
+    if local.read_state(where) is None:
+        return _fail(_not_found(args, "no mesh is running"))
     try:
-        state, rows = local.status(args.state_dir)
+        state, rows = local.status(where)
     except local.MeshError as exc:
         return _fail(str(exc))
-    table = Table(title=f"pipeline {state.layout.pipeline}, gateway {state.layout.gateway_url}")
-    for col in ("process", "role", "pid", "state", "log"):
-        table.add_column(col, no_wrap=col == "process")
-    for row in rows:
-        label = ("[green]ready[/]" if row.ready else "[yellow]running, not ready[/]") if row.alive \
-            else "[red]crashed or killed[/]"
-        table.add_row(row.proc.name, row.proc.role, str(row.proc.pid), label, row.proc.log)
-    console.print(table)
+    if args.json:
+        _print_json({"pipeline": state.layout.pipeline, "gateway_url": state.layout.gateway_url,
+                     "state_dir": str(where.resolve()),
+                     "processes": [{"name": r.proc.name, "role": r.proc.role, "stage": r.proc.stage,
+                                    "pid": r.proc.pid, "alive": r.alive, "ready": r.ready, "log": r.proc.log}
+                                   for r in rows]})
+    else:
+        _print_status(state, rows, where)
     dead = [r.proc.name for r in rows if not r.alive]
     if dead:
-        err.print(f"[red]{len(dead)} process(es) not running:[/] {', '.join(dead)}", highlight=False)
+        err.print(f"[red]{len(dead)} process(es) not running:[/] {', '.join(dead)}", highlight=False, soft_wrap=True)
         return 1
     return 0
 
 
+def _print_status(state: local.State, rows: list[local.ProcStatus], where: Path) -> None:
+    console.print(f"pipeline {state.layout.pipeline}, gateway {state.layout.gateway_url}, state in {where}",
+                  highlight=False, soft_wrap=True)
+    labels = {True: "[green]ready[/]", False: "[yellow]running, not ready[/]", None: "[red]crashed or killed[/]"}
+    # The log column only where it fits whole; else one line says where every log is.
+    for columns in (("process", "role", "pid", "state", "log"), ("process", "role", "pid", "state")):
+        table = compact_table(*columns, right=("pid",))
+        for row in rows:
+            cells = [row.proc.name, row.proc.role, str(row.proc.pid), labels[row.ready if row.alive else None]]
+            table.add_row(*cells, *([row.proc.log] if "log" in columns else []))
+        if fits(table, console.width):
+            break
+    console.print(table)
+    if "log" not in columns:
+        console.print(f"logs: {where / 'logs'}/<process>.log, or `python -m mesh logs <process>`",
+                      highlight=False, soft_wrap=True)
+
+
 def _logs(args: argparse.Namespace) -> int:
+    where = _found(args)
+    if local.read_last_state(where) is None:
+        return _fail(_not_found(args, "no mesh has run here"))
     try:
-        files = local.log_files(args.stage, args.state_dir, sidecars=not args.no_sidecars)
+        files = local.log_files(args.name, where, sidecars=not args.no_sidecars)
     except local.MeshError as exc:
         return _fail(str(exc))
     for f in files:
@@ -172,23 +256,39 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
+    where = _found(args)
+    state = local.read_state(where)
+    if state is None:
+        return _fail(_not_found(args, "no mesh is running"))
     try:
-        resolved = local.apply(args.policy, args.state_dir)
+        resolved = local.apply(args.policy, where)
     except local.MeshError as exc:
         return _fail(str(exc))
+    used = args.policy or state.policy_file
+    console.print(f"policy: {used or 'the built-in defaults'}" + ("" if args.policy else " (as `up` used it)"),
+                  highlight=False, soft_wrap=True)
     for s, hop in zip(resolved.stages, resolved.hops, strict=True):
         console.print(f"{s.name}: versions {', '.join(f'{v.name}={v.weight}%' for v in s.versions)}, "
-                      f"timeout {hop.route.timeout_s}s, {hop.route.attempts} retries")
+                      f"timeout {hop.route.timeout_s}s, {hop.route.attempts} retries", highlight=False, soft_wrap=True)
     console.print("applied: Envoy reloads its watched configuration files; nothing was restarted")
     return 0
 
 
+def _demo_target(args: argparse.Namespace) -> tuple[str, Manifest]:
+    """The gateway URL and the pipeline's manifest: from the options, else from the running mesh."""
+    state = None
+    if args.url is None or args.pipeline is None:
+        state = local.read_state(_found(args))
+        if state is None:
+            missing = "--url and --pipeline" if args.url is None else "--pipeline"
+            raise local.MeshError(_not_found(args, f"no mesh is running to take {missing} from"))
+    url = args.url.rstrip("/") if args.url else state.layout.gateway_url  # type: ignore[union-attr]
+    return url, load_manifest(args.pipeline or state.pipeline_dir)  # type: ignore[union-attr]
+
+
 def _demo_request(args: argparse.Namespace) -> int:
     try:
-        state = local.read_state(args.state_dir)
-        if state is None:
-            return _fail(f"no mesh is running from {args.state_dir}; run `python -m mesh up --detach` first")
-        manifest = load_manifest(args.pipeline or state.pipeline_dir)
+        url, manifest = _demo_target(args)
     except (ManifestError, local.MeshError) as exc:
         return _fail(str(exc))
     rng = np.random.default_rng(args.seed)
@@ -196,26 +296,35 @@ def _demo_request(args: argparse.Namespace) -> int:
     for t in manifest.inputs:
         shape = [1] + [max(d, 1) for d in t.shape[1:]]
         inputs[t.name] = rng.random(shape).astype(DATATYPE_TO_NUMPY[t.datatype])
-    url = state.layout.gateway_url
+    headers = {"host": args.host} if args.host else {}
+    if args.token:
+        headers["authorization"] = f"Bearer {args.token}"
     try:
         with httpx.Client(timeout=60.0) as client:
             start = time.perf_counter()
-            outputs, response = infer(client, url, manifest.name, inputs)
+            outputs, response = infer(client, url, manifest.name, inputs, headers=headers)
             total_ms = (time.perf_counter() - start) * 1000
     except httpx.HTTPError as exc:
         return _fail(f"request to {url} failed: {exc}")
-    console.print(f"POST {url}/v2/models/{manifest.name}/infer (binary, batch 1): {response.status_code}, "
-                  f"{total_ms:.1f} ms end to end", highlight=False, soft_wrap=True)
+    top5 = {}
     for name, array in outputs.items():
         scores = array.reshape(array.shape[0], -1)[0]
-        top = np.argsort(scores)[::-1][:5]
-        console.print(f"top-5 of {name}: " + ", ".join(f"class {i} ({scores[i]:.4f})" for i in top),
+        top5[name] = [(int(i), float(scores[i])) for i in np.argsort(scores)[::-1][:5]]
+    timing = stage_timing(response.headers.get(STAGE_TIMING))
+    if args.json:
+        _print_json({"url": f"{url}/v2/models/{manifest.name}/infer", "status": response.status_code,
+                     "ms": round(total_ms, 3), "top5": {k: [{"class": c, "score": p} for c, p in v]
+                                                        for k, v in top5.items()},
+                     "stages": [{"stage": st, "version": v, "ms": ms} for st, v, ms in timing]})
+        return 0
+    console.print(f"POST {url}/v2/models/{manifest.name}/infer (binary, batch 1): {response.status_code}, "
+                  f"{total_ms:.1f} ms end to end", highlight=False, soft_wrap=True)
+    for name, top in top5.items():
+        console.print(f"top-5 of {name}: " + ", ".join(f"class {c} ({p:.4f})" for c, p in top),
                       highlight=False, soft_wrap=True)
-    table = Table(title=f"time per stage ({STAGE_TIMING})")
-    table.add_column("stage")
-    table.add_column("version")
-    table.add_column("ms", justify="right")
-    for stage, version, ms in stage_timing(response.headers.get(STAGE_TIMING)):
+    console.print(f"time per stage ({STAGE_TIMING}):", highlight=False)
+    table = compact_table("stage", "version", "ms", right=("ms",))
+    for stage, version, ms in timing:
         table.add_row(stage, version, f"{ms:.2f}")
     console.print(table)
     return 0

@@ -39,6 +39,7 @@ from stage_service.supervisor import NotReady, ProcessExited, Target, wait_ready
 
 DEFAULT_STATE_DIR = Path(".mesh")
 STATE_FILE = "state.json"
+LAST_STATE_FILE = "last-state.json"  # what `down` leaves of state.json: `logs` and `trace` read it afterwards
 GATEWAY = "gateway"
 # Every process the mesh starts carries its state directory in this variable, so a leftover is findable.
 MARKER_ENV = "MESH_STATE_DIR"
@@ -86,6 +87,17 @@ def read_state(state_dir: Path = DEFAULT_STATE_DIR) -> State | None:
         raise MeshError(f"{path}: unreadable mesh state ({exc}); remove {state_dir} by hand") from exc
 
 
+def read_last_state(state_dir: Path = DEFAULT_STATE_DIR) -> State | None:
+    """The running mesh's state, else the state of the last one stopped from `state_dir`, else None."""
+    state = read_state(state_dir)
+    if state is not None or not (state_dir / LAST_STATE_FILE).is_file():
+        return state
+    try:
+        return State.model_validate_json((state_dir / LAST_STATE_FILE).read_text())
+    except (OSError, ValidationError):
+        return None  # a record from an older version: only the logs of a stopped mesh are lost
+
+
 def _write_state(state_dir: Path, state: State) -> None:
     tmp = state_dir / f".{STATE_FILE}.tmp"
     tmp.write_text(state.model_dump_json(indent=1))
@@ -93,6 +105,9 @@ def _write_state(state_dir: Path, state: State) -> None:
 
 
 def _load_inputs(pipeline_dir: Path, policy_file: Path | None) -> tuple[Manifest, Plan]:
+    if pipeline_dir.is_file():
+        raise MeshError(f"--pipeline expects a pipeline directory (from `python -m model_export split`), got a "
+                        f"file: {pipeline_dir}")
     if not pipeline_dir.is_dir():
         raise MeshError(f"pipeline directory {pipeline_dir} does not exist; run `python -m model_export split` first")
     try:
@@ -260,8 +275,8 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
         _wait_ready(state, manifest, ready_timeout_s)
     except BaseException:
         procs.stop(state.procs, grace_s=5.0)
-        with contextlib.suppress(OSError):
-            (state_dir / STATE_FILE).unlink()
+        with contextlib.suppress(OSError):  # kept as the last mesh's record: `mesh logs` shows why it failed
+            os.replace(state_dir / STATE_FILE, state_dir / LAST_STATE_FILE)
         raise
     return state
 
@@ -289,7 +304,7 @@ def down(state_dir: Path = DEFAULT_STATE_DIR, grace_s: float = 10.0) -> list[pro
     stray = procs.marked(MARKER_ENV, marker)
     if left or stray:
         raise MeshError(f"could not stop {[f'{p.name} (pid {p.pid})' for p in left]} {stray or ''}")
-    (state_dir / STATE_FILE).unlink()
+    os.replace(state_dir / STATE_FILE, state_dir / LAST_STATE_FILE)
     return was_alive
 
 
@@ -306,29 +321,35 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> tuple[State, list[ProcStatus]
     return state, out
 
 
-def log_files(stage: str, state_dir: Path = DEFAULT_STATE_DIR, sidecars: bool = True) -> list[Path]:
-    """The log files of every process of `stage` (or of the `gateway`)."""
-    state = read_state(state_dir)
+def log_files(name: str, state_dir: Path = DEFAULT_STATE_DIR, sidecars: bool = True) -> list[Path]:
+    """The log files of `name`: a stage (all its processes), `gateway`, or one process as `status` names it
+    (a replica's app, with its sidecar unless `sidecars` is False). After `down`, those of the last mesh."""
+    state = read_last_state(state_dir)
     if state is None:
-        raise MeshError(f"no mesh state in {state_dir}")
-    names = [GATEWAY] + [s.name for s in state.policy.stages]
-    if stage not in names:
-        raise MeshError(f"unknown stage {stage!r}; expected one of {names}")
-    chosen = [p for p in state.procs
-              if (p.stage == stage or (stage == GATEWAY and p.role == "gateway"))
-              and (sidecars or p.role != "sidecar")]
-    return [Path(p.log) for p in chosen]
+        raise MeshError(f"no mesh has run from {state_dir}")
+    stages = [s.name for s in state.policy.stages]
+    if name in stages or name == GATEWAY:
+        chosen = [p for p in state.procs if p.stage == name or (name == GATEWAY and p.role == "gateway")]
+    else:
+        chosen = [p for p in state.procs if p.name == name or (p.role == "sidecar" and p.name == f"{name}-sidecar")]
+    if not chosen:
+        raise MeshError(f"unknown stage or process {name!r}; expected `gateway`, a stage ({', '.join(stages)}) "
+                        "or a process that `python -m mesh status` lists")
+    return [Path(p.log) for p in chosen if sidecars or p.role != "sidecar" or p.name == name]
 
 
 def apply(policy_file: Path | None, state_dir: Path = DEFAULT_STATE_DIR) -> Plan:
     """Apply a changed traffic policy to the running mesh by rewriting Envoy's watched files; no restart.
 
+    `policy_file` None re-reads the file `up` (or the last `apply`) used; with none, the built-in defaults.
     Only what Envoy holds may change (weights, timeouts, retries, outlier detection, pools, buffers);
     a change of replicas, versions, threads or the gateway port needs `down` and `up`.
     """
     state = read_state(state_dir)
     if state is None:
         raise MeshError(f"no mesh is running from {state_dir}")
+    if policy_file is None and state.policy_file is not None:
+        policy_file = Path(state.policy_file)
     _, resolved = _load_inputs(Path(state.pipeline_dir), policy_file)
 
     def shape(p: Plan) -> list[tuple[str, int, list[str], int]]:

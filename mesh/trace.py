@@ -214,15 +214,35 @@ def _ms(ns: int) -> str:
 
 
 _KIND_STYLE = {"SERVER": "cyan", "CLIENT": "magenta", "INTERNAL": "green"}
+ATTR_PIPELINE = "meshpipe.pipeline"
+MIN_BAR = 10
 
 
-def render_waterfall(trace: Trace, width: int = BAR_WIDTH) -> RenderableType:
-    """The waterfall: span (indented by parent), stage, ms, share of the total, and its bar."""
+def _labels(trace: Trace, compact: bool) -> tuple[dict[str, str], dict[str, str], int]:
+    """Per span id: its name as shown and its `stage/version`; and the indent per level. Compact: the server
+    span's route and the pipeline's name prefix left out, one space per level."""
+    versions = {s.service: str(s.attributes[ATTR_VERSION]) for s in trace.spans if s.attributes.get(ATTR_VERSION)}
+    pipelines = {str(s.attributes[ATTR_PIPELINE]) for s in trace.spans if s.attributes.get(ATTR_PIPELINE)}
+    names, stages = {}, {}
+    for span in trace.spans:
+        stage = span.service
+        name = span.name
+        if compact:
+            name = name.replace("/v2/models/{name}/", "…/")
+            stage = next((stage.removeprefix(f"{p}-") for p in pipelines if stage.startswith(f"{p}-")), stage)
+        version = versions.get(span.service)
+        names[span.span_id] = name
+        stages[span.span_id] = f"{stage}/{version}" if version else stage
+    return names, stages, 1 if compact else 2
+
+
+def render_waterfall(trace: Trace, width: int = BAR_WIDTH, compact: bool = False) -> RenderableType:
+    """The waterfall: span (indented by parent), stage, ms, share of the total, and its bar of `width`."""
     t0, total = trace.start_ns, trace.duration_ns
     depths = trace.depth()
     services = {s.service for s in trace.spans}
     errors = [s for s in trace.spans if s.error]
-    versions = {s.service: str(s.attributes[ATTR_VERSION]) for s in trace.spans if s.attributes.get(ATTR_VERSION)}
+    names, stages, indent = _labels(trace, compact)
     title = (f"trace {trace.trace_id}  request {trace.request_id or '-'}  {_ms(total)} ms  "
              f"{len(trace.spans)} spans in {len(services)} processes"
              + (f"  [bold red]{len(errors)} with errors[/]" if errors else ""))
@@ -231,18 +251,18 @@ def render_waterfall(trace: Trace, width: int = BAR_WIDTH) -> RenderableType:
     table.add_column("stage", no_wrap=True)
     table.add_column("ms", justify="right", no_wrap=True)
     table.add_column("share", justify="right", no_wrap=True)
-    table.add_column(f"0 {'timeline':^{max(0, width - 2 - len(_ms(total)) - 4)}} {_ms(total)} ms", no_wrap=True)
+    axis = f"{_ms(total)} ms"
+    table.add_column(f"0 {'timeline':^{max(0, width - 3 - len(axis))}} {axis}"
+                     if width >= len(axis) + 12 else f"0 .. {axis}", no_wrap=True)
     for span in trace.walk():
         style = "bold red" if span.error else _KIND_STYLE.get(span.kind, "white")
-        label = Text("  " * depths[span.span_id])
-        label.append(span.name, style="bold red" if span.error else None)
+        label = Text(" " * indent * depths[span.span_id])
+        label.append(names[span.span_id], style="bold red" if span.error else None)
         status = span.attributes.get(ATTR_STATUS)
         if status is not None and (span.kind in ("SERVER", "CLIENT") or span.error):
             label.append(f" {status}", style="red" if span.error else "dim")
-        version = versions.get(span.service)
-        stage = f"{span.service}/{version}" if version else span.service
         share = span.duration_ns / total if total > 0 else 1.0
-        table.add_row(label, stage, _ms(span.duration_ns), f"{share:6.1%}",
+        table.add_row(label, stages[span.span_id], _ms(span.duration_ns), f"{share:6.1%}",
                       Text(bar(span.start_ns, span.end_ns, t0, total, width), style=style))
     parts: list[RenderableType] = [Text.from_markup(title), table]
     for span in errors:
@@ -250,13 +270,68 @@ def render_waterfall(trace: Trace, width: int = BAR_WIDTH) -> RenderableType:
     return Group(*parts)
 
 
-def render_list(traces: list[Trace]) -> RenderableType:
-    """Recent traces: request id, trace id, stages, total ms, errors."""
+def fit_waterfall(trace: Trace, columns: int) -> RenderableType:
+    """The waterfall in `columns` characters: full labels if the timeline keeps at least BAR_WIDTH, else
+    compact labels and whatever the timeline can have (at least MIN_BAR)."""
+    probe = max(BAR_WIDTH, len(_ms(trace.duration_ns)) + 15)  # wide enough for the timeline's own header
+    for compact in (False, True):
+        fixed = _measure(render_waterfall(trace, probe, compact)) - probe
+        if columns - fixed >= BAR_WIDTH or compact:
+            return render_waterfall(trace, max(MIN_BAR, min(BAR_WIDTH * 2, columns - fixed)), compact)
+    raise AssertionError("unreachable")
+
+
+def _measure(renderable: RenderableType) -> int:
+    from rich.console import Console
+
+    group = renderable.renderables if isinstance(renderable, Group) else [renderable]
+    tables = [r for r in group if isinstance(r, Table)]
+    return max(Console(width=10_000).measure(t).maximum for t in tables)
+
+
+def waterfall_json(trace: Trace) -> dict[str, Any]:
+    """The waterfall as data (`mesh trace --json`): each span with its depth, offset and duration in ms."""
+    depths = trace.depth()
+    return {"trace_id": trace.trace_id, "request_id": trace.request_id, "ms": trace.duration_ns / 1e6,
+            "spans": [{"name": s.name, "service": s.service, "version": s.attributes.get(ATTR_VERSION),
+                       "kind": s.kind, "depth": depths[s.span_id], "start_ms": (s.start_ns - trace.start_ns) / 1e6,
+                       "ms": s.duration_ns / 1e6, "status": s.attributes.get(ATTR_STATUS), "error": s.error,
+                       "message": s.status_message, "span_id": s.span_id, "parent_span_id": s.parent_span_id}
+                      for s in trace.walk()]}
+
+
+LIST_COLUMNS = ("request id", "trace id", "spans", "stages", "ms", "errors")
+# Dropped in this order where the list does not fit: a request id is enough to pick a trace.
+LIST_OPTIONAL = ("trace id", "spans")
+
+
+def render_list(traces: list[Trace], columns: tuple[str, ...] = LIST_COLUMNS) -> RenderableType:
+    """Recent traces: request id, trace id, spans, stages, total ms, errors (those of `columns`)."""
     table = Table(title="recent traces (newest first)", title_justify="left", show_edge=False, pad_edge=False)
-    for col in ("request id", "trace id", "spans", "stages", "ms", "errors"):
-        table.add_column(col, no_wrap=True, justify="right" if col in ("spans", "ms", "errors") else "left")
+    for col in columns:
+        table.add_column(col, no_wrap=True, justify="right" if col in ("spans", "stages", "ms", "errors") else "left")
     for t in traces:
         errors = sum(s.error for s in t.spans)
-        table.add_row(t.request_id or "-", t.trace_id, str(len(t.spans)), str(len({s.service for s in t.spans})),
-                      _ms(t.duration_ns), Text(str(errors), style="red" if errors else ""))
+        cells: dict[str, str | Text] = {
+            "request id": t.request_id or "-", "trace id": t.trace_id, "spans": str(len(t.spans)),
+            "stages": str(len({s.service for s in t.spans})), "ms": _ms(t.duration_ns),
+            "errors": Text(str(errors), style="red" if errors else "")}
+        table.add_row(*(cells[col] for col in columns))
     return table
+
+
+def fit_list(traces: list[Trace], width: int) -> RenderableType:
+    """The list with as many columns as fit `width`, dropping LIST_OPTIONAL in order."""
+    columns: tuple[str, ...] = LIST_COLUMNS
+    for drop in (None, *LIST_OPTIONAL):
+        columns = tuple(c for c in columns if c != drop)
+        table = render_list(traces, columns)
+        if _measure(table) <= width:
+            break
+    return table
+
+
+def list_json(traces: list[Trace]) -> list[dict[str, Any]]:
+    return [{"request_id": t.request_id, "trace_id": t.trace_id, "spans": len(t.spans),
+             "stages": len({s.service for s in t.spans}), "ms": t.duration_ns / 1e6,
+             "errors": sum(s.error for s in t.spans)} for t in traces]

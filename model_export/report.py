@@ -4,30 +4,63 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.console import RenderableType
 from rich.table import Table
+from rich.text import Text
 
-from model_export.manifest import Manifest
+from model_export.cli_help import compact_table, fits
+from model_export.manifest import Manifest, TensorSpec
 
 MB = 1_000_000
 
 
-def _tensors(specs) -> str:  # type: ignore[no-untyped-def]
-    return "\n".join(f"{t.name} {t.datatype}{t.shape}" for t in specs)
+def _tensor(t: TensorSpec) -> str:
+    return f"{t.name} {t.datatype}{t.shape}"
 
 
-def stage_table(manifest: Manifest) -> Table:
-    table = Table(title=f"pipeline {manifest.name}: {len(manifest.stages)} stages "
-                        f"(measured at batch {manifest.profile.batch}, {manifest.profile.threads} thread(s))")
-    for col in ("stage", "inputs", "outputs"):
-        table.add_column(col, overflow="fold")
-    for col in ("params MB", "latency ms", "bytes out"):
-        table.add_column(col, justify="right")
+def stage_rows(manifest: Manifest) -> list[dict[str, object]]:
+    """The stage table as plain data (`--json`)."""
+    return [{"stage": s.name, "version": s.version, "inputs": [t.model_dump() for t in s.inputs],
+             "outputs": [t.model_dump() for t in s.outputs], "param_bytes": s.cost.param_bytes,
+             "latency_ms": s.cost.latency_ms, "bytes_out": s.cost.bytes_out} for s in manifest.stages]
+
+
+def title(manifest: Manifest) -> str:
+    return (f"pipeline {manifest.name}: {len(manifest.stages)} stages "
+            f"(measured at batch {manifest.profile.batch}, {manifest.profile.threads} thread(s))")
+
+
+def _costs(manifest: Manifest, tensors: bool) -> Table:
+    columns = ("stage", "inputs", "outputs") if tensors else ("stage",)
+    table = compact_table(*columns, "params MB", "latency ms", "bytes out",
+                          right=("params MB", "latency ms", "bytes out"))
     for s in manifest.stages:
-        table.add_row(s.name, _tensors(s.inputs), _tensors(s.outputs), f"{s.cost.param_bytes / MB:.2f}",
-                      f"{s.cost.latency_ms:.3f}", f"{s.cost.bytes_out:,}")
-    total = sum(s.cost.latency_ms for s in manifest.stages)
-    table.add_row("total", "", "", f"{sum(s.cost.param_bytes for s in manifest.stages) / MB:.2f}", f"{total:.3f}", "")
+        cells = [s.name, "\n".join(map(_tensor, s.inputs)), "\n".join(map(_tensor, s.outputs))] if tensors else [s.name]
+        table.add_row(*cells, f"{s.cost.param_bytes / MB:.2f}", f"{s.cost.latency_ms:.3f}", f"{s.cost.bytes_out:,}")
+    table.add_row("total", *([""] * (len(columns) - 1)),
+                  f"{sum(s.cost.param_bytes for s in manifest.stages) / MB:.2f}",
+                  f"{sum(s.cost.latency_ms for s in manifest.stages):.3f}", "")
     return table
+
+
+def stage_report(manifest: Manifest, width: int) -> list[RenderableType]:
+    """The title and one table of every stage with its tensors, if it fits `width`; else the costs alone and
+    each stage's tensors as lines below, so a tensor name is never broken (it can be copied into
+    `split --cut`). Print each part with soft_wrap=True."""
+    wide = _costs(manifest, tensors=True)
+    if fits(wide, width):
+        return [Text(title(manifest)), wide]
+    out: list[RenderableType] = [Text(title(manifest)), _costs(manifest, tensors=False),
+                                 Text("tensors (name datatype[shape]) per stage:")]
+    for s in manifest.stages:
+        out.append(Text(f"  {s.name}"))
+        for way, specs in (("in ", s.inputs), ("out", s.outputs)):
+            for t in specs:
+                line = f"    {way} {_tensor(t)}"
+                # The name whole on its line; its datatype and shape on the next where both do not fit.
+                out += [Text(line)] if len(line) <= width else [Text(f"    {way} {t.name}"),
+                                                               Text(f"        {t.datatype}{t.shape}")]
+    return out
 
 
 def plot_stages(manifest: Manifest, out: Path) -> Path:

@@ -20,10 +20,11 @@ from mesh import local, pki
 REPO = Path(__file__).resolve().parents[2]
 
 
-def mesh_cli(*args: str, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
-    """`python -m mesh ARGS` as a user runs it, from the repository root."""
-    return subprocess.run([sys.executable, "-m", "mesh", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+def mesh_cli(*args: str, timeout: float = 180.0, cwd: Path = REPO,
+             columns: int = 200) -> subprocess.CompletedProcess[str]:
+    """`python -m mesh ARGS` as a user runs it, from the repository root (or `cwd`)."""
+    return subprocess.run([sys.executable, "-m", "mesh", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "COLUMNS": str(columns)})
 
 
 def processes_of(state_dir: Path) -> list[int]:

@@ -34,6 +34,11 @@ def test_missing_pipeline_dir(tmp_path: Path) -> None:
     assert rc != 0 and "does not exist" in err
 
 
+def test_pipeline_given_as_a_file(tiny_pipeline: tuple[Path, Manifest], tmp_path: Path) -> None:
+    rc, err = _up(tiny_pipeline[0] / "model.onnx", tmp_path / ".mesh")
+    assert rc == 2 and "expects a pipeline directory (from `python -m model_export split`), got a file" in err
+
+
 def test_invalid_policies(tiny_pipeline: tuple[Path, Manifest], tmp_path: Path) -> None:
     pipeline, _ = tiny_pipeline
     cases = {
@@ -83,7 +88,7 @@ def test_status_and_down_with_nothing_running(tmp_path: Path) -> None:
     status = mesh_cli("status", "--state-dir", str(tmp_path / ".mesh"))
     assert status.returncode != 0 and "no mesh is running" in status.stderr
     down = mesh_cli("down", "--state-dir", str(tmp_path / ".mesh"))
-    assert down.returncode == 0 and "nothing running" in down.stdout
+    assert down.returncode == 0 and "no mesh is running" in down.stdout
 
 
 def test_envoy_config_carries_the_policy(tiny_pipeline: tuple[Path, Manifest], tmp_path: Path) -> None:
