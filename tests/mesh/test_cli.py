@@ -79,7 +79,7 @@ def test_the_running_mesh_is_found_from_any_directory(tiny_pipeline: tuple[Path,
         assert applied.returncode == 0, applied.stderr
         assert "(as `up` used it)" in applied.stdout and "1 retries" in applied.stdout
         state = local.read_state(where)
-        assert state is not None and {s.retries.attempts for s in state.policy.stages} == {1}
+        assert state is not None and {h.route.attempts for h in state.policy.hops} == {1}
         logs = mesh_cli("logs", "tiny-stage-1-v1-0", "-n", "5", cwd=elsewhere)  # a name `status` shows
         assert logs.returncode == 0, logs.stderr
         assert "tiny-stage-1-v1-0.log" in logs.stdout and "tiny-stage-1-v1-0-sidecar.log" in logs.stdout
