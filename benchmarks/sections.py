@@ -10,11 +10,11 @@ HEADER = (
 )
 
 
-def update_section(path: Path, name: str, markdown: str) -> None:
+def update_section(path: Path, name: str, markdown: str, header: str = HEADER) -> None:
     """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` (appending it if absent)."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{markdown.strip()}\n{end}"
-    text = path.read_text() if path.exists() else HEADER
+    text = path.read_text() if path.exists() else header
     if start in text and end in text:
         before, rest = text.split(start, 1)
         after = rest.split(end, 1)[1]

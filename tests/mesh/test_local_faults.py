@@ -1,0 +1,121 @@
+"""Faults through the real local mesh: a frozen (SIGSTOPped) replica under load, and faults injected from
+`mesh.yaml` (Istio's `fault.delay`/`fault.abort`, applied by the callers' Envoys).
+
+The load is bounded (a few seconds at 10 requests/s); latency figures are printed, never asserted, and
+`python -m benchmarks.faults` measures the longer run for RELIABILITY.md."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from benchmarks.faults import freeze_under_load, mesh_sender, replica_pids, summarize
+from mesh import local
+from mesh.v2client import infer
+from tests.mesh.local_mesh import mesh_cli, running_mesh, write_policy
+from tests.tiny import write_tiny_pipeline
+
+NAME = "hang"
+MIDDLE = f"{NAME}-stage-1"
+LAST = f"{NAME}-stage-2"
+POLICY: dict[str, Any] = {"stages": {MIDDLE: {"replicas": 2}}}
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[local.State, Path, Path]]:
+    tmp = tmp_path_factory.mktemp("mesh-faults")
+    pipeline = tmp / NAME
+    write_tiny_pipeline(pipeline, name=NAME, widths=(16, 64, 16, 4))
+    with running_mesh(pipeline, write_policy(tmp / "mesh.yaml", POLICY), tmp / ".mesh") as state:
+        yield state, tmp / ".mesh", pipeline
+
+
+def _stats(admin_port: int, prefix: str) -> dict[str, int]:
+    text = httpx.get(f"http://127.0.0.1:{admin_port}/stats", params={"filter": f"^{prefix}"}, timeout=5.0).text
+    return {k: int(v) for k, v in (line.split(": ", 1) for line in text.splitlines()) if v.strip().isdigit()}
+
+
+def _inputs(pipeline: Path) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    rng = np.random.default_rng(5)
+    inputs = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(4)]
+    whole = ort.InferenceSession(str(pipeline / "model.onnx"))
+    return inputs, [{"y": whole.run(None, x)[0]} for x in inputs]
+
+
+def test_a_frozen_replica_is_retried_around_and_ejected(mesh: tuple[local.State, Path, Path]) -> None:
+    state, _, pipeline = mesh
+    inputs, expected = _inputs(pipeline)
+    victim = state.layout.of_stage(MIDDLE)[1].name
+    outcomes = freeze_under_load(mesh_sender(state, inputs, expected), replica_pids(state, victim),
+                                 rate=10.0, before_s=1.5, freeze_s=5.0, after_s=2.0)
+    for s in summarize(outcomes):
+        print(s)  # figures for the reader; `python -m benchmarks.faults` measures them at length
+    assert [o.error for o in outcomes if o.error] == []
+    assert len(outcomes) == 85
+    # The caller's sidecar gave up on tries to the frozen replica (per-try or connect timeouts, both
+    # local-origin failures) and ejected it; without a per-try timeout and local-origin outlier detection it
+    # would have waited out the hop's whole timeout and never ejected.
+    caller = state.layout.of_stage(f"{NAME}-stage-0")[0].admin_port
+    stats = _stats(caller, f"cluster.outbound|v1|{MIDDLE}.")
+    cluster = f"cluster.outbound|v1|{MIDDLE}"
+    timeouts = stats[f"{cluster}.upstream_rq_per_try_timeout"] + stats[f"{cluster}.upstream_cx_connect_timeout"]
+    assert timeouts > 0, stats
+    assert stats[f"{cluster}.upstream_rq_retry"] > 0, stats
+    assert stats[f"{cluster}.outlier_detection.ejections_enforced_consecutive_local_origin_failure"] > 0, stats
+
+
+def _apply(state_dir: Path, tmp: Path, fault: dict[str, Any] | None) -> None:
+    policy = {"stages": {MIDDLE: {"replicas": 2}, **({LAST: {"fault": fault}} if fault else {})}}
+    result = mesh_cli("apply", "--policy", str(write_policy(tmp / "fault.yaml", policy)),
+                      "--state-dir", str(state_dir))
+    assert result.returncode == 0, result.stderr
+    time.sleep(1.0)  # Envoy picks up the rewritten route files (inotify) within milliseconds
+
+
+def test_fault_abort_from_the_policy(mesh: tuple[local.State, Path, Path], tmp_path: Path) -> None:
+    state, state_dir, pipeline = mesh
+    inputs, _ = _inputs(pipeline)
+    _apply(state_dir, tmp_path, {"abort": {"percent": 100, "http_status": 503}})
+    try:
+        with httpx.Client(timeout=30.0) as client:
+            responses = []
+            for x in inputs:
+                with pytest.raises(httpx.HTTPStatusError) as failed:
+                    infer(client, state.layout.gateway_url, NAME, x)
+                responses.append(failed.value.response)
+        # stage 1's sidecar answers the hop into the last stage with the injected 503; stage 1 names it (502)
+        assert {r.status_code for r in responses} == {502}
+        assert all(LAST in r.text for r in responses)
+        callers = [r.admin_port for r in state.layout.of_stage(MIDDLE)]
+        assert sum(_stats(a, "http.outbound.fault.").get("http.outbound.fault.aborts_injected", 0)
+                   for a in callers) >= len(inputs)
+    finally:
+        _apply(state_dir, tmp_path, None)
+    with httpx.Client(timeout=30.0) as client:
+        infer(client, state.layout.gateway_url, NAME, inputs[0])  # the fault is gone with the policy
+
+
+def test_fault_delay_from_the_policy(mesh: tuple[local.State, Path, Path], tmp_path: Path) -> None:
+    state, state_dir, pipeline = mesh
+    inputs, expected = _inputs(pipeline)
+    delay_s = 0.3
+    _apply(state_dir, tmp_path, {"delay": {"percent": 100, "fixed_delay_s": delay_s}})
+    try:
+        with httpx.Client(timeout=30.0) as client:
+            for x, want in zip(inputs, expected, strict=True):
+                start = time.perf_counter()
+                out, _ = infer(client, state.layout.gateway_url, NAME, x)
+                assert time.perf_counter() - start >= delay_s  # a lower bound: the delay cannot be skipped
+                assert np.allclose(out["y"], want["y"], atol=1e-5, rtol=0)
+        callers = [r.admin_port for r in state.layout.of_stage(MIDDLE)]
+        assert sum(_stats(a, "http.outbound.fault.").get("http.outbound.fault.delays_injected", 0)
+                   for a in callers) >= len(inputs)
+    finally:
+        _apply(state_dir, tmp_path, None)
