@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mesh import policy_errors
 from model_export.manifest import DNS_LABEL
 
 # Envoy's retry_on values for HTTP; bare status codes become retriable_status_codes.
@@ -225,11 +226,12 @@ def load_policy(path: Path | str | None) -> Policy:
         return Policy()
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        data = yaml.safe_load(text)
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read the policy ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
-        raise PolicyError(f"{path}: not valid YAML ({exc})") from exc
+        raise PolicyError(policy_errors.yaml_problem(exc, path)) from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -237,4 +239,4 @@ def load_policy(path: Path | str | None) -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(f"{path}: invalid policy:\n{exc}") from exc
+        raise PolicyError(policy_errors.explain(exc, path, text, Policy)) from exc
