@@ -18,7 +18,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,mesh,loadtest,dev]'
+	$(PY) -m pip install --quiet -e '.[export,mesh,validate,loadtest,dev]'
 	touch $(STAMP)
 
 $(BUILD)/reference.keras: | $(STAMP)

@@ -1,11 +1,11 @@
-"""`python -m mesh`: up, down, status, logs, apply, demo-request, trace (the local mesh) and render (Kubernetes +
-Istio)."""
+"""`python -m mesh`: up, down, status, logs, apply, demo-request, trace (the local mesh), render and validate
+(Kubernetes + Istio)."""
 
 from __future__ import annotations
 
 import sys
 
-from mesh import cli_local, cli_render, cli_trace
+from mesh import cli_local, cli_render, cli_trace, cli_validate
 from model_export.cli_help import CommandParser
 
 
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_local.register(sub)
     cli_render.register(sub)
     cli_trace.register(sub)
+    cli_validate.register(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

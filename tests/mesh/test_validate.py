@@ -7,7 +7,9 @@ fails), then applied to the rendered trees, then shown to catch each kind of bro
 from __future__ import annotations
 
 import copy
+import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -272,3 +274,22 @@ def test_semantic_checks_catch_replicas_fighting_an_autoscaler(built: dict[str, 
     problems = semantic_problems(_broken(built["prod"], pin_replicas))
     assert any("Deployment/tiny-ns/tiny-stage-1-v1: replicas 2 is set" in p and "HorizontalPodAutoscaler" in p
                for p in problems), problems
+
+
+def test_validate_command_reports_each_overlay(istio: IstioSchemas, tiny_tree: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m mesh validate`: 0 and `ok` per overlay on a good tree, 1 naming the problem on a broken one."""
+    from mesh.__main__ import main
+
+    crds = istio_modules.crd_file()
+    assert main(["validate", str(tiny_tree), "--crds", str(crds)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"{o}: ok" for o in sorted(OVERLAYS)]
+    broken = tmp_path / "tree"
+    shutil.copytree(tiny_tree, broken)
+    service = broken / "base" / "service-tiny-stage-1.yaml"
+    service.write_text(service.read_text().replace("selector:\n    app: tiny-stage-1", "selector:\n    app: tiny-stage-9"))
+    assert main(["validate", str(broken), "--crds", str(crds), "--json"]) == 1
+    results = json.loads(capsys.readouterr().out)
+    assert any("matches no Deployment" in p for p in results["dev"]), results
+    assert main(["validate", str(tmp_path / "nowhere"), "--crds", str(crds)]) == 2
+    assert "no overlays/ directory" in capsys.readouterr().err
