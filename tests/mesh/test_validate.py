@@ -287,7 +287,8 @@ def test_validate_command_reports_each_overlay(istio: IstioSchemas, tiny_tree: P
     broken = tmp_path / "tree"
     shutil.copytree(tiny_tree, broken)
     service = broken / "base" / "service-tiny-stage-1.yaml"
-    service.write_text(service.read_text().replace("selector:\n    app: tiny-stage-1", "selector:\n    app: tiny-stage-9"))
+    text = service.read_text().replace("selector:\n    app: tiny-stage-1", "selector:\n    app: tiny-stage-9")
+    service.write_text(text)
     assert main(["validate", str(broken), "--crds", str(crds), "--json"]) == 1
     results = json.loads(capsys.readouterr().out)
     assert any("matches no Deployment" in p for p in results["dev"]), results
