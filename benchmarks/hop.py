@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +39,9 @@ import numpy as np
 
 from loadtest.machine import describe
 from stage_service.chain import TIMING_HEADER
-from stage_service.launch import HOST, free_port, start_stage
+from stage_service.launch import HOST, StageProcess, free_port, start_stage
 from stage_service.protocol import HEADER_LENGTH, decode_response, encode_json_request, encode_request
+from stage_service.supervisor import Child, http_ready, wait_ready
 
 SIZES = {"4 KB": 1024, "0.7 MB": 175_000, "3 MB": 750_000}  # FP32 elements
 
@@ -90,10 +90,9 @@ def write_identity_pipeline(directory: Path) -> Path:
     return write_manifest(manifest, directory)
 
 
-def _start(manifest: Path, name: str, next_url: str | None, log_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    stage = start_stage(manifest, name, next_url=next_url, log_dir=log_dir,
-                        env={"STAGE_MAX_REQUEST_BYTES": str(256 << 20)})
-    return stage.proc, stage.url
+def _start(manifest: Path, name: str, next_url: str | None, log_dir: Path) -> StageProcess:
+    return start_stage(manifest, name, next_url=next_url, log_dir=log_dir,
+                       env={"STAGE_MAX_REQUEST_BYTES": str(256 << 20)})
 
 
 async def _floor_app(scope: dict[str, Any], receive: Callable[[], Any], send: Callable[[Any], Any]) -> None:
@@ -115,21 +114,16 @@ def _serve_floor(port: int) -> None:
                 lifespan="off")
 
 
-def _start_floor(log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _start_floor(log: Path) -> tuple[Child, str]:
     port = free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.hop", "--serve-floor", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
+    floor = Child.start("floor server", [sys.executable, "-m", "benchmarks.hop", "--serve-floor", str(port)], log)
     url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            httpx.post(url, content=b"x", timeout=1)
-            return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    proc.kill()
-    raise TimeoutError(f"floor server not up:\n{log.read_text()}")
+    try:
+        wait_ready([floor.target(http_ready(url))], timeout=60)
+    except BaseException:
+        floor.stop(signal.SIGKILL)
+        raise
+    return floor, url
 
 
 def _floor_call(client: httpx.Client, url: str, x: np.ndarray) -> Call:
@@ -185,14 +179,15 @@ def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-hop-"))
     manifest = write_identity_pipeline(work / "hop")
-    proc_b, url_b = _start(manifest, "hop-stage-1", None, work)
-    procs = [proc_b]
+    stage_b = _start(manifest, "hop-stage-1", None, work)
+    procs: list[Child] = [stage_b]
     results: dict[str, Any] = {}
     try:
-        proc_a, url_a = _start(manifest, "hop-stage-0", url_b, work)
-        procs.append(proc_a)
-        proc_floor, url_floor = _start_floor(work / "floor.log")
-        procs.append(proc_floor)
+        stage_a = _start(manifest, "hop-stage-0", stage_b.url, work)
+        procs.append(stage_a)
+        floor_server, url_floor = _start_floor(work / "floor.log")
+        procs.append(floor_server)
+        url_a, url_b = stage_a.url, stage_b.url
         rng = np.random.default_rng(0)
         with httpx.Client(timeout=120) as client:
             for label, n in SIZES.items():
@@ -234,9 +229,9 @@ def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10)
                 )
     finally:
         for proc in procs:
-            proc.send_signal(signal.SIGTERM)
+            proc.send(signal.SIGTERM)
         for proc in procs:
-            proc.wait(30)
+            proc.stop()
     report = {
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "description": describe()},

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
@@ -44,6 +43,7 @@ from loadtest.runner import LoadSettings, run
 from loadtest.workload import WorkloadError, build
 from model_export.manifest import ManifestError, load_manifest, write_manifest
 from stage_service.launch import HOST, free_port, stage_command, stage_env
+from stage_service.supervisor import Child, ProcessId, Target, http_ready, process_tree, wait_gone, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS_VENV = REPO / ".venv-peers"
@@ -73,37 +73,6 @@ def standalone_manifest(pipeline: Path, stage: str, out: Path) -> Path:
     shutil.copyfile(directory / entry.file, out / entry.file)
     write_manifest(type(manifest).model_validate(one.model_dump()), out)
     return out
-
-
-def process_tree(root: int, proc: Path = Path("/proc")) -> list[int]:
-    """`root` and every process descended from it, from /proc/<pid>/stat."""
-    children: dict[int, list[int]] = {}
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # the command name is in parentheses and may hold spaces: the fields after the last ')' are fixed
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
-def start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
-    """The process's start time in clock ticks since boot (with the pid, an identity that survives pid reuse)."""
-    try:
-        stat = (proc / str(pid) / "stat").read_text()
-        return int(stat[stat.rfind(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def rss_bytes(pid: int, proc: Path = Path("/proc")) -> int:
@@ -185,7 +154,7 @@ class Server:
     port: int
     log_path: Path
     stop_signal: int = signal.SIGTERM
-    proc: subprocess.Popen[bytes] | None = None
+    child: Child | None = None
     peak_rss: int = 0
     processes: int = 0
     _stop_sampling: threading.Event = field(default_factory=threading.Event)
@@ -199,58 +168,39 @@ class Server:
         return self.log_path.read_text(errors="replace")[-tail:] if self.log_path.exists() else ""
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.command, env=self.env, cwd=REPO, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.child = Child.start(self.key, self.command, self.log_path, env=self.env, cwd=REPO, new_session=True)
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
 
     def _sample(self) -> None:
-        assert self.proc is not None
+        assert self.child is not None
         while not self._stop_sampling.wait(0.5):
-            tree = process_tree(self.proc.pid)
+            tree = process_tree(self.child.pid)
             self.peak_rss = max(self.peak_rss, sum(rss_bytes(p) for p in tree))
             self.processes = max(self.processes, len(tree))
 
     def wait_ready(self, model: str, timeout: float) -> float:
         """Seconds until both server and model answer ready; raises with the log if it dies or times out."""
-        assert self.proc is not None
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.key} exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if (httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200
-                        and httpx.get(f"{self.url}/v2/models/{model}/ready", timeout=2).status_code == 200):
-                    return time.monotonic() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.key} not ready within {timeout:.0f} s:\n{self.log()}")
+        assert self.child is not None
+        probe = http_ready(f"{self.url}/v2/health/ready", f"{self.url}/v2/models/{model}/ready", timeout=2)
+        target = Target(name=self.key, ready=probe, alive=self.child.alive, log=self.log,
+                        returncode=self.child.proc.poll)
+        return wait_ready([target], timeout, interval=0.2)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Signal the server, wait; then SIGKILL whatever of its process tree is left."""
         self._stop_sampling.set()
-        if self.proc is None:
+        if self.child is None:
             return
-        tree = [(pid, start_time(pid)) for pid in process_tree(self.proc.pid)]
-        if self.proc.poll() is None:
-            self.proc.send_signal(self.stop_signal)
+        tree = [i for i in map(ProcessId.of, process_tree(self.child.pid)) if i is not None]
+        if self.child.alive():
+            self.child.send(self.stop_signal)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
-        deadline = time.monotonic() + 10
-
-        def left() -> list[int]:  # the processes of this server's tree still running (same pid, same start)
-            return [pid for pid, started in tree if started is not None and start_time(pid) == started]
-
-        while time.monotonic() < deadline and left():
-            time.sleep(0.2)
-        for pid in left():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.wait(10)
+                self.child.proc.wait(timeout)
+        for left in wait_gone(tree, 10, interval=0.2):
+            left.signal(signal.SIGKILL)
+        if self.child.alive():
+            self.child.proc.wait(10)
 
 
 def peer_python(peer: str) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from stage_service.supervisor import Child, ProcessId, proc_stat, stop_processes
+from stage_service.supervisor import Child, ProcessId, proc_stat, reap, stop_processes
 
 
 class Proc(BaseModel):
@@ -42,12 +42,15 @@ def start(name: str, role: str, stage: str | None, cmd: list[str], log: Path, en
 
 def alive(proc: Proc) -> bool:
     """Still the process we started (not a recycled pid) and not a zombie."""
+    reap(proc.pid)
     return _id(proc).running()
 
 
 def stop(procs: list[Proc], grace_s: float = 10.0) -> list[Proc]:
     """SIGTERM every live process's group, SIGKILL what is left after `grace_s`; return those that would not die."""
     left = stop_processes([_id(p) for p in procs], grace_s=grace_s, group=True)
+    for p in procs:
+        reap(p.pid)
     return [p for p in procs if _id(p) in left]
 
 

@@ -87,9 +87,7 @@ class ProcessId:
         return None if ticks is None else cls(pid, ticks)
 
     def running(self) -> bool:
-        """Still the same process, and not a zombie (one that is our child is reaped here)."""
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(self.pid, os.WNOHANG)
+        """Still the same process, and not a zombie."""
         stat = proc_stat(self.pid)
         return stat is not None and stat.start_ticks == self.start_ticks and stat.state not in ("Z", "X")
 
@@ -101,6 +99,12 @@ class ProcessId:
                     os.killpg(self.pid, sig)
                 else:
                     os.kill(self.pid, sig)
+
+
+def reap(pid: int) -> None:
+    """Collect the exit status of a child that no Popen tracks any more, so it does not linger as a zombie."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 def wait_gone(ids: Sequence[ProcessId], timeout: float, interval: float = 0.05) -> list[ProcessId]:
@@ -180,7 +184,8 @@ class Child:
         return int(self.proc.returncode)
 
     def forget(self) -> ProcessId:
-        """Drop Popen's bookkeeping of a process that outlives this one; from here on it is known by its id."""
+        """Drop Popen's bookkeeping of a process that outlives this one; from here on it is known by its id
+        (and, while this process lives, `reap` collects its exit status)."""
         self.proc.returncode = 0
         return self.id
 

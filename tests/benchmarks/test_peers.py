@@ -1,5 +1,5 @@
 """The peers bench's pure helpers, in the product's venv (no peer installed): the one-stage manifest ours
-serves, the peers' stage loading and session settings, MLServer's config files, process-tree RSS, verdicts."""
+serves, the peers' stage loading and session settings, MLServer's config files, RSS, verdicts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 
 from benchmarks.peer_servers.common import create_session, load_stage_file
 from benchmarks.peer_servers.mlserver_peer import write_config
-from benchmarks.peers import compare, markdown, process_tree, rss_bytes, standalone_manifest, start_time
+from benchmarks.peers import compare, markdown, rss_bytes, standalone_manifest
 from model_export.manifest import Manifest, load_manifest
 from stage_service.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH, decode_response, encode_request
 from tests.stage_service.procs import start_stage
@@ -81,20 +80,14 @@ def test_mlserver_config_files(tiny_pipeline: tuple[Path, Manifest], tmp_path: P
     assert model["inputs"][0]["name"] == manifest.stages[1].inputs[0].name
 
 
-def test_process_tree_and_rss() -> None:
+def test_rss_of_a_process_and_of_none() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        deadline = time.monotonic() + 10
-        while child.pid not in process_tree(os.getpid()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert child.pid in process_tree(os.getpid())
-        assert process_tree(os.getpid())[0] == os.getpid()
         assert rss_bytes(os.getpid()) > 10 * 2**20
-        assert start_time(child.pid) is not None and start_time(child.pid) == start_time(child.pid)
     finally:
         child.kill()
         child.wait()
-    assert rss_bytes(child.pid) == 0 and start_time(child.pid) is None
+    assert rss_bytes(child.pid) == 0
 
 
 def _row(server: str, encoding: str, p50: float, tputs: list[float]) -> dict[str, Any]:
