@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_export.manifest import load_manifest
+from stage_service.settings import StageSettings
 from stage_service.supervisor import Child, Target, http_ready, wait_ready
 
 HOST = "127.0.0.1"
@@ -53,19 +54,12 @@ class StageProcess(Child):
 def stage_env(manifest: Path, name: str, port: int, next_url: str | None = None,
               extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of one stage process: the caller's, without inherited STAGE_*, plus these settings."""
+    # Built without validation (and without reading this process's STAGE_*): the stage validates its
+    # environment itself at start-up and names the variable at fault.
+    settings = StageSettings.model_construct(manifest=manifest, name=name, host=HOST, port=port, threads=1,
+                                             log_level="warning", next_url=next_url or None)
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_")}
-    env.update({
-        "STAGE_MANIFEST": str(manifest),
-        "STAGE_NAME": name,
-        "STAGE_HOST": HOST,
-        "STAGE_PORT": str(port),
-        "STAGE_THREADS": "1",
-        "STAGE_LOG_LEVEL": "warning",
-        "PYTHONUNBUFFERED": "1",
-    })
-    if next_url:
-        env["STAGE_NEXT_URL"] = next_url
-    env.update(extra or {})
+    env.update({"PYTHONUNBUFFERED": "1", **settings.to_env(), **(extra or {})})
     return env
 
 
