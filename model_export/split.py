@@ -164,11 +164,24 @@ def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[
         manifest = _write_stages(c, chosen, tmp, pipeline, model_path, out, balance, threads, runs, track)
         # 3. check: the chained stages must compute what the whole model computes
         diff = verify_pipeline(tmp, model_path=model_path, tolerance=tolerance, track=track)
+        make_readable(tmp)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return SplitResult(manifest, out, diff, costs)
+
+
+DIRECTORY_MODE = 0o755
+FILE_MODE = 0o644
+
+
+def make_readable(directory: Path) -> None:
+    """Directories 0755 and files 0644 whatever the umask: `mkdtemp` makes 0700, and a stage container
+    running as another user (UID 10001) must read the pipeline directory mounted into it."""
+    directory.chmod(DIRECTORY_MODE)
+    for path in directory.rglob("*"):
+        path.chmod(DIRECTORY_MODE if path.is_dir() else FILE_MODE)
 
 
 def _spec(a: Activation) -> TensorSpec:

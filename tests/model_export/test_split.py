@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,19 @@ def test_split_writes_a_manifest_that_describes_the_stages(whole: Path, tmp_path
         h = dict(zip([o.name for o in s.outputs], sess.run(None, h), strict=True))
     expected = ort.InferenceSession(str(whole)).run(None, {"x": x})[0]
     np.testing.assert_allclose(h["y"], expected, atol=1e-5)
+
+
+def test_split_writes_a_directory_others_can_read(whole: Path, tmp_path: Path) -> None:
+    """A stage container runs as UID 10001 and reads the pipeline mounted into it: directories 0755 and files
+    0644 whatever the umask of the user who split (mkdtemp alone leaves the directory 0700)."""
+    out = tmp_path / "shared"
+    previous = os.umask(0o077)
+    try:
+        split_model(whole, out, 2, runs=1)
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes == {".": 0o755, "pipeline.json": 0o644, "stage-0.onnx": 0o644, "stage-1.onnx": 0o644}
 
 
 def test_balance_by_parameters_minimises_the_largest_stage(tmp_path: Path) -> None:
