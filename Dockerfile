@@ -1,33 +1,47 @@
-# syntax=docker/dockerfile:1
 # The one generic stage image: which stage it serves is only configuration (STAGE_* environment variables,
 # the pipeline directory mounted where STAGE_MANIFEST points).
 #
-#   docker build --build-arg VARIANT=cpu -t meshpipe/stage-service:0.1.0 .
-#   docker build --build-arg VARIANT=gpu -t meshpipe/stage-service:0.1.0-gpu .
+#   make image                 # CPU variant: meshpipe/stage-service:0.1.0 (scripts/stage-image.sh)
+#   make image VARIANT=gpu     # meshpipe/stage-service:0.1.0-gpu
+#   docker build --build-arg VARIANT=cpu -t meshpipe/stage-service:0.1.0 .    # where python:3.11-slim-bookworm pulls
+#
+# It builds with the legacy builder as well as BuildKit (no `# syntax=` line: that makes BuildKit fetch a
+# frontend image from a registry). What goes in is only what .dockerignore admits, the one list of it:
+# the Dockerfile copies the context whole, and tests/image/test_context.py proves, with Docker's own
+# ignore matching, that the context holds every COPY source and is enough to serve.
 #
 # Only the base dependencies of pyproject.toml are installed (FastAPI, uvicorn, onnxruntime, ...): never the
-# `export` extra, so no TensorFlow, tf2onnx or onnx. The GPU variant swaps onnxruntime for the pinned
-# onnxruntime-gpu of the `gpu` extra, with the CUDA and cuDNN libraries from their pip packages.
+# `export` extra, so no TensorFlow, tf2onnx or onnx.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+# Versions live only in pyproject.toml: its base dependencies, and in the GPU variant the `gpu` extra's
+# onnxruntime-gpu (with the CUDA and cuDNN libraries from their pip packages) in place of onnxruntime.
+# A stage of its own, so that the install below stays cached while the requirements are the same, whatever
+# else changes in pyproject.toml.
+FROM ${PYTHON_IMAGE} AS requirements
 ARG VARIANT=cpu
+COPY pyproject.toml /
+RUN python -c "\
+import sys, tomllib; \
+variant = sys.argv[1]; \
+project = tomllib.load(open('/pyproject.toml', 'rb'))['project']; \
+gpu = [d.replace('onnxruntime-gpu', 'onnxruntime-gpu[cuda,cudnn]', 1) for d in project['optional-dependencies']['gpu']]; \
+cpu = project['dependencies']; \
+variants = {'cpu': cpu, 'gpu': [d for d in cpu if not d.startswith('onnxruntime=')] + gpu}; \
+variant in variants or sys.exit(f'VARIANT must be cpu or gpu, got {variant!r}'); \
+open('/requirements.txt', 'w').write(''.join(d + chr(10) for d in variants[variant]))" "$VARIANT"
+
+FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml ./
-COPY model_export/__init__.py model_export/manifest.py model_export/ort_session.py model_export/
-COPY stage_service/ stage_service/
-RUN pip install --upgrade pip && pip install .
-# Versions live only in pyproject.toml: read the onnxruntime-gpu pin from its `gpu` extra.
-RUN set -eu; \
-    case "$VARIANT" in \
-      cpu) ;; \
-      gpu) req="$(python -c 'import tomllib; gpu = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"]; pin = next(d for d in gpu if d.startswith("onnxruntime-gpu")); print(pin.replace("onnxruntime-gpu", "onnxruntime-gpu[cuda,cudnn]", 1))')"; \
-           pip uninstall -y onnxruntime; \
-           pip install "$req";; \
-      *) echo "VARIANT must be cpu or gpu, got '$VARIANT'" >&2; exit 1;; \
-    esac
+# The dependencies first: this layer stays cached until the requirements change, so a change of the serving
+# code rebuilds only the last steps.
+COPY --from=requirements /requirements.txt /
+RUN pip install --upgrade pip && pip install -r /requirements.txt
+# The serving code: the context as .dockerignore filters it.
+COPY . ./
+RUN pip install --no-deps .
 # Prove what the image holds: the service imports, and the export stack is absent.
 RUN python -c "import importlib.util as u, sys; bad = [m for m in ('tensorflow', 'tf2onnx', 'onnx', 'keras') if u.find_spec(m)]; sys.exit(f'not allowed in the serving image: {bad}' if bad else 0)" \
  && python -c "import onnxruntime, stage_service.app; print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"

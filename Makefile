@@ -1,4 +1,5 @@
 # Two commands do everything on a machine with only Python 3.11 and make: `make demo`, `make test`.
+# (`make test` also builds and runs the stage image where a Docker engine can run: see `image`.)
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,12 +7,13 @@ STAMP := $(VENV)/.installed
 BUILD := build
 PIPELINE := $(BUILD)/reference
 STAGES ?= 4
+VARIANT ?= cpu
 # TensorFlow's start-up banners (oneDNN, absl) say nothing a user of these commands needs.
 export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo render test lint typecheck istio-tools bench bench-split bench-hop bench-peers peers-venv clean
+.PHONY: venv demo render test lint typecheck istio-tools image bench bench-split bench-hop bench-peers peers-venv clean
 
 venv: $(STAMP)
 
@@ -53,8 +55,23 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy model_export stage_service mesh loadtest benchmarks
 
+# The image tests (tests/image, marker `docker`) need a Docker engine: scripts/docker-engine.sh starts one
+# (installing Debian's docker.io where none is); where it cannot, one line says so and the rest still runs.
 test: lint typecheck
-	$(PY) -m pytest
+	@if engine=$$(scripts/docker-engine.sh 2>&1); then \
+	  $(PY) -m pytest; \
+	else \
+	  echo "tests/image: the image tests did not run: $$(printf '%s\n' "$$engine" | tail -n 1)"; \
+	  $(PY) -m pytest -m "not docker"; \
+	fi
+
+# The stage image, built by the Docker engine: meshpipe/stage-service:<version> (VARIANT=gpu: <version>-gpu).
+# Where no engine runs, scripts/docker-engine.sh does what it takes on Debian (root): `apt-get install
+# docker.io`, `dockerd` started in the background. Where python:3.11-slim-bookworm cannot be pulled,
+# scripts/base-image.sh makes a stand-in from Debian's packages (debootstrap; about 2.5 minutes, once:
+# the engine keeps it). First build about 80 s; after a change of the serving code about 20 s.
+image:
+	scripts/stage-image.sh $(VARIANT)
 
 # The large variant for the memory benchmark: about 490 MB of weights over eight Dense layers.
 $(BUILD)/large.keras: | $(STAMP)
