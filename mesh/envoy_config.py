@@ -247,7 +247,7 @@ def outbound_clusters(layout: Layout, hop: Hop, identity: CertPair, ca: Path) ->
         clusters.append({
             "name": name,
             "type": "STATIC",
-            "connect_timeout": CONNECT_TIMEOUT,
+            "connect_timeout": _seconds(pool.connect_timeout_s),
             "lb_policy": "LEAST_REQUEST",
             "per_connection_buffer_limit_bytes": hop.upstream.buffer_limit_bytes,
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
@@ -255,9 +255,7 @@ def outbound_clusters(layout: Layout, hop: Hop, identity: CertPair, ca: Path) ->
                 "max_connections": pool.max_connections,
                 "max_pending_requests": pool.max_pending_requests,
                 "max_requests": pool.max_requests,
-                # Envoy's default of 3 concurrent retries would turn a replica's death under load into
-                # overflow errors; Istio lifts it too.
-                "max_retries": pool.max_requests,
+                "max_retries": pool.max_retries,
             }]},
             "outlier_detection": _outlier_detection(hop),
             # Like istiod with outlier detection (minHealthPercent 0): no panic routing to ejected replicas.

@@ -95,6 +95,11 @@ class ConnectionPool(_Strict):
     max_connections: int = Field(default=1024, ge=1)
     max_pending_requests: int = Field(default=1024, ge=1)
     max_requests: int = Field(default=1024, ge=1)
+    # Retries outstanding at once. Envoy's default of 3 would turn a replica's death under load into
+    # overflow errors; Istio lifts it (to 2^32-1), this keeps it bounded like the other limits.
+    max_retries: int = Field(default=1024, ge=1)
+    # A frozen replica still completes the TCP handshake in the kernel; only the TLS handshake hangs.
+    connect_timeout_s: float = Field(default=1.0, gt=0, le=60)
 
 
 class Delay(_Strict):

@@ -36,6 +36,7 @@ from mesh.dashboard import dashboard_json
 from mesh.plan import ENVOY_DEFAULT_BUFFER, GATEWAY, Hop, Placement, Plan, StagePlan, resolve
 from mesh.policy import Fault, Policy, StagePolicy, Version
 from model_export.manifest import MANIFEST_FILE, Manifest
+from stage_service.settings import StageSettings
 
 IMAGE = "meshpipe/stage-service"
 IMAGE_TAG = "0.1.0"
@@ -49,6 +50,11 @@ INGRESS_GATEWAY_PORT = 80  # the stock istio-ingressgateway Service's HTTP port
 INGRESS_GATEWAY_TARGET_PORT = 8080  # ...and the gateway pod's listener behind it
 TRACING_PROVIDER = "jaeger"  # meshConfig.extensionProviders name the README installs
 DEFAULT_CANARY_WEIGHT = 10
+# Drain: after a pod is marked for deletion, the endpoint controller and istiod take it out of every
+# caller's load balancing within seconds; the preStop sleep keeps the app serving until they have, then
+# SIGTERM makes it stop listening and finish what is in flight (STAGE_TIMEOUT_S + 5 s at most).
+PRESTOP_SLEEP_S = 5
+DRAIN_MARGIN_S = 5
 MANAGED_DIRS = ("base", "components", "overlays")
 KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
 COMPONENT_API = "kustomize.config.k8s.io/v1alpha1"
@@ -134,6 +140,24 @@ def _env(resolved: Plan, stage: StagePlan, version: Version) -> list[dict[str, s
     return [{"name": k, "value": env[k]} for k in sorted(env)]
 
 
+def _app_drain_s(stage: StagePlan) -> int:
+    """How long the app may take to finish its in-flight requests after SIGTERM (stage_service.__main__)."""
+    timeout = stage.next_timeout_s or StageSettings.model_fields["timeout_s"].default
+    return int(timeout) + 5
+
+
+def _grace_s(stage: StagePlan) -> int:
+    """terminationGracePeriodSeconds: the preStop wait, the app's drain and a margin, so nothing is killed."""
+    return PRESTOP_SLEEP_S + _app_drain_s(stage) + DRAIN_MARGIN_S
+
+
+def _proxy_config(stage: StagePlan) -> str:
+    """The sidecar's shutdown (Istio's ProxyConfig): it keeps serving while connections are open, up to the
+    app's drain, and exits as soon as none is left (EXIT_ON_ZERO_ACTIVE_CONNECTIONS)."""
+    return _dump({"terminationDrainDuration": f"{PRESTOP_SLEEP_S + _app_drain_s(stage)}s",
+                  "proxyMetadata": {"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true"}})
+
+
 def deployment(manifest: Manifest, resolved: Plan, stage: StagePlan, version: Version,
                replicas: int) -> dict[str, Any]:
     """`<stage>-<version>`: non-root, read-only root, probes, model files copied in by an init container."""
@@ -160,9 +184,11 @@ def deployment(manifest: Manifest, resolved: Plan, stage: StagePlan, version: Ve
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(PORT),
                         "prometheus.io/path": "/metrics",
+                        "proxy.istio.io/config": _proxy_config(stage),
                     },
                 },
                 "spec": {
+                    "terminationGracePeriodSeconds": _grace_s(stage),
                     "serviceAccountName": stage.name,
                     "automountServiceAccountToken": False,
                     "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
@@ -186,6 +212,7 @@ def deployment(manifest: Manifest, resolved: Plan, stage: StagePlan, version: Ve
                         "startupProbe": probe("/v2/health/live", 2, 60),
                         "livenessProbe": probe("/v2/health/live", 10, 3),
                         "readinessProbe": probe("/v2/health/ready", 5, 3),
+                        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
                         "resources": {"requests": dict(resources), "limits": dict(resources)},
                         "securityContext": drop_all,
                         "volumeMounts": [{"name": "models", "mountPath": MODEL_DIR, "readOnly": True},
@@ -271,9 +298,9 @@ def destination_rule(hop: Hop, ns: str) -> dict[str, Any]:
             "trafficPolicy": {
                 "tls": {"mode": "ISTIO_MUTUAL"},
                 "connectionPool": {
-                    "tcp": {"maxConnections": cp.max_connections},
+                    "tcp": {"maxConnections": cp.max_connections, "connectTimeout": duration(cp.connect_timeout_s)},
                     "http": {"http1MaxPendingRequests": cp.max_pending_requests,
-                             "http2MaxRequests": cp.max_requests},
+                             "http2MaxRequests": cp.max_requests, "maxRetries": cp.max_retries},
                 },
                 "outlierDetection": _outlier_detection(hop),
             },

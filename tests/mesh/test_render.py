@@ -231,3 +231,20 @@ def test_committed_tree_is_the_render_of_the_reference_pipeline(tmp_path: Path) 
     assert sorted(fresh) == sorted(old), "file set differs: re-run `python -m mesh render` and commit kustomize/"
     stale = [p for p in fresh if fresh[p] != old[p]]
     assert not stale, f"stale files in kustomize/: {stale}; re-render and commit"
+
+
+def test_pods_drain_before_they_are_killed(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    """preStop waits for the pod to leave every caller's endpoints; the grace period covers that wait and the
+    app's own drain (STAGE_TIMEOUT_S + 5 s); the sidecar stays until its last connection is done."""
+    _, manifest = tiny_pipeline
+    for d in _by_kind(render_tree(manifest, Policy()), "base/")["Deployment"]:
+        pod = d["spec"]["template"]
+        (c,) = pod["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        app_drain = int(float(env.get("STAGE_TIMEOUT_S", "30"))) + 5
+        pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert pre_stop > 0
+        assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop + app_drain
+        proxy = yaml.safe_load(pod["metadata"]["annotations"]["proxy.istio.io/config"])
+        assert proxy["proxyMetadata"] == {"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true"}
+        assert proxy["terminationDrainDuration"] == f"{pre_stop + app_drain}s"
