@@ -8,20 +8,30 @@ import sys
 
 import uvicorn
 from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
 
 from stage_service.app import create_app
 from stage_service.errors import StartupError
 from stage_service.runtime import load_stage
-from stage_service.settings import StageSettings, describe_validation_error
+from stage_service.server import server_config
+from stage_service.settings import ENV_PREFIX, StageSettings, describe_validation_error
 from stage_service.tracing import StageTracing
 
 EXIT_BAD_SETTINGS = 2
 EXIT_STARTUP_FAILED = 3
-KEEPALIVE_TIMEOUT_S = 75
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Check everything, load the stage, serve until SIGTERM/SIGINT, then drain and exit 0."""
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        if args[0] not in ("-h", "--help"):
+            print(f"stage_service: takes no arguments (got {args[0]!r}); it is configured by STAGE_* environment "
+                  "variables (see --help)", file=sys.stderr)
+            return EXIT_BAD_SETTINGS
+        print_settings_help()
+        return 0
     try:
         settings = StageSettings()  # type: ignore[call-arg]  # required fields come from the environment
     except ValidationError as exc:
@@ -38,22 +48,27 @@ def main() -> int:
         print(f"stage_service: cannot start: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     app = create_app(settings, runtime, tracing)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools", lifespan="on",
-        log_level=settings.log_level, access_log=settings.access_log,
-        # In-flight requests may wait on the whole rest of the chain: give them that long to finish.
-        timeout_graceful_shutdown=int(settings.timeout_s) + 5,
-        # Longer than the callers' idle-connection expiry (chain.KEEPALIVE_EXPIRY_S, Envoy's), so a caller never
-        # reuses a connection this server is closing at that very moment (a reset, not retried by the app).
-        timeout_keep_alive=KEEPALIVE_TIMEOUT_S,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(settings, app))
     # uvicorn re-raises the signal that stopped it once it has drained; a no-op handler turns that into a
     # clean return, so a SIGTERM-ed stage exits 0 rather than dying of the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
     return 0 if server.started else EXIT_STARTUP_FAILED
+
+
+def print_settings_help() -> None:
+    """The settings table: every STAGE_* variable with its default and what it does."""
+    table = Table(title="python -m stage_service: serve one stage of a pipeline; configured by the environment",
+                  title_justify="left", box=None, show_lines=False)
+    table.add_column("variable", no_wrap=True)
+    table.add_column("default", overflow="fold", max_width=14)
+    table.add_column("what it sets")
+    for name, field in StageSettings.model_fields.items():
+        default = "(required)" if field.is_required() else field.get_default(call_default_factory=True)
+        shown = ",".join(default) if isinstance(default, list) else "(unset)" if default is None else str(default)
+        table.add_row(f"{ENV_PREFIX}{name.upper()}", shown, field.description or "")
+    Console().print(table)
 
 
 if __name__ == "__main__":

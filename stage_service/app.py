@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 from stage_service import protocol
 from stage_service.chain import TIMING_HEADER
 from stage_service.dataplane import INFER_ROUTE, DataPlane, InferAnswer, InferCall
-from stage_service.errors import InvalidInput, PayloadTooLarge, install_handlers
+from stage_service.errors import ErrorBoundary, InvalidInput, PayloadTooLarge, RequestTimeout, install_handlers
 from stage_service.metrics import InferMetricsMiddleware, StageMetrics
 from stage_service.runtime import StageRuntime
 from stage_service.settings import StageSettings
@@ -79,7 +79,8 @@ async def prometheus_metrics(plane: Plane) -> Response:
 @router.post(INFER_ROUTE)
 @router.post("/v2/models/{name}/versions/{model_version}/infer")
 async def infer(name: str, request: Request, plane: Plane, model_version: str | None = None) -> Response:
-    body = await read_body(request, request.app.state.settings.max_request_bytes)
+    settings: StageSettings = request.app.state.settings
+    body = await read_body(request, settings.max_request_bytes, settings.body_timeout_s)
     route = request.scope["route"].path if "route" in request.scope else INFER_ROUTE
     call = InferCall(model=name, version=model_version, body=body,
                      header_length=request.headers.get(protocol.HEADER_LENGTH), headers=request.headers,
@@ -87,23 +88,34 @@ async def infer(name: str, request: Request, plane: Plane, model_version: str | 
     return answer_response(await plane.infer(call))
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it is known to exceed `limit` bytes."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, within `timeout_s` (else 408, closing the connection), refusing (413) as soon as it is
+    known to exceed `limit` bytes; uvicorn then reads and drops the rest (within the protocol's body guard)
+    and the connection stays usable: closing it with the body unread would reset it, and the caller might
+    lose the answer. No STAGE_MAX_INFLIGHT slot is held meanwhile: a slow client holds a connection only
+    (STAGE_MAX_CONNECTIONS bounds those)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(
-            f"request body of {declared} bytes is over the limit of {limit} (STAGE_MAX_REQUEST_BYTES)"
-        )
-    chunks: list[bytes] = []
-    size = 0
+        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} "
+                              "(STAGE_MAX_REQUEST_BYTES)")
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes (STAGE_MAX_REQUEST_BYTES)")
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            return await _read_chunks(request, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"the request's body did not arrive within {timeout_s:g} s "
+                             "(STAGE_BODY_TIMEOUT_S)") from None
     except ClientDisconnect:
         raise InvalidInput("the client disconnected before sending the whole body") from None
+
+
+async def _read_chunks(request: Request, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes (STAGE_MAX_REQUEST_BYTES)")
+        chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -137,5 +149,6 @@ def create_app(settings: StageSettings, runtime: StageRuntime, tracing: StageTra
     app.state.plane = DataPlane(settings, runtime, tracing, metrics, SERVICE_VERSION)
     install_handlers(app)
     app.add_middleware(InferMetricsMiddleware, metrics=metrics)
+    app.add_middleware(ErrorBoundary)  # added last: the outermost of the app's own
     app.include_router(router)
     return app

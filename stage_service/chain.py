@@ -1,8 +1,9 @@
 """The hop to the next stage: always binary, one pooled client per process, no retries.
 
 Retries, outlier detection and mTLS are the mesh's job (Envoy / Istio). Here a failed hop becomes one
-error naming the next stage: 502 when it is unreachable or answered badly, 504 when it is too slow; a
-502 or 504 that the next stage itself answered (naming a stage further down) is passed on as it is. A 503
+error naming the next stage (never its URL: that goes to the log): 502 when it is unreachable or answered
+badly, 504 when it is too slow; a 502 or 504 that the next stage itself answered (naming a stage further
+down), and a 413 (the request grew past a later stage's limit: the client's to fix), are passed on. A 503
 from downstream becomes 502: 503 is what the mesh retries by default, and only the hop next to the failure
 should retry it; passed up the chain, every outer hop would retry it again (3 attempts over 4 hops: up to
 81 runs of the last stage for one request).
@@ -13,6 +14,7 @@ should retry it; passed up the chain, every outer hop would retry it again (3 at
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 
@@ -23,10 +25,12 @@ from stage_service.errors import InvalidInput, UpstreamError, UpstreamTimeout
 from stage_service.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH, decode_response, encode_request
 from stage_service.tracing import StageTracing
 
+log = logging.getLogger("stage_service")
 TIMING_HEADER = "x-stage-timing"
 PROPAGATED = frozenset({"traceparent", "tracestate", "x-request-id", "b3"})
 PROPAGATED_PREFIXES = ("x-b3-", "x-pipeline-")
-_PASSED_ON = frozenset({502, 504})
+# 413 is the request's own size (the batch grew past a later stage's limit): the client's to fix, not a 502.
+_PASSED_ON = frozenset({413, 502, 504})
 # Idle pooled connections are dropped before the next stage would close them (uvicorn: 75 s here).
 KEEPALIVE_EXPIRY_S = 30.0
 
@@ -66,7 +70,7 @@ class NextStage:
                     headers: Mapping[str, str]) -> tuple[dict[str, np.ndarray], str | None, float]:
         """Send the tensors on; return the final outputs, the next stage's timing header and the hop's seconds."""
         body, header_length = encode_request(tensors, request_id)
-        where = f"next stage {self.stage_name} ({self.base_url})"
+        where = f"next stage {self.stage_name}"  # error bodies name the stage; its URL goes to the log only
         with self.tracing.forward(self.url, self.stage_name) as hop:
             send_headers = {**hop.headers(headers), HEADER_LENGTH: str(header_length),
                             "content-type": BINARY_CONTENT_TYPE}
@@ -75,9 +79,11 @@ class NextStage:
                 async with asyncio.timeout(self.timeout_s):
                     response = await self.client.post(self.url, content=body, headers=send_headers)
             except (TimeoutError, httpx.TimeoutException):
+                log.warning("%s at %s did not answer within %g s", where, self.url, self.timeout_s)
                 raise UpstreamTimeout(f"{where} did not answer within {self.timeout_s:g} s") from None
             except httpx.HTTPError as exc:
-                raise UpstreamError(f"{where} is unreachable: {type(exc).__name__}: {exc}") from None
+                log.warning("%s at %s is unreachable: %s: %s", where, self.url, type(exc).__name__, exc)
+                raise UpstreamError(f"{where} is unreachable ({type(exc).__name__})") from None
             seconds = time.perf_counter() - start
             hop.response(response.status_code, len(body), len(response.content))
             if response.status_code != 200:

@@ -19,7 +19,8 @@ from opentelemetry.trace import Span
 
 from stage_service import protocol
 from stage_service.chain import NextStage, propagated_headers
-from stage_service.errors import InvalidInput, ModelNotFound, ModelNotReady, Overloaded, UpstreamError
+from stage_service.errors import InvalidInput, ModelNotFound, ModelNotReady, UpstreamError
+from stage_service.limits import Admission, BatchLimit
 from stage_service.metrics import StageMetrics
 from stage_service.runtime import StageRuntime
 from stage_service.settings import StageSettings
@@ -63,24 +64,6 @@ class InferAnswer:
     timing: str
 
 
-class Admission:
-    """At most `limit` inference requests in flight; past it, Overloaded (503) at once, never a queue."""
-
-    def __init__(self, stage: str, limit: int) -> None:
-        self.stage = stage
-        self.limit = limit
-        self.inflight = 0
-
-    def __enter__(self) -> None:
-        if self.inflight >= self.limit:
-            raise Overloaded(f"stage {self.stage} has {self.inflight} requests in flight "
-                             f"(STAGE_MAX_INFLIGHT={self.limit}); try again")
-        self.inflight += 1
-
-    def __exit__(self, *_: object) -> None:
-        self.inflight -= 1
-
-
 class DataPlane:
     """Everything one stage does with a request, apart from HTTP."""
 
@@ -92,6 +75,9 @@ class DataPlane:
         self.metrics = metrics
         self.service_version = service_version
         self.admission = Admission(self.place.stage.name, settings.max_inflight)
+        self.batch_limit = BatchLimit.for_stages(self.place.manifest.stages[self.place.index:],
+                                                 settings.max_request_bytes, settings.max_request_batch)
+        self.max_json_values = settings.max_json_values
         following = self.place.next_stage
         self.next_stage = (NextStage(settings.next_url, following.name, settings.timeout_s, settings.max_inflight,
                                      tracing) if following is not None and settings.next_url else None)
@@ -180,6 +166,7 @@ class DataPlane:
         request, tensors = self._decode(call, span)
         wanted = self._wanted_outputs(request, call.model)
         with self.tracing.span("inference"):
+            self.batch_limit.check(self.runtime.check_inputs(tensors))  # before any work: 400, 413
             outputs, ms = await self.runtime.infer(tensors)
         self.metrics.inference.observe(ms / 1000.0)
         timing = f"{self.place.stage.name}/{self.place.version}={ms:.3f}"
@@ -192,7 +179,7 @@ class DataPlane:
 
     def _decode(self, call: InferCall, span: Span | None) -> tuple[protocol.InferenceRequest, dict[str, np.ndarray]]:
         with self.tracing.span("decode"):
-            request, tensors = protocol.decode_request(call.body, call.header_length)
+            request, tensors = protocol.decode_request(call.body, call.header_length, self.max_json_values)
         annotate(span, {ATTR_BODY_IN: len(call.body),
                         ATTR_TENSOR_BYTES_IN: sum(int(t.nbytes) for t in tensors.values()),
                         **({ATTR_INFER_ID: request.id} if request.id else {})})

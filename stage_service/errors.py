@@ -13,14 +13,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("stage_service")
 
 
 class StageError(Exception):
-    """Base class: an error with an HTTP status and a message for the client."""
+    """Base class: an error with an HTTP status and a message for the client. `close_connection`: the answer
+    says `Connection: close` and the connection ends (the rest of the request was not read)."""
 
     status_code = 500
+    close_connection = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -40,9 +43,16 @@ class ModelNotFound(StageError):
 
 
 class PayloadTooLarge(StageError):
-    """The request body is over STAGE_MAX_REQUEST_BYTES (413)."""
+    """The request is over a size limit: its body, its JSON, or the activations its batch would make (413)."""
 
     status_code = 413
+
+
+class RequestTimeout(StageError):
+    """The body did not arrive within STAGE_BODY_TIMEOUT_S (408; the connection is closed)."""
+
+    status_code = 408
+    close_connection = True
 
 
 class ModelNotReady(StageError):
@@ -83,18 +93,47 @@ class StartupError(Exception):
     """The service cannot start: the message names the setting (`STAGE_...`) at fault."""
 
 
-def error_response(status_code: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status_code)
+def error_response(status_code: int, message: str, close_connection: bool = False) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status_code,
+                        headers={"connection": "close"} if close_connection else None)
+
+
+class ErrorBoundary:
+    """Pure ASGI middleware, outermost of the app's own: an exception nothing else handled becomes a 500
+    `{"error": ...}` here. Starlette's ServerErrorMiddleware would answer it too but then re-raise, and
+    uvicorn closes a connection whose app raised: the caller's next request on it was reset."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.exception("unexpected error", exc_info=exc)
+            if started:  # too late to answer: uvicorn closes the connection
+                raise
+            await error_response(500, f"internal error: {type(exc).__name__}")(scope, receive, send)
 
 
 def install_handlers(app: FastAPI) -> None:
-    """Map every exception to `{"error": ...}` with its status; nothing escapes as an HTML 500."""
+    """Map the errors to `{"error": ...}` with their status (anything else: `ErrorBoundary`)."""
 
     async def stage_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StageError)
         if exc.status_code >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
-        return error_response(exc.status_code, exc.message)
+        return error_response(exc.status_code, exc.message, exc.close_connection)
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -103,11 +142,6 @@ def install_handlers(app: FastAPI) -> None:
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(400, f"invalid request: {exc}")
 
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error", exc_info=exc)
-        return error_response(500, f"internal error: {type(exc).__name__}")
-
     app.add_exception_handler(StageError, stage_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, unexpected)

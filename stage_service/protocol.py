@@ -21,13 +21,16 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model_export.manifest import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, TensorSpec
-from stage_service.errors import InvalidInput
+from stage_service.errors import InvalidInput, PayloadTooLarge
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 JSON_CONTENT_TYPE = "application/json"
 # Parameters of the binary extension: they steer encoding and are not echoed back.
 BINARY_PARAMS = frozenset({"binary_data", "binary_data_output", "binary_data_size"})
+MAX_DIMS = 64  # numpy's own limit
+# `parameters` are echoed back; orjson writes at most 255 levels, and no client needs more than a few.
+MAX_PARAMETER_DEPTH = 32
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -124,8 +127,14 @@ def _numpy_dtype(name: str, datatype: str) -> np.dtype[Any]:
 
 
 def _element_count(name: str, shape: Sequence[int], body_bytes: int) -> int:
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(f"tensor {name}: shape has {len(shape)} dimensions; at most {MAX_DIMS}")
     if any(d < 0 for d in shape):
-        raise InvalidInput(f"tensor {name}: shape {list(shape)} has a negative dimension; expected sizes >= 0")
+        raise InvalidInput(f"tensor {name}: shape {list(shape)} has a negative dimension; expected sizes >= 1")
+    if 0 in shape:
+        # batch 0 included: a request with nothing to infer is refused rather than answered empty
+        raise InvalidInput(f"tensor {name}: shape {list(shape)} has a dimension of 0, so no values; "
+                           "expected sizes >= 1 (at least one sample)")
     count = math.prod(shape)
     # Every element takes at least one byte of the body, binary or JSON: a bigger shape is absurd.
     if count > body_bytes:
@@ -164,6 +173,11 @@ def _from_json_data(name: str, datatype: str, dtype: np.dtype[Any], shape: list[
             raise InvalidInput(
                 f"tensor {name}: values [{low}, {high}] are out of range for {datatype} [{info.min}, {info.max}]"
             )
+    elif dtype.kind == "f":
+        largest, biggest = float(np.abs(raw).max()), float(np.finfo(dtype).max)
+        if largest > biggest:  # would become inf
+            raise InvalidInput(f"tensor {name}: a value of magnitude {largest:g} is out of range for {datatype} "
+                               f"(largest {biggest:g})")
     return raw.astype(dtype, copy=False).reshape(shape)
 
 
@@ -235,13 +249,61 @@ def _loads(header: bytes, what: str) -> Any:
         raise InvalidInput(f"invalid inference {what}: the body is not valid JSON ({exc})") from None
 
 
-def decode_request(body: bytes, header_length: str | None) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
-    """Parse a JSON or binary-extension request body into the request and its input arrays."""
+def _count_json_values(header: bytes, limit: int | None) -> None:
+    """PayloadTooLarge if the JSON may hold more than `limit` values: every list, object and comma counts
+    (bytes.count, before any parsing), so that the memory parsing takes stays bounded (~80 bytes a value)."""
+    if limit is None:
+        return
+    count = header.count(b",") + header.count(b"[") + header.count(b"{")
+    if count > limit:
+        raise PayloadTooLarge(f"the request's JSON holds about {count} values, over the limit of {limit} "
+                              "(STAGE_MAX_JSON_VALUES); send large tensors in binary (the binary tensor extension)")
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and objects nest in `value` (a scalar: 0); iterative, as they may nest 1000 deep."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _check_parameters(where: str, parameters: dict[str, Any] | None, flags: Sequence[str]) -> None:
+    """`parameters` nest at most MAX_PARAMETER_DEPTH deep; the binary extension's flags are true/false."""
+    if not parameters:
+        return
+    depth = _depth(parameters)
+    if depth > MAX_PARAMETER_DEPTH:
+        raise InvalidInput(f"{where}parameters nest {depth} levels deep; at most {MAX_PARAMETER_DEPTH}")
+    for flag in flags:
+        value = parameters.get(flag)
+        if value is not None and not isinstance(value, bool):
+            raise InvalidInput(f"{where}parameters.{flag} must be true or false, got {value!r}")
+
+
+def _check_request(request: InferenceRequest) -> None:
+    _check_parameters("", request.parameters, ["binary_data_output"])
+    for tensor in request.inputs:
+        _check_parameters(f"input {tensor.name}: ", tensor.parameters, ["binary_data"])
+    for out in request.outputs or []:
+        _check_parameters(f"output {out.name}: ", out.parameters, ["binary_data"])
+
+
+def decode_request(body: bytes, header_length: str | None,
+                   max_json_values: int | None = None) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
+    """Parse a JSON or binary-extension request body into the request and its input arrays; refuse (413)
+    a JSON header of more than `max_json_values` values before parsing it."""
     header, offset = _split_header(body, header_length)
+    _count_json_values(header, max_json_values)
     try:
         request = InferenceRequest.model_validate(_loads(header, "request"))
     except ValidationError as exc:
         raise InvalidInput(f"invalid inference request: {_validation_message(exc)}") from None
+    _check_request(request)
     return request, _decode_tensors(request.inputs, body, offset, "request")
 
 
@@ -274,9 +336,10 @@ def _join(header: dict[str, Any] | BaseModel, sections: list[np.ndarray]) -> tup
     head = _dumps(header)
     if not sections:
         return head, None
-    # One copy of each tensor, straight into the body; memoryview avoids tobytes()' extra copy.
+    # One copy of each tensor, straight into the body; memoryview avoids tobytes()' extra copy (a flat
+    # uint8 view: memoryview.cast refuses zero-size shapes).
     parts: list[bytes | memoryview] = [head]
-    parts.extend(np.ascontiguousarray(a).data.cast("B") for a in sections)
+    parts.extend(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in sections)
     return b"".join(parts), len(head)
 
 
@@ -341,6 +404,7 @@ def encode_response(model_name: str, model_version: str, request_id: str | None,
             out["parameters"] = {"binary_data_size": array.nbytes}
             sections.append(array)
         else:
+            _check_json_representable(name, array)
             out["data"] = _json_data(array)
         listed.append(out)
     header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
@@ -350,6 +414,15 @@ def encode_response(model_name: str, model_version: str, request_id: str | None,
         header["parameters"] = dict(parameters)
     header["outputs"] = listed
     return _join(header, sections)
+
+
+def _check_json_representable(name: str, array: np.ndarray) -> None:
+    """JSON has no NaN or infinity (orjson would write null): such an output can only go back binary."""
+    if array.dtype.kind == "f" and array.size:
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise InvalidInput(f"output {name}: {bad} of {array.size} values are NaN or infinite, which JSON cannot "
+                               "carry; ask for it in binary (parameters.binary_data: true)")
 
 
 def wants_binary(request: InferenceRequest, name: str) -> bool:

@@ -2,8 +2,8 @@
 
 `load_stage(settings)` does every start-up check (manifest, stage name, next URL, the ONNX file's sha256
 or, for a canary `STAGE_FILE`, its fit to the manifest's tensors) and raises `StartupError` naming the
-setting at fault. `StageRuntime.infer` is the one entry point the routes call: it validates inputs against
-the manifest and runs the session on a dedicated thread, off the event loop; with dynamic batching on
+setting at fault. The data plane calls `StageRuntime.check_inputs` (inputs against the manifest) and then
+`StageRuntime.infer`, which runs the session on a dedicated thread, off the event loop; with dynamic batching on
 (`STAGE_MAX_BATCH_SIZE` > 1) it queues the request for `batching.DynamicBatcher` instead.
 """
 
@@ -209,8 +209,9 @@ class StageRuntime:
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
 
-    def check_inputs(self, tensors: Mapping[str, np.ndarray]) -> None:
-        """Raise InvalidInput unless the tensors are exactly the stage's inputs, by name, datatype and shape."""
+    def check_inputs(self, tensors: Mapping[str, np.ndarray]) -> int | None:
+        """Raise InvalidInput unless the tensors are exactly the stage's inputs, by name, datatype and shape,
+        and those with a dynamic batch dimension (0) agree on it; return that batch size (None: no such input)."""
         specs = self.place.stage.inputs
         expected = [s.name for s in specs]
         for name in tensors:
@@ -227,6 +228,11 @@ class StageRuntime:
             if len(shape) != len(spec.shape) or any(d != -1 and d != s for d, s in zip(spec.shape, shape,
                                                                                        strict=True)):
                 raise InvalidInput(f"tensor {spec.name}: expected shape {spec.shape} (-1 is any), got {list(shape)}")
+        batches = {s.name: int(tensors[s.name].shape[0]) for s in specs if s.shape and s.shape[0] == -1}
+        if len(set(batches.values())) > 1:
+            raise InvalidInput(f"inputs disagree on the batch size (dimension 0): {batches}; every input must "
+                               "carry the same samples")
+        return next(iter(batches.values()), None)
 
     def run(self, tensors: Mapping[str, np.ndarray], report: bool = True) -> tuple[dict[str, np.ndarray], float]:
         """Blocking inference: the outputs by name and the milliseconds onnxruntime took; `report` tells
@@ -249,9 +255,8 @@ class StageRuntime:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.run, tensors)
 
     async def infer(self, tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
-        """Validate, then run on the inference thread (alone, or merged with others by the batcher) so the
-        event loop keeps answering."""
-        self.check_inputs(tensors)
+        """Run inputs that passed `check_inputs` on the inference thread (alone, or merged with others by the
+        batcher), so the event loop keeps answering."""
         if self.batcher is not None:
             return await self.batcher.submit(tensors)
         return await self._run_off_loop(dict(tensors))

@@ -35,8 +35,8 @@ class StageSettings(BaseSettings):
     manifest: Path = Field(description="pipeline.json (or its directory); stage files lie beside it")
     name: str = Field(min_length=1, description="the stage this process serves")
     next_url: str | None = Field(default=None, description="base URL of the next stage; unset on the last")
-    host: str = "0.0.0.0"
-    port: int = Field(default=8080, ge=1, le=65535)
+    host: str = Field(default="0.0.0.0", description="address to listen on")
+    port: int = Field(default=8080, ge=1, le=65535, description="port to listen on")
     threads: int = Field(default=1, ge=1, le=256, description="onnxruntime intra-op threads")
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["auto"],
@@ -44,7 +44,23 @@ class StageSettings(BaseSettings):
     )
     timeout_s: float = Field(default=30.0, gt=0, le=3600, description="timeout of the hop to the next stage")
     max_request_bytes: int = Field(default=64 << 20, ge=1024, description="largest request body accepted")
-    max_inflight: int = Field(default=64, ge=1, description="in-flight requests past which 503 is answered")
+    max_inflight: int = Field(default=64, ge=1, description="requests being inferred (bodies all arrived) past "
+                              "which 503 is answered")
+    max_request_batch: int | None = Field(
+        default=None, ge=1, description="samples one request may carry; default: the most whose activations, at "
+        "this stage and every later one, fit STAGE_MAX_REQUEST_BYTES (from the manifest)")
+    max_json_values: int = Field(default=1 << 21, ge=1024, description="JSON values (numbers, lists, objects) a "
+                                 "request header may hold: parsing takes ~80 bytes of memory each")
+    max_header_bytes: int = Field(default=32 << 10, ge=1024, le=16 << 20,
+                                  description="request line and headers together; past it 431")
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600,
+                                    description="a new connection or request has this long to send its headers")
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600,
+                                  description="a request's whole body must arrive within this; past it 408")
+    max_connections: int = Field(default=1024, ge=1, description="open connections past which new requests get "
+                                 "503 (connections still sending a body hold no STAGE_MAX_INFLIGHT slot)")
+    keepalive_timeout_s: int = Field(default=75, ge=1, le=3600, description="idle keep-alive connections are "
+                                     "closed after this; above the callers' idle expiry (theirs: 30 s or less)")
     version: DnsLabel | None = Field(default=None, description="version reported; default the manifest's")
     file: Path | None = Field(default=None, description="replacement ONNX file for a canary of this stage")
     max_batch_size: int = Field(default=1, ge=1, le=4096,
@@ -53,8 +69,9 @@ class StageSettings(BaseSettings):
                                       description="dynamic batching: longest wait for more requests")
     trace_file: str | None = Field(default=None, description="also append every span as a JSON line here; "
                                    "{stage}, {version} and {pid} are filled in")
-    log_level: str = Field(default="info", pattern=r"^(critical|error|warning|info|debug|trace)$")
-    access_log: bool = False
+    log_level: str = Field(default="info", pattern=r"^(critical|error|warning|info|debug|trace)$",
+                           description="critical, error, warning, info, debug or trace")
+    access_log: bool = Field(default=False, description="log every request (uvicorn's access log)")
 
     def to_env(self) -> dict[str, str]:
         """The `STAGE_*` variables that give these settings: every field set explicitly (the others keep

@@ -17,7 +17,8 @@ Configured by the standard variables only, read once at start-up (`StageTracing.
   injected); also `b3` (single header), `baggage`, `none`. With Istio's Zipkin provider, which rewrites B3,
   `tracecontext,b3multi` links the sidecars' spans as parents instead.
 - `OTEL_SERVICE_NAME` (default: the stage's name), `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`
-  and `_ARG` (default `parentbased_always_on`), `OTEL_BSP_*`, `OTEL_SDK_DISABLED=true`.
+  and `_ARG` (default `parentbased_always_on`), `OTEL_BSP_*`, `OTEL_SDK_DISABLED=true`,
+  `OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT` (default here 1024 characters, so a huge request id cannot bloat spans).
 - `STAGE_TRACE_FILE`: besides those, append every span as one JSON line to this file (the local mesh sets
   it for each process, and `python -m mesh trace` reads it back). `{stage}`, `{version}` and `{pid}` in
   the path are replaced, so that processes sharing one environment write files of their own (a file
@@ -43,7 +44,7 @@ from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -60,6 +61,9 @@ INSTRUMENTATION = "meshpipe.stage_service"
 # Spans reach the file this soon after they end (unless OTEL_BSP_SCHEDULE_DELAY says otherwise), so that
 # `mesh trace --last` right after a request finds it; the OTLP exporter keeps the SDK's 5 s default.
 FILE_FLUSH_DELAY_MS = 200
+# Attribute values and error messages are cut to this many characters unless OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT
+# says otherwise (the SDK's default is no limit): a request's id or tensor names may be a megabyte long.
+ATTRIBUTE_LENGTH_LIMIT = 1024
 # Incoming trace headers that the forward span replaces with its own context.
 TRACE_HEADERS = frozenset({"traceparent", "tracestate", "b3"})
 TRACE_HEADER_PREFIX = "x-b3-"
@@ -253,7 +257,9 @@ class StageTracing:
         resource = Resource.create({SERVICE_VERSION: version, ATTR_PIPELINE: pipeline, ATTR_STAGE: stage})
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: stage}))
-        provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER(_ARG)
+        length = None if "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT" in os.environ else ATTRIBUTE_LENGTH_LIMIT
+        # the sampler comes from OTEL_TRACES_SAMPLER(_ARG)
+        provider = TracerProvider(resource=resource, span_limits=SpanLimits(max_attribute_length=length))
         for processor in processors:
             provider.add_span_processor(processor)
         return cls(provider, {ATTR_PIPELINE: pipeline, ATTR_STAGE: stage, ATTR_VERSION: version,
@@ -321,4 +327,4 @@ def record_error(span: Span, exc: BaseException, status_code: bool = True) -> No
         span.set_attribute(ATTR_STATUS, exc.status_code)
     span.set_attribute(ATTR_ERROR_TYPE, type(exc).__name__)
     span.record_exception(exc, escaped=True)
-    span.set_status(Status(StatusCode.ERROR, message))
+    span.set_status(Status(StatusCode.ERROR, message[:ATTRIBUTE_LENGTH_LIMIT]))

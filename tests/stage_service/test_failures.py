@@ -72,16 +72,19 @@ def expected_y(reference: Callable[..., np.ndarray]) -> np.ndarray:
     return reference(H1, "stage-1.onnx", "stage-2.onnx")
 
 
-def test_next_stage_down_is_502_naming_it(manifest_path: Path, logs: Path) -> None:
+def test_next_stage_down_is_502_naming_it_but_not_its_url(manifest_path: Path, logs: Path) -> None:
+    """The body names the stage; the internal URL goes to the log only (issue 14, row 10)."""
     dead = f"http://127.0.0.1:{free_port()}"
     stage = start_stage(manifest_path, "tiny-stage-1", next_url=dead, log_dir=logs)
     try:
         r = infer_h1(stage)
         assert r.status_code == 502
-        assert "tiny-stage-2" in r.json()["error"] and dead in r.json()["error"]
+        assert "tiny-stage-2" in r.json()["error"]
+        assert "127.0.0.1" not in r.text and "http://" not in r.text
         assert stage.alive()
     finally:
         assert stage.stop() == 0
+    assert dead in stage.log()
 
 
 def test_next_stage_slow_is_504_naming_it(manifest_path: Path, logs: Path, fake: StageProcess) -> None:
