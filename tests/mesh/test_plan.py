@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,17 @@ def test_connection_pool_in_both_meshes(tiny_pipeline: tuple[Path, Manifest], tm
                 "DestinationRule", "tiny-stage-1")["spec"]["trafficPolicy"]["connectionPool"]
     assert dr == {"tcp": {"maxConnections": 11, "connectTimeout": "0.75s"},
                   "http": {"http1MaxPendingRequests": 12, "http2MaxRequests": 13, "maxRetries": 14}}
+
+
+def test_plan_command(tiny_pipeline: tuple[Path, Manifest], capsys: pytest.CaptureFixture[str]) -> None:
+    from mesh.__main__ import main
+
+    directory, manifest = tiny_pipeline
+    assert main(["plan", "--pipeline", str(directory), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == resolve(Policy(), manifest).model_dump(mode="json")
+    assert [(h["caller"], h["callee"]) for h in printed["hops"]][0] == (GATEWAY, "tiny-stage-0")
+    assert main(["plan", "--pipeline", str(directory)]) == 0
+    table = capsys.readouterr().out
+    assert all(s.name in table for s in manifest.stages) and "3/3/3" in table
+    assert main(["plan", "--pipeline", str(directory / "nowhere")]) == 2
