@@ -1,4 +1,4 @@
-"""`python -m model_export`: reference, export, cuts, split, verify, inspect, merge.
+"""`python -m model_export`: reference, zoo, export, cuts, split, verify, inspect, merge.
 
 A thin command line over the library; every failure the user can cause prints one message naming what
 was wrong and what was expected, and exits 2.
@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from model_export.cli_help import CommandParser, compact_table, console_width, fits
 from model_export.errors import ExportError
 from model_export.manifest import Manifest, ManifestError, load_manifest
+from model_export.proof import CHAIN_TOLERANCE, EXPORT_TOLERANCE, Tolerance
 
 T = TypeVar("T")
 console = Console(width=console_width(sys.stdout))
@@ -45,41 +46,61 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from model_export import zoo
+
+    path = zoo.save(args.name, args.out, seed=args.seed)
+    console.print(f"wrote {path}: {zoo.ZOO[args.name].__doc__}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from model_export.export import export_keras
 
     with err.status("converting with tf2onnx and comparing with Keras"):
-        r = export_keras(args.model, args.out, opset=args.opset, tolerance=args.tolerance)
-    console.print(f"wrote {r.path}: inputs {r.inputs}, outputs {r.outputs}; max |keras - onnxruntime| = "
-                  f"{r.max_abs_diff:.3g} (tolerance {r.tolerance:g})")
+        r = export_keras(args.model, args.out, opset=args.opset, tolerance=Tolerance(args.rtol, args.atol),
+                         samples=args.samples)
+    console.print(f"wrote {r.path}: inputs {r.inputs}, outputs {r.outputs}", soft_wrap=True, highlight=False)
+    console.print(f"keras vs onnxruntime: {r.proof.summary()}", soft_wrap=True, highlight=False)
     return 0
 
 
 def cmd_cuts(args: argparse.Namespace) -> int:
     from model_export.onnx_io import load_onnx
+    from model_export.profile import MEASURE_LENGTH
     from model_export.split import find_candidates
 
     c = find_candidates(load_onnx(args.model))
-    values = [c.values[name].value for name in c.cuts]
-    cuts = [(i, name, list(v.shape), int(v.nbytes)) for i, (name, v) in enumerate(zip(c.cuts, values, strict=True))]
+    values = [c.values[name] for name in c.cuts]
+    cuts = [(i, name, a.dims, list(a.value.shape), a.nbytes) for i, (name, a) in enumerate(zip(c.cuts, values,
+                                                                                                  strict=True))]
+    left_out = len(c.structural) - len(c.cuts)
     if args.json:
         print(json.dumps({"model": str(args.model), "cuts": [
-            {"index": i, "tensor": name, "shape": shape, "bytes": size} for i, name, shape, size in cuts]}, indent=1))
+            {"index": i, "tensor": name, "dims": dims, "shape": shape, "bytes": size}
+            for i, name, dims, shape, size in cuts], "not_offered": left_out}, indent=1))
         return 0
-    console.print(f"{len(cuts)} clean cut points in {args.model} (shape and bytes at batch 1)", soft_wrap=True,
-                  highlight=False)
+    console.print(f"{len(cuts)} clean cut points in {args.model} (shape and bytes at batch 1, other dynamic dims at "
+                  f"{MEASURE_LENGTH})", soft_wrap=True, highlight=False)
+    _print_cuts(cuts)
+    if left_out:
+        console.print(f"{left_out} more single-tensor cut(s) not offered: the batch is not their axis 0 alone (e.g. "
+                      "a recurrent layer's time-major tensors)", soft_wrap=True, highlight=False)
+    return 0
+
+
+def _print_cuts(cuts: list[tuple[int, str, list[int | str], list[int], int]]) -> None:
     # Widest first; a tensor name is never wrapped (it is what `split --cut` takes): columns go, then the table.
-    for columns in (("#", "tensor", "shape", "bytes"), ("#", "tensor", "bytes")):
+    for columns in (("#", "tensor", "dims", "bytes"), ("#", "tensor", "bytes")):
         table = compact_table(*columns, right=("#", "bytes"))
-        for i, name, shape, size in cuts:
-            cells = {"#": str(i), "tensor": name, "shape": "x".join(map(str, shape)), "bytes": f"{size:,}"}
+        for i, name, dims, _, size in cuts:
+            cells = {"#": str(i), "tensor": name, "dims": "x".join(map(str, dims)), "bytes": f"{size:,}"}
             table.add_row(*(cells[col] for col in columns))
         if fits(table, console.width):
             console.print(table)
-            return 0
-    for i, name, _, size in cuts:
+            return
+    for i, name, _, _, size in cuts:
         console.print(f"{i:>3} {size:>12,}  {name}", soft_wrap=True, highlight=False)
-    return 0
 
 
 def _print_stages(manifest: Manifest, as_json: bool) -> None:
@@ -98,19 +119,22 @@ def cmd_split(args: argparse.Namespace) -> int:
     if args.stages is None and not args.cut:
         raise ExportError("give --stages N, or --cut TENSOR for each cut")
     r = split_model(args.model, args.out, args.stages, cuts=args.cut or (), balance=args.balance,
-                    threads=args.threads, runs=args.runs, name=args.name, track=track)
+                    threads=args.threads, runs=args.runs, name=args.name, samples=args.samples,
+                    tolerance=Tolerance(args.rtol, args.atol), track=track)
     _print_stages(r.manifest, args.json)
     (err if args.json else console).print(
         f"wrote {r.directory}/pipeline.json and {len(r.manifest.stages)} stages; chained stages vs whole "
-        f"model: max |diff| = {r.max_abs_diff:.3g} (limit 1e-05)", soft_wrap=True, highlight=False)
+        f"model: {r.proof.summary()}", soft_wrap=True, highlight=False)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from model_export.verify import verify_pipeline
+    from model_export.verify import prove_pipeline
 
-    diff = verify_pipeline(args.dir, model_path=args.model, samples=args.samples, track=track)
-    console.print(f"{args.dir}: chained stages equal the whole model; max |diff| = {diff:.3g} (limit 1e-05)")
+    proof = prove_pipeline(args.dir, model_path=args.model, samples=args.samples,
+                           tolerance=Tolerance(args.rtol, args.atol), track=track)
+    console.print(f"{args.dir}: chained stages equal the whole model: {proof.summary()}", soft_wrap=True,
+                  highlight=False)
     return 0
 
 
@@ -127,9 +151,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from model_export.merge import merge_pipeline
 
-    diff = merge_pipeline(args.dir, args.out, model_path=args.model)
-    console.print(f"wrote {args.out}: merged stages vs original: max |diff| = {diff:.3g}")
+    proof = merge_pipeline(args.dir, args.out, model_path=args.model, samples=args.samples,
+                           tolerance=Tolerance(args.rtol, args.atol))
+    console.print(f"wrote {args.out}: merged stages vs original: {proof.summary()}", soft_wrap=True, highlight=False)
     return 0
+
+
+def add_proof_options(p: argparse.ArgumentParser, tolerance: Tolerance, against: str) -> None:
+    """The proof's options, the same on every command that proves something (see model_export.proof)."""
+    p.add_argument("--rtol", type=float, default=tolerance.rtol, help=f"relative tolerance against {against}")
+    p.add_argument("--atol", type=float, default=tolerance.atol, help=f"absolute tolerance against {against}")
+    p.add_argument("--samples", type=Path, metavar="FILE.npz",
+                   help="prove on these inputs (np.savez, one array per model input, the batch first) instead of "
+                        "generated ones (each input's realistic ranges, batches 1 and 4, several lengths)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,12 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random initial weights")
     p.set_defaults(func=cmd_reference)
 
-    p = sub.add_parser("export", help="Keras -> ONNX with tf2onnx, verified against Keras")
-    p.add_argument("model", type=Path, help="the Keras model (.keras)")
+    from model_export.zoo import ZOO
+
+    p = sub.add_parser("zoo", help="write one of the zoo's small Keras models (weights=None) to try the tools on")
+    p.add_argument("name", choices=list(ZOO), help="which model")
+    p.add_argument("--out", type=Path, required=True, help="the .keras (or .h5) file to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initial weights")
+    p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("export", help="Keras -> ONNX with tf2onnx, proven against Keras")
+    p.add_argument("model", type=Path, help="the Keras model: .keras, .h5, or a SavedModel directory")
     p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset to convert to")
-    p.add_argument("--tolerance", type=float, default=1e-4,
-                   help="largest |keras - onnxruntime| on a random batch; beyond it nothing is written")
+    add_proof_options(p, EXPORT_TOLERANCE, "Keras; beyond it nothing is written")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("cuts", help="list the clean cut points of an ONNX model")
@@ -174,12 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=10, help="timed runs per measurement (the median is used)")
     p.add_argument("--name", help="pipeline name (default: the --out directory's name)")
     p.add_argument("--json", action="store_true", help="print the stage table as JSON")
+    add_proof_options(p, CHAIN_TOLERANCE, "the whole model")
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("verify", help="prove the chained stages equal the whole model")
     p.add_argument("dir", type=Path, help="the pipeline directory (pipeline.json)")
     p.add_argument("--model", type=Path, help="the whole ONNX model (default: from the manifest)")
-    p.add_argument("--samples", type=int, default=5, help="random input batches compared")
+    add_proof_options(p, CHAIN_TOLERANCE, "the whole model")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("inspect", help="table of the stages of a split")
@@ -192,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, help="the pipeline directory (pipeline.json)")
     p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     p.add_argument("--model", type=Path, help="the whole ONNX model to compare with (default: from the manifest)")
+    add_proof_options(p, CHAIN_TOLERANCE, "the whole model")
     p.set_defaults(func=cmd_merge)
     return parser
 

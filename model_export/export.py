@@ -1,92 +1,124 @@
-"""Keras -> ONNX with tf2onnx, verified against Keras on the same random inputs."""
+"""Keras -> ONNX with tf2onnx, proven against Keras's own predictions (see `proof`).
+
+The converted model keeps the source's input and output names and its dynamic dimensions, named:
+`batch` first, then `sequence`, `height`, `width` or `<input>_dim<axis>` by the input's rank, and
+each output's dimensions by the input dimension they follow (found by running the model, see `dims`).
+"""
 
 from __future__ import annotations
 
-import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+import onnx
 
+from model_export.dims import BATCH_DIM, UNNAMED, InputSpec, graph_inputs, infer_dims, probe_sizes
 from model_export.errors import ExportError
-from model_export.onnx_io import BATCH_DIM, load_onnx, save_onnx
-from model_export.samples import random_batch
+from model_export.keras_source import KerasInput, Source, load_source
+from model_export.onnx_io import load_onnx, save_onnx
+from model_export.ort_session import create_session
+from model_export.proof import EXPORT_TOLERANCE, Proof, Tolerance
+from model_export.samples import Case, feeds_at, load_samples, proof_cases, vocabularies
 
 DEFAULT_OPSET = 17
-DEFAULT_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
 class ExportResult:
     path: Path
-    max_abs_diff: float
-    tolerance: float
+    proof: Proof
     inputs: list[str]
     outputs: list[str]
 
 
-def load_keras(path: Path):  # type: ignore[no-untyped-def]
-    """Load a Keras model file, or raise ExportError saying why it is not one."""
-    if not path.is_file():
-        raise ExportError(f"{path}: no such file; expected a Keras model (.keras)")
-    if path.suffix not in {".keras", ".h5"}:
-        raise ExportError(f"{path}: expected a Keras model file ending in .keras or .h5, got {path.suffix!r}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
-
-    try:
-        return keras.models.load_model(path, compile=False)
-    except Exception as exc:  # Keras raises many types for a bad file; all mean the same to the user
-        raise ExportError(f"{path}: not a loadable Keras model ({type(exc).__name__}: {exc})") from exc
+def _base_dim_name(rank: int, axis: int) -> str:
+    if rank in (2, 3) and axis == 1:
+        return "sequence"
+    if rank == 4 and axis in (1, 2):
+        return ("height", "width")[axis - 1]
+    return f"dim{axis}"
 
 
-def export_keras(model_path: Path, out: Path, opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE,
-                 samples: int = 3, seed: int = 0) -> ExportResult:
-    """Convert, then run Keras and onnxruntime on the same random batch; fail above `tolerance`."""
+def input_dim_names(inputs: list[KerasInput]) -> dict[tuple[str, int], str]:
+    """(input, axis) -> name of every dynamic dimension; a name several inputs would share gets a prefix."""
+    bases = {(i.name, axis + 1): _base_dim_name(len(i.dims) + 1, axis + 1)
+             for i in inputs for axis, d in enumerate(i.dims) if d is None}
+    counts = Counter(bases.values())
+    names = {(i.name, 0): BATCH_DIM for i in inputs}
+    for (name, axis), base in bases.items():
+        names[(name, axis)] = base if counts[base] == 1 and not base.startswith("dim") else f"{name}_{base}"
+    return names
+
+
+def _set_dim(value: onnx.ValueInfoProto, axis: int, dim: int | str) -> None:
+    d = value.type.tensor_type.shape.dim[axis]
+    if isinstance(dim, int):
+        d.dim_value = dim
+    else:
+        d.dim_param = dim
+
+
+def name_input_dims(proto: onnx.ModelProto, inputs: list[KerasInput]) -> None:
+    names = input_dim_names(inputs)
+    for value in proto.graph.input:
+        for axis, d in enumerate(value.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value") and (value.name, axis) in names:
+                _set_dim(value, axis, names[(value.name, axis)])
+
+
+def name_output_dims(proto: onnx.ModelProto, specs: list[InputSpec], vocab: dict[str, int]) -> None:
+    """Name each output's dynamic dims after the input dimension they follow, found by two runs."""
+    first, second = probe_sizes(specs)
+    session = create_session(proto.SerializeToString())
+    runs = [session.run(None, feeds_at(specs, sizes, vocab)) for sizes in (first, second)]
+    for k, value in enumerate(proto.graph.output):
+        dims = infer_dims(runs[0][k].shape, runs[1][k].shape, (first, second))
+        for axis, dim in enumerate(dims):
+            if not value.type.tensor_type.shape.dim[axis].HasField("dim_value"):
+                _set_dim(value, axis, f"{value.name}_dim{axis}" if dim == UNNAMED else dim)
+
+
+def prove_against_source(source: Source, proto: onnx.ModelProto, cases: list[Case], tolerance: Tolerance) -> Proof:
+    session = create_session(proto.SerializeToString())
+    names = [o.name for o in proto.graph.output]
+    proof = Proof(tolerance, cases=len(cases))
+    for case in cases:
+        expected = source.predict(case.feeds)
+        if sorted(expected) != sorted(names):
+            raise ExportError(f"the converted model's outputs {names} are not the source's {sorted(expected)}")
+        for name, got in zip(names, session.run(None, case.feeds), strict=True):
+            proof.observe_output(name, expected[name])
+            proof.compare(name, expected[name], got, case.label)
+    return proof
+
+
+def export_keras(model_path: Path, out: Path, opset: int = DEFAULT_OPSET, tolerance: Tolerance = EXPORT_TOLERANCE,
+                 samples: Path | None = None) -> ExportResult:
+    """Convert, name the dynamic dims, then prove onnxruntime equals the source on realistic inputs."""
     if out.suffix != ".onnx":
         raise ExportError(f"--out must end in .onnx, got {out}")
     if not 7 <= opset <= 21:
         raise ExportError(f"--opset must be between 7 and 21 (what tf2onnx and onnxruntime share), got {opset}")
-    model = load_keras(model_path)
-    import tensorflow as tf
-    import tf2onnx
-
-    names = [t.name.split(":")[0] for t in model.inputs]
-    signature = tuple(
-        tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=name) for t, name in zip(model.inputs, names, strict=True)
-    )
+    source = load_source(model_path)
     try:
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=opset)
+        proto = source.convert(opset)
+    except ExportError:
+        raise
     except Exception as exc:
         raise ExportError(f"{model_path}: tf2onnx could not convert the model ({type(exc).__name__}: {exc})") from exc
-    for value in [*proto.graph.input, *proto.graph.output]:
-        dim0 = value.type.tensor_type.shape.dim[0]
-        dim0.ClearField("dim_value")
-        dim0.dim_param = BATCH_DIM
+    name_input_dims(proto, source.inputs)
+    specs, vocab = graph_inputs(proto), vocabularies(proto)
+    name_output_dims(proto, specs, vocab)
+    cases = load_samples(samples, specs) if samples else proof_cases(specs, vocab)
+    proof = prove_against_source(source, proto, cases, tolerance)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp_path = Path(tmp) / out.name
         save_onnx(proto, tmp_path)
         load_onnx(tmp_path)  # the checker must accept what tf2onnx wrote
-        diff = _compare(model, tmp_path, samples, seed)
-        if diff > tolerance:
-            raise ExportError(
-                f"export differs from Keras: max |keras - onnxruntime| = {diff:.3g} over {samples} random "
-                f"inputs, above the tolerance {tolerance:g}; nothing was written"
-            )
+        proof.check("the export differs from Keras; nothing was written")
         tmp_path.replace(out)
-    return ExportResult(out, diff, tolerance, names, [o.name for o in proto.graph.output])
-
-
-def _compare(model, path: Path, samples: int, seed: int) -> float:  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    specs = [(i.name, list(t.shape[1:]), str(t.dtype)) for i, t in zip(session.get_inputs(), model.inputs, strict=True)]
-    feeds = list(random_batch(specs, samples, seed).values())
-    expected = model(feeds if len(feeds) > 1 else feeds[0], training=False)
-    expected_list = expected if isinstance(expected, list | tuple) else [expected]
-    got = session.run(None, {i.name: a for i, a in zip(session.get_inputs(), feeds, strict=True)})
-    return max(float(np.max(np.abs(np.asarray(e) - g))) for e, g in zip(expected_list, got, strict=True))
+    return ExportResult(out, proof, [s.name for s in specs], [o.name for o in proto.graph.output])

@@ -71,13 +71,17 @@ class ManifestError(ValueError):
 
 
 class TensorSpec(BaseModel):
-    """One tensor: `{"name": "image", "datatype": "FP32", "shape": [-1, 224, 224, 3]}`; -1 is dynamic."""
+    """One tensor: `{"name": "image", "datatype": "FP32", "shape": [-1, 224, 224, 3]}`; -1 is dynamic.
+
+    `dim_names`, where given, names each dynamic dimension (`["batch", "sequence", null]` beside a shape
+    `[-1, -1, 16]`): two tensors' dimensions of the same name always have the same size."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
     datatype: Datatype
     shape: list[int]
+    dim_names: list[str | None] | None = None
 
     @field_validator("shape")
     @classmethod
@@ -85,6 +89,17 @@ class TensorSpec(BaseModel):
         if any(d < -1 for d in shape):
             raise ValueError(f"dimensions must be >= 0 or -1 (dynamic), got {shape}")
         return shape
+
+    @model_validator(mode="after")
+    def _names_fit_shape(self) -> TensorSpec:
+        if self.dim_names is None:
+            return self
+        if len(self.dim_names) != len(self.shape):
+            raise ValueError(f"dim_names {self.dim_names} must have one entry per dimension of {self.shape}")
+        for size, name in zip(self.shape, self.dim_names, strict=True):
+            if name is not None and size != -1:
+                raise ValueError(f"dim_names {self.dim_names}: only dynamic (-1) dimensions of {self.shape} have names")
+        return self
 
     def bytes_per_sample(self) -> int:
         """Bytes of one sample (the first dimension taken as the batch, other dynamic dims as 1)."""

@@ -1,24 +1,36 @@
-"""`merge`: recompose the stages into one model with onnx.compose, and verify it against the original."""
+"""`merge`: recompose the stages into one model with onnx.compose, and prove it against the original."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import compose
 
+from model_export.dims import graph_inputs
 from model_export.errors import ExportError
 from model_export.manifest import ManifestError, load_manifest, verify_stage_file
-from model_export.onnx_io import save_onnx
+from model_export.onnx_io import load_onnx, save_onnx
 from model_export.ort_session import create_session
-from model_export.verify import DEFAULT_TOLERANCE, pipeline_inputs, resolve_source
+from model_export.proof import CHAIN_TOLERANCE, Proof, Tolerance
+from model_export.verify import cases_for, resolve_source
 
 
-def merge_pipeline(directory: Path, out: Path, model_path: Path | None = None, samples: int = 3,
-                   tolerance: float = DEFAULT_TOLERANCE) -> float:
-    """Write the recomposed model to `out` and return max |merged - original| over random batches."""
+def compose_stages(stages: list[onnx.ModelProto], cut_names: list[list[str]]) -> onnx.ModelProto:
+    """One model from the stages, joined at the cut tensors (`cut_names[i]`: inputs of stage i + 1)."""
+    # Constants copied into several stages share names; prefix everything but the cut tensors.
+    merged = compose.add_prefix(stages[0], "s0/", rename_inputs=False, rename_outputs=False)
+    for i, stage in enumerate(stages[1:], start=1):
+        nxt = compose.add_prefix(stage, f"s{i}/", rename_inputs=False, rename_outputs=False)
+        merged = compose.merge_models(merged, nxt, io_map=[(t, t) for t in cut_names[i - 1]])
+    onnx.checker.check_model(merged)
+    return merged
+
+
+def merge_pipeline(directory: Path, out: Path, model_path: Path | None = None, samples: Path | None = None,
+                   tolerance: Tolerance = CHAIN_TOLERANCE) -> Proof:
+    """Write the recomposed model to `out` once it equals the original on the proof's inputs."""
     if out.suffix != ".onnx":
         raise ExportError(f"--out must end in .onnx, got {out}")
     if out.exists():
@@ -28,26 +40,25 @@ def merge_pipeline(directory: Path, out: Path, model_path: Path | None = None, s
         stages = [onnx.load(str(verify_stage_file(directory, s))) for s in manifest.stages]
     except ManifestError as exc:
         raise ExportError(str(exc)) from exc
-    # Constants copied into several stages share names; prefix everything but the cut tensors.
-    merged = compose.add_prefix(stages[0], "s0/", rename_inputs=False, rename_outputs=False)
-    for i, stage in enumerate(stages[1:], start=1):
-        nxt = compose.add_prefix(stage, f"s{i}/", rename_inputs=False, rename_outputs=False)
-        merged = compose.merge_models(merged, nxt, io_map=[(t.name, t.name) for t in manifest.stages[i].inputs])
-    onnx.checker.check_model(merged)
-
-    original = create_session(str(resolve_source(directory, manifest, model_path)), manifest.profile.threads)
+    merged = compose_stages(stages, [[t.name for t in s.inputs] for s in manifest.stages[1:]])
+    original_model = load_onnx(resolve_source(directory, manifest, model_path))
+    if graph_inputs(merged) != graph_inputs(original_model):
+        raise ExportError(f"the merged model's inputs {graph_inputs(merged)} differ from the original's "
+                          f"{graph_inputs(original_model)}")
+    original = create_session(original_model.SerializeToString(), manifest.profile.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp_path = Path(tmp) / out.name
         save_onnx(merged, tmp_path)
         session = create_session(str(tmp_path), manifest.profile.threads)
         names = [t.name for t in manifest.outputs]
-        worst = 0.0
-        for seed in range(samples):
-            feeds = pipeline_inputs(manifest, 2, seed)
-            for a, b in zip(session.run(names, feeds), original.run(names, feeds), strict=True):
-                worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b))))
-        if worst > tolerance:
-            raise ExportError(f"merged model differs from the original: max |diff| = {worst:.3g} > {tolerance:g}")
+        cases = cases_for(manifest, original_model, samples)
+        proof = Proof(tolerance, cases=len(cases))
+        for case in cases:
+            for name, got, expected in zip(names, session.run(names, case.feeds), original.run(names, case.feeds),
+                                           strict=True):
+                proof.observe_output(name, expected)
+                proof.compare(name, expected, got, case.label)
+        proof.check("the merged model differs from the original; nothing was written")
         tmp_path.replace(out)
-    return worst
+    return proof

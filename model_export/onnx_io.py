@@ -8,7 +8,6 @@ import onnx
 
 from model_export.errors import ExportError
 
-BATCH_DIM = "batch"
 # onnxruntime 1.31 reads IR versions up to 13; onnx 1.23 writes 14 by default. IR 10 covers opset <= 21.
 MAX_IR_VERSION = 10
 

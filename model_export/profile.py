@@ -1,4 +1,5 @@
-"""Measuring what a piece of the graph costs on this machine, with the stage service's settings.
+"""Measuring what a piece of the graph costs on this machine, with the stage service's settings, and what
+each candidate cut tensor looks like (its value, and which of its dimensions are the batch and the others).
 
 Per-node kernel times from onnxruntime's profiler cannot be mapped back to the stored nodes once the
 optimizer has fused them (Conv+Relu becomes one kernel), so the unit measured is the segment between
@@ -15,63 +16,80 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from model_export.dims import BATCH_DIM, UNNAMED, Dims, graph_inputs, infer_dims, named_dims, probe_sizes
 from model_export.errors import ExportError
-from model_export.graph import GraphIndex
-from model_export.onnx_io import BATCH_DIM
 from model_export.ort_session import create_session
-from model_export.samples import random_batch
+from model_export.samples import feeds_at, vocabularies
+
+# Sizes of the named dimensions other than the batch when costs are measured (the batch is 1).
+MEASURE_LENGTH = 16
 
 
 @dataclass(frozen=True)
 class Activation:
-    """A tensor's value at batch 1 on a fixed random input, and its type for the stage graphs."""
+    """A tensor's value at batch 1 on a fixed input, and its dims (ints, or names of dynamic dims)."""
 
     name: str
     value: np.ndarray
+    dims: Dims
 
     @property
     def nbytes(self) -> int:
         return int(self.value.nbytes)
 
+    def dim_params(self) -> list[int | str]:
+        return [f"{self.name}_dim{i}" if d == UNNAMED else d for i, d in enumerate(self.dims)]
+
     def value_info(self) -> onnx.ValueInfoProto:
         elem = helper.np_dtype_to_tensor_dtype(self.value.dtype)
-        return helper.make_tensor_value_info(self.name, elem, [BATCH_DIM, *self.value.shape[1:]])
+        return helper.make_tensor_value_info(self.name, elem, self.dim_params())
 
 
-def graph_input_values(model: onnx.ModelProto, index: GraphIndex, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Random values for the graph inputs (see `samples.random_batch`)."""
-    specs = []
-    for value in model.graph.input:
-        if value.name in index.inputs:
-            tensor_type = value.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim[1:]]
-            specs.append((value.name, dims, helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)))
-    return random_batch(specs, batch, seed)
-
-
-def activations(model: onnx.ModelProto, index: GraphIndex, tensors: list[str], seed: int = 0,
-                threads: int = 1) -> dict[str, Activation]:
-    """Run the model once at batch 1 with `tensors` exposed as outputs; return each one's value."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    known = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]}
+def with_outputs(model: onnx.ModelProto, tensors: dict[str, int]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs `tensors` (name -> ONNX element type), shapes left open."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(n, elem, None) for n, elem in tensors.items()
+                              if n not in existing)
+    return probe
+
+
+def _elem_types(model: onnx.ModelProto, tensors: list[str]) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    known = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]}
+    types = {}
     for name in tensors:
-        if name in existing:
-            continue
         info = known.get(name)
         if info is None or not info.type.tensor_type.elem_type:
             raise ExportError(f"shape inference gives no type for tensor {name!r}; cannot measure it")
-        out = helper.make_tensor_value_info(name, info.type.tensor_type.elem_type, None)
-        probe.graph.output.append(out)
-    feeds = graph_input_values(model, index, batch=1, seed=seed)
-    session = create_session(probe.SerializeToString(), threads)
+        types[name] = info.type.tensor_type.elem_type
+    return types
+
+
+def activations(model: onnx.ModelProto, tensors: list[str], threads: int = 1) -> dict[str, Activation]:
+    """Run the model with `tensors` exposed: once at batch 1 for their values, twice more to find their dims."""
+    specs, vocab = graph_inputs(model), vocabularies(model)
+    session = create_session(with_outputs(model, _elem_types(model, tensors)).SerializeToString(), threads)
     names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(None, feeds), strict=True))
-    result = {name: Activation(name, np.asarray(values[name])) for name in tensors}
-    result.update({name: Activation(name, value) for name, value in feeds.items()})
+    measure = {n: 1 if n == BATCH_DIM else MEASURE_LENGTH for n in named_dims(specs)}
+    first, second = probe_sizes(specs)
+    runs = []
+    for sizes in (measure, first, second):
+        feeds = feeds_at(specs, sizes, vocab)
+        try:
+            runs.append((feeds, dict(zip(names, session.run(None, feeds), strict=True))))
+        except Exception as exc:  # onnxruntime raises its own types; the message says what failed
+            raise ExportError(f"the model fails on inputs {_shapes(feeds)}: {exc}") from exc
+    (feeds, values), (_, a), (_, b) = runs
+    result = {n: Activation(n, np.asarray(values[n]), infer_dims(a[n].shape, b[n].shape, (first, second)))
+              for n in tensors}
+    result.update({s.name: Activation(s.name, feeds[s.name], list(s.dims)) for s in specs})
     return result
+
+
+def _shapes(feeds: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
 
 
 def time_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int, runs: int,

@@ -17,6 +17,7 @@ from typing import Literal, TypeVar
 
 import onnx
 
+from model_export.dims import batch_axes, batch_first
 from model_export.errors import ExportError
 from model_export.graph import GraphIndex, extract
 from model_export.manifest import (
@@ -35,7 +36,8 @@ from model_export.manifest import (
 from model_export.onnx_io import load_onnx, save_onnx
 from model_export.partition import choose_cuts
 from model_export.profile import Activation, activations, param_bytes, time_model
-from model_export.verify import DEFAULT_TOLERANCE, verify_pipeline
+from model_export.proof import CHAIN_TOLERANCE, Proof, Tolerance
+from model_export.verify import prove_pipeline
 
 Balance = Literal["latency", "params"]
 MB = 1_000_000
@@ -59,6 +61,7 @@ class Candidates:
     index: GraphIndex
     cuts: list[str]
     values: dict[str, Activation]
+    structural: list[str]  # every single-tensor clean cut, including those the batch is not axis 0 of
 
     def boundaries(self) -> list[list[str]]:
         return [self.index.inputs, *[[c] for c in self.cuts], self.index.outputs]
@@ -72,10 +75,15 @@ class Candidates:
 
 
 def find_candidates(model: onnx.ModelProto, threads: int = 1) -> Candidates:
+    """Clean cuts whose batch is axis 0 and only axis 0: a stage boundary the service can batch and serve.
+
+    Recurrent layers export as loops over time-major tensors (`[seq, dir, batch, hidden]`); those are
+    structurally clean single tensors but not boundaries a stage can be given, so they are not offered."""
     index = GraphIndex.build(model)
-    cuts = index.clean_cuts()
-    values = activations(model, index, [*cuts, *index.outputs], threads=threads)
-    return Candidates(model, index, cuts, values)
+    structural = index.clean_cuts()
+    values = activations(model, [*structural, *index.outputs], threads=threads)
+    cuts = [t for t in structural if batch_first(values[t].dims)]
+    return Candidates(model, index, cuts, values, structural)
 
 
 def segment_costs(c: Candidates, balance: Balance, threads: int, runs: int, track: Track) -> list[float]:
@@ -105,6 +113,14 @@ def validate_cuts(c: Candidates, requested: Sequence[str]) -> list[str]:
                 "control-flow node or a second output); `python -m model_export cuts MODEL.onnx` lists the "
                 f"clean ones, e.g. {c.cuts[:3]}"
             )
+    for name in requested:
+        if name not in c.cuts and name in c.structural:
+            axes = batch_axes(c.values[name].dims)
+            where = f"its batch is axis {axes[0]}" if len(axes) == 1 else "it has no single batch axis"
+            raise ExportError(
+                f"--cut {name!r}: {where} (dims {c.values[name].dims}), as in a recurrent layer's time-major "
+                f"tensors; a stage boundary needs the batch as axis 0. Clean cut points include: {c.cuts[:3]}"
+            )
     if len(set(requested)) != len(requested):
         raise ExportError(f"--cut lists a tensor twice: {list(requested)}")
     return sorted(requested, key=c.cuts.index)
@@ -114,13 +130,14 @@ def validate_cuts(c: Candidates, requested: Sequence[str]) -> list[str]:
 class SplitResult:
     manifest: Manifest
     directory: Path
-    max_abs_diff: float
+    proof: Proof
     segment_costs: list[float]
 
 
 def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[str] = (),
                 balance: Balance = "latency", threads: int = 1, runs: int = 10, name: str | None = None,
-                tolerance: float = DEFAULT_TOLERANCE, transfer_ms_per_mb: float = DEFAULT_TRANSFER_MS_PER_MB,
+                tolerance: Tolerance = CHAIN_TOLERANCE, samples: Path | None = None,
+                transfer_ms_per_mb: float = DEFAULT_TRANSFER_MS_PER_MB,
                 track: Track = no_progress) -> SplitResult:
     # 1. validate the arguments, before any heavy work
     if out.exists():
@@ -138,6 +155,8 @@ def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[
         raise ExportError(f"--balance must be latency or params, got {balance!r}")
     if threads < 1 or runs < 1:
         raise ExportError("--threads and --runs must be at least 1")
+    if samples is not None and not samples.is_file():
+        raise ExportError(f"--samples {samples}: no such file; expected an .npz with one array per model input")
     model = load_onnx(model_path)
     c = find_candidates(model, threads)
     n_stages = stages if stages is not None else len(cuts) + 1
@@ -147,6 +166,12 @@ def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[
     elif n_stages == 1:
         chosen = []  # the whole model as one servable stage: nothing to balance
     else:
+        if not c.cuts:
+            raise ExportError(
+                f"{model_path}: no usable cut point: every tensor between the inputs and the outputs is crossed by "
+                "another (residual branches, a recurrent loop) or has its batch off axis 0; serve it whole with "
+                "--stages 1"
+            )
         if n_stages - 1 > len(c.cuts):
             raise ExportError(
                 f"--stages {n_stages}: the model has only {len(c.cuts)} clean cut points, so at most "
@@ -163,13 +188,13 @@ def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[
     try:
         manifest = _write_stages(c, chosen, tmp, pipeline, model_path, out, balance, threads, runs, track)
         # 3. check: the chained stages must compute what the whole model computes
-        diff = verify_pipeline(tmp, model_path=model_path, tolerance=tolerance, track=track)
+        proof = prove_pipeline(tmp, model_path=model_path, samples=samples, tolerance=tolerance, track=track)
         make_readable(tmp)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return SplitResult(manifest, out, diff, costs)
+    return SplitResult(manifest, out, proof, costs)
 
 
 DIRECTORY_MODE = 0o755
@@ -188,7 +213,13 @@ def _spec(a: Activation) -> TensorSpec:
     dtype = a.value.dtype.name
     if dtype not in NUMPY_TO_DATATYPE:
         raise ExportError(f"tensor {a.name!r} has dtype {dtype}, which has no KServe v2 datatype")
-    return TensorSpec(name=a.name, datatype=NUMPY_TO_DATATYPE[dtype], shape=[-1, *a.value.shape[1:]])  # type: ignore[arg-type]
+    dims = a.dim_params()
+    return TensorSpec(
+        name=a.name,
+        datatype=NUMPY_TO_DATATYPE[dtype],  # type: ignore[arg-type]
+        shape=[d if isinstance(d, int) else -1 for d in dims],
+        dim_names=[d if isinstance(d, str) else None for d in dims],
+    )
 
 
 def _write_stages(c: Candidates, chosen: list[str], directory: Path, pipeline: str, model_path: Path, out: Path,

@@ -1,4 +1,6 @@
-"""The equivalence proof: the chained stages compute what the whole model computes."""
+"""The equivalence proof: the chained stages compute what the whole model computes, on every cut tensor
+as well as the outputs, on realistic inputs (see `samples.proof_cases`) or the user's own, by the rule
+of `proof`."""
 
 from __future__ import annotations
 
@@ -7,18 +9,48 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+from onnx import helper
 
+from model_export.dims import BATCH_DIM, InputSpec
 from model_export.errors import ExportError
-from model_export.manifest import Manifest, ManifestError, load_manifest, verify_stage_file
+from model_export.manifest import (
+    DATATYPE_TO_NUMPY,
+    Manifest,
+    ManifestError,
+    TensorSpec,
+    load_manifest,
+    verify_stage_file,
+)
+from model_export.onnx_io import load_onnx
 from model_export.ort_session import create_session
-from model_export.samples import random_tensors
+from model_export.profile import with_outputs
+from model_export.proof import CHAIN_TOLERANCE, Proof, Tolerance
+from model_export.samples import Case, load_samples, proof_cases, random_tensors, vocabularies
 
-DEFAULT_TOLERANCE = 1e-5
+Track = Callable[[Iterable[Any], str], Iterable[Any]]
 
 
 def pipeline_inputs(manifest: Manifest, batch: int, seed: int) -> dict[str, np.ndarray]:
     """Random inputs for the pipeline as its manifest describes them."""
     return random_tensors(manifest.inputs, batch, seed)
+
+
+def input_spec(t: TensorSpec) -> InputSpec:
+    """A manifest tensor as a graph input: its dynamic dims by name (unnamed: `batch` at axis 0)."""
+    names = t.dim_names or [None] * len(t.shape)
+    dims: list[int | str] = []
+    for axis, (size, name) in enumerate(zip(t.shape, names, strict=True)):
+        if size >= 0:
+            dims.append(size)
+        else:
+            dims.append(name or (BATCH_DIM if axis == 0 else f"{t.name}_dim{axis}"))
+    return InputSpec(t.name, dims, np.dtype(DATATYPE_TO_NUMPY[t.datatype]))
+
+
+def cases_for(manifest: Manifest, whole: onnx.ModelProto, samples: Path | None) -> list[Case]:
+    specs = [input_spec(t) for t in manifest.inputs]
+    return load_samples(samples, specs) if samples else proof_cases(specs, vocabularies(whole))
 
 
 class Chain:
@@ -31,12 +63,17 @@ class Chain:
             for s in manifest.stages
         ]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every stage's outputs (the cut tensors and the final outputs) by name."""
         values = dict(feeds)
         for stage, session in zip(self.manifest.stages, self.sessions, strict=True):
             outs = session.run([t.name for t in stage.outputs], {t.name: values[t.name] for t in stage.inputs})
-            values = dict(zip([t.name for t in stage.outputs], outs, strict=True))
+            values.update(zip([t.name for t in stage.outputs], outs, strict=True))
         return values
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.run_all(feeds)
+        return {t.name: values[t.name] for t in self.manifest.outputs}
 
 
 def resolve_source(directory: Path, manifest: Manifest, model_path: Path | None) -> Path:
@@ -48,29 +85,43 @@ def resolve_source(directory: Path, manifest: Manifest, model_path: Path | None)
     return path
 
 
-def verify_pipeline(directory: Path, model_path: Path | None = None, samples: int = 3, batch: int = 2,
-                    tolerance: float = DEFAULT_TOLERANCE,
-                    track: Callable[[Iterable[Any], str], Iterable[Any]] = lambda items, _: items) -> float:
-    """Max |whole - chained| over `samples` random batches; raise ExportError above `tolerance`."""
+def _elem(t: TensorSpec) -> int:
+    return helper.np_dtype_to_tensor_dtype(np.dtype(DATATYPE_TO_NUMPY[t.datatype]))
+
+
+def prove_pipeline(directory: Path, model_path: Path | None = None, samples: Path | None = None,
+                   tolerance: Tolerance = CHAIN_TOLERANCE, track: Track = lambda items, _: items) -> Proof:
+    """Compare the chain with the whole model on every cut tensor and output; raise ExportError if they differ."""
     try:
         manifest = load_manifest(directory)
         chain = Chain(directory, manifest)
     except ManifestError as exc:
         raise ExportError(str(exc)) from exc
-    whole = create_session(str(resolve_source(directory, manifest, model_path)), manifest.profile.threads)
-    names = [t.name for t in manifest.outputs]
-    worst = 0.0
-    for seed in track(range(samples), "verifying chain"):
-        feeds = pipeline_inputs(manifest, batch, seed)
-        expected = whole.run(names, feeds)
-        got = chain.run(feeds)
-        for name, e in zip(names, expected, strict=True):
-            if got[name].shape != e.shape:
-                raise ExportError(f"output {name!r}: chained shape {got[name].shape} differs from whole {e.shape}")
-            worst = max(worst, float(np.max(np.abs(got[name].astype(np.float64) - e))))
-    if worst > tolerance:
-        raise ExportError(
-            f"the chained stages differ from the whole model: max |diff| = {worst:.3g} over {samples} random "
-            f"batches, above the tolerance {tolerance:g}"
-        )
-    return worst
+    whole_model = load_onnx(resolve_source(directory, manifest, model_path))
+    cuts = [t for s in manifest.stages[:-1] for t in s.outputs]
+    outputs = [t.name for t in manifest.outputs]
+    compared = [*outputs, *[t.name for t in cuts]]
+    whole = create_session(with_outputs(whole_model, {t.name: _elem(t) for t in cuts}).SerializeToString(),
+                           manifest.profile.threads)
+    cases = cases_for(manifest, whole_model, samples)
+    proof = Proof(tolerance, cases=len(cases))
+    for case in track(cases, "verifying chain"):
+        try:
+            expected = dict(zip(compared, whole.run(compared, case.feeds), strict=True))
+        except Exception as exc:  # onnxruntime's own error types
+            raise ExportError(f"the whole model fails on {case.label}: {exc}") from exc
+        try:
+            got = chain.run_all(case.feeds)
+        except Exception as exc:  # a stage that cannot run fails the proof
+            raise ExportError(f"the chained stages fail on {case.label}: {exc}") from exc
+        for name in compared:
+            if name in outputs:
+                proof.observe_output(name, expected[name])
+            proof.compare(name, expected[name], got[name], case.label)
+    return proof.check("the chained stages differ from the whole model")
+
+
+def verify_pipeline(directory: Path, model_path: Path | None = None, samples: Path | None = None,
+                    tolerance: Tolerance = CHAIN_TOLERANCE, track: Track = lambda items, _: items) -> float:
+    """Max |whole - chained| over the proof's cases (see `prove_pipeline`)."""
+    return prove_pipeline(directory, model_path, samples, tolerance, track).max_abs_diff

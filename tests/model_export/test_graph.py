@@ -36,7 +36,7 @@ def test_constants_are_copied_into_both_stages() -> None:
     model = graphs.with_shared_constant()
     index = GraphIndex.build(model)
     assert index.clean_cuts() == ["h", "h2"]
-    values = activations(model, index, ["h2", "y"])
+    values = activations(model, ["h2", "y"])
     infos = {n: a.value_info() for n, a in values.items()}
     first = extract(index, ["x"], ["h2"], infos, "s0")
     second = extract(index, ["h2"], ["y"], infos, "s1")

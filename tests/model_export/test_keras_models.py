@@ -15,6 +15,7 @@ from model_export.errors import ExportError
 from model_export.export import export_keras
 from model_export.graph import GraphIndex
 from model_export.manifest import load_manifest
+from model_export.proof import Tolerance
 from model_export.split import split_model
 from model_export.verify import verify_pipeline
 
@@ -32,7 +33,7 @@ def test_reference_model_through_the_command_line(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     r = cli("export", str(keras_file), "--out", str(onnx_file))
     assert r.returncode == 0, r.stderr
-    assert "max |keras - onnxruntime|" in r.stdout
+    assert "keras vs onnxruntime: 1 tensor(s) over 6 input case(s)" in r.stdout
     model = onnx.load(str(onnx_file))
     assert [i.name for i in model.graph.input] == ["image"] and [o.name for o in model.graph.output] == ["probs"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
@@ -52,7 +53,13 @@ def test_export_refuses_what_is_not_a_keras_model(tmp_path: Path) -> None:
     r = cli("export", str(fake), "--out", str(tmp_path / "x.onnx"))
     assert r.returncode == 2 and "not a loadable Keras model" in r.stderr
     r = cli("export", str(tmp_path / "model.txt"), "--out", str(tmp_path / "x.onnx"))
-    assert r.returncode == 2 and "no such file" in r.stderr
+    assert r.returncode == 2 and "no such file or directory; expected a Keras model file (.keras" in r.stderr
+    torch_file = tmp_path / "model.pt"
+    torch_file.write_bytes(b"\0")
+    r = cli("export", str(torch_file), "--out", str(tmp_path / "x.onnx"))
+    assert r.returncode == 2 and "'.pt' is not a format read here" in r.stderr and "model.save('model.keras')" in r.stderr
+    r = cli("export", str(tmp_path), "--out", str(tmp_path / "x.onnx"))
+    assert r.returncode == 2 and "a directory without saved_model.pb" in r.stderr
     assert not (tmp_path / "x.onnx").exists()
 
 
@@ -60,8 +67,8 @@ def test_export_fails_when_onnxruntime_disagrees_with_keras(tmp_path: Path) -> N
     from model_export.reference import save_reference
 
     keras_file = save_reference(tmp_path / "r.keras", input_size=16, width=2, classes=10)
-    with pytest.raises(ExportError, match="above the tolerance"):
-        export_keras(keras_file, tmp_path / "r.onnx", tolerance=-1.0)
+    with pytest.raises(ExportError, match="the export differs from Keras; nothing was written: probs"):
+        export_keras(keras_file, tmp_path / "r.onnx", tolerance=Tolerance(-1.0, -1.0))
     assert not (tmp_path / "r.onnx").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["r.keras"]
 
@@ -76,7 +83,7 @@ def test_keras_applications_split_at_clean_cuts(arch: str, size: int, tmp_path: 
     keras.utils.set_random_seed(0)
     model = getattr(keras.applications, arch)(weights=None, input_shape=(size, size, 3), classes=10)
     model.save(tmp_path / "m.keras")
-    export_keras(tmp_path / "m.keras", tmp_path / "m.onnx", samples=2)
+    export_keras(tmp_path / "m.keras", tmp_path / "m.onnx")
     graph = onnx.load(str(tmp_path / "m.onnx"))
     index = GraphIndex.build(graph)
     adds = [n for n in graph.graph.node if n.op_type == "Add" and all(i in index.dynamic for i in n.input)]
@@ -96,5 +103,5 @@ def test_keras_applications_split_at_clean_cuts(arch: str, size: int, tmp_path: 
     result = split_model(tmp_path / "m.onnx", tmp_path / "split", 4, balance="params", runs=1)
     for stage in result.manifest.stages[1:]:
         assert stage.inputs[0].name in cuts and len(stage.inputs) == 1
-    assert result.max_abs_diff <= 1e-5
-    assert verify_pipeline(tmp_path / "split", samples=2) <= 1e-5
+    assert result.proof.passed and result.proof.max_abs_diff <= 1e-5
+    assert verify_pipeline(tmp_path / "split") <= 1e-5

@@ -14,6 +14,7 @@ import pytest
 from model_export.__main__ import main
 from model_export.errors import ExportError
 from model_export.manifest import load_manifest, sha256_file
+from model_export.proof import Tolerance
 from model_export.split import split_model
 from tests.model_export import graphs
 from tests.tiny import write_tiny_pipeline
@@ -41,7 +42,7 @@ def test_split_writes_a_manifest_that_describes_the_stages(whole: Path, tmp_path
         assert sha256_file(out / s.file) == s.sha256
         assert s.cost.latency_ms > 0 and s.cost.param_bytes > 0
         assert s.cost.bytes_out == sum(4 * t.shape[1] for t in s.outputs)
-    assert result.max_abs_diff <= 1e-5
+    assert result.proof.passed and result.proof.max_abs_diff <= 1e-5
     assert len(result.segment_costs) == 12  # 11 clean cuts in a 4-layer MatMul/Add/Relu chain
     # the chain equals the whole model on a fresh input
     x = np.random.default_rng(7).standard_normal((5, 16)).astype(np.float32)
@@ -167,7 +168,7 @@ def test_a_cut_through_a_residual_branch_is_refused(tmp_path: Path, capsys: pyte
 def test_a_failed_check_leaves_no_directory(whole: Path, tmp_path: Path) -> None:
     out = tmp_path / "strict"
     with pytest.raises(ExportError, match="differ from the whole model"):
-        split_model(whole, out, 2, runs=1, tolerance=-1.0)  # nothing can pass a negative tolerance
+        split_model(whole, out, 2, runs=1, tolerance=Tolerance(-1.0, -1.0))  # nothing can pass a negative tolerance
     assert not out.exists()
     _no_leftovers(tmp_path)
 
@@ -184,4 +185,4 @@ def test_one_stage_is_the_whole_model_as_one_servable_stage(whole: Path, tmp_pat
     m = result.manifest
     assert len(m.stages) == 1 and result.segment_costs == []
     assert m.stages[0].inputs == m.inputs and m.stages[0].outputs == m.outputs
-    assert result.max_abs_diff == 0.0
+    assert result.proof.max_abs_diff == 0.0

@@ -1,0 +1,108 @@
+"""Which dimensions of a model's tensors are dynamic, and what they are called.
+
+A model's inputs name their dynamic dimensions (`batch`, `sequence`, ...). A tensor inside the graph
+carries no reliable name (converters write `unk__97`, shape inference loses track through loops), so
+its dimensions are found by running the model twice with every named dimension at a different size:
+an axis that follows `batch` is the batch, one that follows `sequence` is the sequence, one that
+changes otherwise (e.g. `batch * sequence` after a reshape) is dynamic without a name, and one that
+stays put is static. Where the batch sits is therefore known, not assumed to be axis 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+BATCH_DIM = "batch"
+UNNAMED = "?"  # a dynamic dimension that follows no input dimension alone
+Dims = list[int | str]
+# Sizes given to the batch and to the other named dimensions in the two probe runs: all different, so
+# that an axis's pair of sizes says which dimension it follows.
+PROBE_BATCH = (2, 3)
+PROBE_OTHER = ((5, 6), (7, 9), (10, 11), (12, 13), (14, 15), (17, 19))
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, dims (ints, or the names of dynamic dims) and numpy dtype."""
+
+    name: str
+    dims: Dims
+    dtype: np.dtype
+
+    def shape(self, sizes: Mapping[str, int]) -> list[int]:
+        """Concrete shape with each named dimension at `sizes[name]` (1 where not given)."""
+        return [d if isinstance(d, int) else sizes.get(d, 1) for d in self.dims]
+
+
+def value_dims(value: onnx.ValueInfoProto, fallback_prefix: str) -> Dims:
+    """Dims of a graph input or output: ints, dim_params, or `<prefix>_dim<axis>` where unnamed."""
+    dims: Dims = []
+    for axis, d in enumerate(value.type.tensor_type.shape.dim):
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        else:
+            dims.append(d.dim_param or f"{fallback_prefix}_dim{axis}")
+    return dims
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs (not initializers); whatever the inputs call their dynamic axis 0 is `batch`."""
+    initializers = {i.name for i in model.graph.initializer}
+    values = [v for v in model.graph.input if v.name not in initializers]
+    all_dims = [value_dims(v, v.name) for v in values]
+    batch_names = {dims[0] for dims in all_dims if dims and isinstance(dims[0], str)}
+    specs = []
+    for value, dims in zip(values, all_dims, strict=True):
+        dims = [BATCH_DIM if d in batch_names else d for d in dims]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+        specs.append(InputSpec(value.name, dims, dtype))
+    return specs
+
+
+def named_dims(inputs: Sequence[InputSpec]) -> list[str]:
+    """Every dynamic dimension name of the inputs, the batch first."""
+    names: list[str] = []
+    for spec in inputs:
+        for d in spec.dims:
+            if isinstance(d, str) and d not in names:
+                names.append(d)
+    return sorted(names, key=lambda n: n != BATCH_DIM)
+
+
+def probe_sizes(inputs: Sequence[InputSpec]) -> tuple[dict[str, int], dict[str, int]]:
+    """The two size assignments of the probe runs."""
+    first: dict[str, int] = {}
+    second: dict[str, int] = {}
+    others = iter(PROBE_OTHER)
+    for name in named_dims(inputs):
+        a, b = PROBE_BATCH if name == BATCH_DIM else next(others, (20, 23))
+        first[name], second[name] = a, b
+    return first, second
+
+
+def infer_dims(first: Sequence[int], second: Sequence[int], sizes: tuple[Mapping[str, int], Mapping[str, int]]) -> Dims:
+    """Dims of a tensor from its shapes in the two probe runs."""
+    by_pair = {(sizes[0][n], sizes[1][n]): n for n in sizes[0]}
+    if len(first) != len(second):
+        return [UNNAMED] * len(first)
+    dims: Dims = []
+    for a, b in zip(first, second, strict=True):
+        if a == b:
+            dims.append(int(a))
+        else:
+            dims.append(by_pair.get((int(a), int(b)), UNNAMED))
+    return dims
+
+
+def batch_axes(dims: Dims) -> list[int]:
+    return [i for i, d in enumerate(dims) if d == BATCH_DIM]
+
+
+def batch_first(dims: Dims) -> bool:
+    """True when the batch is axis 0 and no other axis, the layout a stage boundary needs."""
+    return batch_axes(dims) == [0] and UNNAMED not in dims

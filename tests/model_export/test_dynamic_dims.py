@@ -1,0 +1,77 @@
+"""Dynamic dimensions keep their names through split, and the batch is found where it is, not assumed at
+axis 0: time-major tensors (as recurrent layers export) are never offered as cuts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from model_export.__main__ import main
+from model_export.dims import value_dims
+from model_export.manifest import load_manifest
+from model_export.onnx_io import load_onnx
+from model_export.split import find_candidates, split_model
+from model_export.verify import Chain
+from tests.tiny import IR_VERSION, OPSET
+
+
+@pytest.fixture
+def time_major(tmp_path: Path) -> Path:
+    """x [batch, sequence, 4] -> t = x as [sequence, batch, 4] -> r = relu(t) -> y back as [batch, sequence, 4]."""
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]), helper.make_node("Relu", ["t"], ["r"]),
+             helper.make_node("Transpose", ["r"], ["y"], perm=[1, 0, 2])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 4])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION), path)
+    return path
+
+
+def test_time_major_tensors_are_not_cuts(time_major: Path) -> None:
+    c = find_candidates(load_onnx(time_major))
+    assert c.structural == ["t", "r"] and c.cuts == []
+    assert c.values["t"].dims == ["sequence", "batch", 4]
+
+
+def test_no_usable_cut_is_one_message(time_major: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["split", str(time_major), "--stages", "2", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "no usable cut point" in err and "--stages 1" in err and "Traceback" not in err
+    assert main(["split", str(time_major), "--cut", "r", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "--cut 'r': its batch is axis 1" in err and "time-major" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_dynamic_dims_keep_their_names_in_the_manifest_and_the_stage(time_major: Path, tmp_path: Path) -> None:
+    out = tmp_path / "whole"
+    split_model(time_major, out, 1, runs=1)
+    m = load_manifest(out)
+    assert m.inputs[0].shape == [-1, -1, 4] and m.inputs[0].dim_names == ["batch", "sequence", None]
+    assert m.outputs[0].dim_names == ["batch", "sequence", None]
+    stage = onnx.load(str(out / "stage-0.onnx"))
+    assert value_dims(stage.graph.input[0], "x") == ["batch", "sequence", 4]
+    assert value_dims(stage.graph.output[0], "y") == ["batch", "sequence", 4]
+    x = np.random.default_rng(0).standard_normal((4, 12, 4)).astype(np.float32)
+    np.testing.assert_array_equal(Chain(out, m).run({"x": x})["y"], np.maximum(x, 0))
+
+
+def test_a_dimension_that_mixes_batch_and_another_is_no_cut(tmp_path: Path) -> None:
+    """A [batch * 2, 4] reshape has no batch axis of its own: a stage could not be batched on it."""
+    flat = onnx.numpy_helper.from_array(np.array([-1, 4], np.int64), "flat")
+    wide = onnx.numpy_helper.from_array(np.array([-1, 8], np.int64), "wide")
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["f"]), helper.make_node("Relu", ["f"], ["r"]),
+             helper.make_node("Reshape", ["r", "wide"], ["w"]), helper.make_node("Relu", ["w"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], initializer=[flat, wide])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION), path)
+    c = find_candidates(load_onnx(path))
+    assert c.values["f"].dims == ["?", 4] and c.values["w"].dims == ["batch", 8]
+    assert c.structural == ["f", "r", "w"] and c.cuts == ["w"]

@@ -1,0 +1,152 @@
+"""Every shape of Keras model a user brings (model_export.zoo, all weights=None): export, cuts, split into 2
+and 3, verify, merge, each judged against Keras's own predictions; three of them served end to end through
+`mesh up` with tritonclient (every input and output, JSON and binary, batch 1 and 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from model_export import zoo
+from model_export.dims import value_dims
+from model_export.export import ExportResult, export_keras
+from model_export.keras_source import keras_source
+from model_export.manifest import Manifest, load_manifest
+from model_export.merge import merge_pipeline
+from model_export.onnx_io import load_onnx
+from model_export.ort_session import create_session
+from model_export.proof import EXPORT_TOLERANCE, Proof
+from model_export.samples import Case
+from model_export.split import find_candidates, split_model
+from model_export.verify import Chain, cases_for, prove_pipeline
+
+SLOW = {"resnet50", "efficientnetb0", "mobilenetv3small"}
+SERVED = ("cnn", "two-in-two-out", "lstm")
+
+
+@dataclass
+class Exported:
+    name: str
+    directory: Path
+    onnx: Path
+    result: ExportResult
+    keras_predict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+    def split(self, stages: int) -> Path:
+        out = self.directory / f"zoo-{self.name}-{stages}"
+        if not out.exists():
+            split_model(self.onnx, out, stages, runs=1)
+        return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Exported]]:
+    """Each zoo model saved as .keras and exported once per test module."""
+    done: dict[str, Exported] = {}
+
+    def get(name: str) -> Exported:
+        if name not in done:
+            directory = tmp_path_factory.mktemp(f"zoo-{name}")
+            keras_file = zoo.save(name, directory / f"{name}.keras")
+            result = export_keras(keras_file, directory / f"{name}.onnx")
+            predict = keras_source(zoo.build(name)).predict  # the same seed gives the same weights
+            done[name] = Exported(name, directory, result.path, result, predict)
+        return done[name]
+
+    yield get
+
+
+def _against_keras(model: Exported, manifest: Manifest, run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+                   cases: list[Case]) -> Proof:
+    proof = Proof(EXPORT_TOLERANCE, cases=len(cases))
+    for case in cases:
+        expected, got = model.keras_predict(case.feeds), run(case.feeds)
+        for t in manifest.outputs:
+            proof.compare(t.name, expected[t.name], got[t.name], case.label)
+    return proof.check(f"{model.name} against Keras")
+
+
+def _zoo_params() -> list[object]:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in zoo.ZOO]
+
+
+@pytest.mark.parametrize("name", _zoo_params())
+def test_zoo_model_every_step(name: str, exported: Callable[[str], Exported]) -> None:
+    model = exported(name)
+    assert model.result.proof.passed and model.result.proof.cases >= 2
+    # realistic inputs (0-255 images, every token id) make every zoo model's outputs vary
+    assert model.result.proof.degenerate == [], model.result.proof.summary()
+    whole = load_onnx(model.onnx)
+    assert all(value_dims(v, v.name)[0] == "batch" for v in [*whole.graph.input, *whole.graph.output])
+    candidates = find_candidates(whole)
+    assert len(candidates.cuts) >= 2
+    for stages in (2, 3):
+        directory = model.split(stages)
+        manifest = load_manifest(directory)
+        assert len(manifest.stages) == stages
+        assert all(t.dim_names and t.dim_names[0] == "batch" for s in manifest.stages for t in [*s.inputs, *s.outputs])
+        proof = prove_pipeline(directory)
+        assert proof.tensors == {t.name for s in manifest.stages for t in s.outputs}  # every cut and output
+        cases = cases_for(manifest, whole, None)
+        _against_keras(model, manifest, Chain(directory, manifest).run, cases)
+        merged = directory.with_suffix(".merged.onnx")
+        merge_pipeline(directory, merged)
+        session = create_session(str(merged))
+        names = [t.name for t in manifest.outputs]
+        _against_keras(model, manifest, lambda feeds: dict(zip(names, session.run(names, feeds), strict=True)), cases)
+
+
+def test_sequential_keeps_its_names(exported: Callable[[str], Exported]) -> None:
+    """tf2onnx alone fails on every Keras 3 Sequential (KeyError 'keras_tensor_N')."""
+    model = exported("mlp")
+    assert model.result.inputs == ["features"] and len(model.result.outputs) == 1
+    assert model.result.outputs[0].startswith("dense")
+
+
+def test_variable_length_survives_every_step(exported: Callable[[str], Exported]) -> None:
+    """The LSTM's sequence length stays dynamic and named in the export, the manifest and every stage file;
+    the recurrent loop's time-major tensors are not offered as cuts."""
+    model = exported("lstm")
+    whole = load_onnx(model.onnx)
+    assert value_dims(whole.graph.input[0], "tokens") == ["batch", "sequence"]
+    candidates = find_candidates(whole)
+    time_major = [t for t in candidates.structural if t not in candidates.cuts]
+    assert time_major and all(candidates.values[t].dims.index("batch") > 0 for t in time_major)
+    directory = model.split(3)
+    manifest = load_manifest(directory)
+    assert manifest.inputs[0].shape == [-1, -1] and manifest.inputs[0].dim_names == ["batch", "sequence"]
+    first = onnx.load(str(directory / manifest.stages[0].file))
+    assert value_dims(first.graph.input[0], "tokens") == ["batch", "sequence"]
+    tokens = np.random.default_rng(0).integers(0, zoo.VOCAB, (4, 12)).astype(np.int32)
+    got = Chain(directory, manifest).run({"tokens": tokens})
+    want = model.keras_predict({"tokens": tokens})
+    np.testing.assert_allclose(got[manifest.outputs[0].name], want[manifest.outputs[0].name], rtol=1e-3, atol=1e-4)
+
+
+def test_savedmodel_directory_of_a_subclassed_model(tmp_path: Path) -> None:
+    """A subclassed model Keras can trace, exported as a SavedModel directory (earlier: 'no such file')."""
+    import keras
+
+    class Scorer(keras.Model):
+        def __init__(self) -> None:
+            super().__init__(name="scorer")
+            self.hidden = keras.layers.Dense(8, activation="relu")
+            self.head = keras.layers.Dense(2)
+
+        def call(self, x):  # type: ignore[no-untyped-def]
+            return self.head(self.hidden(x))
+
+    keras.utils.set_random_seed(0)
+    scorer = Scorer()
+    scorer(np.zeros((1, 6), np.float32))
+    scorer.export(str(tmp_path / "saved"), verbose=False)
+    result = export_keras(tmp_path / "saved", tmp_path / "scorer.onnx")
+    assert result.proof.passed and result.proof.cases == 6
+    x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+    got = create_session(str(result.path)).run(None, {result.inputs[0]: x})[0]
+    np.testing.assert_allclose(got, np.asarray(scorer(x)), rtol=1e-4, atol=1e-5)
