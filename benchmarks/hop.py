@@ -48,46 +48,25 @@ SIZES = {"4 KB": 1024, "0.7 MB": 175_000, "3 MB": 750_000}  # FP32 elements
 
 def write_identity_pipeline(directory: Path) -> Path:
     """pipeline.json + stage A (identity, FP32 [1, -1]) and stage B (mean, [1, 1]); returns the manifest path."""
-    import onnx
     from onnx import TensorProto, helper
 
-    from model_export.manifest import (
-        Manifest,
-        Profile,
-        SourceModel,
-        Stage,
-        StageCost,
-        TensorSpec,
-        sha256_file,
-        write_manifest,
-    )
+    from model_export.manifest import MANIFEST_FILE
+    from model_export.pipeline_writer import write_pipeline
 
-    directory.mkdir(parents=True, exist_ok=True)
     names = ["a", "b", "c"]
-    stages = []
     nodes = [helper.make_node("Identity", ["a"], ["b"]), helper.make_node("ReduceMean", ["b"], ["c"], axes=[1])]
     out_shapes: list[list[int | str]] = [[1, "n"], [1, 1]]
+    stages = []
     for i in range(2):
         graph = helper.make_graph(
             [nodes[i]], f"hop{i}",
             [helper.make_tensor_value_info(names[i], TensorProto.FLOAT, [1, "n"])],
             [helper.make_tensor_value_info(names[i + 1], TensorProto.FLOAT, out_shapes[i])],
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-        file = f"stage-{i}.onnx"
-        onnx.save(model, directory / file)
-        stages.append(Stage(
-            name=f"hop-stage-{i}", file=file, sha256=sha256_file(directory / file),
-            inputs=[TensorSpec(name=names[i], datatype="FP32", shape=[1, -1])],
-            outputs=[TensorSpec(name=names[i + 1], datatype="FP32", shape=[1, -1] if i == 0 else [1, 1])],
-            cost=StageCost(latency_ms=0.0, param_bytes=0, bytes_out=0),
-        ))
-    manifest = Manifest(
-        name="hop", source_model=SourceModel(file="stage-0.onnx", sha256=stages[0].sha256),
-        inputs=stages[0].inputs, outputs=stages[-1].outputs,
-        profile=Profile(threads=1, batch=1, runs=1, balance="latency"), stages=stages,
-    )
-    return write_manifest(manifest, directory)
+        stages.append(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10))
+    # the whole model is never consulted by the hop bench; the first stage stands in for it
+    write_pipeline(directory, "hop", stages, directory / "stage-0.onnx")
+    return directory / MANIFEST_FILE
 
 
 def _start(manifest: Path, name: str, next_url: str | None, log_dir: Path) -> StageProcess:

@@ -21,20 +21,15 @@ from model_export.dims import batch_axes, batch_first
 from model_export.errors import ExportError
 from model_export.graph import GraphIndex, extract
 from model_export.manifest import (
-    NUMPY_TO_DATATYPE,
     Manifest,
     Profile,
-    SourceModel,
-    Stage,
     StageCost,
-    TensorSpec,
     check_pipeline_name,
-    sha256_file,
     stage_name,
-    write_manifest,
 )
-from model_export.onnx_io import load_onnx, save_onnx
+from model_export.onnx_io import load_onnx
 from model_export.partition import choose_cuts
+from model_export.pipeline_writer import StageModel, write_pipeline
 from model_export.profile import Activation, activations, param_bytes, time_model
 from model_export.proof import CHAIN_TOLERANCE, Proof, Tolerance
 from model_export.verify import prove_pipeline
@@ -209,19 +204,6 @@ def make_readable(directory: Path) -> None:
         path.chmod(DIRECTORY_MODE if path.is_dir() else FILE_MODE)
 
 
-def _spec(a: Activation) -> TensorSpec:
-    dtype = a.value.dtype.name
-    if dtype not in NUMPY_TO_DATATYPE:
-        raise ExportError(f"tensor {a.name!r} has dtype {dtype}, which has no KServe v2 datatype")
-    dims = a.dim_params()
-    return TensorSpec(
-        name=a.name,
-        datatype=NUMPY_TO_DATATYPE[dtype],  # type: ignore[arg-type]
-        shape=[d if isinstance(d, int) else -1 for d in dims],
-        dim_names=[d if isinstance(d, str) else None for d in dims],
-    )
-
-
 def _write_stages(c: Candidates, chosen: list[str], directory: Path, pipeline: str, model_path: Path, out: Path,
                   balance: Balance, threads: int, runs: int, track: Track) -> Manifest:
     bounds = [c.index.inputs, *[[t] for t in chosen], c.index.outputs]
@@ -233,31 +215,9 @@ def _write_stages(c: Candidates, chosen: list[str], directory: Path, pipeline: s
             sub = onnx.shape_inference.infer_shapes(sub, strict_mode=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise ExportError(f"stage {i} ({start} -> {end}) fails the ONNX checker: {exc}") from exc
-        file = f"stage-{i}.onnx"
-        save_onnx(sub, directory / file)
-        stages.append(
-            Stage(
-                name=stage_name(pipeline, i),
-                file=file,
-                sha256=sha256_file(directory / file),
-                inputs=[_spec(c.values[t]) for t in start],
-                outputs=[_spec(c.values[t]) for t in end],
-                cost=StageCost(
-                    latency_ms=round(time_model(sub, c.feeds(start), threads, runs), 4),
-                    param_bytes=param_bytes(sub),
-                    bytes_out=sum(c.values[t].nbytes for t in end),
-                ),
-            )
-        )
-    manifest = Manifest(
-        name=pipeline,
-        source_model=SourceModel(
-            file=os.path.relpath(model_path.resolve(), out.resolve()), sha256=sha256_file(model_path)
-        ),
-        inputs=stages[0].inputs,
-        outputs=stages[-1].outputs,
-        profile=Profile(threads=threads, batch=1, runs=runs, balance=balance),
-        stages=stages,
-    )
-    write_manifest(manifest, directory)
-    return manifest
+        cost = StageCost(latency_ms=round(time_model(sub, c.feeds(start), threads, runs), 4),
+                         param_bytes=param_bytes(sub), bytes_out=sum(c.values[t].nbytes for t in end))
+        stages.append(StageModel(sub, cost))
+    return write_pipeline(directory, pipeline, stages, model_path,
+                          profile=Profile(threads=threads, batch=1, runs=runs, balance=balance),
+                          source_file=os.path.relpath(model_path.resolve(), out.resolve()))

@@ -8,17 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from model_export.manifest import (
-    Manifest,
-    Profile,
-    SourceModel,
-    Stage,
-    StageCost,
-    TensorSpec,
-    sha256_file,
-    stage_name,
-    write_manifest,
-)
+from model_export.manifest import Manifest, StageCost
+from model_export.pipeline_writer import StageModel, write_pipeline
 
 OPSET = 17
 IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
@@ -56,21 +47,10 @@ def write_tiny_pipeline(directory: Path, name: str = "tiny", widths: tuple[int, 
     whole_nodes, whole_inits = [], []
     for i in range(len(widths) - 1):
         model = dense_stage_graph(i, tensor_names[i], tensor_names[i + 1], widths[i], widths[i + 1], seed + i)
-        file = f"stage-{i}.onnx"
-        onnx.save(model, directory / file)
         whole_nodes.extend(model.graph.node)
         whole_inits.extend(model.graph.initializer)
-        stages.append(
-            Stage(
-                name=stage_name(name, i),
-                file=file,
-                sha256=sha256_file(directory / file),
-                inputs=[TensorSpec(name=tensor_names[i], datatype="FP32", shape=[-1, widths[i]])],
-                outputs=[TensorSpec(name=tensor_names[i + 1], datatype="FP32", shape=[-1, widths[i + 1]])],
-                cost=StageCost(latency_ms=0.01, param_bytes=4 * (widths[i] + 1) * widths[i + 1],
-                               bytes_out=4 * widths[i + 1]),
-            )
-        )
+        cost = StageCost(latency_ms=0.01, param_bytes=4 * (widths[i] + 1) * widths[i + 1], bytes_out=4 * widths[i + 1])
+        stages.append(StageModel(model, cost))
     whole = helper.make_model(
         helper.make_graph(
             whole_nodes, name,
@@ -81,13 +61,4 @@ def write_tiny_pipeline(directory: Path, name: str = "tiny", widths: tuple[int, 
         opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
     )
     onnx.save(whole, directory / "model.onnx")
-    manifest = Manifest(
-        name=name,
-        source_model=SourceModel(file="model.onnx", sha256=sha256_file(directory / "model.onnx")),
-        inputs=stages[0].inputs,
-        outputs=stages[-1].outputs,
-        profile=Profile(threads=1, batch=1, runs=1, balance="latency"),
-        stages=stages,
-    )
-    write_manifest(manifest, directory)
-    return manifest
+    return write_pipeline(directory, name, stages, directory / "model.onnx")

@@ -15,7 +15,7 @@ import pytest
 from model_export import zoo
 from model_export.dims import value_dims
 from model_export.export import ExportResult, export_keras
-from model_export.keras_source import keras_source
+from model_export.keras_source import keras_source, load_keras
 from model_export.manifest import Manifest, load_manifest
 from model_export.merge import merge_pipeline
 from model_export.onnx_io import load_onnx
@@ -54,15 +54,17 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str
             directory = tmp_path_factory.mktemp(f"zoo-{name}")
             keras_file = zoo.save(name, directory / f"{name}.keras")
             result = export_keras(keras_file, directory / f"{name}.onnx")
-            predict = keras_source(zoo.build(name)).predict  # the same seed gives the same weights
+            predict = keras_source(load_keras(keras_file)).predict
             done[name] = Exported(name, directory, result.path, result, predict)
         return done[name]
 
     yield get
 
 
-def _against_keras(model: Exported, manifest: Manifest, run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
-                   cases: list[Case]) -> Proof:
+Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def _against_keras(model: Exported, manifest: Manifest, run: Run, cases: list[Case]) -> Proof:
     proof = Proof(EXPORT_TOLERANCE, cases=len(cases))
     for case in cases:
         expected, got = model.keras_predict(case.feeds), run(case.feeds)
@@ -96,9 +98,12 @@ def test_zoo_model_every_step(name: str, exported: Callable[[str], Exported]) ->
         _against_keras(model, manifest, Chain(directory, manifest).run, cases)
         merged = directory.with_suffix(".merged.onnx")
         merge_pipeline(directory, merged)
-        session = create_session(str(merged))
-        names = [t.name for t in manifest.outputs]
-        _against_keras(model, manifest, lambda feeds: dict(zip(names, session.run(names, feeds), strict=True)), cases)
+        _against_keras(model, manifest, _runner(merged, [t.name for t in manifest.outputs]), cases)
+
+
+def _runner(path: Path, names: list[str]) -> Run:
+    session = create_session(str(path))
+    return lambda feeds: dict(zip(names, session.run(names, feeds), strict=True))
 
 
 def test_sequential_keeps_its_names(exported: Callable[[str], Exported]) -> None:

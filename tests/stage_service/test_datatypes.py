@@ -12,17 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from model_export.manifest import (
-    NUMPY_TO_DATATYPE,
-    Manifest,
-    Profile,
-    SourceModel,
-    Stage,
-    StageCost,
-    TensorSpec,
-    sha256_file,
-    write_manifest,
-)
+from model_export.manifest import NUMPY_TO_DATATYPE
+from model_export.pipeline_writer import write_pipeline
 from stage_service.errors import InvalidInput
 from stage_service.protocol import decode_request, decode_response, encode_json_request, encode_request
 from tests.stage_service.procs import StageProcess, start_stage
@@ -73,24 +64,16 @@ def test_json_values_must_fit_the_datatype(datatype: str, data: list[object], wo
 def identity_stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StageProcess]:
     """A one-stage pipeline `types` whose outputs `<name>_out` are its inputs, for every datatype."""
     directory = tmp_path_factory.mktemp("types")
-    specs = {n: TensorSpec(name=n, datatype=NUMPY_TO_DATATYPE[a.dtype.name], shape=[-1, 3]) for n, a in ARRAYS.items()}
-    outs = {n: TensorSpec(name=f"{n}_out", datatype=s.datatype, shape=[-1, 3]) for n, s in specs.items()}
+    types = {n: ONNX_TYPES[NUMPY_TO_DATATYPE[a.dtype.name]] for n, a in ARRAYS.items()}
     graph = helper.make_graph(
         [helper.make_node("Identity", [n], [f"{n}_out"]) for n in ARRAYS],
         "types",
-        [helper.make_tensor_value_info(n, ONNX_TYPES[s.datatype], ["batch", 3]) for n, s in specs.items()],
-        [helper.make_tensor_value_info(s.name, ONNX_TYPES[s.datatype], ["batch", 3]) for s in outs.values()],
+        [helper.make_tensor_value_info(n, t, ["batch", 3]) for n, t in types.items()],
+        [helper.make_tensor_value_info(f"{n}_out", t, ["batch", 3]) for n, t in types.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
-    onnx.save(model, directory / "stage-0.onnx")
     onnx.save(model, directory / "model.onnx")
-    stage = Stage(name="types-stage-0", file="stage-0.onnx", sha256=sha256_file(directory / "stage-0.onnx"),
-                  inputs=list(specs.values()), outputs=list(outs.values()),
-                  cost=StageCost(latency_ms=0.01, param_bytes=0, bytes_out=0))
-    write_manifest(Manifest(name="types", source_model=SourceModel(file="model.onnx", sha256=stage.sha256),
-                            inputs=stage.inputs, outputs=stage.outputs,
-                            profile=Profile(threads=1, batch=1, runs=1, balance="latency"), stages=[stage]),
-                   directory)
+    write_pipeline(directory, "types", [model], directory / "model.onnx")
     process = start_stage(directory / "pipeline.json", "types-stage-0", log_dir=directory)
     yield process
     assert process.stop() == 0
