@@ -100,6 +100,7 @@ bench: $(PIPELINE)/pipeline.json $(BUILD)/large/pipeline.json $(BUILD)/large-who
 
 bench-split: $(BUILD)/reference.onnx
 	$(PY) -m benchmarks.split $(BUILD)/reference.onnx --out $(BUILD)/bench-split
+	$(PY) -m benchmarks.split_zoo --out $(BUILD)/bench-split
 
 bench-hop: | $(STAMP)
 	$(PY) -m benchmarks.hop --out $(BUILD)/bench-hop

@@ -75,3 +75,9 @@ def test_a_dimension_that_mixes_batch_and_another_is_no_cut(tmp_path: Path) -> N
     c = find_candidates(load_onnx(path))
     assert c.values["f"].dims == ["?", 4] and c.values["w"].dims == ["batch", 8]
     assert c.structural == ["f", "r", "w"] and c.cuts == ["w"]
+
+
+def test_cuts_lists_dims_and_says_what_it_left_out(time_major: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cuts", str(time_major)]) == 0
+    out = capsys.readouterr().out
+    assert "0 clean cut points" in out and "2 more single-tensor cut(s) not offered" in out
