@@ -91,10 +91,12 @@ def cmd_cuts(args: argparse.Namespace) -> int:
 
 def _print_cuts(cuts: list[tuple[int, str, list[int | str], list[int], int]]) -> None:
     # Widest first; a tensor name is never wrapped (it is what `split --cut` takes): columns go, then the table.
-    for columns in (("#", "tensor", "dims", "bytes"), ("#", "tensor", "bytes")):
+    widest = ("#", "tensor", "dims", "shape", "bytes")
+    for columns in (widest, ("#", "tensor", "shape", "bytes"), ("#", "tensor", "bytes")):
         table = compact_table(*columns, right=("#", "bytes"))
-        for i, name, dims, _, size in cuts:
-            cells = {"#": str(i), "tensor": name, "dims": "x".join(map(str, dims)), "bytes": f"{size:,}"}
+        for i, name, dims, shape, size in cuts:
+            cells = {"#": str(i), "tensor": name, "dims": "(" + ", ".join(map(str, dims)) + ")",
+                     "shape": "x".join(map(str, shape)), "bytes": f"{size:,}"}
             table.add_row(*(cells[col] for col in columns))
         if fits(table, console.width):
             console.print(table)
