@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", type=Path, required=True, help="a split pipeline directory")
     parser.add_argument("--stage", required=True, help="the stage given two replicas, one of which freezes")
+    parser.add_argument("--policy", type=Path, default=None, help="mesh.yaml (the stage gets 2 replicas)")
     parser.add_argument("--rate", type=float, default=20.0, help="requests per second (default 20)")
     parser.add_argument("--before", type=float, default=10.0, help="seconds of load before the freeze")
     parser.add_argument("--freeze", type=float, default=10.0, help="seconds frozen (default 10)")
@@ -175,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="faults-"))
     policy = work / "mesh.yaml"
-    policy.write_text(yaml.safe_dump({"stages": {args.stage: {"replicas": 2}}}))
+    base = yaml.safe_load(args.policy.read_text()) if args.policy else {}
+    base.setdefault("stages", {}).setdefault(args.stage, {})["replicas"] = 2
+    policy.write_text(yaml.safe_dump(base))
     try:
         state = local.up(args.pipeline, policy, work / ".mesh", gateway_port=0)
     except local.MeshError as exc:

@@ -239,6 +239,11 @@ def _outlier_detection(hop: Hop) -> Json:
 def outbound_clusters(layout: Layout, hop: Hop, identity: CertPair, ca: Path) -> list[Json]:
     """One cluster per version of the callee, its endpoints the inbound ports of that version's replicas."""
     pool = hop.upstream.connection_pool
+    thresholds: Json = {"max_connections": pool.max_connections, "max_pending_requests": pool.max_pending_requests,
+                        "max_requests": pool.max_requests, "max_retries": pool.max_retries}
+    if hop.upstream.retry_budget is not None:
+        thresholds["retry_budget"] = {"budget_percent": {"value": hop.upstream.retry_budget.percent},
+                                      "min_retry_concurrency": hop.upstream.retry_budget.min_retry_concurrency}
     clusters = []
     for version in hop.upstream.subsets:
         name = cluster_name(hop.callee, version)
@@ -251,12 +256,7 @@ def outbound_clusters(layout: Layout, hop: Hop, identity: CertPair, ca: Path) ->
             "lb_policy": "LEAST_REQUEST",
             "per_connection_buffer_limit_bytes": hop.upstream.buffer_limit_bytes,
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
-            "circuit_breakers": {"thresholds": [{
-                "max_connections": pool.max_connections,
-                "max_pending_requests": pool.max_pending_requests,
-                "max_requests": pool.max_requests,
-                "max_retries": pool.max_retries,
-            }]},
+            "circuit_breakers": {"thresholds": [dict(thresholds)]},
             "outlier_detection": _outlier_detection(hop),
             # Like istiod with outlier detection (minHealthPercent 0): no panic routing to ejected replicas.
             "common_lb_config": {"healthy_panic_threshold": {"value": 0}},

@@ -46,6 +46,7 @@ from mesh.policy import (
     PolicyError,
     Resources,
     Retries,
+    RetryBudget,
     StagePolicy,
     Tracing,
     Version,
@@ -114,6 +115,7 @@ class Upstream(_Frozen):
     subsets: list[str]  # every deployed version, weight 0 included
     connection_pool: ConnectionPool
     outlier_detection: OutlierDetection
+    retry_budget: RetryBudget | None
     buffer_limit_bytes: int
     expected_san: str  # the callee's SPIFFE id, checked on its certificate (Istio: ISTIO_MUTUAL)
 
@@ -294,6 +296,7 @@ def resolve(policy: Policy, manifest: Manifest) -> Plan:
                 subsets=[v.name for v in versions],
                 connection_pool=_pick(own.connection_pool, d.connection_pool, ConnectionPool()),
                 outlier_detection=_pick(own.outlier_detection, d.outlier_detection, OutlierDetection()),
+                retry_budget=own.retry_budget or d.retry_budget,
                 buffer_limit_bytes=buffer, expected_san=identity.spiffe_id),
             allowed_principals=[caller_identity.principal],
         ))

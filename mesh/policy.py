@@ -77,6 +77,17 @@ class Retries(_Strict):
         return values
 
 
+class RetryBudget(_Strict):
+    """Retries outstanding at once, as a share of the requests outstanding (Envoy's retry budget, Istio's
+    `trafficPolicy.retryBudget`): bounds the extra load retries add to an overloaded stage. Off by default:
+    with few replicas, one failing replica needs the retries of its whole share at once (half the requests
+    of two replicas), which a budget of Istio's default 20% refuses (measured: a frozen replica of two then
+    lost requests to budget overflow)."""
+
+    percent: float = Field(default=20.0, ge=0, le=100)
+    min_retry_concurrency: int = Field(default=3, ge=0)
+
+
 class OutlierDetection(_Strict):
     """Ejection of a replica that keeps failing. With `split_external_local_origin_errors`, failures the
     caller's proxy sees itself (connect failures, resets, per-try timeouts: a hung replica) count apart from
@@ -163,6 +174,7 @@ class StagePolicy(_Strict):
     timeout_s: float | None = Field(default=None, gt=0)
     retries: Retries | None = None
     outlier_detection: OutlierDetection | None = None
+    retry_budget: RetryBudget | None = None
     connection_pool: ConnectionPool | None = None
     buffer_limit_bytes: int | None = Field(default=None, ge=16 * 1024)
     threads: int | None = Field(default=None, ge=1, le=64)

@@ -287,6 +287,13 @@ def _outlier_detection(hop: Hop) -> dict[str, Any]:
     return out
 
 
+def _retry_budget(hop: Hop) -> dict[str, Any]:
+    budget = hop.upstream.retry_budget
+    if budget is None:
+        return {}
+    return {"retryBudget": {"percent": budget.percent, "minRetryConcurrency": budget.min_retry_concurrency}}
+
+
 def destination_rule(hop: Hop, ns: str) -> dict[str, Any]:
     cp = hop.upstream.connection_pool
     return {
@@ -303,6 +310,7 @@ def destination_rule(hop: Hop, ns: str) -> dict[str, Any]:
                              "http2MaxRequests": cp.max_requests, "maxRetries": cp.max_retries},
                 },
                 "outlierDetection": _outlier_detection(hop),
+                **_retry_budget(hop),
             },
             "subsets": [{"name": v, "labels": {"version": v}} for v in hop.upstream.subsets],
         },

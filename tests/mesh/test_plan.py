@@ -209,6 +209,22 @@ def test_connection_pool_in_both_meshes(tiny_pipeline: tuple[Path, Manifest], tm
                   "http": {"http1MaxPendingRequests": 12, "http2MaxRequests": 13, "maxRetries": 14}}
 
 
+def test_retry_budget_in_both_meshes(tiny_pipeline: tuple[Path, Manifest], tmp_path: Path) -> None:
+    """Where the policy sets one, retries in flight stay a share of the requests in flight."""
+    pipeline, manifest = tiny_pipeline
+    budget = {"retry_budget": {"percent": 12.5, "min_retry_concurrency": 2}}
+    plan = _resolve(manifest, defaults=budget)
+    cluster = next(c for c in _envoy(tmp_path, manifest, pipeline, plan, "tiny-stage-0").clusters
+                   if c["name"] == "outbound|v1|tiny-stage-1")
+    assert cluster["circuit_breakers"]["thresholds"][0]["retry_budget"] == {
+        "budget_percent": {"value": 12.5}, "min_retry_concurrency": 2}
+    dr = _istio(render_tree(manifest, Policy.model_validate({"defaults": budget})), "DestinationRule",
+                "tiny-stage-1")["spec"]["trafficPolicy"]
+    assert dr["retryBudget"] == {"percent": 12.5, "minRetryConcurrency": 2}
+    assert "retryBudget" not in _istio(render_tree(manifest, Policy()), "DestinationRule", "tiny-stage-1")["spec"][
+        "trafficPolicy"]
+
+
 def test_plan_command(tiny_pipeline: tuple[Path, Manifest], capsys: pytest.CaptureFixture[str]) -> None:
     from mesh.__main__ import main
 
