@@ -34,8 +34,10 @@ have "$STANDIN" && { echo "$STANDIN"; exit 0; }
 
 [ "$(id -u)" = 0 ] || fail "$OFFICIAL cannot be pulled, and making a stand-in with debootstrap needs root"
 if ! command -v debootstrap >/dev/null 2>&1; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >&2 \
-    || fail "$OFFICIAL cannot be pulled, and apt-get install debootstrap failed"
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get install -y -qq debootstrap || { apt-get update -qq && apt-get install -y -qq debootstrap; }; } \
+    >"$CACHE/debootstrap-install.log" 2>&1 \
+    || fail "$OFFICIAL cannot be pulled, and apt-get install debootstrap failed: see $CACHE/debootstrap-install.log"
 fi
 
 echo "base-image: $OFFICIAL cannot be pulled; making $STANDIN from Debian's packages (about 3 minutes)" >&2
