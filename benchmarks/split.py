@@ -37,19 +37,27 @@ def track(items: Iterable[T], description: str) -> Iterable[T]:
     return rich_track(items, description=description, console=err)
 
 
+def stage_ranges(n: int, stage_counts: list[int]) -> set[tuple[int, int]]:
+    """(first segment, last + 1) of every stage some choice of cuts makes, for these stage counts: with 2
+    stages only the runs from the start and to the end (2n), with 3 or more every run (n^2 / 2)."""
+    if any(k > 2 for k in stage_counts):
+        return {(a, b) for a in range(n) for b in range(a + 1, n + 1)}
+    return {(0, b) for b in range(1, n + 1)} | {(a, n) for a in range(n)}
+
+
 def run(model_path: Path, stage_counts: list[int], threads: int, runs: int) -> dict:
     c = find_candidates(load_onnx(model_path), threads)
     bounds = c.boundaries()
     n = len(bounds) - 1
     costs = segment_costs(c, "latency", threads, runs, track)
     cut_bytes = [c.values[t].nbytes for t in c.cuts]
-    # every contiguous run of segments is a possible stage: measure each one once, as a stage
-    ranges = [(a, b) for a in range(n) for b in range(a + 1, n + 1)]
+    # every contiguous run of segments a choice of cuts can make a stage of: measure each one once, as a stage
+    ranges = sorted(stage_ranges(n, stage_counts))
     measured: dict[tuple[int, int], float] = {}
     for a, b in track(ranges, f"measuring all {len(ranges)} possible stages"):
         sub = c.extract(bounds[a], bounds[b], f"r{a}_{b}")
         measured[(a, b)] = time_model(sub, c.feeds(bounds[a]), threads, runs)
-    whole = measured[(0, n)]
+    whole = measured[(0, n)] if (0, n) in measured else time_model(c.model, c.feeds(bounds[0]), threads, runs)
     results = []
     for stages in stage_counts:
         chosen = choose_cuts(costs, cut_bytes, stages, transfer_per_byte=DEFAULT_TRANSFER_MS_PER_MB / MB)

@@ -36,12 +36,20 @@ class Proof:
 
     tolerance: Tolerance
     cases: int = 0
+    skipped: list[str] = field(default_factory=list)  # cases the reference itself cannot run (e.g. too short)
     tensors: set[str] = field(default_factory=set)
     max_abs_diff: float = 0.0
     worst_ratio: float = 0.0  # max |diff| / (atol + rtol * |expected|); above 1 fails
     worst: str = ""
     _first_rows: dict[str, np.ndarray] = field(default_factory=dict)
     _varies: set[str] = field(default_factory=set)
+
+    def skip(self, case: str, reason: str) -> None:
+        """The reference cannot run this case: the model does not take such inputs, so it proves nothing."""
+        self.skipped.append(f"{case}: {reason.splitlines()[0][:200]}")
+        if len(self.skipped) == self.cases:
+            raise ExportError(f"the model runs on none of the {self.cases} input cases; the first failed with "
+                              f"{self.skipped[0]}; give inputs it takes with --samples FILE.npz")
 
     def compare(self, name: str, expected: np.ndarray, got: np.ndarray, case: str) -> None:
         """Judge one tensor of one case; a shape or dtype-kind mismatch is a failure at once."""
@@ -81,8 +89,11 @@ class Proof:
         return self.worst_ratio <= 1.0
 
     def summary(self) -> str:
-        text = (f"{len(self.tensors)} tensor(s) over {self.cases} input case(s): max |diff| = "
+        run = self.cases - len(self.skipped)
+        text = (f"{len(self.tensors)} tensor(s) over {run} input case(s): max |diff| = "
                 f"{self.max_abs_diff:.3g}, worst at {self.worst_ratio:.3g} of the tolerance ({self.tolerance})")
+        if self.skipped:
+            text += f"; {len(self.skipped)} case(s) the model itself does not take were left out"
         if self.degenerate:
             text += (f"; warning: output(s) {self.degenerate} are the same for every input, so equality proves "
                      "little about them")

@@ -108,8 +108,9 @@ def prove_pipeline(directory: Path, model_path: Path | None = None, samples: Pat
     for case in track(cases, "verifying chain"):
         try:
             expected = dict(zip(compared, whole.run(compared, case.feeds), strict=True))
-        except Exception as exc:  # onnxruntime's own error types
-            raise ExportError(f"the whole model fails on {case.label}: {exc}") from exc
+        except Exception as exc:  # onnxruntime's own error types: the model does not take these inputs
+            proof.skip(case.label, str(exc))
+            continue
         try:
             got = chain.run_all(case.feeds)
         except Exception as exc:  # a stage that cannot run fails the proof

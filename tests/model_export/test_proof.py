@@ -128,3 +128,16 @@ def test_samples_from_the_user(relu_of_negative: Path, tmp_path: Path, capsys: p
     assert "over 1 input case(s)" in capsys.readouterr().out
     assert main(["verify", str(out), "--samples", str(tmp_path / "missing.npz")]) == 2
     assert "not a readable .npz file" in capsys.readouterr().err
+
+
+def test_cases_the_model_itself_does_not_take_are_left_out(tmp_path: Path) -> None:
+    """A 3-wide convolution without padding takes no sequence shorter than 3: length 1 proves nothing."""
+    w = onnx.numpy_helper.from_array(np.ones((1, 1, 3), np.float32), "W")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, "sequence"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1, "steps"])
+    path = tmp_path / "conv.onnx"
+    onnx.save(_model([helper.make_node("Conv", ["x", "W"], ["y"])], [x], [y], [w]), path)
+    result = split_model(path, tmp_path / "conv", 1, runs=1)
+    assert len(result.proof.skipped) == 6 and all("sequence 1," in s for s in result.proof.skipped)
+    assert "6 case(s) the model itself does not take were left out" in result.proof.summary()
+    assert result.manifest.outputs[0].dim_names == ["batch", None, "y_dim2"]

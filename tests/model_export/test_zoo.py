@@ -136,6 +136,9 @@ def test_variable_length_survives_every_step(exported: Callable[[str], Exported]
     got = Chain(directory, manifest).run({"tokens": tokens})
     want = model.keras_predict({"tokens": tokens})
     np.testing.assert_allclose(got[manifest.outputs[0].name], want[manifest.outputs[0].name], rtol=1e-3, atol=1e-4)
+    merged = directory.with_name("lstm-merged.onnx")
+    merge_pipeline(directory, merged)
+    assert value_dims(onnx.load(str(merged)).graph.input[0], "tokens") == ["batch", "sequence"]
 
 
 def test_savedmodel_directory_of_a_subclassed_model(tmp_path: Path) -> None:
