@@ -5,7 +5,7 @@ and 3, verify, merge, each judged against Keras's own predictions; three of them
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +25,14 @@ from model_export.samples import Case
 from model_export.split import find_candidates, split_model
 from model_export.verify import Chain, cases_for, prove_pipeline
 from tests.mesh.local_mesh import running_mesh
+from tests.model_export.test_keras_models import assert_no_cut_inside_a_residual_block
 
 SLOW = {"resnet50", "efficientnetb0", "mobilenetv3small"}
 # weights=None EfficientNetB0 and MobileNetV3Small answer the same for every input, even 0-255 images: the
 # proof must say so (their stages are still proven on the cut tensors, which do vary).
 CONSTANT_OUTPUT = {"efficientnetb0", "mobilenetv3small"}
 SERVED = ("cnn", "two-in-two-out", "lstm")
+RESIDUAL = {"resnet50", "mobilenetv3small", "transformer"}
 
 
 @dataclass
@@ -40,6 +42,13 @@ class Exported:
     onnx: Path
     result: ExportResult
     keras_predict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    _expected: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def expected(self, case: Case) -> dict[str, np.ndarray]:
+        """Keras's predictions for a proof case (the cases are the same for every split: computed once)."""
+        if case.label not in self._expected:
+            self._expected[case.label] = self.keras_predict(case.feeds)
+        return self._expected[case.label]
 
     def split(self, stages: int) -> Path:
         out = self.directory / f"zoo-{self.name}-{stages}"
@@ -71,7 +80,7 @@ Run = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 def _against_keras(model: Exported, manifest: Manifest, run: Run, cases: list[Case]) -> Proof:
     proof = Proof(EXPORT_TOLERANCE, cases=len(cases))
     for case in cases:
-        expected, got = model.keras_predict(case.feeds), run(case.feeds)
+        expected, got = model.expected(case), run(case.feeds)
         for t in manifest.outputs:
             proof.compare(t.name, expected[t.name], got[t.name], case.label)
     return proof.check(f"{model.name} against Keras")
@@ -92,6 +101,8 @@ def test_zoo_model_every_step(name: str, exported: Callable[[str], Exported]) ->
     assert all(value_dims(v, v.name)[0] == "batch" for v in [*whole.graph.input, *whole.graph.output])
     candidates = find_candidates(whole)
     assert len(candidates.cuts) >= 2
+    if name in RESIDUAL:
+        assert set(candidates.cuts) <= assert_no_cut_inside_a_residual_block(whole)
     for stages in (2, 3):
         directory = model.split(stages)
         manifest = load_manifest(directory)
