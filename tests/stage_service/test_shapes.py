@@ -9,6 +9,7 @@ empty answer would hide a client's bug. Inputs whose batch sizes disagree are 40
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -30,22 +31,24 @@ from model_export.manifest import (
 from tests.stage_service.procs import StageProcess, start_chain, stop_all
 from tests.tiny import IR_VERSION, OPSET
 
-F, I32, I64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
-SEQ = ["batch", "seq"]
-# (name, onnx type, symbolic shape) of every tensor
-IDS, X = ("ids", I64, SEQ), ("x", F, ["batch", 3])
-CUT = [("e", F, SEQ), ("x2", F, ["batch", 3]), ("ids32", I32, SEQ)]
-OUT = [("s", F, ["batch", 1]), ("t", F, ["batch", 3]), ("tokens", I32, SEQ)]
+F, I32, I64 = int(TensorProto.FLOAT), int(TensorProto.INT32), int(TensorProto.INT64)
+Tensor = tuple[str, int, list[Any]]  # (name, onnx type, symbolic shape)
+SEQ: list[Any] = ["batch", "seq"]
+IDS: Tensor = ("ids", I64, SEQ)
+X: Tensor = ("x", F, ["batch", 3])
+CUT: list[Tensor] = [("e", F, SEQ), ("x2", F, ["batch", 3]), ("ids32", I32, SEQ)]
+OUT: list[Tensor] = [("s", F, ["batch", 1]), ("t", F, ["batch", 3]), ("tokens", I32, SEQ)]
 DATATYPE = {F: "FP32", I32: "INT32", I64: "INT64"}
 
 
-def spec(tensor: tuple[str, int, list[str | int]]) -> TensorSpec:
+def spec(tensor: Tensor) -> TensorSpec:
     name, kind, dims = tensor
-    return TensorSpec(name=name, datatype=DATATYPE[kind], shape=[d if isinstance(d, int) else -1 for d in dims])
+    return TensorSpec.model_validate({"name": name, "datatype": DATATYPE[kind],
+                                      "shape": [d if isinstance(d, int) else -1 for d in dims]})
 
 
-def model(name: str, inputs: list[tuple[str, int, list[str | int]]], outputs: list[tuple[str, int, list[str | int]]],
-          nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> onnx.ModelProto:
+def model(name: str, inputs: list[Tensor], outputs: list[Tensor], nodes: list[onnx.NodeProto],
+          inits: list[onnx.TensorProto]) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info(*t) for t in inputs],
                               [helper.make_tensor_value_info(*t) for t in outputs], initializer=inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
