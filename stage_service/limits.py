@@ -9,12 +9,9 @@ as 1, so for such stages the bound is a lower one and that stage's own limit sti
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
-
-from model_export.manifest import DATATYPE_TO_NUMPY, Stage, TensorSpec
+from model_export.manifest import Stage, TensorSpec
 from stage_service.errors import Overloaded, PayloadTooLarge
 
 # Room left in a request body for the JSON header of the binary extension (names, shapes, parameters).
@@ -43,8 +40,7 @@ def sample_bytes(tensors: list[TensorSpec]) -> int | None:
     """Bytes of one sample of these tensors (dynamic non-batch dims as 1); None unless all are batched."""
     if not tensors or any(not t.shape or t.shape[0] != -1 for t in tensors):
         return None
-    return sum(np.dtype(DATATYPE_TO_NUMPY[t.datatype]).itemsize * math.prod(max(d, 1) for d in t.shape[1:])
-               for t in tensors)
+    return sum(t.bytes_per_sample() for t in tensors)
 
 
 @dataclass(frozen=True)

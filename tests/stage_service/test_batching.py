@@ -131,7 +131,8 @@ def test_batching_needs_a_dynamic_batch_dimension(tiny_pipeline: tuple[Path, Man
     shutil.copytree(tiny_pipeline[0], directory)
     manifest = load_manifest(directory)
     stage = manifest.stages[1]
-    fixed = stage.model_copy(update={"inputs": [t.model_copy(update={"shape": [1, 32]}) for t in stage.inputs]})
+    fixed = stage.model_copy(update={"inputs": [t.model_copy(update={"shape": [1, 32], "dim_names": None})
+                                               for t in stage.inputs]})
     write_manifest(manifest.model_copy(update={"stages": [manifest.stages[0], fixed, manifest.stages[2]]}), directory)
     settings = StageSettings(manifest=directory / "pipeline.json", name=stage.name, next_url="http://127.0.0.1:1",
                              max_batch_size=4)
