@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from mesh.policy import Policy
+from mesh.render import render_tree, write_tree
 from model_export.manifest import Manifest
 from tests.tiny import write_tiny_pipeline
 
@@ -30,3 +32,18 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manif
     """A 3-stage dense chain 16 -> 32 -> 24 -> 4 with its whole model (model.onnx) beside it."""
     directory = tmp_path_factory.mktemp("tiny") / "tiny"
     return directory, write_tiny_pipeline(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_tree(tiny_pipeline: tuple[Path, Manifest], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline rendered with a policy that exercises every resource: buffer filters and a canary."""
+    _, manifest = tiny_pipeline
+    policy = Policy.model_validate({
+        "namespace": "tiny-ns",
+        "defaults": {"buffer_limit_bytes": 4 << 20, "retries": {"attempts": 2, "per_try_timeout_s": 1.0}},
+        "stages": {manifest.stages[0].name: {"versions": [{"name": "v1", "weight": 75},
+                                                          {"name": "v2", "weight": 25}]}},
+    })
+    out = tmp_path_factory.mktemp("tiny-tree")
+    write_tree(render_tree(manifest, policy), out)
+    return out

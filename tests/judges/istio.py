@@ -7,15 +7,17 @@ Istio is copied into the repository. Moving the Istio version is an edit of `too
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import os
-import shutil
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import IO, Any, TextIO
+from typing import Any, TextIO
+
+import yaml
+
+from tests.judges import gotools
+from tests.judges.gotools import GoUnavailable, binaries_dir, go_binary
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS_MODULE = REPO / "tools" / "istio"  # the Go module whose go.mod names the Istio version
@@ -24,18 +26,6 @@ ISTIO = "istio.io/istio"
 # Istio's own validation tests use (each invalid document carries Istio's error in `_err`).
 CRD_FILE = "manifests/charts/base/files/crd-all.gen.yaml"
 EXAMPLES_DIR = "pkg/config/validation/testdata/crds"
-
-
-class GoUnavailable(RuntimeError):
-    """The Go toolchain is missing or cannot fetch a module; the message says which and what to do."""
-
-
-def go_binary() -> str:
-    """The `go` command, or GoUnavailable saying Go >= 1.26 is needed."""
-    found = shutil.which("go")
-    if found is None:
-        raise GoUnavailable("Go >= 1.26 is needed to fetch Istio's modules (`go` not on PATH)")
-    return found
 
 
 def _go_json(*args: str) -> dict[str, Any]:
@@ -77,24 +67,23 @@ def examples_dir() -> Path:
     return module_dir(ISTIO) / EXAMPLES_DIR
 
 
+def load_example(path: Path) -> list[dict[str, Any]]:
+    """The documents of one of Istio's example files. PyYAML reads a bare IPv6 `001:db8::` inside a flow
+    sequence as a one-key mapping, where Go's YAML (kubectl's) reads a string; such items are quoted, as
+    the API server sees them."""
+    text = re.sub(r"(?<=[\[,] )([0-9a-fA-F]*:[0-9a-fA-F:]*)(?=[\],])", r'"\1"', path.read_text())
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
 # ------------------------------------------------------------------------------- Istio's binaries, cached
 
 # Go packages of Istio that we build into binaries, by binary name (all listed as `tool` in tools/istio/go.mod).
 TOOLS = {"istioctl": "istio.io/istio/istioctl/cmd/istioctl"}
 
 
-def cache_root() -> Path:
-    """Where built binaries live: outside the repository, shared by every clone on the machine."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "meshpipe" / "istio"
-
-
 def tools_dir() -> Path:
     """The binaries for exactly this go.mod/go.sum: moving the Istio version selects a fresh directory."""
-    digest = hashlib.sha256()
-    for name in ("go.mod", "go.sum"):
-        digest.update((TOOLS_MODULE / name).read_bytes())
-    return cache_root() / digest.hexdigest()[:16]
+    return binaries_dir(TOOLS_MODULE)
 
 
 def tool(name: str) -> Path:
@@ -111,41 +100,7 @@ class ToolMissing(RuntimeError):
 
 def build(name: str, *, out: TextIO = sys.stdout) -> Path:
     """Build one of TOOLS into tools_dir() unless it is there, printing progress and the time it took."""
-    target = tools_dir() / name
-    if target.is_file():
-        return target
-    package = TOOLS[name]
-    deps = subprocess.run([go_binary(), "list", "-deps", package], cwd=TOOLS_MODULE, capture_output=True,
-                          text=True, check=False)
-    if deps.returncode:
-        raise GoUnavailable(f"`go list -deps {package}` failed: {deps.stderr.strip()}")
-    total = len(deps.stdout.split())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    started = time.monotonic()
-    print(f"building {name} from {package}@{module_version()} ({total} packages; Go's build cache makes "
-          f"rebuilds fast)", file=out, flush=True)
-    command = [go_binary(), "build", "-v", "-buildvcs=false", "-o", str(partial), package]
-    with subprocess.Popen(command, cwd=TOOLS_MODULE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as proc:
-        assert proc.stdout is not None
-        lines = _report_progress(proc.stdout, total, started, out)
-    if proc.returncode:
-        raise GoUnavailable(f"building {name} failed:\n" + "\n".join(lines[-20:]))
-    partial.replace(target)
-    print(f"built {target} in {time.monotonic() - started:.0f} s", file=out, flush=True)
-    return target
-
-
-def _report_progress(stream: IO[str], total: int, started: float, out: TextIO) -> list[str]:
-    """Echo a progress line every 100 compiled packages (`go build -v` names each); return the output."""
-    lines: list[str] = []
-    for line in stream:
-        lines.append(line.rstrip())
-        if len(lines) % 100 == 0:
-            print(f"  {len(lines)} of at most {total} packages compiled, {time.monotonic() - started:.0f} s",
-                  file=out, flush=True)
-    return lines
+    return gotools.build(TOOLS_MODULE, TOOLS[name], tools_dir() / name, out=out)
 
 
 def main(argv: list[str]) -> int:

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from mesh.k8s_validate import (
     CelEngine,
@@ -25,9 +23,6 @@ from mesh.k8s_validate import (
     semantic_problems,
     validate_objects,
 )
-from mesh.policy import Policy
-from mesh.render import render_tree, write_tree
-from model_export.manifest import Manifest
 from tests.judges import istio as istio_modules
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,13 +51,6 @@ def _examples(pattern: str) -> list[Path]:
         return []
 
 
-def _load_testdata(path: Path) -> list[dict[str, Any]]:
-    """Istio's example documents. PyYAML reads the bare IPv6 `001:db8::` inside a flow sequence as a
-    one-key mapping, where Go's YAML (kubectl's) reads a string; quote such items as the API server sees them."""
-    text = re.sub(r"(?<=[\[,] )([0-9a-fA-F]*:[0-9a-fA-F:]*)(?=[\],])", r'"\1"', path.read_text())
-    return [d for d in yaml.safe_load_all(text) if d]
-
-
 def _cel_messages(istio: IstioSchemas) -> set[str]:
     return {r["message"] for r in istio.validations() if "message" in r}
 
@@ -72,14 +60,14 @@ def _cel_messages(istio: IstioSchemas) -> set[str]:
 
 @pytest.mark.parametrize("path", _examples("*-valid.yaml"), ids=lambda p: p.name)
 def test_istio_valid_examples_pass(istio: IstioSchemas, path: Path) -> None:
-    docs = _load_testdata(path)
+    docs = istio_modules.load_example(path)
     for doc in docs:
         assert istio.validate(doc) == [], doc["metadata"]["name"]
 
 
 @pytest.mark.parametrize("path", _examples("*-invalid.yaml"), ids=lambda p: p.name)
 def test_istio_invalid_examples_fail(istio: IstioSchemas, path: Path) -> None:
-    docs = _load_testdata(path)
+    docs = istio_modules.load_example(path)
     assert docs
     messages = _cel_messages(istio)
     for doc in docs:
@@ -116,21 +104,6 @@ def test_cel_engine_semantics() -> None:
 
 
 # ------------------------------------------------------------------------------------ rendered trees
-
-
-@pytest.fixture(scope="module")
-def tiny_tree(tiny_pipeline: tuple[Path, Manifest], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny pipeline with a policy that exercises every resource: buffer filters and a canary."""
-    _, manifest = tiny_pipeline
-    policy = Policy.model_validate({
-        "namespace": "tiny-ns",
-        "defaults": {"buffer_limit_bytes": 4 << 20, "retries": {"attempts": 2, "per_try_timeout_s": 1.0}},
-        "stages": {manifest.stages[0].name: {"versions": [{"name": "v1", "weight": 75},
-                                                          {"name": "v2", "weight": 25}]}},
-    })
-    out = tmp_path_factory.mktemp("tiny-tree")
-    write_tree(render_tree(manifest, policy), out)
-    return out
 
 
 @pytest.fixture(scope="module")
