@@ -132,6 +132,7 @@ def test_stage_metrics_follow_prometheus_conventions(exposed: dict[str, set[str]
         "stage_inflight_requests": set(), "stage_ready": set(), "stage_info": {"pipeline", "stage", "version"},
         **{f"stage_{h}_duration_seconds_{s}": ({"le"} if s == "bucket" else set())
            for h in ("request", "inference", "downstream") for s in ("bucket", "sum", "count")},
+        **{f"stage_inference_batch_size_{s}": ({"le"} if s == "bucket" else set()) for s in ("bucket", "sum", "count")},
     }
     assert exposed == expected
     for name in exposed:  # snake_case, one namespace, base units, counters end in _total
