@@ -26,9 +26,6 @@ import httpx
 PROC = Path("/proc")
 
 
-# ------------------------------------------------------------------------------------------------------ /proc
-
-
 @dataclass(frozen=True)
 class ProcStat:
     """The fields of /proc/<pid>/stat we use."""
@@ -68,9 +65,6 @@ def process_tree(root: int, proc: Path = PROC) -> list[int]:
         tree.append(pid)
         todo.extend(children.get(pid, []))
     return tree
-
-
-# ------------------------------------------------------------------------------------------ processes by pid
 
 
 @dataclass(frozen=True)
@@ -124,9 +118,6 @@ def stop_processes(ids: Sequence[ProcessId], *, grace_s: float, group: bool = Fa
     for i in left:
         i.signal(signal.SIGKILL, group=group)
     return wait_gone(left, 5.0)
-
-
-# -------------------------------------------------------------------------------------------- child processes
 
 
 @dataclass(kw_only=True)
@@ -192,9 +183,6 @@ class Child:
     def target(self, ready: Callable[[], bool]) -> Target:
         """What `wait_ready` polls for this process: `ready`, whether it runs, its log."""
         return Target(name=self.name, ready=ready, alive=self.alive, log=self.log, returncode=self.proc.poll)
-
-
-# -------------------------------------------------------------------------------------------------- readiness
 
 
 @dataclass(frozen=True)
