@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,9 +70,18 @@ def frozen(pids: list[int]) -> Iterator[None]:
 
 def freeze_under_load(send: Callable[[httpx.Client, int], str | None], victims: list[int], *, rate: float,
                       before_s: float, freeze_s: float, after_s: float, workers: int = 32) -> list[Outcome]:
+    """`fault_under_load` with `victims` frozen (SIGSTOP) during the fault window, thawed after it."""
+    return fault_under_load(send, lambda: frozen(victims), rate=rate, before_s=before_s, fault_s=freeze_s,
+                            after_s=after_s, workers=workers)
+
+
+def fault_under_load(send: Callable[[httpx.Client, int], str | None],
+                     fault: Callable[[], AbstractContextManager[object]], *, rate: float, before_s: float,
+                     fault_s: float, after_s: float, workers: int = 32) -> list[Outcome]:
     """Send at `rate` per second (open loop: a slow answer does not slow the sending) for
-    before_s + freeze_s + after_s seconds, `victims` frozen in the middle window. `send(client, i)` makes the
-    i-th request and returns None or what went wrong. Each outcome is filed under the phase it was sent in."""
+    before_s + fault_s + after_s seconds; `fault()` is entered when the middle window starts and left when it
+    ends. `send(client, i)` makes the i-th request and returns None or what went wrong. Each outcome is
+    filed under the phase it was sent in."""
     local_client = threading.local()
     clients: list[httpx.Client] = []
     lock = threading.Lock()
@@ -91,23 +100,23 @@ def freeze_under_load(send: Callable[[httpx.Client, int], str | None], victims: 
         return Outcome(phase, time.perf_counter() - start, error)
 
     def phase_of(at: float) -> str:
-        return "before" if at < before_s else "during" if at < before_s + freeze_s else "after"
+        return "before" if at < before_s else "during" if at < before_s + fault_s else "after"
 
     futures = []
     with ThreadPoolExecutor(workers) as pool, ExitStack() as stack:
         t0 = time.monotonic()
-        freeze: ExitStack | None = None
-        for i in range(int((before_s + freeze_s + after_s) * rate)):
+        active: ExitStack | None = None
+        for i in range(int((before_s + fault_s + after_s) * rate)):
             at = i / rate
             delay = t0 + at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             phase = phase_of(at)
-            if phase == "during" and freeze is None:
-                freeze = stack.enter_context(ExitStack())
-                freeze.enter_context(frozen(victims))
-            if phase == "after" and freeze is not None:
-                freeze.close()
+            if phase == "during" and active is None:
+                active = stack.enter_context(ExitStack())
+                active.enter_context(fault())
+            if phase == "after" and active is not None:
+                active.close()
             futures.append(pool.submit(one, i, phase))
     outcomes = [f.result() for f in futures]
     for client in clients:

@@ -38,6 +38,11 @@ APP_CLUSTER = "inbound|app"
 CONNECT_TIMEOUT = "1s"
 MAX_DOWNSTREAM_CONNECTIONS = 16384
 FAULT_FILTER = "envoy.filters.http.fault"
+# The sidecar's check of its own app's readiness: what the kubelet's readiness probe is to a pod. A stopping
+# app answers not-ready first (STAGE_DRAIN_DELAY_S), and the sidecar stops forwarding to it before it closes.
+APP_READY_PATH = "/v2/health/ready"
+APP_CHECK_INTERVAL = "0.5s"
+APP_CHECK_TIMEOUT = "5s"  # a slow answer on a busy machine is not a failed one
 
 
 def _seconds(value: float) -> str:
@@ -317,6 +322,11 @@ def sidecar(layout: Layout, plan: Plan, replica: Replica, identity: CertPair, ca
         "per_connection_buffer_limit_bytes": inbound.upstream.buffer_limit_bytes,
         "load_assignment": {"cluster_name": APP_CLUSTER,
                             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(replica.app_port)}}]}]},
+        "health_checks": [{"timeout": APP_CHECK_TIMEOUT, "interval": APP_CHECK_INTERVAL,
+                           "no_traffic_interval": APP_CHECK_INTERVAL, "unhealthy_threshold": 1,
+                           "healthy_threshold": 1, "http_health_check": {"path": APP_READY_PATH}}],
+        # An app that is not ready gets nothing (503 to the caller, who retries elsewhere), never "panic" traffic.
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
     })
     outbound = plan.hop_from(replica.stage)
     if replica.outbound_port is not None and outbound is not None:

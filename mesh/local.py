@@ -46,6 +46,9 @@ MARKER_ENV = "MESH_STATE_DIR"
 TRACES_DIR = "traces"  # under the state directory: each stage process's spans (stage_service.tracing)
 # Replaces `python -m stage_service` (a shell-style command line), to put the mesh in front of another server.
 APP_COMMAND_ENV = "MESH_APP_COMMAND"
+# A stopping app answers not-ready this long before it stops listening: its sidecar's readiness check
+# (envoy_config.APP_CHECK_INTERVAL) stops forwarding to it well within that, so no request reaches a closed port.
+DRAIN_DELAY_S = 2.0
 
 
 class MeshError(RuntimeError):
@@ -173,7 +176,7 @@ def _app_env(state_dir: Path, manifest_path: Path, resolved: Plan, r: Replica) -
     placement = Placement(manifest=str(manifest_path), model_dir=manifest_path.parent, host=LOOPBACK,
                           port=r.app_port, next_url=next_url)
     # Spans as JSON lines, one file per replica, for `python -m mesh trace` (OTEL_SDK_DISABLED=true: none).
-    settings = resolved.settings(stage, version, placement,
+    settings = resolved.settings(stage, version, placement, drain_delay_s=DRAIN_DELAY_S,
                                  trace_file=str((state_dir / TRACES_DIR / f"{r.name}.jsonl").resolve()))
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_")}
     env.update({MARKER_ENV: str(state_dir.resolve()), "PYTHONUNBUFFERED": "1", **settings.to_env()})

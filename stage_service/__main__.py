@@ -6,7 +6,6 @@ import logging
 import signal
 import sys
 
-import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
@@ -14,7 +13,7 @@ from rich.table import Table
 from stage_service.app import create_app
 from stage_service.errors import StartupError
 from stage_service.runtime import load_stage
-from stage_service.server import server_config
+from stage_service.server import DrainingServer, server_config
 from stage_service.settings import ENV_PREFIX, StageSettings, describe_validation_error
 from stage_service.tracing import StageTracing
 
@@ -48,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stage_service: cannot start: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     app = create_app(settings, runtime, tracing)
-    server = uvicorn.Server(server_config(settings, app))
+    server = DrainingServer(server_config(settings, app), settings.drain_delay_s,
+                            on_drain=lambda: app.state.plane.set_ready(False))
     # uvicorn re-raises the signal that stopped it once it has drained; a no-op handler turns that into a
     # clean return, so a SIGTERM-ed stage exits 0 rather than dying of the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):

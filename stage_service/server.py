@@ -11,7 +11,10 @@ app (`app.read_body`: 408 as JSON, counted in the metrics). Every refusal here s
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, ClassVar
 
 import orjson
@@ -158,6 +161,29 @@ def protocol_class(settings: StageSettings) -> type[StageHttpProtocol]:
     limits = ConnectionLimits(header_timeout_s=settings.header_timeout_s, max_header_bytes=settings.max_header_bytes,
                               body_guard_s=settings.body_timeout_s + BODY_GUARD_GRACE_S)
     return type("StageHttpProtocol", (StageHttpProtocol,), {"limits": limits})
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but the first SIGTERM/SIGINT first makes the stage not ready (`on_drain`) and keeps it
+    serving for `drain_delay_s`, so whoever routes to it (its sidecar's health check, Kubernetes' endpoints)
+    stops before it stops listening; then uvicorn's own shutdown finishes what is in flight. A second signal
+    stops at once."""
+
+    def __init__(self, config: uvicorn.Config, drain_delay_s: float, on_drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.drain_delay_s = drain_delay_s
+        self.on_drain = on_drain
+        self.draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining or self.drain_delay_s <= 0:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        self.on_drain()
+        timer = threading.Timer(self.drain_delay_s, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
 
 
 def server_config(settings: StageSettings, app: ASGIApp) -> uvicorn.Config:

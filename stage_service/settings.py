@@ -61,6 +61,9 @@ class StageSettings(BaseSettings):
                                  "503 (connections still sending a body hold no STAGE_MAX_INFLIGHT slot)")
     keepalive_timeout_s: int = Field(default=75, ge=1, le=3600, description="idle keep-alive connections are "
                                      "closed after this; above the callers' idle expiry (theirs: 30 s or less)")
+    drain_delay_s: float = Field(default=0.0, ge=0, le=600, description="on SIGTERM, answer not-ready but keep "
+                                 "serving this long (until the mesh stops sending), then stop listening and "
+                                 "finish what is in flight")
     version: DnsLabel | None = Field(default=None, description="version reported; default the manifest's")
     file: Path | None = Field(default=None, description="replacement ONNX file for a canary of this stage")
     max_batch_size: int = Field(default=1, ge=1, le=4096,

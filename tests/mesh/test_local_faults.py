@@ -6,6 +6,10 @@ The load is bounded (a few seconds at 10 requests/s); latency figures are printe
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +20,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from benchmarks.faults import freeze_under_load, mesh_sender, replica_pids, summarize
+from benchmarks.faults import fault_under_load, freeze_under_load, mesh_sender, replica_pids, summarize
 from mesh import local
+from mesh.envoy_config import APP_CLUSTER
 from mesh.v2client import infer
 from tests.mesh.local_mesh import mesh_cli, running_mesh, write_policy
 from tests.tiny import write_tiny_pipeline
@@ -38,7 +43,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[local.State
 
 
 def _stats(admin_port: int, prefix: str) -> dict[str, int]:
-    text = httpx.get(f"http://127.0.0.1:{admin_port}/stats", params={"filter": f"^{prefix}"}, timeout=5.0).text
+    text = httpx.get(f"http://127.0.0.1:{admin_port}/stats", params={"filter": f"^{re.escape(prefix)}"},
+                     timeout=5.0).text
     return {k: int(v) for k, v in (line.split(": ", 1) for line in text.splitlines()) if v.strip().isdigit()}
 
 
@@ -119,3 +125,39 @@ def test_fault_delay_from_the_policy(mesh: tuple[local.State, Path, Path], tmp_p
                    for a in callers) >= len(inputs)
     finally:
         _apply(state_dir, tmp_path, None)
+
+
+def _sigterm(pid: int) -> contextlib.AbstractContextManager[object]:
+    os.kill(pid, signal.SIGTERM)
+    return contextlib.nullcontext()
+
+
+def test_a_stopping_replica_drains_without_loss(tmp_path: Path) -> None:
+    """SIGTERM to one of two replicas' app under load: it answers not-ready first, its sidecar stops forwarding
+    to it, and only then does it stop listening; nothing reaches its closed port, no request fails."""
+    pipeline = tmp_path / "drain"
+    write_tiny_pipeline(pipeline, name="drain", widths=(16, 64, 16, 4))
+    policy = write_policy(tmp_path / "mesh.yaml", {"stages": {"drain-stage-1": {"replicas": 2}}})
+    with running_mesh(pipeline, policy, tmp_path / ".mesh") as state:
+        inputs, expected = _inputs(pipeline)
+        victim = state.layout.of_stage("drain-stage-1")[1]
+        app = next(p for p in state.procs if p.name == victim.name)
+        outcomes = fault_under_load(mesh_sender(state, inputs, expected), lambda: _sigterm(app.pid),
+                                    rate=10.0, before_s=1.0, fault_s=local.DRAIN_DELAY_S + 2.0, after_s=1.0)
+        assert [o.error for o in outcomes if o.error] == []
+        stats = _stats(victim.admin_port, f"cluster.{APP_CLUSTER}.")
+        assert stats[f"cluster.{APP_CLUSTER}.health_check.failure"] > 0, stats  # it saw the app go not-ready
+        assert stats[f"cluster.{APP_CLUSTER}.upstream_cx_connect_fail"] == 0, stats  # and never its closed port
+        assert stats[f"cluster.{APP_CLUSTER}.upstream_rq_2xx"] > 0, stats  # it did serve before
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _alive(app.pid):
+            time.sleep(0.1)
+        assert not _alive(app.pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
