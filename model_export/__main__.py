@@ -1,4 +1,4 @@
-"""`python -m model_export`: reference, zoo, export, cuts, split, verify, inspect, merge.
+"""`python -m model_export`: reference, zoo, export, cuts, split, verify, inspect, merge, check-contract.
 
 A thin command line over the library; every failure the user can cause prints one message naming what
 was wrong and what was expected, and exits 2.
@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from model_export.cli_help import CommandParser, compact_table, console_width, fits
+from model_export.contract import ContractReport, check_contract
 from model_export.errors import ExportError
 from model_export.manifest import Manifest, ManifestError, load_manifest
 from model_export.proof import CHAIN_TOLERANCE, EXPORT_TOLERANCE, Tolerance
@@ -159,6 +160,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_contract(args: argparse.Namespace) -> int:
+
+    report = check_contract(args.old, args.new)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+    else:
+        _print_contract(report)
+    if not report.fits:
+        err.print(f"[bold red]error:[/] {escape(str(args.new))} does not fit beside {escape(str(args.old))}: "
+                  + escape("; ".join(report.reasons())), highlight=False, soft_wrap=True)
+        return 2
+    return 0
+
+
+def _print_contract(report: ContractReport) -> None:
+    table = compact_table("stage", "old", "new", "bytes", "fits")
+    for s in report.stages:
+        table.add_row(s.name, s.old_version or "-", s.new_version, "changed" if s.changed else "same",
+                      "yes" if s.fits else "NO")
+    console.print(table)
+    for reason in report.reasons():
+        console.print(f"- {reason}", soft_wrap=True, highlight=False)
+    changed = ", ".join(report.changed) or "none"
+    console.print(f"changed stages: {changed}", soft_wrap=True, highlight=False)
+
+
 def add_proof_options(p: argparse.ArgumentParser, tolerance: Tolerance, against: str) -> None:
     """The proof's options, the same on every command that proves something (see model_export.proof)."""
     p.add_argument("--rtol", type=float, default=tolerance.rtol, help=f"relative tolerance against {against}")
@@ -238,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="the whole ONNX model to compare with (default: from the manifest)")
     add_proof_options(p, CHAIN_TOLERANCE, "the whole model")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("check-contract", help="would the new pipeline's stages fit beside the old one's?")
+    p.add_argument("old", type=Path, help="the pipeline directory being served (pipeline.json)")
+    p.add_argument("new", type=Path, help="the pipeline directory to roll out (pipeline.json)")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    p.set_defaults(func=cmd_check_contract)
     return parser
 
 
