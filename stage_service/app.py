@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -76,8 +76,28 @@ async def prometheus_metrics(plane: Plane) -> Response:
     return Response(generate_latest(plane.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post(INFER_ROUTE)
-@router.post("/v2/models/{name}/versions/{model_version}/infer")
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its `$defs` written in place, to stand alone inside the OpenAPI document."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return walk(defs[node["$ref"].rsplit("/", 1)[-1]]) if "$ref" in node else {
+                k: walk(v) for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    return cast(dict[str, Any], walk(schema))
+
+
+# The body is read raw (JSON, or the binary extension's JSON header and tensors): documented here instead.
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    protocol.JSON_CONTENT_TYPE: {"schema": _inlined(protocol.InferenceRequest.model_json_schema())},
+    protocol.BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
+}}}
+
+
+@router.post(INFER_ROUTE, openapi_extra=INFER_BODY)
+@router.post("/v2/models/{name}/versions/{model_version}/infer", openapi_extra=INFER_BODY)
 async def infer(name: str, request: Request, plane: Plane, model_version: str | None = None) -> Response:
     settings: StageSettings = request.app.state.settings
     body = await read_body(request, settings.max_request_bytes, settings.body_timeout_s)
