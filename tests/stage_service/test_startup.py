@@ -138,3 +138,15 @@ def test_canary_file_serves_with_its_version(tiny_pipeline: tuple[Path, Manifest
     response, outputs = decode_response(r.content, r.headers["Inference-Header-Content-Length"])
     assert response.model_version == "v2"
     np.testing.assert_allclose(outputs["y"], expected, atol=1e-6, rtol=0)
+
+
+def test_help_prints_every_setting_with_its_default() -> None:
+    done = subprocess.run([*stage_command(), "--help"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    for name, field in StageSettings.model_fields.items():
+        assert f"STAGE_{name.upper()}" in done.stdout
+        assert field.description, f"STAGE_{name.upper()} has no description"
+    assert "67108864" in done.stdout and "(required)" in done.stdout
+    done = subprocess.run([*stage_command(), "--port", "80"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "STAGE_* environment variables" in done.stderr
