@@ -112,12 +112,14 @@ class DataPlane:
     # ------------------------------------------------------------------------- model repository
 
     def resolve(self, name: str, model_version: str | None = None) -> bool:
-        """True for the pipeline name (first stage only), False for the stage's own; else ModelNotFound."""
+        """True for the pipeline name (first stage only), False for the stage's own; else ModelNotFound, naming
+        what a caller at this door uses: the pipeline at the first stage (the only one clients reach; its stage
+        names are internal), the stage elsewhere."""
         place = self.place
         is_pipeline = place.is_first and name == place.manifest.name
         if name != place.stage.name and not is_pipeline:
-            served = [place.stage.name] + ([place.manifest.name] if place.is_first else [])
-            raise ModelNotFound(f"model {name!r} is not served here; this process serves {served}")
+            served = place.manifest.name if place.is_first else place.stage.name
+            raise ModelNotFound(f"model {name!r} is not served here; this process serves {served!r}")
         if model_version is not None and model_version != place.version:
             raise ModelNotFound(f"model {name!r} has no version {model_version!r}; this stage serves "
                                 f"{place.version!r}")
