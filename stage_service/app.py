@@ -8,7 +8,7 @@ statuses in `errors.py`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, cast
@@ -21,6 +21,7 @@ from stage_service import protocol
 from stage_service.chain import TIMING_HEADER
 from stage_service.dataplane import INFER_ROUTE, DataPlane, InferAnswer, InferCall
 from stage_service.errors import ErrorBoundary, InvalidInput, PayloadTooLarge, RequestTimeout, install_handlers
+from stage_service.limits import BodyBudget
 from stage_service.metrics import InferMetricsMiddleware, StageMetrics
 from stage_service.runtime import StageRuntime
 from stage_service.settings import StageSettings
@@ -100,27 +101,29 @@ INFER_BODY = {"requestBody": {"required": True, "content": {
 @router.post("/v2/models/{name}/versions/{model_version}/infer", openapi_extra=INFER_BODY)
 async def infer(name: str, request: Request, plane: Plane, model_version: str | None = None) -> Response:
     settings: StageSettings = request.app.state.settings
-    body = await read_body(request, settings.max_request_bytes, settings.body_timeout_s)
-    route = request.scope["route"].path if "route" in request.scope else INFER_ROUTE
-    call = InferCall(model=name, version=model_version, body=body,
-                     header_length=request.headers.get(protocol.HEADER_LENGTH), headers=request.headers,
-                     route=route, path=request.scope["path"])
-    return answer_response(await plane.infer(call))
+    budget: BodyBudget = request.app.state.body_budget
+    with budget.account() as take:
+        body = await read_body(request, settings.max_request_bytes, settings.body_timeout_s, take)
+        route = request.scope["route"].path if "route" in request.scope else INFER_ROUTE
+        call = InferCall(model=name, version=model_version, body=body,
+                         header_length=request.headers.get(protocol.HEADER_LENGTH), headers=request.headers,
+                         route=route, path=request.scope["path"])
+        return answer_response(await plane.infer(call))
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float, take: Callable[[int], None]) -> bytes:
     """The whole body, within `timeout_s` (else 408, closing the connection), refusing (413) as soon as it is
     known to exceed `limit` bytes; uvicorn then reads and drops the rest (within the protocol's body guard)
     and the connection stays usable: closing it with the body unread would reset it, and the caller might
     lose the answer. No STAGE_MAX_INFLIGHT slot is held meanwhile: a slow client holds a connection only
-    (STAGE_MAX_CONNECTIONS bounds those)."""
+    (STAGE_MAX_CONNECTIONS bounds those), and every chunk is taken from the body budget (`take`: 503 past it)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {limit} "
                               "(STAGE_MAX_REQUEST_BYTES)")
     try:
         async with asyncio.timeout(timeout_s):
-            return await _read_chunks(request, limit)
+            return await _read_chunks(request, limit, take)
     except TimeoutError:
         raise RequestTimeout(f"the request's body did not arrive within {timeout_s:g} s "
                              "(STAGE_BODY_TIMEOUT_S)") from None
@@ -128,10 +131,11 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
         raise InvalidInput("the client disconnected before sending the whole body") from None
 
 
-async def _read_chunks(request: Request, limit: int) -> bytes:
+async def _read_chunks(request: Request, limit: int, take: Callable[[int], None]) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
+        take(len(chunk))
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes (STAGE_MAX_REQUEST_BYTES)")
@@ -166,6 +170,7 @@ def create_app(settings: StageSettings, runtime: StageRuntime, tracing: StageTra
     app = FastAPI(title=f"stage {place.stage.name}", version=SERVICE_VERSION, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
     app.state.settings = settings
+    app.state.body_budget = BodyBudget(place.stage.name, settings.buffered_bytes_limit)
     app.state.plane = DataPlane(settings, runtime, tracing, metrics, SERVICE_VERSION)
     install_handlers(app)
     app.add_middleware(InferMetricsMiddleware, metrics=metrics)

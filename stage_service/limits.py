@@ -1,4 +1,5 @@
-"""What one stage admits: requests in flight (`Admission`) and samples per request (`BatchLimit`).
+"""What one stage admits: requests in flight (`Admission`), bytes of bodies held (`BodyBudget`) and samples per
+request (`BatchLimit`).
 
 The batch bound comes from the manifest: every stage's input tensors are known per sample, so the first
 stage can tell, before any work, that a batch would grow at some later stage into a request body over
@@ -9,6 +10,8 @@ as 1, so for such stages the bound is a lower one and that stage's own limit sti
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from model_export.manifest import Stage, TensorSpec
@@ -34,6 +37,35 @@ class Admission:
 
     def __exit__(self, *_: object) -> None:
         self.inflight -= 1
+
+
+class BodyBudget:
+    """Bytes of request bodies held in memory at once, from their first byte to their answer; past `limit`,
+    Overloaded (503) at once. Bodies are read before an inference slot is taken, so this is what bounds the
+    memory that many slow or large uploads can take."""
+
+    def __init__(self, stage: str, limit: int) -> None:
+        self.stage = stage
+        self.limit = limit
+        self.used = 0
+
+    @contextmanager
+    def account(self) -> Iterator[Callable[[int], None]]:
+        """A function that takes `n` more bytes for one request; all it took is given back on exit."""
+        held = 0
+
+        def take(size: int) -> None:
+            nonlocal held
+            if self.used + size > self.limit:
+                raise Overloaded(f"stage {self.stage} holds {self.used} bytes of request bodies "
+                                 f"(STAGE_MAX_BUFFERED_BYTES={self.limit}); try again")
+            self.used += size
+            held += size
+
+        try:
+            yield take
+        finally:
+            self.used -= held
 
 
 def sample_bytes(tensors: list[TensorSpec]) -> int | None:

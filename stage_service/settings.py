@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model_export.manifest import DnsLabel
@@ -57,6 +57,9 @@ class StageSettings(BaseSettings):
                                     description="a new connection or request has this long to send its headers")
     body_timeout_s: float = Field(default=30.0, gt=0, le=3600,
                                   description="a request's whole body must arrive within this; past it 408")
+    max_buffered_bytes: int | None = Field(
+        default=None, ge=1024, description="request bodies held in memory at once (arriving, or waiting on their "
+        "answer) past which 503; default 4 x STAGE_MAX_REQUEST_BYTES")
     max_connections: int = Field(default=1024, ge=1, description="open connections past which new requests get "
                                  "503 (connections still sending a body hold no STAGE_MAX_INFLIGHT slot)")
     keepalive_timeout_s: int = Field(default=75, ge=1, le=3600, description="idle keep-alive connections are "
@@ -106,6 +109,19 @@ class StageSettings(BaseSettings):
                 raise ValueError("name at least one execution provider, or 'auto'")
             return [PROVIDER_ALIASES.get(str(p).lower(), str(p)) for p in value]
         return value
+
+    @field_validator("max_buffered_bytes")
+    @classmethod
+    def _buffer_fits_a_request(cls, value: int | None, info: ValidationInfo) -> int | None:
+        request = info.data.get("max_request_bytes")
+        if value is not None and request is not None and value < request:
+            raise ValueError(f"must be at least STAGE_MAX_REQUEST_BYTES ({request}), or no request of that size "
+                             "could ever be read")
+        return value
+
+    @property
+    def buffered_bytes_limit(self) -> int:
+        return self.max_buffered_bytes or 4 * self.max_request_bytes
 
     @field_validator("next_url")
     @classmethod

@@ -178,6 +178,37 @@ def test_slow_bodies_hold_no_inflight_slot_and_get_408(hard: list[StageProcess])
     assert good_request(hard[0]).status_code == 200
 
 
+def test_bodies_held_at_once_are_bounded(hard: list[StageProcess]) -> None:
+    """4 uploads of 60 KB each stall before their end: 240 KB of the 256 KiB budget (4 x 64 KiB). A fifth
+    large one is refused (503) at once; small requests still pass; once the stalled ones time out (408), the
+    budget is back and a large request passes too."""
+    def stalled(size: int) -> Wire:
+        wire = Wire(hard[1].url)
+        wire.send(wire.head("POST", "/v2/models/tiny-stage-1/infer", {"content-length": str(size + 100)})
+                  + b"\0" * size)
+        return wire
+
+    held = [stalled(60_000) for _ in range(4)]
+    try:
+        time.sleep(0.3)
+        with stalled(60_000) as fifth:
+            reply = fifth.reply()
+            assert reply.status == 503 and "STAGE_MAX_BUFFERED_BYTES" in reply.json()["error"], reply
+        h1 = np.ones((1, 32), np.float32)
+        body, length = encode_request({"h1": h1})
+        small = httpx.post(f"{hard[1].url}/v2/models/tiny-stage-1/infer", content=body, timeout=30,
+                           headers={HEADER_LENGTH: str(length)})
+        assert small.status_code == 200, small.text
+        assert [wire.reply().status for wire in held] == [408] * 4
+    finally:
+        for wire in held:
+            wire.sock.close()
+    body, length = encode_request({"h1": np.ones((450, 32), np.float32)})  # 57.6 KB
+    big = httpx.post(f"{hard[1].url}/v2/models/tiny-stage-1/infer", content=body, timeout=30,
+                     headers={HEADER_LENGTH: str(length)})
+    assert big.status_code == 200, big.text
+
+
 def test_stuck_headers_are_answered_408_and_closed(hard: list[StageProcess]) -> None:
     stuck = [Wire(hard[0].url) for _ in range(10)]
     idle = Wire(hard[0].url)

@@ -52,6 +52,9 @@ def test_settings_read_from_env(monkeypatch: pytest.MonkeyPatch, tiny_pipeline: 
     ({"STAGE_TIMEOUT_S": "-1"}, "STAGE_TIMEOUT_S"),
     ({"STAGE_MAX_REQUEST_BYTES": "10"}, "STAGE_MAX_REQUEST_BYTES"),
     ({"STAGE_MAX_INFLIGHT": "0"}, "STAGE_MAX_INFLIGHT"),
+    ({"STAGE_MAX_BUFFERED_BYTES": "4096"}, "STAGE_MAX_BUFFERED_BYTES"),  # below STAGE_MAX_REQUEST_BYTES
+    ({"STAGE_MAX_HEADER_BYTES": "10"}, "STAGE_MAX_HEADER_BYTES"),
+    ({"STAGE_BODY_TIMEOUT_S": "0"}, "STAGE_BODY_TIMEOUT_S"),
     ({"STAGE_NEXT_URL": "ftp://elsewhere"}, "STAGE_NEXT_URL"),
     ({"STAGE_VERSION": "V_2"}, "STAGE_VERSION"),
     ({"STAGE_PROVIDERS": " , "}, "STAGE_PROVIDERS"),
