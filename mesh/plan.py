@@ -20,11 +20,12 @@ Three things the two meshes once decided apart, decided here:
 - **Identities** (`Identity`: principal and SPIFFE id) are derived once per workload here; the local CA's
   certificates, the sidecars' RBAC and SAN checks and Istio's AuthorizationPolicies all read them.
 
-The per-try timeout of a hop, unless `mesh.yaml` sets one, comes from the stages' measured latency rather
-than the whole hop's timeout, so a hung replica costs one short try and is retried on another: a try
-into stage S covers S and every stage after it, so it gets `PER_TRY_LATENCY_FACTOR` times their measured
-latency (at least `PER_TRY_FLOOR_S`), plus the per-try timeout of the hop after it, so that a hang further
-down is retried there before this hop gives up.
+The per-try timeout of a hop into a stage with more than one replica, unless `mesh.yaml` sets one, comes
+from the stages' measured latency rather than the whole hop's timeout, so a hung replica costs one short
+try and is retried on another: a try into stage S covers S and every stage after it, so it gets
+`PER_TRY_LATENCY_FACTOR` times their measured latency (at least `PER_TRY_FLOOR_S`), plus the per-try
+timeout of the hop after it, so that a hang further down is retried there before this hop gives up. Into a
+stage with one replica a try may take the hop's whole timeout: a retry could only reach the same process.
 """
 
 from __future__ import annotations
@@ -281,12 +282,17 @@ def resolve(policy: Policy, manifest: Manifest) -> Plan:
         own, d = policy.stages.get(stage.name, StagePolicy()), policy.defaults
         retries = _pick(own.retries, d.retries, Retries())
         timeout = _pick(own.timeout_s, d.timeout_s, DEFAULT_SECONDS_PER_STAGE * (n - i))
-        per_try = _pick(retries.per_try_timeout_s, min(derived_per_try[i], timeout))
+        versions = _pick(own.versions, [Version(name=stage.version, weight=100)])
+        replicas = _pick(own.replicas, d.replicas, 1)
+        # Only where a retry can reach another replica: with one, a retry after a cut try lands on the same
+        # slow or hung process, and every cut try is work done again (measured: under overload, cutting tries
+        # at every hop turned slow answers into failures that outlived the overload).
+        spare = replicas * len([v for v in versions if v.weight > 0]) > 1
+        per_try = _pick(retries.per_try_timeout_s, min(derived_per_try[i], timeout) if spare else timeout)
         activation = sum(t.bytes_per_sample() for t in stage.inputs)
         buffer = _pick(own.buffer_limit_bytes, d.buffer_limit_bytes, _default_buffer(activation))
         threads = _pick(own.threads, d.threads, manifest.profile.threads)
         resources = _pick(own.resources, d.resources, Resources())
-        versions = _pick(own.versions, [Version(name=stage.version, weight=100)])
         identity = Identity(namespace=policy.namespace, service_account=stage.name)
         problems += _stage_problems(stage.name, retries, timeout, per_try, buffer, activation)
         hops.append(Hop(
@@ -301,7 +307,7 @@ def resolve(policy: Policy, manifest: Manifest) -> Plan:
             allowed_principals=[caller_identity.principal],
         ))
         stages.append(StagePlan(
-            name=stage.name, index=i, identity=identity, replicas=_pick(own.replicas, d.replicas, 1),
+            name=stage.name, index=i, identity=identity, replicas=replicas,
             versions=versions, threads=threads, activation_bytes=activation,
             autoscale=_pick(own.autoscale, d.autoscale, Autoscale()),
             cpu_millicores=_pick(resources.cpu_millicores, 1000 * threads),

@@ -552,13 +552,43 @@ def _dev_overlay(resolved: Plan) -> Files:
     return _overlay("dev", replicas=[{"name": d, "count": 1} for _, d in _deployments(resolved)])
 
 
-def _prod_overlay(resolved: Plan) -> Files:
+def autoscaled_policy(policy: Policy, stable: Plan) -> Policy:
+    """The policy as the prod overlay runs it: every stage at least its autoscaler's minimum replicas."""
+    stages = dict(policy.stages)
+    for s in stable.stages:
+        own = stages.get(s.name, StagePolicy())
+        stages[s.name] = own.model_copy(update={"replicas": max(s.replicas, s.autoscale.min_replicas)})
+    return policy.model_copy(update={"stages": stages})
+
+
+def _per_try_patches(manifest: Manifest, stable: Plan, prod: Plan) -> tuple[Files, list[dict[str, Any]]]:
+    """Where the autoscaler's replicas give a hop a replica to retry on, its per-try timeout as the plan
+    derives it (a VirtualService patch); base keeps the hop's whole timeout, fit for one replica."""
+    files: Files = {}
+    patches: list[dict[str, Any]] = []
+    for old, new in zip(stable.hops, prod.hops, strict=True):
+        if new.route.attempts == 0 or new.route.per_try_timeout_s == old.route.per_try_timeout_s:
+            continue
+        name = f"patch-virtualservice-{new.callee}.yaml"
+        files[f"overlays/prod/{name}"] = _dump([{"op": "replace", "path": "/spec/http/0/retries/perTryTimeout",
+                                                 "value": duration(new.route.per_try_timeout_s)}])
+        patches.append({"path": name, "target": _patch_target("VirtualService", new.callee)})
+        if new.caller == GATEWAY:
+            patches.append({"path": name, "target": _patch_target("VirtualService", f"{manifest.name}-gateway")})
+    return files, patches
+
+
+def _prod_overlay(manifest: Manifest, stable: Plan, prod: Plan) -> Files:
     """One HorizontalPodAutoscaler per Deployment, and no `replicas` on the Deployments it scales: a
-    `replicas` there would reset the autoscaler's decision on every apply (its minReplicas is the floor)."""
-    hpas = {_file("HorizontalPodAutoscaler", d): hpa(s, resolved.namespace, d) for s, d in _deployments(resolved)}
+    `replicas` there would reset the autoscaler's decision on every apply (its minReplicas is the floor).
+    With the autoscaler's replicas, hops get the per-try timeouts of `prod`, the plan at those replicas."""
+    hpas = {_file("HorizontalPodAutoscaler", d): hpa(s, stable.namespace, d) for s, d in _deployments(stable)}
     patch = "patch-deployment-no-replicas.yaml"
-    files = _overlay("prod", sorted(hpas), patches=[{"path": patch, "target": {"kind": "Deployment"}}])
+    per_try_files, per_try_patches = _per_try_patches(manifest, stable, prod)
+    files = _overlay("prod", sorted(hpas),
+                     patches=[{"path": patch, "target": {"kind": "Deployment"}}, *per_try_patches])
     files[f"overlays/prod/{patch}"] = _dump([{"op": "remove", "path": "/spec/replicas"}])
+    files.update(per_try_files)
     files.update({f"overlays/prod/{k}": _dump(v) for k, v in hpas.items()})
     return files
 
@@ -616,8 +646,9 @@ def render_tree(manifest: Manifest, policy: Policy) -> dict[str, str]:
     """Every file of the kustomize tree, by path relative to its root."""
     stable = resolve(stable_policy(policy), manifest)
     canary = resolve(canary_policy(policy, manifest), manifest)
+    prod = resolve(autoscaled_policy(stable_policy(policy), stable), manifest)
     files = {**_base(manifest, stable), **_istio_component(manifest, stable), **_dev_overlay(stable),
-             **_prod_overlay(stable), **_gpu_overlay(), **_canary_overlay(manifest, stable, canary)}
+             **_prod_overlay(manifest, stable, prod), **_gpu_overlay(), **_canary_overlay(manifest, stable, canary)}
     return dict(sorted(files.items()))
 
 

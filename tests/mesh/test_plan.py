@@ -132,11 +132,37 @@ def test_per_try_timeout_comes_from_measured_latency(tiny_pipeline: tuple[Path, 
         for s, ms in zip(manifest.stages, (50.0, 300.0, 10.0), strict=True)]})
     # a try into stage i covers stages i.. (10 x their latency, at least the floor) and the next hop's try
     assert derived_per_try_timeouts(slow) == [3.6 + 3.1 + PER_TRY_FLOOR_S, 3.1 + PER_TRY_FLOOR_S, PER_TRY_FLOOR_S]
-    plan = _resolve(slow, stages={"tiny-stage-0": {"timeout_s": 5.0}, "tiny-stage-1": {"timeout_s": 4.0},
-                                  "tiny-stage-2": {"timeout_s": 3.0}})
+    timeouts = {"tiny-stage-0": {"timeout_s": 5.0}, "tiny-stage-1": {"timeout_s": 4.0},
+                "tiny-stage-2": {"timeout_s": 3.0}}
+    plan = _resolve(slow, defaults={"replicas": 2}, stages=timeouts)
     assert [h.route.per_try_timeout_s for h in plan.hops] == [5.0, 4.0, PER_TRY_FLOOR_S]  # never over timeout_s
+    # into a stage of one replica a retry would reach the same process: the try may take the whole timeout
+    single = _resolve(slow, stages={**timeouts, "tiny-stage-1": {"timeout_s": 4.0, "replicas": 2}})
+    assert [h.route.per_try_timeout_s for h in single.hops] == [5.0, 4.0, 3.0]
     explicit = _resolve(slow, defaults={"retries": {"per_try_timeout_s": 0.25}})
     assert {h.route.per_try_timeout_s for h in explicit.hops} == {0.25}
+
+
+def test_prod_overlay_gives_autoscaled_hops_their_per_try_timeouts(tiny_pipeline: tuple[Path, Manifest],
+                                                                   tmp_path: Path) -> None:
+    """Base serves one replica (per-try = the hop's timeout); prod runs at least the autoscaler's minimum, so its
+    overlay patches in the per-try timeouts the plan derives at those replicas."""
+    from mesh.k8s_validate import kustomize_build
+    from mesh.render import write_tree
+
+    _, manifest = tiny_pipeline
+    write_tree(render_tree(manifest, Policy()), tmp_path)
+    prod = resolve(Policy.model_validate({"defaults": {"replicas": 2}}), manifest)
+
+    def per_try(overlay: str) -> dict[str, str]:
+        return {o["metadata"]["name"]: o["spec"]["http"][0]["retries"]["perTryTimeout"]
+                for o in kustomize_build(tmp_path / "overlays" / overlay) if o["kind"] == "VirtualService"}
+
+    assert per_try("dev") == {"tiny-gateway": "15s", "tiny-stage-0": "15s", "tiny-stage-1": "10s",
+                              "tiny-stage-2": "5s"}
+    assert per_try("prod") == {"tiny-gateway": f"{prod.hops[0].route.per_try_timeout_s:g}s",
+                               **{h.callee: f"{h.route.per_try_timeout_s:g}s" for h in prod.hops}}
+    assert per_try("prod")["tiny-stage-2"] == f"{PER_TRY_FLOOR_S:g}s"
 
 
 def test_default_retries_include_istios_defaults(tiny_pipeline: tuple[Path, Manifest], tmp_path: Path) -> None:
