@@ -42,8 +42,10 @@ def binaries_dir(module: Path) -> Path:
 
 
 def build(module: Path, package: str, target: Path, *, env: Mapping[str, str] | None = None,
-          ldflags: str = "", out: TextIO = sys.stdout) -> Path:
-    """`go build` `package` inside `module` into `target` unless it is there, printing progress and time."""
+          ldflags: str = "", trimpath: bool = True, out: TextIO = sys.stdout) -> Path:
+    """`go build` `package` inside `module` into `target` unless it is there, printing progress and time.
+    `trimpath=False` shares Go's compiled packages with a plain `go build`/`go vet` in `module` (-trimpath
+    changes every package's cache key)."""
     if target.is_file():
         return target
     go = go_binary()
@@ -58,7 +60,8 @@ def build(module: Path, package: str, target: Path, *, env: Mapping[str, str] | 
     started = time.monotonic()
     print(f"building {target.name} from {package} ({total} packages; Go's build cache makes rebuilds fast)",
           file=out, flush=True)
-    command = [go, "build", "-v", "-buildvcs=false", "-trimpath", "-ldflags", ldflags, "-o", str(partial), package]
+    command = [go, "build", "-v", "-buildvcs=false", *(["-trimpath"] if trimpath else []), "-ldflags", ldflags,
+               "-o", str(partial), package]
     with subprocess.Popen(command, cwd=module, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as proc:
         assert proc.stdout is not None
