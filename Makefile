@@ -45,7 +45,7 @@ render: | $(STAMP)
 
 # Istio's binaries (istioctl, and istio-judge: tools/istio/judge, Istio's analyzers and istiod's xDS
 # generator), built from the istio.io/istio Go module that tools/istio/go.mod pins, into
-# ${XDG_CACHE_HOME:-~/.cache}/meshpipe/istio/<istio version>/ when missing: about 25 min the first time on
+# ${XDG_CACHE_HOME:-~/.cache}/meshpipe/istio/<hash of go.mod+go.sum>/ when missing: about 25 min the first time on
 # 2 busy cores, seconds once built. Where Go is missing the Istio judge tests do not run, and say so.
 istio-tools: | $(STAMP)
 	@if command -v go >/dev/null; then $(PY) -m tests.judges.istio build; \

@@ -16,9 +16,6 @@ from typing import Any
 import pytest
 
 from mesh.k8s_validate import kustomize_build, semantic_problems
-from mesh.policy import Policy
-from mesh.render import render_tree, write_tree
-from model_export.manifest import Manifest
 from tests.judges import istio_tools
 from tests.judges.istio import GoUnavailable, ToolMissing, tool
 
@@ -46,21 +43,6 @@ def istio_binaries() -> None:
         tool("istio-judge")
     except (ToolMissing, GoUnavailable) as missing:
         pytest.skip(f"Istio's tools are not built: {missing}")
-
-
-@pytest.fixture(scope="module")
-def tiny_tree(tiny_pipeline: tuple[Path, Manifest], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny pipeline with a policy that exercises every resource: buffer filters and a canary."""
-    _, manifest = tiny_pipeline
-    policy = Policy.model_validate({
-        "namespace": "tiny-ns",
-        "defaults": {"buffer_limit_bytes": 4 << 20, "retries": {"attempts": 2, "per_try_timeout_s": 1.0}},
-        "stages": {manifest.stages[0].name: {"versions": [{"name": "v1", "weight": 75},
-                                                          {"name": "v2", "weight": 25}]}},
-    })
-    out = tmp_path_factory.mktemp("tiny-tree")
-    write_tree(render_tree(manifest, policy), out)
-    return out
 
 
 @pytest.fixture(scope="module")
