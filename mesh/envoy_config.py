@@ -287,6 +287,8 @@ def _outbound(res: Resources, name: str, port: int, hop: Hop, dynamic_dir: Path)
         "filter_chains": [{"filters": [_hcm(name, dynamic_dir, [_fault_filter()])]}],
     })
     route = _route_config(name, route_to(hop))
+    # As istiod's outbound and gateway virtual hosts: the callee sees x-envoy-attempt-count (1 on a first try).
+    route["virtual_hosts"][0]["include_request_attempt_count"] = True
     fault = fault_config(hop)
     if fault is not None:
         route["virtual_hosts"][0]["routes"][0]["typed_per_filter_config"] = {FAULT_FILTER: fault}

@@ -170,6 +170,9 @@ def test_default_retries_include_istios_defaults(tiny_pipeline: tuple[Path, Mani
     plan = _resolve(manifest)
     retry = _outbound_route(_envoy(tmp_path, manifest, pipeline, plan, "tiny-stage-0"))["route"]["retry_policy"]
     assert ISTIO_DEFAULT_RETRY_ON | {"reset"} == set(retry["retry_on"].split(","))
+    outbound = next(r for r in _envoy(tmp_path, manifest, pipeline, plan, "tiny-stage-0").routes
+                    if r["name"] == "outbound")
+    assert outbound["virtual_hosts"][0]["include_request_attempt_count"] is True  # as istiod's virtual hosts
     assert retry["retriable_status_codes"] == [503]
     vs = _istio(render_tree(manifest, Policy()), "VirtualService", "tiny-stage-1")
     assert set(vs["spec"]["http"][0]["retries"]["retryOn"].split(",")) == ISTIO_DEFAULT_RETRY_ON | {"reset", "503"}
