@@ -174,6 +174,33 @@ def cmd_check_contract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reference_data(args: argparse.Namespace) -> int:
+    from model_export.keras_source import as_functional, load_keras
+    from model_export.training_data import write_reference_data
+
+    path = write_reference_data(as_functional(load_keras(args.model)), args.out, args.samples, args.seed)
+    console.print(f"wrote {path}: {args.samples} labelled samples (seed {args.seed})", highlight=False)
+    return 0
+
+
+def cmd_retrain_stage(args: argparse.Namespace) -> int:
+    from model_export.retrain import TrainingOptions, retrain_stage
+    from model_export.retrain_progress import EpochProgress
+
+    options = TrainingOptions(args.epochs, args.learning_rate, args.batch_size, args.seed)
+
+    def show_layers(layers: list[str]) -> None:
+        err.print(f"training {', '.join(layers)} of {args.stage}; every other layer frozen", highlight=False)
+
+    r = retrain_stage(args.dir, args.stage, args.model, args.data, args.out, options,
+                      callbacks=[EpochProgress(err, args.epochs)], track=track, on_layers=show_layers)
+    stage = r.manifest.stage(r.stage)
+    console.print(f"loss on the data: {r.loss_before:.4f} before, {r.loss_after:.4f} after", highlight=False)
+    console.print(f"wrote {args.out}: {r.stage} {r.version} ({stage.file}); every other stage byte-identical "
+                  "(sha256); check-contract: fits", soft_wrap=True, highlight=False)
+    return 0
+
+
 def _print_contract(report: ContractReport) -> None:
     table = compact_table("stage", "old", "new", "bytes", "fits")
     for s in report.stages:
@@ -265,6 +292,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="the whole ONNX model to compare with (default: from the manifest)")
     add_proof_options(p, CHAIN_TOLERANCE, "the whole model")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("reference-data", help="a seeded synthetic labelled data set (.npz) for a classifier")
+    p.add_argument("--model", type=Path, required=True, help="the Keras classifier (.keras) to make data for")
+    p.add_argument("--out", type=Path, required=True, help="the .npz to write (the input's name, and labels)")
+    p.add_argument("--samples", type=int, default=512, help="number of labelled samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the class patterns, labels and noise")
+    p.set_defaults(func=cmd_reference_data)
+
+    p = sub.add_parser("retrain-stage", help="fine-tune one stage's layers and write it as a new stage version")
+    p.add_argument("dir", type=Path, help="the pipeline directory (pipeline.json)")
+    p.add_argument("--stage", required=True, help="the stage to retrain, by name (see `inspect`)")
+    p.add_argument("--model", type=Path, required=True, help="the Keras model the pipeline was exported from")
+    p.add_argument("--data", type=Path, required=True,
+                   help="inputs and labels (.npz: one array per model input, and labels)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the data")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's learning rate")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per training step")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffling and the optimizer")
+    p.add_argument("--out", type=Path, required=True, help="the new pipeline directory (must not exist)")
+    p.set_defaults(func=cmd_retrain_stage)
 
     p = sub.add_parser("check-contract", help="would the new pipeline's stages fit beside the old one's?")
     p.add_argument("old", type=Path, help="the pipeline directory being served (pipeline.json)")

@@ -28,6 +28,7 @@ from model_export.manifest import (
 )
 from model_export.onnx_io import save_onnx
 from model_export.pipeline_writer import graph_io
+from model_export.split import make_readable
 
 VERSION = re.compile(r"^v(\d+)$")
 
@@ -85,6 +86,7 @@ def write_stage_version(old_dir: Path, new_dir: Path, stage: str, model: onnx.Mo
         except ValidationError as exc:
             raise ExportError(f"the new {stage} does not fit its neighbours: {exc.errors()[0]['msg']}") from exc
         write_manifest(manifest, work)
+        make_readable(work)
         Path(tmp).rename(new_dir)
         Path(tmp).mkdir()  # TemporaryDirectory removes its own path on exit
     return manifest
