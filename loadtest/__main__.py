@@ -21,9 +21,10 @@ from loadtest import report
 from loadtest.machine import describe
 from loadtest.runner import LoadSettings, run
 from loadtest.workload import WorkloadError, build
+from model_export.cli_help import DefaultsHelpFormatter, console_width
 from model_export.manifest import ManifestError
 
-console = Console(width=None if sys.stdout.isatty() else 160)
+console = Console(width=console_width(sys.stdout))
 err = Console(stderr=True)
 
 
@@ -48,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="send bounded load to one KServe v2 model and report")
+    r = sub.add_parser("run", help="send bounded load to one KServe v2 model and report",
+                       formatter_class=DefaultsHelpFormatter)
     r.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8080")
     r.add_argument("--model", required=True, help="model name: a stage, or the pipeline at the gateway")
     mode = r.add_mutually_exclusive_group(required=True)
@@ -58,8 +60,8 @@ def parser() -> argparse.ArgumentParser:
     enc = r.add_mutually_exclusive_group()
     enc.add_argument("--binary", dest="binary", action="store_true", default=True, help="binary tensors (default)")
     enc.add_argument("--json", dest="binary", action="store_false", help="JSON tensors")
-    r.add_argument("--out", type=Path, help="directory for summary.json, samples.json and plots")
-    r.add_argument("--batch", type=int, default=1)
+    r.add_argument("--out", type=Path, help="directory for summary.json, samples.json and plots (default: none)")
+    r.add_argument("--batch", type=int, default=1, help="samples per request")
     r.add_argument("--pipeline", type=Path, help="pipeline directory: check sampled outputs against the whole model")
     r.add_argument("--check-fraction", type=float, default=0.05, help="share of responses checked (with --pipeline)")
     r.add_argument("--max-requests", type=int, default=100_000, help="hard bound on requests per run")
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         summaries.append(report.summarize(samples, settings.duration_s, label))
         all_samples[label] = samples
     title = f"{args.model} at {args.url} ({encoding}, batch {args.batch})"
-    console.print(report.table(summaries, title))
+    console.print(report.table(summaries, title, console.width))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         meta = {"url": args.url, "model": args.model, "encoding": encoding, "batch": args.batch,

@@ -10,6 +10,7 @@ import numpy as np
 from rich.table import Table
 
 from loadtest.runner import Sample
+from model_export.cli_help import compact_table, fits
 
 PERCENTILES = (50, 90, 99, 99.9)
 
@@ -33,17 +34,30 @@ def summarize(samples: list[Sample], duration_s: float, label: str = "") -> dict
     }
 
 
-def table(summaries: list[dict[str, Any]], title: str) -> Table:
-    t = Table(title=title)
-    t.add_column("run")
-    for col in ("requests", "ok", *[f"p{p:g} ms" for p in PERCENTILES], "throughput /s", "errors", "checked"):
-        t.add_column(col, justify="right")
-    for s in summaries:
-        lat = s["latency_ms"]
-        errors = ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "0"
-        checked = f"{s['checked']} (max diff {s['max_abs_diff']:.1e})" if s["checked"] else "-"
-        t.add_row(s["label"], str(s["requests"]), str(s["ok"]), *[f"{lat[f'p{p:g}']:.2f}" for p in PERCENTILES],
-                  f"{s['throughput_rps']:.1f}", errors, checked)
+def _cells(s: dict[str, Any]) -> dict[str, str]:
+    lat = s["latency_ms"]
+    errors = ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "0"
+    checked = f"{s['checked']} ({s['max_abs_diff']:.1e})" if s["checked"] else "-"
+    return {"run": s["label"], "requests": str(s["requests"]), "ok": str(s["ok"]),
+            **{f"p{p:g} ms": f"{lat[f'p{p:g}']:.2f}" for p in PERCENTILES},
+            "req/s": f"{s['throughput_rps']:.1f}", "errors": errors, "checked (max diff)": checked}
+
+
+def table(summaries: list[dict[str, Any]], title: str, width: int = 10_000) -> Table:
+    """The runs' table with as many columns as fit `width`: p90 and p99.9 go first, then `ok` (errors says
+    what failed), then the check column (summary.json keeps everything)."""
+    check = "checked (max diff)"
+    every = ("run", "requests", "ok", *[f"p{p:g} ms" for p in PERCENTILES], "req/s", "errors", check)
+    tails = ("p90 ms", "p99.9 ms")
+    for dropped in ((), tails, (*tails, "ok"), (*tails, "ok", check)):
+        columns = [c for c in every if c not in dropped]
+        t = compact_table(*columns, right=tuple(c for c in columns if c not in ("run", "errors", check)))
+        t.title, t.title_justify = title, "left"
+        for s in summaries:
+            cells = _cells(s)
+            t.add_row(*(cells[c] for c in columns))
+        if fits(t, width):
+            break
     return t
 
 

@@ -27,6 +27,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         default = action.default
         if (
             default is None or default is False or default == argparse.SUPPRESS
+            or isinstance(action, argparse._StoreConstAction)  # a flag: its help says what it turns on
             or "default" in text
             or not (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))
         ):

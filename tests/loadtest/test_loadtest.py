@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from rich.console import Console
 
+from loadtest import report
 from loadtest.runner import LoadSettings, closed_loop, open_loop
 from loadtest.workload import Body, Workload
 from model_export.manifest import Manifest
@@ -28,8 +31,9 @@ def chain(tiny_pipeline: tuple[Path, Manifest], tmp_path_factory: pytest.TempPat
 
 
 def loadtest(*args: str) -> subprocess.CompletedProcess[str]:
+    # Wide: at 80 columns the table leaves out p90 and p99.9 (test_table_fits_80_columns)
     return subprocess.run([sys.executable, "-m", "loadtest", "run", *args], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env={**os.environ, "COLUMNS": "200"})
 
 
 def test_open_loop_with_every_response_checked(chain: StageProcess, tiny_pipeline: tuple[Path, Manifest],
@@ -111,3 +115,16 @@ def test_open_loop_latency_counts_from_the_intended_send_time() -> None:
     closed = asyncio.run(closed_loop(workload, LoadSettings(concurrency=1, duration_s=1.0), None,
                                      _stalling_transport(stall)))
     assert sum(s.latency_s >= stall * 0.9 for s in closed) == 1
+
+
+def test_table_fits_80_columns() -> None:
+    run = {"label": "concurrency 16", "requests": 12345, "ok": 12345, "throughput_rps": 123.4, "errors": {},
+           "latency_ms": {"p50": 1234.5, "p90": 2345.6, "p99": 3456.7, "p99.9": 4567.8}, "checked": 617,
+           "max_abs_diff": 1.5e-7}
+    for width, dropped in ((200, []), (80, ["p90 ms", "p99.9 ms", "checked"])):
+        console = Console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        console.print(report.table([run], "reference at http://127.0.0.1:8080 (binary, batch 1)", width))
+        text = console.export_text()
+        assert all(len(line) <= width for line in text.splitlines()), text
+        assert "1234.50" in text and "3456.70" in text and "123.4" in text
+        assert [c for c in ("p90 ms", "p99.9 ms", "checked") if c not in text] == dropped
