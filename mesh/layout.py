@@ -63,6 +63,8 @@ class PortInUse(RuntimeError):
 
 def check_port_free(port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As Envoy binds: connections of a mesh just stopped, left in TIME_WAIT on the port, do not hold it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((LOOPBACK, port))
         except OSError as exc:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ README = REPO / "README.md"
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip\s*\((?P<reason>[^)]+)\)\s*-->")
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w-]*)\s*$")
 BLOCK_TIMEOUT_S = 600
+GATEWAY_PORT = 8080  # mesh.yaml's gateway.port, which the README's commands call
+PORT_WAIT_S = 180
 
 
 @dataclass(frozen=True)
@@ -107,10 +111,27 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                     str(root / ".mesh")], cwd=root, capture_output=True, timeout=120)
 
 
+def _wait_for_free_port(port: int, timeout_s: float) -> None:
+    """On a shared machine another checkout's `make demo` may hold the README's port for a minute."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"port {port}, which the README's mesh listens on, stayed taken for {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.name for b in BLOCKS])
 def test_block_runs_as_written(block: Block, checkout: Path) -> None:
     if block.skip:
         pytest.skip(f"README line {block.line}, {block.name!r}: {block.skip}")
+    if "mesh up" in block.script or "make demo" in block.script:
+        _wait_for_free_port(GATEWAY_PORT, PORT_WAIT_S)
     env = {**os.environ, "COLUMNS": "100"}
     env.pop("VIRTUAL_ENV", None)
     result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.script], cwd=checkout, env=env,
