@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,3 +128,12 @@ def remove_run(run_id: str) -> None:
     ids = docker("ps", "--all", "--quiet", "--filter", f"label={LABEL}={run_id}").split()
     if ids:
         docker("rm", "--force", "--volumes", *ids)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"not within {timeout} s: {what}")

@@ -23,9 +23,9 @@ from tests.image.containers import (
     process_uids,
     run_stage,
     wait_ready,
+    wait_until,
 )
 from tests.stage_service.procs import start_fake_stage
-from tests.stage_service.test_failures import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
 HOLD = {"x-pipeline-test-hold": "1"}
