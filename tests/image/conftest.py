@@ -18,6 +18,8 @@ from tests.image.containers import (
     StageContainer,
     build_image,
     new_run_id,
+    remove,
+    remove_orphans,
     remove_run,
     run_stage,
     start_engine,
@@ -44,6 +46,7 @@ def image(engine: None, tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
 
 @pytest.fixture(scope="session")
 def run_id(engine: None) -> Iterator[str]:
+    remove_orphans()
     run = new_run_id()
     yield run
     remove_run(run)
@@ -60,14 +63,17 @@ def pipeline(tiny_pipeline: tuple[Path, Manifest], tmp_path_factory: pytest.Temp
 
 
 @pytest.fixture(scope="module")
-def chain(image: BuiltImage, run_id: str, pipeline: Path) -> list[StageContainer]:
-    """boxed-stage-0 -> boxed-stage-1, each in its own container, both ready."""
+def chain(image: BuiltImage, run_id: str, pipeline: Path) -> Iterator[list[StageContainer]]:
+    """boxed-stage-0 -> boxed-stage-1, each in its own container, both ready; removed after the module."""
     port0, port1 = free_port(), free_port()
     last = run_stage(image.id, run_id, pipeline, "boxed-stage-1", port1)
     first = run_stage(image.id, run_id, pipeline, "boxed-stage-0", port0, next_url=last.url)
-    for container in (first, last):
-        wait_ready(container)
-    return [first, last]
+    try:
+        for container in (first, last):
+            wait_ready(container)
+        yield [first, last]
+    finally:
+        remove(first, last)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 import uuid
@@ -14,8 +15,10 @@ import httpx
 
 from tests.image.build_context import ROOT
 
-# Every container these tests start carries this label with the run's id, so the run removes all of its own.
+# Every container these tests start carries the run's id, so the run removes all of its own, and the pid of
+# the test process, so a later run removes those of a run that was killed before it could.
 LABEL = "meshpipe.test"
+PID_LABEL = "meshpipe.test.pid"
 STAGE_UID = 10001
 MOUNT = "/models"
 
@@ -93,7 +96,8 @@ def run_stage(image: str, run_id: str, pipeline: Path, stage: str, port: int,
            "STAGE_PORT": str(port), "STAGE_THREADS": "1", "STAGE_LOG_LEVEL": "warning"}
     if next_url:
         env["STAGE_NEXT_URL"] = next_url
-    args = ["run", "--detach", "--name", name, "--label", f"{LABEL}={run_id}", "--network", "host",
+    args = ["run", "--detach", "--name", name, "--label", f"{LABEL}={run_id}", "--label", f"{PID_LABEL}={os.getpid()}",
+            "--network", "host",
             "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
             "--volume", f"{pipeline}:{MOUNT}:ro"]
     for key, value in env.items():
@@ -123,11 +127,25 @@ def process_uids(container: StageContainer) -> list[int]:
     return [int(line.split()[0]) for line in lines[1:] if line.strip()]
 
 
+def remove(*containers: StageContainer) -> None:
+    docker("rm", "--force", "--volumes", *[c.name for c in containers])
+
+
 def remove_run(run_id: str) -> None:
     """Remove every container of this run, running or not."""
     ids = docker("ps", "--all", "--quiet", "--filter", f"label={LABEL}={run_id}").split()
     if ids:
         docker("rm", "--force", "--volumes", *ids)
+
+
+def remove_orphans() -> None:
+    """Remove the containers of test runs whose process is gone (killed before their teardown)."""
+    listed = docker("ps", "--all", "--filter", f"label={PID_LABEL}",
+                    "--format", f'{{{{.ID}}}} {{{{.Label "{PID_LABEL}"}}}}')
+    orphans = [cid for cid, _, pid in (line.partition(" ") for line in listed.splitlines())
+               if pid.isdigit() and not Path(f"/proc/{pid}").exists()]
+    if orphans:
+        docker("rm", "--force", "--volumes", *orphans)
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

@@ -21,6 +21,7 @@ from tests.image.containers import (
     StageContainer,
     docker,
     process_uids,
+    remove,
     run_stage,
     wait_ready,
     wait_until,
@@ -107,6 +108,7 @@ def test_docker_stop_answers_the_requests_in_flight_and_exits_0(image: BuiltImag
         assert front.state("ExitCode") == "0", front.logs()
     finally:
         fake.stop()
+        remove(front)
 
 
 def test_image_size_is_reported(image: BuiltImage) -> None:
