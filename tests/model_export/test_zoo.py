@@ -53,7 +53,8 @@ class Exported:
     def split(self, stages: int) -> Path:
         out = self.directory / f"zoo-{self.name}-{stages}"
         if not out.exists():
-            split_model(self.onnx, out, stages, runs=1)
+            # the large models balance on parameter bytes: no session per segment (latency is tested elsewhere)
+            split_model(self.onnx, out, stages, runs=1, balance="params" if self.name in SLOW else "latency")
         return out
 
 
