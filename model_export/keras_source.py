@@ -3,8 +3,10 @@ as one thing that can be converted by tf2onnx and asked for its own predictions.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,19 @@ class Source:
     inputs: list[KerasInput]
     convert: Callable[[int], onnx.ModelProto]
     predict: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # outputs by name
+
+
+@contextmanager
+def quiet_tf2onnx() -> Iterator[None]:
+    """tf2onnx logs a traceback when one of its graph optimizers gives up and carries on without it; the
+    model is still converted, and the proof judges it, so the user sees one result, not that traceback."""
+    logger = logging.getLogger("tf2onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def load_source(path: Path) -> Source:
@@ -94,7 +109,8 @@ def keras_source(model: Any) -> Source:
     signature = tuple(tf.TensorSpec((None, *i.dims), i.dtype, name=i.name) for i in inputs)
 
     def convert(opset: int) -> onnx.ModelProto:
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=opset)
+        with quiet_tf2onnx():
+            proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=opset)
         return proto
 
     def predict(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -130,7 +146,8 @@ def _saved_model_source(path: Path) -> Source:
         return loaded.signatures["serving_default"](**dict(zip(names, args, strict=True)))
 
     def convert(opset: int) -> onnx.ModelProto:
-        proto, _ = tf2onnx.convert.from_function(call, input_signature=tf_signature, opset=opset)
+        with quiet_tf2onnx():
+            proto, _ = tf2onnx.convert.from_function(call, input_signature=tf_signature, opset=opset)
         return proto
 
     def predict(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@ and 3, verify, merge, each judged against Keras's own predictions; three of them
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +93,10 @@ def _zoo_params() -> list[object]:
 
 
 @pytest.mark.parametrize("name", _zoo_params())
-def test_zoo_model_every_step(name: str, exported: Callable[[str], Exported]) -> None:
+def test_zoo_model_every_step(name: str, exported: Callable[[str], Exported], caplog: pytest.LogCaptureFixture) -> None:
     model = exported(name)
+    # tf2onnx logs a traceback when an optimizer of its gives up (MobileNetV3Small): the user must not see it
+    assert not [r for r in caplog.records if r.name.startswith("tf2onnx") and r.levelno >= logging.WARNING]
     assert model.result.proof.passed and model.result.proof.cases >= 2
     # realistic inputs (0-255 images, every token id) make the outputs vary, except where the model is constant
     constant = model.result.outputs if name in CONSTANT_OUTPUT else []
