@@ -74,7 +74,10 @@ def markdown(report: dict[str, Any]) -> str:
              f"per stage, median of {report['runs']} runs. Export: tf2onnx plus the proof against Keras. Split: "
              "into 2 stages, proof included. Bottleneck: the slowest chosen stage against the best any choice of "
              "clean cuts gives (ratio target <= 1.05). The machine is shared: at the start "
-             f"{report['load_start']}, at the end {report['load']}.", "",
+             f"{report['load_start']}, at the end {report['load']}. Under such load one model's run time varies "
+             "several-fold from run to run (EfficientNetB0 whole, 1 thread, 10 runs: fastest 2.3 ms, median 9.5 ms "
+             "at load 11), so the large models' ratios say as much about the machine as about the cuts; the "
+             "small models' stages take microseconds, where a few microseconds of noise is a large ratio.", "",
              "| model | clean cuts | export s | split into 2 s | "
              + " | ".join(f"N={n}: chosen / exhaustive best ms (ratio)" for n in STAGES) + " |",
              "|---|---|---|---|" + "---|" * len(STAGES)]
