@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo render test lint typecheck istio-tools cluster-tools image bench bench-split bench-hop bench-peers peers-venv clean
+.PHONY: venv demo render test lint typecheck istio-tools parity cluster-tools image bench bench-split bench-hop bench-peers peers-venv clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,13 @@ render: | $(STAMP)
 istio-tools: | $(STAMP)
 	@if command -v go >/dev/null; then $(PY) -m tests.judges.istio build; \
 	else echo "Go is missing: Istio's tools are not built, the Istio judge tests will not run"; fi
+
+# How close the local mesh is to Istio: istiod's own Envoy config for the committed tree (dev overlay) beside
+# the local mesh's, hop by hop (README "How close the local mesh is to Istio").
+parity: istio-tools
+	mkdir -p $(BUILD)
+	$(PY) -m tests.judges.istiod kustomize/overlays/dev --out $(BUILD)/istiod-dev.json
+	$(PY) -m mesh parity --pipeline examples/reference --policy mesh.yaml --istiod $(BUILD)/istiod-dev.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check model_export stage_service mesh loadtest benchmarks tests

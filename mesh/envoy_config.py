@@ -108,9 +108,17 @@ def _router() -> Json:
             "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
 
 
-def _rbac(allowed_principals: list[str]) -> Json:
-    """Envoy's RBAC filter: ALLOW only callers whose certificate carries one of these principals as its
-    SPIFFE id (`spiffe://` + principal, as istiod writes an AuthorizationPolicy's principals), else 403."""
+def _path_matcher(path: str) -> Json:
+    """An AuthorizationPolicy path as istiod writes it: `/x/*` a prefix `/x/`, anything else exact."""
+    if path.endswith("/*"):
+        return {"url_path": {"path": {"prefix": path.removesuffix("*")}}}
+    return {"url_path": {"path": {"exact": path}}}
+
+
+def _rbac(hop: Hop) -> Json:
+    """Envoy's RBAC filter: ALLOW only callers whose certificate carries one of the hop's principals as its
+    SPIFFE id (`spiffe://` + principal, as istiod writes an AuthorizationPolicy's principals), and only on
+    its allowed paths, else 403."""
     return {
         "name": "envoy.filters.http.rbac",
         "typed_config": _typed(
@@ -119,9 +127,9 @@ def _rbac(allowed_principals: list[str]) -> Json:
                 "action": "ALLOW",
                 "policies": {
                     "allow-previous-hop": {
-                        "permissions": [{"any": True}],
+                        "permissions": [{"or_rules": {"rules": [_path_matcher(p) for p in hop.allowed_paths]}}],
                         "principals": [{"authenticated": {"principal_name": {"exact": f"spiffe://{p}"}}}
-                                       for p in allowed_principals],
+                                       for p in hop.allowed_principals],
                     }
                 },
             },
@@ -309,7 +317,7 @@ def sidecar(layout: Layout, plan: Plan, replica: Replica, identity: CertPair, ca
             "filters": [_hcm(
                 "inbound",
                 dynamic_dir,
-                [_rbac(inbound.allowed_principals)],
+                [_rbac(inbound)],
                 forward_client_cert_details="SANITIZE_SET",
                 set_current_client_cert_details={"uri": True},
             )],

@@ -63,6 +63,9 @@ DEFAULT_SECONDS_PER_STAGE = 5.0
 APP_TIMEOUT_MARGIN_S = 1.0
 PER_TRY_LATENCY_FACTOR = 10.0
 PER_TRY_FLOOR_S = 1.0
+# The only paths a caller may reach on the next stage: the v2 inference protocol (health and metrics are
+# for the kubelet and Prometheus, which do not pass the inbound authorization).
+INFERENCE_PATHS = ("/v2", "/v2/*")
 
 
 class _Frozen(BaseModel):
@@ -131,6 +134,7 @@ class Hop(_Frozen):
     route: Route
     upstream: Upstream
     allowed_principals: list[str]  # the callee's inbound authorization: who may call it
+    allowed_paths: list[str]  # ... and on which request paths (Istio's form: exact, or a `/*` prefix)
 
 
 class StagePlan(_Frozen):
@@ -304,7 +308,7 @@ def resolve(policy: Policy, manifest: Manifest) -> Plan:
                 outlier_detection=_pick(own.outlier_detection, d.outlier_detection, OutlierDetection()),
                 retry_budget=own.retry_budget or d.retry_budget,
                 buffer_limit_bytes=buffer, expected_san=identity.spiffe_id),
-            allowed_principals=[caller_identity.principal],
+            allowed_principals=[caller_identity.principal], allowed_paths=list(INFERENCE_PATHS),
         ))
         stages.append(StagePlan(
             name=stage.name, index=i, identity=identity, replicas=replicas,

@@ -364,7 +364,7 @@ def allow_caller(hop: Hop, ns: str) -> dict[str, Any]:
             "action": "ALLOW",
             "rules": [{
                 "from": [{"source": {"principals": list(hop.allowed_principals)}}],
-                "to": [{"operation": {"ports": [str(PORT)], "paths": ["/v2", "/v2/*"]}}],
+                "to": [{"operation": {"ports": [str(PORT)], "paths": list(hop.allowed_paths)}}],
             }],
         },
     }

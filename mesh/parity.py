@@ -1,0 +1,261 @@
+"""How close the local mesh is to Istio: per hop, the local Envoy config beside what istiod generates.
+
+Both sides are read from the Envoy config each one writes for the same plan: the local side from
+`mesh.envoy_config` (the gateway's and each sidecar's listeners, routes, clusters), istiod's side from the
+listeners, clusters and routes Istio's own generator produced for the rendered tree (the JSON written by
+`python -m tests.judges.istiod`: Istio's `pilot/test/xds` fake discovery server, see tools/istio/judge).
+For every hop (caller → callee) the fields that make up the policy are compared; `python -m mesh parity`
+prints the table.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mesh import envoy_config
+from mesh.layout import Layout, Replica
+from mesh.layout import plan as plan_layout
+from mesh.pki import CertPair
+from mesh.plan import GATEWAY, Hop, Plan
+
+Json = dict[str, Any]
+SERVICE_PORT = 8080  # the port of every stage's Service (render.py), in istiod's cluster and route names
+RBAC_FILTER = "envoy.filters.http.rbac"
+ENVOY_BUFFER = 1 << 20  # Envoy's per_connection_buffer_limit_bytes where a listener or cluster sets none
+
+# Fields where the two sides must differ, with the reason. Empty: every compared field agrees.
+KNOWN_DIFFERENCES: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One compared field of one hop."""
+
+    hop: str
+    field: str
+    local: str
+    istiod: str
+
+    @property
+    def same(self) -> bool:
+        return self.local == self.istiod
+
+    @property
+    def reason(self) -> str | None:
+        """Why this field may differ, where it must (KNOWN_DIFFERENCES)."""
+        return KNOWN_DIFFERENCES.get(self.field)
+
+
+def _seconds(value: Any) -> str:
+    """A protobuf Duration ("10s", "1.500s") or number as seconds, written one way."""
+    number = float(str(value).removesuffix("s"))
+    return f"{number:g}s"
+
+
+def _walk(node: Any) -> Iterator[Any]:
+    yield node
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def _spiffe_ids(node: Any) -> list[str]:
+    return sorted({v for v in _walk(node) if isinstance(v, str) and v.startswith("spiffe://")})
+
+
+def _http_filters(listener: Json) -> Iterator[Json]:
+    for chain in listener.get("filter_chains", []):
+        for network_filter in chain.get("filters", []):
+            yield from network_filter.get("typed_config", {}).get("http_filters", [])
+
+
+def _allow_rules(listener: Json) -> list[Json]:
+    """The rules of every ALLOW RBAC filter on the listener's HTTP filter chains."""
+    rules = [f.get("typed_config", {}).get("rules", {}) for f in _http_filters(listener) if f["name"] == RBAC_FILTER]
+    return [r for r in rules if r.get("action", "ALLOW") == "ALLOW"]
+
+
+def _allowed_principals(listener: Json) -> str:
+    """The SPIFFE ids the listener's ALLOW RBAC rules admit."""
+    return ",".join(_spiffe_ids(_allow_rules(listener)))
+
+
+def _allowed_paths(listener: Json) -> str:
+    """The request paths the ALLOW policies that name a principal admit ("any" where one admits every path)."""
+    paths: set[str] = set()
+    for rules in _allow_rules(listener):
+        for policy in rules.get("policies", {}).values():
+            if not _spiffe_ids(policy.get("principals")):
+                continue
+            matchers = [n["path"] for n in _walk(policy["permissions"]) if isinstance(n, dict) and "path" in n
+                        and isinstance(n["path"], dict)]
+            if not matchers:
+                paths.add("any")
+            paths.update(f"{kind}:{value}" for m in matchers for kind, value in m.items())
+    return ",".join(sorted(paths))
+
+
+# -------------------------------------------------------------------------------------- per-hop view
+
+
+def _route_fields(route: Json, version_of: dict[str, str]) -> dict[str, str]:
+    """A route action's policy: timeout, retries, versions by weight (`version_of`: cluster → version)."""
+    if "weighted_clusters" in route:
+        split = [(version_of[c["name"]], int(c["weight"])) for c in route["weighted_clusters"]["clusters"]]
+    else:
+        split = [(version_of[route["cluster"]], 100)]
+    retry = route.get("retry_policy", {})
+    return {
+        "route timeout": _seconds(route["timeout"]),
+        "weighted clusters": ", ".join(f"{v}={w}" for v, w in split),
+        "retry attempts": str(retry.get("num_retries", 0)),
+        "retry on": ",".join(sorted(retry.get("retry_on", "").split(","))),
+        "retriable status codes": ",".join(str(c) for c in sorted(retry.get("retriable_status_codes", []))),
+        "per-try timeout": _seconds(retry["per_try_timeout"]) if "per_try_timeout" in retry else "-",
+        "retry host predicate": ",".join(p["name"] for p in retry.get("retry_host_predicate", [])),
+        "host selection attempts": str(retry.get("host_selection_retry_max_attempts", "-")),
+    }
+
+
+# Envoy's outlier_detection fields, by the short name the table gives them.
+OUTLIER_FIELDS = {"consecutive_5xx": "5xx", "enforcing_consecutive_5xx": "5xx enforcing",
+                  "consecutive_gateway_failure": "gateway errors",
+                  "enforcing_consecutive_gateway_failure": "gateway enforcing",
+                  "enforcing_success_rate": "success-rate enforcing", "interval": "interval",
+                  "base_ejection_time": "ejection time", "max_ejection_percent": "max ejected %",
+                  "split_external_local_origin_errors": "split local origin",
+                  "consecutive_local_origin_failure": "local origin failures",
+                  "enforcing_consecutive_local_origin_failure": "local origin enforcing"}
+POOL_FIELDS = ("max_connections", "max_pending_requests", "max_requests", "max_retries")
+
+
+def _cluster_fields(version: str, cluster: Json) -> dict[str, str]:
+    """One version's upstream cluster: outlier detection, connection pool, buffer limit, TLS SAN."""
+    outlier = cluster.get("outlier_detection", {})
+    thresholds = (cluster.get("circuit_breakers", {}).get("thresholds") or [{}])[0]
+    fields = {f"{version} outlier {label}": (_seconds(outlier[k]) if k in ("interval", "base_ejection_time")
+                                             else str(outlier.get(k, "-"))) for k, label in OUTLIER_FIELDS.items()}
+    fields |= {f"{version} pool {k}": str(thresholds.get(k, "-")) for k in POOL_FIELDS}
+    fields[f"{version} connect timeout"] = _seconds(cluster["connect_timeout"])
+    fields[f"{version} lb policy"] = cluster.get("lb_policy", "ROUND_ROBIN")
+    fields[f"{version} cluster buffer limit"] = str(cluster.get("per_connection_buffer_limit_bytes", ENVOY_BUFFER))
+    fields[f"{version} upstream TLS SAN"] = ",".join(_spiffe_ids(cluster.get("transport_socket", {})))
+    return fields
+
+
+def hop_label(hop: Hop) -> str:
+    return f"{hop.caller} -> {hop.callee}"
+
+
+def _by_name(items: list[Json], name: str, what: str) -> Json:
+    for item in items:
+        if item.get("name") == name:
+            return item
+    raise KeyError(f"no {what} named {name!r} among {[i.get('name') for i in items]}")
+
+
+# ------------------------------------------------------------------------------------------ local side
+
+
+def _local_resources(plan: Plan, layout: Layout, caller: str) -> envoy_config.Resources:
+    pair, ca, dynamic = CertPair(Path("cert.pem"), Path("key.pem")), Path("ca.pem"), Path("dynamic")
+    if caller == GATEWAY:
+        return envoy_config.gateway(layout, plan, pair, ca, dynamic)
+    return envoy_config.sidecar(layout, plan, _first_replica(layout, caller), pair, ca, dynamic)
+
+
+def _first_replica(layout: Layout, stage: str) -> Replica:
+    return layout.of_stage(stage)[0]
+
+
+def local_view(plan: Plan) -> dict[str, dict[str, str]]:
+    """Per hop, the compared fields of the local mesh's Envoy config for `plan`."""
+    layout = plan_layout(plan, "parity", Path("."), gateway_port=0)
+    view: dict[str, dict[str, str]] = {}
+    for hop in plan.hops:
+        caller = _local_resources(plan, layout, hop.caller)
+        listener_name = "gateway" if hop.caller == GATEWAY else "outbound"
+        route = _by_name(caller.routes, listener_name, "route")["virtual_hosts"][0]["routes"][0]["route"]
+        version_of = {envoy_config.cluster_name(hop.callee, v): v for v in hop.upstream.subsets}
+        fields = _route_fields(route, version_of)
+        for version in hop.upstream.subsets:
+            fields |= _cluster_fields(version, _by_name(caller.clusters, envoy_config.cluster_name(hop.callee, version),
+                                                        "cluster"))
+        listener = _by_name(caller.listeners, listener_name, "listener")
+        fields["caller listener buffer limit"] = str(listener.get("per_connection_buffer_limit_bytes", ENVOY_BUFFER))
+        inbound = _by_name(_local_resources(plan, layout, hop.callee).listeners, "inbound", "listener")
+        fields["inbound RBAC principals"] = _allowed_principals(inbound)
+        fields["inbound RBAC paths"] = _allowed_paths(inbound)
+        view[hop_label(hop)] = fields
+    return view
+
+
+# ----------------------------------------------------------------------------------------- istiod side
+
+
+def istiod_cluster_name(plan: Plan, stage: str, version: str) -> str:
+    return f"outbound|{SERVICE_PORT}|{version}|{stage}.{plan.namespace}.svc.cluster.local"
+
+
+def _proxy_name(plan: Plan, workload: str) -> str:
+    """The name `tests.judges.istiod` gives a proxy: Istio's ingress gateway, or a stage's first Deployment."""
+    if workload == GATEWAY:
+        return "istio-ingressgateway"
+    return f"{workload}-{plan.stage(workload).versions[0].name}"
+
+
+def _istiod_route(plan: Plan, proxy: Json, hop: Hop) -> Json:
+    host = f"{hop.callee}.{plan.namespace}.svc.cluster.local"
+    for route_config in proxy["routes"]:
+        for virtual_host in route_config.get("virtual_hosts", []):
+            for route in virtual_host.get("routes", []):
+                action = route.get("route", {})
+                targets = [action.get("cluster", "")] + [c["name"] for c in
+                                                         action.get("weighted_clusters", {}).get("clusters", [])]
+                if any(t.endswith(f"|{host}") and t.split("|")[2] for t in targets):
+                    return dict(action)
+    raise KeyError(f"istiod generated no route to a subset of {host} for {hop.caller}")
+
+
+def istiod_view(plan: Plan, generated: dict[str, Json]) -> dict[str, dict[str, str]]:
+    """Per hop, the same fields read from istiod's generated config (`tests.judges.istiod` output)."""
+    view: dict[str, dict[str, str]] = {}
+    for hop in plan.hops:
+        caller = generated[_proxy_name(plan, hop.caller)]
+        version_of = {istiod_cluster_name(plan, hop.callee, v): v for v in hop.upstream.subsets}
+        fields = _route_fields(_istiod_route(plan, caller, hop), version_of)
+        for version in hop.upstream.subsets:
+            fields |= _cluster_fields(version, _by_name(caller["clusters"],
+                                                        istiod_cluster_name(plan, hop.callee, version), "cluster"))
+        listener = _by_name(caller["listeners"], f"0.0.0.0_{SERVICE_PORT}", "listener")
+        fields["caller listener buffer limit"] = str(listener.get("per_connection_buffer_limit_bytes", ENVOY_BUFFER))
+        inbound = _by_name(generated[_proxy_name(plan, hop.callee)]["listeners"], "virtualInbound", "listener")
+        fields["inbound RBAC principals"] = _allowed_principals(inbound)
+        fields["inbound RBAC paths"] = _allowed_paths(inbound)
+        view[hop_label(hop)] = fields
+    return view
+
+
+def compare(plan: Plan, generated: dict[str, Json]) -> list[Row]:
+    """Every compared field of every hop, local beside istiod."""
+    local, istiod = local_view(plan), istiod_view(plan, generated)
+    return [Row(hop=hop, field=name, local=value, istiod=istiod[hop].get(name, "(absent)"))
+            for hop, fields in local.items() for name, value in fields.items()]
+
+
+def unexplained(rows: list[Row]) -> list[Row]:
+    """Rows where the two meshes differ and no reason says they must."""
+    return [r for r in rows if not r.same and r.reason is None]
+
+
+def short(value: str, width: int) -> str:
+    """A value cut to `width` characters, SPIFFE ids written as `sa/<name>`."""
+    value = re.sub(r"spiffe://cluster\.local/ns/[^/]+/sa/", "sa/", value)
+    return value if len(value) <= width else value[: width - 1] + "…"
