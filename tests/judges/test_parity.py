@@ -20,6 +20,7 @@ from mesh.__main__ import main
 from mesh.k8s_validate import kustomize_build
 from mesh.plan import Plan, resolve
 from mesh.policy import Policy, load_policy
+from mesh.render import render_tree, write_tree
 from model_export.manifest import Manifest, load_manifest
 from tests.judges import istiod
 from tests.judges.istio import GoUnavailable, ToolMissing, tool
@@ -56,6 +57,17 @@ def tiny(tiny_pipeline: tuple[Path, Manifest], tiny_tree: Path) -> tuple[Plan, O
 
 
 @pytest.fixture(scope="module")
+def dark_launch(tiny_pipeline: tuple[Path, Manifest], tmp_path_factory: pytest.TempPathFactory) -> tuple[Plan, Objs]:
+    """The tiny pipeline with a second version of its first stage deployed at weight 0."""
+    _, manifest = tiny_pipeline
+    policy = Policy.model_validate(dict(TINY_POLICY, stages={manifest.stages[0].name: {
+        "versions": [{"name": "v1", "weight": 100}, {"name": "v2", "weight": 0}]}}))
+    out = tmp_path_factory.mktemp("dark-launch")
+    write_tree(render_tree(manifest, policy), out)
+    return resolve(policy, manifest), kustomize_build(out / "overlays" / "canary")
+
+
+@pytest.fixture(scope="module")
 def generated(committed: tuple[Plan, Objs], tiny: tuple[Plan, Objs]) -> dict[str, dict[str, Any]]:
     return {"committed": istiod.generated_config(committed[1]), "tiny": istiod.generated_config(tiny[1])}
 
@@ -88,6 +100,26 @@ def test_weighted_versions_reach_istiod(tiny: tuple[Plan, Objs], generated: dict
     rows = parity.compare(tiny[0], generated["tiny"])
     first = parity.hop_label(tiny[0].hops[0])
     assert next(r for r in rows if r.hop == first and r.field == "weighted clusters").istiod == "v1=75, v2=25"
+
+
+def test_a_version_at_weight_0_is_deployed_but_not_routed(dark_launch: tuple[Plan, Objs]) -> None:
+    """What the plan decides for weight 0 (kept deployed, no route destination) is what istiod pushes."""
+    plan, objects = dark_launch
+    rows = parity.compare(plan, istiod.generated_config(objects))
+    assert parity.unexplained(rows) == []
+    first = parity.hop_label(plan.hops[0])
+    fields = {r.field: r for r in rows if r.hop == first}
+    assert fields["weighted clusters"].istiod == "v1=100"
+    assert fields["v2 upstream TLS SAN"].istiod  # its cluster exists, so raising its weight is a route change only
+    # and the reason the plan gives: a VirtualService listing it at weight 0 gets the same route from istiod
+    listed = copy.deepcopy(objects)
+    for service in (o for o in listed if o["kind"] == "VirtualService" and o["metadata"]["name"].startswith(
+            plan.hops[0].callee) or o["kind"] == "VirtualService" and o["spec"].get("gateways")):
+        route = service["spec"]["http"][0]["route"]
+        route.append(copy.deepcopy(route[0]) | {"weight": 0})
+        route[-1]["destination"] = route[0]["destination"] | {"subset": "v2"}
+    again = parity.compare(plan, istiod.generated_config(listed))
+    assert next(r for r in again if r.hop == first and r.field == "weighted clusters").istiod == "v1=100"
 
 
 def test_an_envoyfilter_that_matches_nothing_shows_as_a_difference(tiny: tuple[Plan, Objs]) -> None:
