@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mesh import local, procs, state_dir
+from mesh import local, procs, records_view, state_dir
+from mesh.records import read_records
 from mesh.v2client import STAGE_TIMING, infer, stage_timing
 from model_export.cli_help import compact_table, console_width, fits
 from model_export.manifest import DATATYPE_TO_NUMPY, Manifest, ManifestError, load_manifest
@@ -57,9 +58,13 @@ def register(sub: Any) -> None:
     _state_dir(p)
     p.set_defaults(func=_down)
 
-    p = sub.add_parser("status", help="every process of the mesh: running, ready, or crashed (exit 1)")
+    p = sub.add_parser("status", help="every process of the mesh: running, ready, or crashed (exit 1); every "
+                                      "endpoint's discovery record as the callers' Envoys see it")
     _state_dir(p)
     _json(p)
+    p.add_argument("--watch", action="store_true",
+                   help="refresh the discovery records until Ctrl-C (with --json: one JSON object per line)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
     p.set_defaults(func=_status)
 
     p = sub.add_parser("logs", help="logs of a stage's processes, of one process, or of the gateway; "
@@ -203,18 +208,23 @@ def _status(args: argparse.Namespace) -> int:
     where = _found(args)
     if local.read_state(where) is None:
         return _fail(_not_found(args, "no mesh is running"))
+    if args.watch:
+        return records_view.watch(where, console, args.interval, args.json)
     try:
         state, rows = local.status(where)
     except local.MeshError as exc:
         return _fail(str(exc))
+    reading = read_records(state, where)
     if args.json:
         _print_json({"pipeline": state.layout.pipeline, "gateway_url": state.layout.gateway_url,
                      "state_dir": str(where.resolve()),
                      "processes": [{"name": r.proc.name, "role": r.proc.role, "stage": r.proc.stage,
                                     "pid": r.proc.pid, "alive": r.alive, "ready": r.ready, "log": r.proc.log}
-                                   for r in rows]})
+                                   for r in rows],
+                     "discovery": records_view.as_json(reading)})
     else:
         _print_status(state, rows, where)
+        console.print(records_view.render(reading, console.width), soft_wrap=True)
     dead = [r.proc.name for r in rows if not r.alive]
     if dead:
         err.print(f"[red]{len(dead)} process(es) not running:[/] {', '.join(dead)}", highlight=False, soft_wrap=True)
