@@ -1,5 +1,5 @@
 """`python -m mesh render`: the pipeline and its policy as a kustomize tree of Kubernetes + Istio resources;
-`python -m mesh plan`: the plan of hops both meshes are written from."""
+`python -m mesh hops`: the plan of hops both meshes are written from."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_render)
 
     p = sub.add_parser(
-        "plan",
+        "hops",
         help="show the plan of hops: per caller -> callee the route, retries, outlier detection, who may call",
         description="Resolve mesh.yaml against pipeline.json and show, hop by hop, what the local Envoys and "
         "the Istio resources are both written from.",

@@ -254,15 +254,15 @@ def test_retry_budget_in_both_meshes(tiny_pipeline: tuple[Path, Manifest], tmp_p
         "trafficPolicy"]
 
 
-def test_plan_command(tiny_pipeline: tuple[Path, Manifest], capsys: pytest.CaptureFixture[str]) -> None:
+def test_hops_command(tiny_pipeline: tuple[Path, Manifest], capsys: pytest.CaptureFixture[str]) -> None:
     from mesh.__main__ import main
 
     directory, manifest = tiny_pipeline
-    assert main(["plan", "--pipeline", str(directory), "--json"]) == 0
+    assert main(["hops", "--pipeline", str(directory), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == resolve(Policy(), manifest).model_dump(mode="json")
     assert [(h["caller"], h["callee"]) for h in printed["hops"]][0] == (GATEWAY, "tiny-stage-0")
-    assert main(["plan", "--pipeline", str(directory)]) == 0
+    assert main(["hops", "--pipeline", str(directory)]) == 0
     table = capsys.readouterr().out
     assert all(s.name in table for s in manifest.stages) and "3/3/3" in table
-    assert main(["plan", "--pipeline", str(directory / "nowhere")]) == 2
+    assert main(["hops", "--pipeline", str(directory / "nowhere")]) == 2
