@@ -27,6 +27,9 @@ from stage_service.runtime import StageRuntime
 from stage_service.settings import StageSettings
 from stage_service.tracing import StageTracing
 
+# gRPC calls in flight when the stage stops (after uvicorn's own graceful shutdown) get this long to finish.
+GRPC_GRACE_S = 5.0
+
 try:
     SERVICE_VERSION = version("meshpipe")
 except PackageNotFoundError:  # running from a source tree without installation
@@ -155,12 +158,26 @@ def answer_response(answer: InferAnswer) -> Response:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Warm up in the background (readiness says when it is done); on shutdown, close the data plane."""
     plane: DataPlane = app.state.plane
+    grpc_server = await start_grpc(app)
     warm_up = asyncio.create_task(plane.warm_up())
     try:
         yield
     finally:
         warm_up.cancel()
+        if grpc_server is not None:
+            await grpc_server.stop(GRPC_GRACE_S)
         await plane.close()
+
+
+async def start_grpc(app: FastAPI) -> Any | None:
+    """The KServe v2 gRPC server on STAGE_GRPC_PORT, on the same data plane; None where it is unset."""
+    settings: StageSettings = app.state.settings
+    if settings.grpc_port is None:
+        return None
+    from stage_service.grpc_service import InferenceServicer, start_server  # grpc is imported only where it serves
+
+    servicer = InferenceServicer(app.state.plane, app.state.body_budget, settings.max_request_bytes)
+    return await start_server(settings.host, settings.grpc_port, servicer)
 
 
 def create_app(settings: StageSettings, runtime: StageRuntime, tracing: StageTracing) -> FastAPI:

@@ -37,6 +37,8 @@ class StageSettings(BaseSettings):
     next_url: str | None = Field(default=None, description="base URL of the next stage; unset on the last")
     host: str = Field(default="0.0.0.0", description="address to listen on")
     port: int = Field(default=8080, ge=1, le=65535, description="port to listen on")
+    grpc_port: int | None = Field(default=None, ge=1, le=65535, description="port of the KServe v2 gRPC endpoint "
+                                  "(inference.GRPCInferenceService) beside REST; unset = no gRPC")
     threads: int = Field(default=1, ge=1, le=256, description="onnxruntime intra-op threads")
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["auto"],

@@ -1,0 +1,269 @@
+"""The KServe v2 gRPC endpoint of one stage (`inference.GRPCInferenceService`), beside REST, on STAGE_GRPC_PORT.
+
+The servicer only adapts gRPC to the same `dataplane.DataPlane` the REST routes call: a ModelInferRequest
+becomes the binary-extension body REST would carry (JSON header, then the `raw_input_contents` in order; typed
+`contents` become JSON `data`), so decoding, the model's checks, admission, tracing and the hop to the next
+stage are the very same code; the binary answer becomes `raw_output_contents`. Stage-to-stage stays REST.
+
+Errors map to gRPC status codes: bad input INVALID_ARGUMENT (naming the tensor), too large RESOURCE_EXHAUSTED,
+not ready or overloaded UNAVAILABLE, unknown model NOT_FOUND; the message is the one REST would give.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+import orjson
+
+from model_export.manifest import DATATYPE_TO_NUMPY
+from stage_service import kserve_grpc as pb
+from stage_service import protocol
+from stage_service.dataplane import DataPlane, InferCall
+from stage_service.errors import (
+    InferenceFailed,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    StageError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from stage_service.limits import HEADER_ALLOWANCE, BodyBudget
+
+log = logging.getLogger("stage_service")
+INFER_METHOD = f"/{pb.SERVICE}/ModelInfer"
+TIMING_METADATA = "x-stage-timing"
+
+STATUS_OF: dict[type[StageError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.UNAVAILABLE,
+    UpstreamError: grpc.StatusCode.UNAVAILABLE,
+    UpstreamTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    InferenceFailed: grpc.StatusCode.INTERNAL,
+}
+
+# The typed `contents` field that carries each datatype (FP16 and BF16 travel only as raw bytes).
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents",
+}
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def status_of(exc: StageError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+def answering_errors(method: Handler) -> Handler:
+    """A StageError becomes its status code and message; anything else INTERNAL naming its type, logged."""
+
+    @functools.wraps(method)
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(request, context)
+        except StageError as exc:
+            if status_of(exc) in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE):
+                log.warning("%s: %s", type(exc).__name__, exc.message)
+            await context.abort(status_of(exc), exc.message)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as exc:
+            log.exception("unexpected error in gRPC %s", method.__name__, exc_info=exc)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    return wrapped
+
+
+# ------------------------------------------------------------------------------------ parameters
+
+
+def parameter_value(param: Any) -> bool | int | str | None:
+    kind = param.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(param, kind)
+
+
+def parameters_dict(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, p in params.items() if (v := parameter_value(p)) is not None}
+
+
+def set_parameters(target: Any, params: Mapping[str, Any]) -> None:
+    """JSON parameters into a protobuf parameters map: bool, int and str as such, anything else as JSON text."""
+    for key, value in params.items():
+        slot = target[key]
+        if isinstance(value, bool):
+            slot.bool_param = value
+        elif isinstance(value, int):
+            slot.int64_param = value
+        elif isinstance(value, str):
+            slot.string_param = value
+        else:
+            slot.string_param = orjson.dumps(value).decode()
+
+
+# ---------------------------------------------------------------------------- request and answer
+
+
+def rest_body(request: Any) -> tuple[bytes, int]:
+    """The binary-extension body and its header's length for a ModelInferRequest; every output binary."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"raw_input_contents holds {len(raw)} tensors but the request has {len(request.inputs)} "
+                           "inputs; expected one raw_input_contents entry per input, in order")
+    inputs = [input_header(tensor, raw[i] if raw else None) for i, tensor in enumerate(request.inputs)]
+    header: dict[str, Any] = {"inputs": inputs,
+                              "parameters": {**parameters_dict(request.parameters), "binary_data_output": True}}
+    if request.id:
+        header["id"] = request.id
+    if request.outputs:
+        header["outputs"] = [{"name": o.name} for o in request.outputs]
+    head = orjson.dumps(header)
+    return b"".join([head, *raw]), len(head)
+
+
+def input_header(tensor: Any, raw: bytes | None) -> dict[str, Any]:
+    """One input as the JSON header lists it: binary when it came raw, else its typed contents as `data`."""
+    entry: dict[str, Any] = {"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype}
+    if raw is not None:
+        if tensor.HasField("contents"):
+            raise InvalidInput(f"input {tensor.name}: has both contents and raw_input_contents; send one")
+        entry["parameters"] = {"binary_data_size": len(raw)}
+        return entry
+    field = CONTENTS_FIELD.get(tensor.datatype)
+    if field is None:
+        expected = sorted(CONTENTS_FIELD) if tensor.datatype in DATATYPE_TO_NUMPY else sorted(DATATYPE_TO_NUMPY)
+        raise InvalidInput(f"input {tensor.name}: datatype {tensor.datatype!r} cannot come as typed contents; "
+                           f"send it in raw_input_contents (typed contents carry {expected})")
+    entry["data"] = list(getattr(tensor.contents, field))
+    return entry
+
+
+def infer_response(content: bytes, header_length: int | None) -> Any:
+    """The ModelInferResponse for the data plane's binary answer: the header's outputs, their bytes raw."""
+    if header_length is None:  # every output is asked for binary; a JSON answer means a fault here
+        raise InferenceFailed("the data plane answered without binary outputs")
+    header = orjson.loads(content[:header_length])
+    response = pb.ModelInferResponse(model_name=header["model_name"], model_version=header.get("model_version", ""),
+                                     id=header.get("id", ""))
+    set_parameters(response.parameters, header.get("parameters") or {})
+    view, offset = memoryview(content), header_length
+    for out in header["outputs"]:
+        size = out["parameters"]["binary_data_size"]
+        response.outputs.add(name=out["name"], datatype=out["datatype"], shape=out["shape"])
+        response.raw_output_contents.append(bytes(view[offset:offset + size]))
+        offset += size
+    return response
+
+
+def text_metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's metadata as headers (trace context, x-request-id), binary `-bin` entries left out."""
+    return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+
+
+def tensor_metadata(tensors: list[protocol.MetadataTensor]) -> list[Any]:
+    return [pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
+            for t in tensors]
+
+
+# ------------------------------------------------------------------------------------- servicer
+
+
+class InferenceServicer:
+    """ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer on one data plane."""
+
+    def __init__(self, plane: DataPlane, budget: BodyBudget, max_request_bytes: int) -> None:
+        self.plane = plane
+        self.budget = budget
+        self.max_request_bytes = max_request_bytes
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return pb.ServerReadyResponse(ready=self.plane.ready)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        self.plane.resolve(request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=self.plane.ready)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        meta = self.plane.server_metadata()
+        return pb.ServerMetadataResponse(name=meta.name, version=meta.version, extensions=meta.extensions)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        meta = self.plane.model_metadata(request.name, request.version or None)
+        return pb.ModelMetadataResponse(name=meta.name, versions=meta.versions, platform=meta.platform,
+                                        inputs=tensor_metadata(meta.inputs), outputs=tensor_metadata(meta.outputs))
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        raw_bytes = sum(len(r) for r in request.raw_input_contents)
+        if raw_bytes > self.max_request_bytes:
+            raise PayloadTooLarge(f"the request's raw_input_contents hold {raw_bytes} bytes, over the limit of "
+                                  f"{self.max_request_bytes} (STAGE_MAX_REQUEST_BYTES)")
+        with self.budget.account() as take:
+            take(request.ByteSize())
+            body, header_length = rest_body(request)
+            call = InferCall(model=request.model_name, version=request.model_version or None, body=body,
+                             header_length=str(header_length), headers=text_metadata(context),
+                             route=INFER_METHOD, path=INFER_METHOD)
+            answer = await self.plane.infer(call)
+        context.set_trailing_metadata(((TIMING_METADATA, answer.timing),))
+        return infer_response(answer.content, answer.header_length)
+
+
+MESSAGES = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+}
+
+
+def service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The six methods as unary handlers (the proto's repository methods answer UNIMPLEMENTED)."""
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(answering_errors(getattr(servicer, name)),
+                                                  request_deserializer=req.FromString,
+                                                  response_serializer=resp.SerializeToString)
+        for name, (req, resp) in MESSAGES.items()
+    }
+    return grpc.method_handlers_generic_handler(pb.SERVICE, handlers)
+
+
+async def start_server(host: str, port: int, servicer: InferenceServicer) -> grpc.aio.Server:
+    """A started grpc.aio server on the running loop; RuntimeError naming the port if it cannot listen."""
+    # Messages a little over STAGE_MAX_REQUEST_BYTES (protobuf framing, names, shapes) reach ModelInfer, which
+    # refuses too many tensor bytes by name; grpc refuses larger ones itself with RESOURCE_EXHAUSTED.
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", servicer.max_request_bytes + HEADER_ALLOWANCE),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.so_reuseport", 0),
+    ])
+    server.add_generic_rpc_handlers((service_handler(servicer),))
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise RuntimeError(f"STAGE_GRPC_PORT: cannot listen on {address} ({exc})") from None
+    await server.start()
+    log.info("KServe v2 gRPC on %s", address)
+    return server
+
