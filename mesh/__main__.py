@@ -1,11 +1,11 @@
 """`python -m mesh`: up, down, status, logs, apply, demo-request, trace (the local mesh), render, validate and
-parity (Kubernetes + Istio)."""
+parity (Kubernetes + Istio); plan (replicas from measured costs)."""
 
 from __future__ import annotations
 
 import sys
 
-from mesh import cli_local, cli_parity, cli_render, cli_trace, cli_validate
+from mesh import cli_capacity, cli_local, cli_parity, cli_render, cli_trace, cli_validate
 from model_export.cli_help import CommandParser
 
 
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_render.register(sub)
     cli_trace.register(sub)
     cli_validate.register(sub)
+    cli_capacity.register(sub)
     cli_parity.register(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
