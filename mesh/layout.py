@@ -1,6 +1,6 @@
 """Where every process of the local mesh lives: one replica per (stage, version, index), and its ports.
 
-The layout is planned once by `mesh up` from the manifest and the resolved policy, and saved in the state
+The layout is planned once by `mesh up` from the manifest and the plan of hops (`mesh.plan`), and saved in the state
 directory, so `status`, `logs`, `down` and config regeneration all read the same ports.
 """
 

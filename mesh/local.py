@@ -2,7 +2,7 @@
 
 State directory layout:
 
-    state.json            what was started: the layout (ports), the resolved policy, every process
+    state.json            what was started: the layout (ports), the plan of hops, every process
     pki/                  the local CA and one certificate per identity
     envoy/<name>/         per Envoy: bootstrap.json and dynamic/{lds,cds}.json (watched by Envoy)
     logs/<name>.log       stdout and stderr of each process
