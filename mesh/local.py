@@ -208,7 +208,7 @@ def _ready_url(state: State, p: procs.Proc) -> str:
 
 def _target(state: State, client: httpx.Client, p: procs.Proc) -> Target:
     return Target(name=p.name, ready=partial(_probe, client, _ready_url(state, p)), alive=partial(procs.alive, p),
-                  log=lambda: f"last lines of {p.log}:\n{procs.tail(p.log)}")
+                  log=lambda: f"last lines of {p.log}:\n{procs.tail(p.log, critical_first=True)}")
 
 
 def _wait_ready(state: State, manifest: Manifest, timeout_s: float) -> None:

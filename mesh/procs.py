@@ -72,9 +72,16 @@ def marked(variable: str, value: str) -> list[int]:
     return found
 
 
-def tail(path: Path | str, lines: int = 20) -> str:
+def tail(path: Path | str, lines: int = 20, critical_first: bool = False) -> str:
+    """The last `lines` lines of a log; with `critical_first`, after its first `[critical]` line where the tail
+    lacks it: Envoy says why it aborts there (e.g. no inotify instance left), and its backtrace fills the tail."""
     try:
         text = Path(path).read_text(errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    every = text.splitlines()
+    last = every[-lines:] if lines > 0 else []
+    first = next((line for line in every if "[critical]" in line), None)
+    if critical_first and first is not None and first not in last:
+        last = [first, "...", *last]
+    return "\n".join(last)

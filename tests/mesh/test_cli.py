@@ -156,3 +156,16 @@ def test_a_four_stage_waterfall_fits_80_columns(tmp_path: Path, monkeypatch: pyt
             assert "stage-3/v1" in text and "reference-stage-3/v1" not in text  # compact labels
         else:
             assert "reference-stage-3/v1" in text and "POST /v2/models/{name}/infer 200" in text
+
+
+def test_a_start_up_failure_shows_why_envoy_aborted(tmp_path: Path) -> None:
+    """Envoy logs its reason first and a long backtrace after it; the error `up` prints keeps the reason."""
+    from mesh.procs import tail
+
+    log = tmp_path / "sidecar.log"
+    reason = ("[critical][assert] [source/common/filesystem/inotify/watcher_impl.cc:25] assert failure: "
+              "inotify_fd_ >= 0. Details: Consider increasing value of fs.inotify.max_user_instances")
+    log.write_text("\n".join([reason, *(f"[error][envoy_bug] #{i} UNKNOWN" for i in range(40))]) + "\n")
+    shown = tail(log, 5, critical_first=True).splitlines()
+    assert shown[0] == reason and shown[-1].endswith("#39 UNKNOWN") and len(shown) == 7
+    assert reason not in tail(log, 5)  # `mesh logs -n 5` stays the last five lines
