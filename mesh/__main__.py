@@ -9,7 +9,7 @@ from mesh import cli_capacity, cli_local, cli_parity, cli_render, cli_trace, cli
 from model_export.cli_help import CommandParser
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> CommandParser:
     parser = CommandParser(prog="python -m mesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_local.register(sub)
@@ -18,7 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     cli_validate.register(sub)
     cli_capacity.register(sub)
     cli_parity.register(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -128,3 +128,10 @@ def test_table_fits_80_columns() -> None:
         assert all(len(line) <= width for line in text.splitlines()), text
         assert "1234.50" in text and "3456.70" in text and "123.4" in text
         assert [c for c in ("p90 ms", "p99.9 ms", "checked") if c not in text] == dropped
+
+
+def test_every_option_has_help_and_shows_its_default() -> None:
+    from loadtest.__main__ import parser
+    from tests.model_export.test_cli import options_without_help_or_default
+
+    assert options_without_help_or_default(parser()) == []

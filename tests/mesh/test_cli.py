@@ -11,27 +11,15 @@ import pytest
 from rich.console import Console
 
 from mesh import cli_trace, local, state_dir
-from mesh.__main__ import main
-from model_export.cli_help import CommandParser
+from mesh.__main__ import build_parser, main
 from model_export.manifest import Manifest
 from tests.mesh.local_mesh import mesh_cli, processes_of, write_policy
 from tests.mesh.test_trace import T1_ID, span, write_state
 from tests.model_export.test_cli import options_without_help_or_default
 
 
-def mesh_parser() -> CommandParser:
-    from mesh import cli_local, cli_render
-
-    parser = CommandParser(prog="python -m mesh")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cli_local.register(sub)
-    cli_render.register(sub)
-    cli_trace.register(sub)
-    return parser
-
-
 def test_every_option_has_help_and_shows_its_default() -> None:
-    assert options_without_help_or_default(mesh_parser()) == []
+    assert options_without_help_or_default(build_parser()) == []
 
 
 def test_state_dir_found_upwards_then_from_the_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

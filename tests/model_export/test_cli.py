@@ -38,7 +38,8 @@ def options_without_help_or_default(parser: argparse.ArgumentParser) -> list[str
             shown = formatter._get_help_string(action)  # type: ignore[attr-defined]
             if not action.help:
                 missing.append(f"{name} {flag}: no help")
-            elif action.default is not None and action.default is not False and "default" not in shown:
+            elif (action.default is not None and action.default is not False and "default" not in shown
+                  and not isinstance(action, argparse._StoreConstAction)):  # a flag's help says what it sets
                 missing.append(f"{name} {flag}: default {action.default!r} not shown")
     return missing
 
