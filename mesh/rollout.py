@@ -1,0 +1,210 @@
+"""Live rollout of one stage's new version on the running local mesh: canary, promote, rollback.
+
+`canary` starts the new version's replicas (app and sidecar each) beside the old ones while the callers
+route nothing to them (a version at weight 0 is deployed but unrouted, as istiod does), waits until they
+are ready, then moves the weight by rewriting the callers' watched Envoy files, as `mesh apply` does: no
+process restarts. `promote` and `rollback` route everything to the side that stays, let the requests in
+flight on the other side finish, stop its processes (each app answers not-ready before it closes), and
+drop its clusters. The mesh's policy, so changed, is kept in the state directory (`policy.yaml`), so
+`mesh apply` and `mesh render --policy` read the same one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from mesh import procs
+from mesh.layout import LOOPBACK, Layout, Replica
+from mesh.local import (
+    MARKER_ENV,
+    MeshError,
+    State,
+    _app_env,
+    _base_id,
+    _envoy_cmd,
+    _envoy_path,
+    _load_inputs,
+    _target,
+    _write_state,
+    read_state,
+    write_envoy_configs,
+)
+from mesh.plan import Plan
+from model_export.contract import check_contract
+from model_export.manifest import ManifestError, load_manifest, verify_stage_file
+from stage_service.supervisor import NotReady, ProcessExited, wait_ready
+
+POLICY_FILE = "policy.yaml"  # the mesh's own policy, as canary/promote/rollback left it
+DRAIN_S = 3.0  # after the route leaves a side: its requests in flight finish (retries included)
+
+
+def _running(state_dir: Path) -> State:
+    state = read_state(state_dir)
+    if state is None:
+        raise MeshError(f"no mesh is running from {state_dir}; start one with `python -m mesh up --detach`")
+    return state
+
+
+def _policy_data(state: State) -> dict[str, Any]:
+    if state.policy_file is None:
+        return {}
+    return yaml.safe_load(Path(state.policy_file).read_text()) or {}
+
+
+def _with_versions(state: State, state_dir: Path, stage: str, versions: list[dict[str, Any]]) -> tuple[Path, Plan]:
+    """The mesh's policy with `stage`'s versions replaced, written to the state directory and resolved."""
+    data = _policy_data(state)
+    stages = data.setdefault("stages", {}) or {}
+    stages[stage] = {**(stages.get(stage) or {}), "versions": versions}
+    data["stages"] = stages
+    path = state_dir / POLICY_FILE
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    _, resolved = _load_inputs(Path(state.pipeline_dir), path)
+    return path, resolved
+
+
+def _versions(state: State, stage: str) -> list[dict[str, Any]]:
+    try:
+        plan = state.policy.stage(stage)
+    except KeyError as exc:
+        raise MeshError(str(exc.args[0])) from exc
+    out = []
+    for v in plan.versions:
+        entry: dict[str, Any] = {"name": v.name, "weight": v.weight}
+        if v.file is not None:
+            entry["file"] = v.file
+        out.append(entry)
+    return out
+
+
+def _new_replicas(layout: Layout, resolved: Plan, stage: str, version: str, file: str) -> list[Replica]:
+    plan = resolved.stage(stage)
+    last = len(resolved.stages) - 1
+    with ExitStack() as stack:
+
+        def free() -> int:
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((LOOPBACK, 0))
+            return int(s.getsockname()[1])
+
+        return [Replica(stage=stage, index=plan.index, version=version, replica=k, file=file, app_port=free(),
+                        inbound_port=free(), outbound_port=free() if plan.index < last else None, admin_port=free())
+                for k in range(plan.replicas)]
+
+
+def _apply(state: State, state_dir: Path, policy_file: Path, resolved: Plan) -> None:
+    write_envoy_configs(state_dir, resolved, state.layout)
+    state.policy, state.policy_file = resolved, str(policy_file.resolve())
+    _write_state(state_dir, state)
+
+
+def _start(state: State, state_dir: Path, replicas: list[Replica], timeout_s: float) -> None:
+    envoy = _envoy_path()
+    bootstraps = write_envoy_configs(state_dir, state.policy, state.layout)
+    manifest_path = Path(state.pipeline_dir) / "pipeline.json"
+    logs = state_dir / "logs"
+    envoy_env = {**os.environ, MARKER_ENV: str(state_dir.resolve())}
+    started = []
+    for r in replicas:
+        started.append(procs.start(r.name, "app", r.stage, [sys.executable, "-m", "stage_service"],
+                                   logs / f"{r.name}.log", env=_app_env(state_dir, manifest_path, state.policy, r)))
+        started.append(procs.start(f"{r.name}-sidecar", "sidecar", r.stage,
+                                   _envoy_cmd(envoy, bootstraps[r.name], _base_id(state_dir, r.inbound_port), 1),
+                                   logs / f"{r.name}-sidecar.log", env=envoy_env))
+    state.procs += started
+    _write_state(state_dir, state)
+    with httpx.Client() as client:
+        try:
+            wait_ready([_target(state, client, p) for p in started], timeout_s, interval=0.2)
+        except (ProcessExited, NotReady) as exc:
+            raise MeshError(str(exc)) from exc
+
+
+def canary(state_dir: Path, stage: str, version: str, weight: int, source: Path | None = None,
+           timeout_s: float = 120.0) -> State:
+    """Route `weight`% of `stage`'s requests to `version`: the stage's version in pipeline `source` (the first
+    time, its replicas are started), or an already running canary's new weight."""
+    if not 0 <= weight <= 100:
+        raise MeshError(f"--weight must be 0..100, got {weight}")
+    state = _running(state_dir)
+    versions = _versions(state, stage)
+    names = [v["name"] for v in versions]
+    if version in names and len(names) == 2 and names[1] == version:  # the running canary: a new weight
+        versions[0]["weight"], versions[1]["weight"] = 100 - weight, weight
+        path, resolved = _with_versions(state, state_dir, stage, versions)
+        _apply(state, state_dir, path, resolved)
+        return state
+    if len(names) != 1:
+        raise MeshError(f"{stage} already runs versions {names}: promote or roll back before another canary")
+    if source is None:
+        raise MeshError(f"{stage} {version} is not running yet: give --pipeline DIR, the pipeline holding it "
+                        "(as `model_export retrain-stage` writes it)")
+    file = _checked_file(state, source, stage, version)
+    old = {**versions[0], "weight": 100}
+    path, resolved = _with_versions(state, state_dir, stage, [old, {"name": version, "weight": 0, "file": file}])
+    state.policy, state.policy_file = resolved, str(path.resolve())
+    new = _new_replicas(state.layout, resolved, stage, version, file)
+    state.layout = state.layout.model_copy(update={"replicas": [*state.layout.replicas, *new]})
+    _start(state, state_dir, new, timeout_s)
+    path, resolved = _with_versions(state, state_dir, stage, [{**old, "weight": 100 - weight},
+                                                             {"name": version, "weight": weight, "file": file}])
+    _apply(state, state_dir, path, resolved)
+    return state
+
+
+def _checked_file(state: State, source: Path, stage: str, version: str) -> str:
+    try:
+        new = load_manifest(source)
+        new_stage = new.stage(stage)
+        path = verify_stage_file(source, new_stage)
+        report = check_contract(Path(state.pipeline_dir), source)
+    except (ManifestError, KeyError) as exc:
+        raise MeshError(f"--pipeline {source}: {exc}") from exc
+    if new_stage.version != version:
+        raise MeshError(f"--pipeline {source} holds {stage} {new_stage.version}, not {version}")
+    if not report.fits:
+        raise MeshError(f"{source} does not fit beside the running pipeline: {'; '.join(report.reasons())}")
+    return str(path.resolve())
+
+
+def _finish(state_dir: Path, stage: str, keep_new: bool, grace_s: float) -> State:
+    state = _running(state_dir)
+    versions = _versions(state, stage)
+    if len(versions) != 2:
+        raise MeshError(f"{stage} runs {[v['name'] for v in versions]}: no canary to promote or roll back")
+    stay, leave = (versions[1], versions[0]) if keep_new else (versions[0], versions[1])
+    routed = [{**v, "weight": 100 if v is stay else 0} for v in versions]
+    path, resolved = _with_versions(state, state_dir, stage, routed)
+    _apply(state, state_dir, path, resolved)
+    time.sleep(DRAIN_S)
+    leaving = {r.name for r in state.layout.of_version(stage, leave["name"])}
+    gone = [p for p in state.procs if p.name in leaving or p.name.removesuffix("-sidecar") in leaving]
+    order = {"sidecar": 0, "app": 1}
+    left = procs.stop(sorted(gone, key=lambda p: order.get(p.role, 2)), grace_s=grace_s)
+    if left:
+        raise MeshError(f"could not stop {[p.name for p in left]}")
+    state.procs = [p for p in state.procs if p not in gone]
+    state.layout = state.layout.model_copy(update={
+        "replicas": [r for r in state.layout.replicas if r.name not in leaving]})
+    path, resolved = _with_versions(state, state_dir, stage, [{**stay, "weight": 100}])
+    _apply(state, state_dir, path, resolved)
+    return state
+
+
+def promote(state_dir: Path, stage: str, grace_s: float = 10.0) -> State:
+    """All of `stage`'s requests to its canary; the old version's replicas drained and stopped."""
+    return _finish(state_dir, stage, keep_new=True, grace_s=grace_s)
+
+
+def rollback(state_dir: Path, stage: str, grace_s: float = 10.0) -> State:
+    """All of `stage`'s requests back to its old version; the canary's replicas drained and stopped."""
+    return _finish(state_dir, stage, keep_new=False, grace_s=grace_s)
