@@ -114,7 +114,10 @@ def test_open_loop_latency_counts_from_the_intended_send_time() -> None:
             assert s.latency_s >= stall - s.intended_s - 0.01
     closed = asyncio.run(closed_loop(workload, LoadSettings(concurrency=1, duration_s=1.0), None,
                                      _stalling_transport(stall)))
-    assert sum(s.latency_s >= stall * 0.9 for s in closed) == 1
+    # A closed loop sends nothing while its one request stalls: the stall lands in that request's latency
+    # alone, because every later request was sent after it (lower bounds only, so a busy machine cannot flake it).
+    assert closed[0].latency_s >= stall - 0.01
+    assert len(closed) > 1 and all(s.intended_s >= stall - 0.01 for s in closed[1:])
 
 
 def test_table_fits_80_columns() -> None:
