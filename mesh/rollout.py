@@ -12,6 +12,7 @@ drop its clusters. The mesh's policy, so changed, is kept in the state directory
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import time
@@ -40,7 +41,7 @@ from mesh.local import (
 )
 from mesh.plan import Plan
 from model_export.contract import check_contract
-from model_export.manifest import ManifestError, load_manifest, verify_stage_file
+from model_export.manifest import ManifestError, load_manifest, sha256_file, verify_stage_file
 from stage_service.supervisor import NotReady, ProcessExited, wait_ready
 
 POLICY_FILE = "policy.yaml"  # the mesh's own policy, as canary/promote/rollback left it
@@ -86,7 +87,7 @@ def _versions(state: State, stage: str) -> list[dict[str, Any]]:
     return out
 
 
-def _new_replicas(layout: Layout, resolved: Plan, stage: str, version: str, file: str) -> list[Replica]:
+def _new_replicas(layout: Layout, resolved: Plan, stage: str, version: str, file: Path) -> list[Replica]:
     plan = resolved.stage(stage)
     last = len(resolved.stages) - 1
     with ExitStack() as stack:
@@ -96,7 +97,7 @@ def _new_replicas(layout: Layout, resolved: Plan, stage: str, version: str, file
             s.bind((LOOPBACK, 0))
             return int(s.getsockname()[1])
 
-        return [Replica(stage=stage, index=plan.index, version=version, replica=k, file=file, app_port=free(),
+        return [Replica(stage=stage, index=plan.index, version=version, replica=k, file=str(file), app_port=free(),
                         inbound_port=free(), outbound_port=free() if plan.index < last else None, admin_port=free())
                 for k in range(plan.replicas)]
 
@@ -152,7 +153,7 @@ def canary(state_dir: Path, stage: str, version: str, weight: int, source: Path 
     old = {**versions[0], "weight": 100}
     path, resolved = _with_versions(state, state_dir, stage, [old, {"name": version, "weight": 0, "file": file}])
     state.policy, state.policy_file = resolved, str(path.resolve())
-    new = _new_replicas(state.layout, resolved, stage, version, file)
+    new = _new_replicas(state.layout, resolved, stage, version, (Path(state.pipeline_dir) / file).resolve())
     state.layout = state.layout.model_copy(update={"replicas": [*state.layout.replicas, *new]})
     _start(state, state_dir, new, timeout_s)
     path, resolved = _with_versions(state, state_dir, stage, [{**old, "weight": 100 - weight},
@@ -173,7 +174,18 @@ def _checked_file(state: State, source: Path, stage: str, version: str) -> str:
         raise MeshError(f"--pipeline {source} holds {stage} {new_stage.version}, not {version}")
     if not report.fits:
         raise MeshError(f"{source} does not fit beside the running pipeline: {'; '.join(report.reasons())}")
-    return str(path.resolve())
+    return _beside_pipeline(Path(state.pipeline_dir), path, new_stage.sha256)
+
+
+def _beside_pipeline(pipeline_dir: Path, path: Path, sha256: str) -> str:
+    """Copy the new stage file beside the running pipeline's manifest and return its plain name: the local mesh
+    and `mesh render` (whose image holds the pipeline directory) then read the same `versions[].file`."""
+    target = pipeline_dir / path.name
+    if target.exists() and sha256_file(target) != sha256:
+        raise MeshError(f"{target} exists with other contents than {path}; remove it or rename the new stage file")
+    if not target.exists():
+        shutil.copyfile(path, target)
+    return path.name
 
 
 def _finish(state_dir: Path, stage: str, keep_new: bool, grace_s: float) -> State:

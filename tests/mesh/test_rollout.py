@@ -17,8 +17,11 @@ import onnxruntime as ort
 import pytest
 
 from mesh import local
+from mesh.policy import load_policy
 from mesh.procs import alive
+from mesh.render import render_tree
 from mesh.v2client import STAGE_TIMING, infer, stage_timing
+from model_export.manifest import load_manifest
 from model_export.stage_version import write_stage_version
 from tests.mesh.local_mesh import mesh_cli, running_mesh
 from tests.tiny import dense_stage_graph, write_tiny_pipeline
@@ -114,6 +117,11 @@ def test_canary_promote_and_rollback_under_load(mesh: tuple[local.State, Path], 
         assert abs(share(load.count("10%", 600), "v2") - 10) <= 5, load.served
         assert mesh_cli("canary", "--stage", STAGE, "--version", "v2", "--weight", "50", *where).returncode == 0
         assert abs(share(load.count("50%", 800), "v2") - 50) <= 5, load.served
+        # the same policy renders the Kubernetes tree: a Deployment of v2 reading the file from the image's copy
+        tree = render_tree(load_manifest(pipelines["v1"]), load_policy(state_dir / "policy.yaml"))
+        v2 = tree["overlays/canary/deployment-roll-stage-1-v2.yaml"]
+        assert "stage-1-v2.onnx" in v2 and str(pipelines["v2"]) not in v2
+        assert (pipelines["v1"] / "stage-1-v2.onnx").is_file()
         v1_procs = [p for p in local.read_state(state_dir).procs if p.name.startswith(f"{STAGE}-v1-")]  # type: ignore[union-attr]
         promoted = mesh_cli("promote", "--stage", STAGE, *where)
         assert promoted.returncode == 0, promoted.stderr
