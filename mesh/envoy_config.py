@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mesh import envoy_grpc
 from mesh.layout import LOOPBACK, Layout, Replica
 from mesh.pki import CertPair
 from mesh.plan import Hop, Plan
@@ -92,7 +93,7 @@ def _downstream_mtls(identity: CertPair, ca: Path) -> Json:
             common_tls_context={
                 "tls_certificates": [_tls_certificate(identity)],
                 "validation_context": {"trusted_ca": {"filename": str(ca)}},
-                "alpn_protocols": ["http/1.1"],
+                "alpn_protocols": ["h2", "http/1.1"],  # h2: gRPC from the gateway (mesh.envoy_grpc)
             },
         ),
     }
@@ -325,6 +326,9 @@ def sidecar(layout: Layout, plan: Plan, replica: Replica, identity: CertPair, ca
     })
     # The caller's sidecar owns the timeout; the inbound side never cuts a request short.
     res.routes.append(_route_config("inbound", {"cluster": APP_CLUSTER, "timeout": "0s"}))
+    if replica.grpc_port is not None:
+        res.routes[-1]["virtual_hosts"][0]["routes"].insert(0, envoy_grpc.inbound_route())
+        res.clusters.append(envoy_grpc.app_cluster(replica, CONNECT_TIMEOUT, inbound.upstream.buffer_limit_bytes))
     res.clusters.append({
         "name": APP_CLUSTER,
         "type": "STATIC",
@@ -351,7 +355,19 @@ def gateway(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dynamic_di
     res = Resources()
     _outbound(res, "gateway", layout.gateway_port, first, dynamic_dir)
     res.clusters += outbound_clusters(layout, first, identity, ca)
+    if layout.gateway_grpc_port is not None:
+        _gateway_grpc(res, layout, first, dynamic_dir)
     return res
+
+
+def _gateway_grpc(res: Resources, layout: Layout, first: Hop, dynamic_dir: Path) -> None:
+    """The gateway's gRPC listener, route and HTTP/2 clusters to the first stage (mesh.envoy_grpc)."""
+    name = envoy_grpc.GATEWAY_GRPC
+    res.listeners.append(envoy_grpc.gateway_listener(layout, first, _hcm(name, dynamic_dir, [])))
+    route = _route_config(name, envoy_grpc.gateway_route_action(route_to(first), first))
+    route["virtual_hosts"][0]["include_request_attempt_count"] = True
+    res.routes.append(route)
+    res.clusters += envoy_grpc.gateway_clusters([c for c in res.clusters if c["name"].startswith("outbound|")])
 
 
 def bootstrap(node_id: str, cluster: str, admin_port: int, dynamic_dir: Path) -> Json:

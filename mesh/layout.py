@@ -28,6 +28,7 @@ class Replica(BaseModel):
     replica: int
     file: str | None  # a replacement ONNX file for this version (absolute), None: the manifest's
     app_port: int
+    grpc_port: int | None = None  # the app's KServe v2 gRPC port, behind the same inbound listener
     inbound_port: int  # the sidecar's mTLS listener, the only port other workloads call
     outbound_port: int | None  # the sidecar's plaintext listener the app calls the next stage through
     admin_port: int  # the sidecar's Envoy admin
@@ -44,6 +45,7 @@ class Layout(BaseModel):
     pipeline_dir: str
     gateway_port: int
     gateway_admin_port: int
+    gateway_grpc_port: int | None = None  # the gateway's gRPC listener (HTTP/2 cleartext)
     replicas: list[Replica]
 
     def of_stage(self, stage: str) -> list[Replica]:
@@ -55,6 +57,10 @@ class Layout(BaseModel):
     @property
     def gateway_url(self) -> str:
         return f"http://{LOOPBACK}:{self.gateway_port}"
+
+    @property
+    def gateway_grpc_address(self) -> str | None:
+        return f"{LOOPBACK}:{self.gateway_grpc_port}" if self.gateway_grpc_port else None
 
 
 class PortInUse(RuntimeError):
@@ -100,6 +106,7 @@ def plan(resolved: Plan, pipeline: str, pipeline_dir: Path, gateway_port: int | 
                             replica=k,
                             file=str((pipeline_dir / version.file).resolve()) if version.file else None,
                             app_port=free(),
+                            grpc_port=free(),
                             inbound_port=free(),
                             outbound_port=free() if stage.index < last else None,
                             admin_port=free(),
@@ -110,5 +117,6 @@ def plan(resolved: Plan, pipeline: str, pipeline_dir: Path, gateway_port: int | 
             pipeline_dir=str(pipeline_dir.resolve()),
             gateway_port=port or free(),
             gateway_admin_port=free(),
+            gateway_grpc_port=free(),
             replicas=replicas,
         )

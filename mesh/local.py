@@ -174,7 +174,7 @@ def _app_env(state_dir: Path, manifest_path: Path, resolved: Plan, r: Replica) -
     version = next(v for v in stage.versions if v.name == r.version)
     next_url = f"http://{LOOPBACK}:{r.outbound_port}" if r.outbound_port is not None else None
     placement = Placement(manifest=str(manifest_path), model_dir=manifest_path.parent, host=LOOPBACK,
-                          port=r.app_port, next_url=next_url)
+                          port=r.app_port, next_url=next_url, grpc_port=r.grpc_port)
     # Spans as JSON lines, one file per replica, for `python -m mesh trace` (OTEL_SDK_DISABLED=true: none).
     settings = resolved.settings(stage, version, placement, drain_delay_s=DRAIN_DELAY_S,
                                  trace_file=str((state_dir / TRACES_DIR / f"{r.name}.jsonl").resolve()))

@@ -65,7 +65,8 @@ PER_TRY_LATENCY_FACTOR = 10.0
 PER_TRY_FLOOR_S = 1.0
 # The only paths a caller may reach on the next stage: the v2 inference protocol (health and metrics are
 # for the kubelet and Prometheus, which do not pass the inbound authorization).
-INFERENCE_PATHS = ("/v2", "/v2/*")
+# REST (KServe v2) and gRPC (inference.GRPCInferenceService, on its own port)
+INFERENCE_PATHS = ("/v2", "/v2/*", "/inference.GRPCInferenceService/*")
 
 
 class _Frozen(BaseModel):
@@ -162,6 +163,7 @@ class Placement:
     host: str
     port: int
     next_url: str | None  # how the app reaches the next stage: its sidecar's outbound listener, or the Service
+    grpc_port: int | None = None  # the app's KServe v2 gRPC port (STAGE_GRPC_PORT); None: no gRPC
 
 
 class _Given(StageSettings):
@@ -212,6 +214,8 @@ class Plan(_Frozen):
             values["timeout_s"] = stage.next_timeout_s
         if version.file is not None:
             values["file"] = placement.model_dir / version.file
+        if placement.grpc_port is not None:
+            values["grpc_port"] = placement.grpc_port
         return _Given.model_validate({**values, **extra})
 
 

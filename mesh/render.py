@@ -43,6 +43,11 @@ IMAGE_TAG = "0.1.0"
 GPU_IMAGE_TAG = "0.1.0-gpu"
 MODEL_INIT_IMAGE_REPO = "meshpipe"  # the model image is <repo>/<pipeline>-model:<sha12 of the source model>
 PORT = 8080
+GRPC_PORT = 8081  # KServe v2 gRPC (STAGE_GRPC_PORT), KServe's own default; clients reach it at the gateway
+GRPC_PREFIX = "/inference.GRPCInferenceService/"
+# Istio's retryOn for gRPC: the status codes that mean "another replica may answer", and connection failures;
+# never invalid-argument or resource-exhausted, which would only fail again.
+GRPC_RETRY_ON = "unavailable,cancelled,connect-failure,refused-stream,reset"
 RUN_AS = 10001  # any non-root UID but Istio's proxy UID 1337
 MODEL_DIR = "/models"
 INGRESS_GATEWAY_SELECTOR = {"istio": "ingressgateway"}
@@ -115,7 +120,9 @@ def service(stage: StagePlan, ns: str) -> dict[str, Any]:
         "spec": {
             "selector": {"app": stage.name},
             "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP",
-                       "appProtocol": "http"}],
+                       "appProtocol": "http"},
+                      {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
+                       "appProtocol": "grpc"}],
         },
     }
 
@@ -132,7 +139,8 @@ def pod_disruption_budget(stage: StagePlan, ns: str) -> dict[str, Any]:
 def _env(resolved: Plan, stage: StagePlan, version: Version) -> list[dict[str, str]]:
     nxt = resolved.hop_from(stage.name)
     placement = Placement(manifest=f"{MODEL_DIR}/{MANIFEST_FILE}", model_dir=Path(MODEL_DIR), host="0.0.0.0",
-                          port=PORT, next_url=f"http://{fqdn(nxt.callee, resolved.namespace)}:{PORT}" if nxt else None)
+                          port=PORT, next_url=f"http://{fqdn(nxt.callee, resolved.namespace)}:{PORT}" if nxt else None,
+                          grpc_port=GRPC_PORT)
     env = resolved.settings(stage, version, placement, providers="cpu").to_env()
     env["OMP_NUM_THREADS"] = str(stage.threads)
     if resolved.tracing.otlp_endpoint:
@@ -207,7 +215,8 @@ def deployment(manifest: Manifest, resolved: Plan, stage: StagePlan, version: Ve
                         "name": "stage",
                         "image": f"{IMAGE}:{IMAGE_TAG}",
                         "imagePullPolicy": "IfNotPresent",
-                        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+                        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"},
+                                  {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"}],
                         "env": _env(resolved, stage, version),
                         "startupProbe": probe("/v2/health/live", 2, 60),
                         "livenessProbe": probe("/v2/health/live", 10, 3),
@@ -339,9 +348,22 @@ def gateway_virtual_service(manifest: Manifest, resolved: Plan) -> dict[str, Any
         "spec": {
             "hosts": [resolved.gateway.host],
             "gateways": [manifest.name],
-            "http": [_http_route(resolved.hops[0], resolved.namespace, "pipeline", [{"uri": {"prefix": "/v2"}}])],
+            "http": [_grpc_route(resolved.hops[0], resolved.namespace),
+                     _http_route(resolved.hops[0], resolved.namespace, "pipeline", [{"uri": {"prefix": "/v2"}}])],
         },
     }
+
+
+def _grpc_route(hop: Hop, ns: str) -> dict[str, Any]:
+    """KServe v2 gRPC to the first stage's `grpc` port: the REST route's versions and timeout, retried on
+    gRPC status codes (a gRPC error is HTTP 200 with a grpc-status, which 5xx conditions never see)."""
+    http = _http_route(hop, ns, "pipeline-grpc", [{"uri": {"prefix": GRPC_PREFIX}}])
+    for destination in http["route"]:
+        destination["destination"]["port"] = {"number": GRPC_PORT}
+    if hop.route.attempts > 0:
+        http["retries"]["retryOn"] = GRPC_RETRY_ON
+    http.pop("fault", None)  # the policy's faults are HTTP statuses
+    return http
 
 
 def peer_authentication(ns: str) -> dict[str, Any]:
@@ -364,7 +386,7 @@ def allow_caller(hop: Hop, ns: str) -> dict[str, Any]:
             "action": "ALLOW",
             "rules": [{
                 "from": [{"source": {"principals": list(hop.allowed_principals)}}],
-                "to": [{"operation": {"ports": [str(PORT)], "paths": list(hop.allowed_paths)}}],
+                "to": [{"operation": {"ports": [str(PORT), str(GRPC_PORT)], "paths": list(hop.allowed_paths)}}],
             }],
         },
     }

@@ -69,7 +69,8 @@ def test_workload_conventions(tiny_pipeline: tuple[Path, Manifest]) -> None:
     assert sorted(sa["metadata"]["name"] for sa in kinds["ServiceAccount"]) == sorted(names)
     assert sorted(d["metadata"]["name"] for d in kinds["Deployment"]) == sorted(f"{n}-v1" for n in names)
     for svc in kinds["Service"]:
-        assert [p["name"] for p in svc["spec"]["ports"]] == ["http"]
+        assert [(p["name"], p["port"], p["appProtocol"]) for p in svc["spec"]["ports"]] == [
+            ("http", 8080, "http"), ("grpc", 8081, "grpc")]
     for d in kinds["Deployment"]:
         pod = d["spec"]["template"]
         assert set(pod["metadata"]["labels"]) == {"app", "version"}
@@ -83,6 +84,7 @@ def test_workload_conventions(tiny_pipeline: tuple[Path, Manifest]) -> None:
         assert c["resources"]["requests"] and c["resources"]["limits"]
         env = {e["name"]: e["value"] for e in c["env"]}
         assert env["STAGE_MANIFEST"] == "/models/pipeline.json" and env["STAGE_PORT"] == "8080"
+        assert env["STAGE_GRPC_PORT"] == "8081" and [p["name"] for p in c["ports"]] == ["http", "grpc"]
         # the model files come from the init container into the shared emptyDir
         assert spec["initContainers"][0]["volumeMounts"][0]["mountPath"] == "/models"
     last = next(d for d in kinds["Deployment"] if d["metadata"]["labels"]["app"] == names[-1])
@@ -248,3 +250,17 @@ def test_pods_drain_before_they_are_killed(tiny_pipeline: tuple[Path, Manifest])
         proxy = yaml.safe_load(pod["metadata"]["annotations"]["proxy.istio.io/config"])
         assert proxy["proxyMetadata"] == {"EXIT_ON_ZERO_ACTIVE_CONNECTIONS": "true"}
         assert proxy["terminationDrainDuration"] == f"{pre_stop + app_drain}s"
+
+
+def test_gateway_routes_grpc_to_the_first_stage_retrying_grpc_codes(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    (vs,) = [v for v in _by_kind(render_tree(manifest, Policy()), "components/istio/")["VirtualService"]
+             if v["metadata"]["name"] == f"{manifest.name}-gateway"]
+    grpc, rest = vs["spec"]["http"]
+    assert grpc["match"] == [{"uri": {"prefix": "/inference.GRPCInferenceService/"}}]
+    assert rest["match"] == [{"uri": {"prefix": "/v2"}}]
+    assert {d["destination"]["port"]["number"] for d in grpc["route"]} == {8081}
+    assert {d["destination"]["host"] for d in grpc["route"]} == {d["destination"]["host"] for d in rest["route"]}
+    retry_on = set(grpc["retries"]["retryOn"].split(","))
+    assert {"unavailable", "cancelled"} <= retry_on and not retry_on & {"invalid-argument", "resource-exhausted"}
+    assert grpc["timeout"] == rest["timeout"]

@@ -1,0 +1,111 @@
+"""KServe v2 gRPC through the local mesh's gateway (real Envoy): tritonclient.grpc unchanged, the bad-input codes
+passed through, and the gateway retrying UNAVAILABLE on the other replica of the first stage while one drains."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from mesh import local
+from mesh.envoy_grpc import GATEWAY_GRPC
+from model_export.manifest import Manifest
+from tests.mesh.local_mesh import running_mesh, write_policy
+
+FIRST = "tiny-stage-0"
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny_pipeline: tuple[Path, Manifest], tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.State]:
+    tmp = tmp_path_factory.mktemp("mesh-grpc")
+    policy = write_policy(tmp / "mesh.yaml", {"stages": {FIRST: {"replicas": 2}}})
+    with running_mesh(tiny_pipeline[0], policy, tmp / ".mesh") as state:
+        yield state
+
+
+def _input(x: np.ndarray, name: str = "x") -> list[triton.InferInput]:
+    tensor = triton.InferInput(name, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return [tensor]
+
+
+def _client(state: local.State) -> triton.InferenceServerClient:
+    address = state.layout.gateway_grpc_address
+    assert address is not None
+    return triton.InferenceServerClient(address)
+
+
+def _stat(admin_port: int, name: str) -> int:
+    text = httpx.get(f"http://127.0.0.1:{admin_port}/stats", params={"filter": f"^{name}$"}, timeout=5.0).text
+    return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if line.startswith(name + ":"))
+
+
+def test_tritonclient_grpc_through_the_gateway(mesh: local.State, tiny_pipeline: tuple[Path, Manifest]) -> None:
+    x = np.random.default_rng(3).standard_normal((3, 16)).astype(np.float32)
+    want = ort.InferenceSession(str(tiny_pipeline[0] / "model.onnx")).run(None, {"x": x})[0]
+    client = _client(mesh)
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
+        meta = client.get_model_metadata("tiny")
+        assert [(t.name, list(t.shape)) for t in meta.inputs] == [("x", [-1, 16])]
+        result = client.infer("tiny", _input(x), request_id="through-gateway")
+        np.testing.assert_allclose(result.as_numpy("y"), want, atol=1e-5, rtol=0)
+        assert result.get_response().id == "through-gateway"
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("tiny", _input(np.zeros((1, 15), np.float32)))
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "x" in (info.value.message() or "")
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("tiny", _input(np.zeros((1, 16), np.float32), "nope"))
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "nope" in (info.value.message() or "")
+    finally:
+        client.close()
+    # a bad input is not retried: it would only fail again
+    gateway = mesh.layout.gateway_admin_port
+    assert _stat(gateway, f"http.{GATEWAY_GRPC}.downstream_rq_completed") >= 5
+
+
+def test_gateway_retries_unavailable_while_a_replica_drains(mesh: local.State) -> None:
+    """SIGTERM one replica of the first stage: it answers UNAVAILABLE while it drains, then stops listening;
+    the gateway retries each such call on the other replica, so no client call fails."""
+    victim = next(p for p in mesh.procs if p.role == "app" and p.stage == FIRST)
+    failures: list[str] = []
+    done = threading.Event()
+    calls = [0]
+
+    def load() -> None:
+        client = _client(mesh)
+        x = np.zeros((1, 16), np.float32)
+        try:
+            while not done.is_set():
+                try:
+                    client.infer("tiny", _input(x))
+                    calls[0] += 1
+                except InferenceServerException as exc:
+                    failures.append(f"{exc.status()}: {exc.message()}")
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    retries_before = _stat(mesh.layout.gateway_admin_port, f"cluster.outbound|v1|{FIRST}|grpc.upstream_rq_retry")
+    time.sleep(1.0)
+    os.kill(victim.pid, signal.SIGTERM)
+    time.sleep(local.DRAIN_DELAY_S + 2.0)
+    done.set()
+    for t in threads:
+        t.join(30)
+    retries = _stat(mesh.layout.gateway_admin_port, f"cluster.outbound|v1|{FIRST}|grpc.upstream_rq_retry")
+    assert failures == [], failures[:5]
+    assert calls[0] > 20
+    assert retries > retries_before, "no call met the draining replica: the test proved nothing"
