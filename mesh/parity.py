@@ -219,7 +219,9 @@ def _istiod_route(plan: Plan, proxy: Json, hop: Hop) -> Json:
                 action = route.get("route", {})
                 targets = [action.get("cluster", "")] + [c["name"] for c in
                                                          action.get("weighted_clusters", {}).get("clusters", [])]
-                if any(t.endswith(f"|{host}") and t.split("|")[2] for t in targets):
+                # the REST route (the gateway's gRPC route goes to the Service's other port)
+                if any(t.startswith(f"outbound|{SERVICE_PORT}|") and t.endswith(f"|{host}") and t.split("|")[2]
+                       for t in targets):
                     return dict(action)
     raise KeyError(f"istiod generated no route to a subset of {host} for {hop.caller}")
 

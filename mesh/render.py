@@ -48,6 +48,7 @@ GRPC_PREFIX = "/inference.GRPCInferenceService/"
 # Istio's retryOn for gRPC: the status codes that mean "another replica may answer", and connection failures;
 # never invalid-argument or resource-exhausted, which would only fail again.
 GRPC_RETRY_ON = "unavailable,cancelled,connect-failure,refused-stream,reset"
+GATEWAY_GRPC_ROUTE = "/spec/http/1"  # the gateway VirtualService's gRPC route
 RUN_AS = 10001  # any non-root UID but Istio's proxy UID 1337
 MODEL_DIR = "/models"
 INGRESS_GATEWAY_SELECTOR = {"istio": "ingressgateway"}
@@ -242,6 +243,14 @@ def route(hop: Hop, ns: str) -> list[dict[str, Any]]:
              "weight": d.weight} for d in hop.route.destinations]
 
 
+def grpc_route(hop: Hop, ns: str) -> list[dict[str, Any]]:
+    """`route`, to the Services' gRPC port."""
+    destinations = route(hop, ns)
+    for d in destinations:
+        d["destination"]["port"] = {"number": GRPC_PORT}
+    return destinations
+
+
 def _percentage(value: float) -> dict[str, float]:
     return {"value": value}
 
@@ -348,8 +357,10 @@ def gateway_virtual_service(manifest: Manifest, resolved: Plan) -> dict[str, Any
         "spec": {
             "hosts": [resolved.gateway.host],
             "gateways": [manifest.name],
-            "http": [_grpc_route(resolved.hops[0], resolved.namespace),
-                     _http_route(resolved.hops[0], resolved.namespace, "pipeline", [{"uri": {"prefix": "/v2"}}])],
+            # REST first: the overlays' patches of a hop's route (/spec/http/0) hold for the stage's own
+            # VirtualService and this one; the gRPC route (GATEWAY_GRPC_ROUTE) gets its own ops.
+            "http": [_http_route(resolved.hops[0], resolved.namespace, "pipeline", [{"uri": {"prefix": "/v2"}}]),
+                     _grpc_route(resolved.hops[0], resolved.namespace)],
         },
     }
 
@@ -358,8 +369,7 @@ def _grpc_route(hop: Hop, ns: str) -> dict[str, Any]:
     """KServe v2 gRPC to the first stage's `grpc` port: the REST route's versions and timeout, retried on
     gRPC status codes (a gRPC error is HTTP 200 with a grpc-status, which 5xx conditions never see)."""
     http = _http_route(hop, ns, "pipeline-grpc", [{"uri": {"prefix": GRPC_PREFIX}}])
-    for destination in http["route"]:
-        destination["destination"]["port"] = {"number": GRPC_PORT}
+    http["route"] = grpc_route(hop, ns)
     if hop.route.attempts > 0:
         http["retries"]["retryOn"] = GRPC_RETRY_ON
     http.pop("fault", None)  # the policy's faults are HTTP statuses
@@ -592,11 +602,16 @@ def _per_try_patches(manifest: Manifest, stable: Plan, prod: Plan) -> tuple[File
         if new.route.attempts == 0 or new.route.per_try_timeout_s == old.route.per_try_timeout_s:
             continue
         name = f"patch-virtualservice-{new.callee}.yaml"
-        files[f"overlays/prod/{name}"] = _dump([{"op": "replace", "path": "/spec/http/0/retries/perTryTimeout",
-                                                 "value": duration(new.route.per_try_timeout_s)}])
+        op = {"op": "replace", "path": "/spec/http/0/retries/perTryTimeout",
+              "value": duration(new.route.per_try_timeout_s)}
+        files[f"overlays/prod/{name}"] = _dump([op])
         patches.append({"path": name, "target": _patch_target("VirtualService", new.callee)})
         if new.caller == GATEWAY:
-            patches.append({"path": name, "target": _patch_target("VirtualService", f"{manifest.name}-gateway")})
+            gateway_vs = f"{manifest.name}-gateway"
+            grpc_op = dict(op, path=f"{GATEWAY_GRPC_ROUTE}/retries/perTryTimeout")
+            files[f"overlays/prod/patch-virtualservice-{gateway_vs}.yaml"] = _dump([op, grpc_op])
+            patches.append({"path": f"patch-virtualservice-{gateway_vs}.yaml",
+                            "target": _patch_target("VirtualService", gateway_vs)})
     return files, patches
 
 
@@ -658,7 +673,11 @@ def _canary_overlay(manifest: Manifest, stable: Plan, canary: Plan) -> Files:
         patches.append({"path": dr_patch, "target": _patch_target("DestinationRule", s.name)})
         patches.append({"path": vs_patch, "target": _patch_target("VirtualService", s.name)})
         if hop.caller == GATEWAY:
-            patches.append({"path": vs_patch, "target": _patch_target("VirtualService", f"{manifest.name}-gateway")})
+            gateway_vs = f"{manifest.name}-gateway"
+            grpc_op = {"op": "replace", "path": f"{GATEWAY_GRPC_ROUTE}/route", "value": grpc_route(hop, ns)}
+            files[f"overlays/canary/patch-virtualservice-{gateway_vs}.yaml"] = _dump(route_op + [grpc_op])
+            patches.append({"path": f"patch-virtualservice-{gateway_vs}.yaml",
+                            "target": _patch_target("VirtualService", gateway_vs)})
     files.update(_overlay("canary", sorted(objs), patches=patches))
     files.update({f"overlays/canary/{k}": _dump(v) for k, v in objs.items()})
     return files

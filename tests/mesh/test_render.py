@@ -256,7 +256,7 @@ def test_gateway_routes_grpc_to_the_first_stage_retrying_grpc_codes(tiny_pipelin
     _, manifest = tiny_pipeline
     (vs,) = [v for v in _by_kind(render_tree(manifest, Policy()), "components/istio/")["VirtualService"]
              if v["metadata"]["name"] == f"{manifest.name}-gateway"]
-    grpc, rest = vs["spec"]["http"]
+    rest, grpc = vs["spec"]["http"]
     assert grpc["match"] == [{"uri": {"prefix": "/inference.GRPCInferenceService/"}}]
     assert rest["match"] == [{"uri": {"prefix": "/v2"}}]
     assert {d["destination"]["port"]["number"] for d in grpc["route"]} == {8081}
@@ -264,3 +264,17 @@ def test_gateway_routes_grpc_to_the_first_stage_retrying_grpc_codes(tiny_pipelin
     retry_on = set(grpc["retries"]["retryOn"].split(","))
     assert {"unavailable", "cancelled"} <= retry_on and not retry_on & {"invalid-argument", "resource-exhausted"}
     assert grpc["timeout"] == rest["timeout"]
+
+
+def test_canary_of_the_first_stage_splits_grpc_as_rest(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    first = manifest.stages[0].name
+    files = render_tree(manifest, _policy(stages={first: {"versions": [{"name": "v1", "weight": 70},
+                                                                       {"name": "v2", "weight": 30}]}}))
+    ops = _docs(files[f"overlays/canary/patch-virtualservice-{manifest.name}-gateway.yaml"])[0]
+    assert [op["path"] for op in ops] == ["/spec/http/0/route", "/spec/http/1/route"]
+    rest, grpc = (op["value"] for op in ops)
+    assert [(d["destination"]["subset"], d["weight"]) for d in grpc] == [("v1", 70), ("v2", 30)]
+    assert [d["destination"]["subset"] for d in rest] == [d["destination"]["subset"] for d in grpc]
+    assert {d["destination"]["port"]["number"] for d in grpc} == {8081}
+    assert {d["destination"]["port"]["number"] for d in rest} == {8080}
