@@ -153,7 +153,8 @@ def _up(args: argparse.Namespace) -> int:
     try:
         url = state.layout.gateway_url
         if args.json:
-            _print_json({"pipeline": state.layout.pipeline, "gateway_url": url, "state_dir": str(where.resolve()),
+            _print_json({"pipeline": state.layout.pipeline, "gateway_url": url,
+                         "gateway_grpc": state.layout.gateway_grpc_address, "state_dir": str(where.resolve()),
                          "namespace": state.policy.namespace, "replicas": _replicas(state)})
         else:
             console.print(f"pipeline {state.layout.pipeline}: identities "
@@ -217,7 +218,7 @@ def _status(args: argparse.Namespace) -> int:
     reading = read_records(state, where)
     if args.json:
         _print_json({"pipeline": state.layout.pipeline, "gateway_url": state.layout.gateway_url,
-                     "state_dir": str(where.resolve()),
+                     "gateway_grpc": state.layout.gateway_grpc_address, "state_dir": str(where.resolve()),
                      "processes": [{"name": r.proc.name, "role": r.proc.role, "stage": r.proc.stage,
                                     "pid": r.proc.pid, "alive": r.alive, "ready": r.ready, "log": r.proc.log}
                                    for r in rows],
