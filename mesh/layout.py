@@ -106,7 +106,8 @@ def plan(resolved: Plan, pipeline: str, pipeline_dir: Path, gateway_port: int | 
                             replica=k,
                             file=str((pipeline_dir / version.file).resolve()) if version.file else None,
                             app_port=free(),
-                            grpc_port=free(),
+                            # gRPC where clients come in only (mesh.envoy_grpc); stages chain over REST
+                            grpc_port=free() if stage.index == 0 else None,
                             inbound_port=free(),
                             outbound_port=free() if stage.index < last else None,
                             admin_port=free(),

@@ -43,7 +43,9 @@ IMAGE_TAG = "0.1.0"
 GPU_IMAGE_TAG = "0.1.0-gpu"
 MODEL_INIT_IMAGE_REPO = "meshpipe"  # the model image is <repo>/<pipeline>-model:<sha12 of the source model>
 PORT = 8080
-GRPC_PORT = 8081  # KServe v2 gRPC (STAGE_GRPC_PORT), KServe's own default; clients reach it at the gateway
+# KServe v2 gRPC (STAGE_GRPC_PORT), KServe's own default port: on the first stage only, the one clients reach
+# (through the gateway); the others chain over REST and are spared its ~13 MB of imports.
+GRPC_PORT = 8081
 GRPC_PREFIX = "/inference.GRPCInferenceService/"
 # Istio's retryOn for gRPC: the status codes that mean "another replica may answer", and connection failures;
 # never invalid-argument or resource-exhausted, which would only fail again.
@@ -121,9 +123,9 @@ def service(stage: StagePlan, ns: str) -> dict[str, Any]:
         "spec": {
             "selector": {"app": stage.name},
             "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP",
-                       "appProtocol": "http"},
-                      {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
-                       "appProtocol": "grpc"}],
+                       "appProtocol": "http"}]
+            + ([{"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
+                 "appProtocol": "grpc"}] if stage.index == 0 else []),
         },
     }
 
@@ -141,7 +143,7 @@ def _env(resolved: Plan, stage: StagePlan, version: Version) -> list[dict[str, s
     nxt = resolved.hop_from(stage.name)
     placement = Placement(manifest=f"{MODEL_DIR}/{MANIFEST_FILE}", model_dir=Path(MODEL_DIR), host="0.0.0.0",
                           port=PORT, next_url=f"http://{fqdn(nxt.callee, resolved.namespace)}:{PORT}" if nxt else None,
-                          grpc_port=GRPC_PORT)
+                          grpc_port=GRPC_PORT if stage.index == 0 else None)
     env = resolved.settings(stage, version, placement, providers="cpu").to_env()
     env["OMP_NUM_THREADS"] = str(stage.threads)
     if resolved.tracing.otlp_endpoint:
@@ -216,8 +218,9 @@ def deployment(manifest: Manifest, resolved: Plan, stage: StagePlan, version: Ve
                         "name": "stage",
                         "image": f"{IMAGE}:{IMAGE_TAG}",
                         "imagePullPolicy": "IfNotPresent",
-                        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"},
-                                  {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"}],
+                        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}]
+                        + ([{"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"}]
+                           if stage.index == 0 else []),
                         "env": _env(resolved, stage, version),
                         "startupProbe": probe("/v2/health/live", 2, 60),
                         "livenessProbe": probe("/v2/health/live", 10, 3),
@@ -396,7 +399,8 @@ def allow_caller(hop: Hop, ns: str) -> dict[str, Any]:
             "action": "ALLOW",
             "rules": [{
                 "from": [{"source": {"principals": list(hop.allowed_principals)}}],
-                "to": [{"operation": {"ports": [str(PORT), str(GRPC_PORT)], "paths": list(hop.allowed_paths)}}],
+                "to": [{"operation": {"ports": [str(PORT)] + ([str(GRPC_PORT)] if hop.caller == GATEWAY else []),
+                                      "paths": list(hop.allowed_paths)}}],
             }],
         },
     }

@@ -69,8 +69,9 @@ def test_workload_conventions(tiny_pipeline: tuple[Path, Manifest]) -> None:
     assert sorted(sa["metadata"]["name"] for sa in kinds["ServiceAccount"]) == sorted(names)
     assert sorted(d["metadata"]["name"] for d in kinds["Deployment"]) == sorted(f"{n}-v1" for n in names)
     for svc in kinds["Service"]:
+        first = svc["metadata"]["name"] == names[0]  # gRPC only where clients come in
         assert [(p["name"], p["port"], p["appProtocol"]) for p in svc["spec"]["ports"]] == [
-            ("http", 8080, "http"), ("grpc", 8081, "grpc")]
+            ("http", 8080, "http"), *([("grpc", 8081, "grpc")] if first else [])]
     for d in kinds["Deployment"]:
         pod = d["spec"]["template"]
         assert set(pod["metadata"]["labels"]) == {"app", "version"}
@@ -84,7 +85,10 @@ def test_workload_conventions(tiny_pipeline: tuple[Path, Manifest]) -> None:
         assert c["resources"]["requests"] and c["resources"]["limits"]
         env = {e["name"]: e["value"] for e in c["env"]}
         assert env["STAGE_MANIFEST"] == "/models/pipeline.json" and env["STAGE_PORT"] == "8080"
-        assert env["STAGE_GRPC_PORT"] == "8081" and [p["name"] for p in c["ports"]] == ["http", "grpc"]
+        if pod["metadata"]["labels"]["app"] == names[0]:
+            assert env["STAGE_GRPC_PORT"] == "8081" and [p["name"] for p in c["ports"]] == ["http", "grpc"]
+        else:
+            assert "STAGE_GRPC_PORT" not in env and [p["name"] for p in c["ports"]] == ["http"]
         # the model files come from the init container into the shared emptyDir
         assert spec["initContainers"][0]["volumeMounts"][0]["mountPath"] == "/models"
     last = next(d for d in kinds["Deployment"] if d["metadata"]["labels"]["app"] == names[-1])
