@@ -29,7 +29,7 @@ from typing import Any
 from mesh import envoy_grpc
 from mesh.layout import LOOPBACK, Layout, Replica
 from mesh.pki import CertPair
-from mesh.plan import Hop, Plan
+from mesh.plan import ClientLimits, Hop, Plan
 
 Json = dict[str, Any]
 LDS_FILE = "lds.json"
@@ -109,6 +109,13 @@ def _router() -> Json:
             "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
 
 
+def _route_match(path: str) -> Json:
+    """An Istio path (`/x/*` a prefix `/x/`, anything else exact) as a route's match."""
+    if path.endswith("/*"):
+        return {"prefix": path.removesuffix("*")}
+    return {"path": path}
+
+
 def _path_matcher(path: str) -> Json:
     """An AuthorizationPolicy path as istiod writes it: `/x/*` a prefix `/x/`, anything else exact."""
     if path.endswith("/*"):
@@ -148,7 +155,18 @@ def rds_file(route_name: str) -> str:
     return f"rds-{route_name}.json"
 
 
-def _hcm(stat_prefix: str, dynamic_dir: Path, filters: list[Json], **extra: Any) -> Json:
+def client_limits(limits: ClientLimits) -> Json:
+    """The connection manager's bounds on what one client may hold (`Clients` in mesh.yaml): headers sent in
+    time (else 408), no stream idle for long, headers of bounded size and count (else 431)."""
+    return {
+        "request_headers_timeout": _seconds(limits.request_headers_timeout_s),
+        "stream_idle_timeout": _seconds(limits.stream_idle_timeout_s),
+        "max_request_headers_kb": limits.max_request_headers_kb,
+        "common_http_protocol_options": {"max_headers_count": limits.max_headers_count},
+    }
+
+
+def _hcm(stat_prefix: str, dynamic_dir: Path, filters: list[Json], limits: ClientLimits, **extra: Any) -> Json:
     """An HTTP connection manager whose routes come from RDS (the watched `rds-<name>.json`): a new route (weights,
     timeouts, retries) then applies to open connections too, where a listener change would drain them."""
     return {
@@ -160,14 +178,20 @@ def _hcm(stat_prefix: str, dynamic_dir: Path, filters: list[Json], **extra: Any)
             rds={"config_source": _config_source(dynamic_dir, rds_file(stat_prefix)), "route_config_name": stat_prefix},
             http_filters=[*filters, _router()],
             access_log=_access_log(),
+            **client_limits(limits),
             **extra,
         ),
     }
 
 
-def _route_config(name: str, action: Json) -> Json:
-    return {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"],
-                                             "routes": [{"match": {"prefix": "/"}, "route": action}]}]}
+NOT_FOUND = {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "not found\n"}}}
+
+
+def _route_config(name: str, action: Json, paths: list[str] | None = None) -> Json:
+    """`action` for every path in `paths` (Istio's form), 404 for any other; `paths` None: every path."""
+    routes = ([{"match": _route_match(p), "route": action} for p in paths] + [NOT_FOUND] if paths is not None
+              else [{"match": {"prefix": "/"}, "route": action}])
+    return {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]}
 
 
 def _fault_filter() -> Json:
@@ -288,19 +312,22 @@ class Resources:
     clusters: list[Json] = field(default_factory=list)
 
 
-def _outbound(res: Resources, name: str, port: int, hop: Hop, dynamic_dir: Path) -> None:
+def _outbound(res: Resources, name: str, port: int, hop: Hop, dynamic_dir: Path, limits: ClientLimits,
+              paths: list[str] | None = None) -> None:
     res.listeners.append({
         "name": name,
         "address": _address(port),
         "per_connection_buffer_limit_bytes": hop.upstream.buffer_limit_bytes,
-        "filter_chains": [{"filters": [_hcm(name, dynamic_dir, [_fault_filter()])]}],
+        "filter_chains": [{"filters": [_hcm(name, dynamic_dir, [_fault_filter()], limits)]}],
     })
-    route = _route_config(name, route_to(hop))
+    route = _route_config(name, route_to(hop), paths)
     # As istiod's outbound and gateway virtual hosts: the callee sees x-envoy-attempt-count (1 on a first try).
     route["virtual_hosts"][0]["include_request_attempt_count"] = True
     fault = fault_config(hop)
     if fault is not None:
-        route["virtual_hosts"][0]["routes"][0]["typed_per_filter_config"] = {FAULT_FILTER: fault}
+        for forwarded in route["virtual_hosts"][0]["routes"]:
+            if "route" in forwarded:
+                forwarded["typed_per_filter_config"] = {FAULT_FILTER: fault}
     res.routes.append(route)
 
 
@@ -319,6 +346,7 @@ def sidecar(layout: Layout, plan: Plan, replica: Replica, identity: CertPair, ca
                 "inbound",
                 dynamic_dir,
                 [_rbac(inbound)],
+                plan.clients,
                 forward_client_cert_details="SANITIZE_SET",
                 set_current_client_cert_details={"uri": True},
             )],
@@ -344,26 +372,27 @@ def sidecar(layout: Layout, plan: Plan, replica: Replica, identity: CertPair, ca
     })
     outbound = plan.hop_from(replica.stage)
     if replica.outbound_port is not None and outbound is not None:
-        _outbound(res, "outbound", replica.outbound_port, outbound, dynamic_dir)
+        _outbound(res, "outbound", replica.outbound_port, outbound, dynamic_dir, plan.clients)
         res.clusters += outbound_clusters(layout, outbound, identity, ca)
     return res
 
 
 def gateway(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dynamic_dir: Path) -> Resources:
-    """Listener, route and clusters of the gateway: plaintext HTTP in, mTLS to the first stage."""
+    """Listener, route and clusters of the gateway: plaintext HTTP in, mTLS to the first stage, only on the
+    plan's gateway paths (404 for any other)."""
     first = plan.hops[0]
     res = Resources()
-    _outbound(res, "gateway", layout.gateway_port, first, dynamic_dir)
+    _outbound(res, "gateway", layout.gateway_port, first, dynamic_dir, plan.clients, plan.gateway_paths)
     res.clusters += outbound_clusters(layout, first, identity, ca)
     if layout.gateway_grpc_port is not None:
-        _gateway_grpc(res, layout, first, dynamic_dir)
+        _gateway_grpc(res, layout, first, dynamic_dir, plan.clients)
     return res
 
 
-def _gateway_grpc(res: Resources, layout: Layout, first: Hop, dynamic_dir: Path) -> None:
+def _gateway_grpc(res: Resources, layout: Layout, first: Hop, dynamic_dir: Path, limits: ClientLimits) -> None:
     """The gateway's gRPC listener, route and HTTP/2 clusters to the first stage (mesh.envoy_grpc)."""
     name = envoy_grpc.GATEWAY_GRPC
-    res.listeners.append(envoy_grpc.gateway_listener(layout, first, _hcm(name, dynamic_dir, [])))
+    res.listeners.append(envoy_grpc.gateway_listener(layout, first, _hcm(name, dynamic_dir, [], limits)))
     route = _route_config(name, envoy_grpc.gateway_route_action(route_to(first), first))
     route["virtual_hosts"][0]["include_request_attempt_count"] = True
     res.routes.append(route)

@@ -39,6 +39,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from mesh.policy import (
     Autoscale,
+    Clients,
     ConnectionPool,
     Fault,
     Gateway,
@@ -67,6 +68,12 @@ PER_TRY_FLOOR_S = 1.0
 # for the kubelet and Prometheus, which do not pass the inbound authorization).
 # REST (KServe v2) and gRPC (inference.GRPCInferenceService, on its own port)
 INFERENCE_PATHS = ("/v2", "/v2/*", "/inference.GRPCInferenceService/*")
+
+
+def gateway_paths(pipeline: str) -> list[str]:
+    """The only paths the gateway forwards to the first stage (Istio's form: exact, or a `/*` prefix): the
+    pipeline's model and health. `/metrics`, server metadata and each stage's own model stay inside."""
+    return [f"/v2/models/{pipeline}", f"/v2/models/{pipeline}/*", "/v2/health/*"]
 
 
 class _Frozen(BaseModel):
@@ -178,13 +185,28 @@ class _Given(StageSettings):
         return (init_settings,)
 
 
+class ClientLimits(_Frozen):
+    """`Clients` with every value concrete: what the gateway's and every sidecar's connection manager enforce."""
+
+    request_headers_timeout_s: float
+    stream_idle_timeout_s: float
+    max_request_headers_kb: int
+    max_headers_count: int
+
+
 class Plan(_Frozen):
+    pipeline: str
     namespace: str
     gateway: Gateway
     gateway_identity: Identity
     stages: list[StagePlan]
     hops: list[Hop]  # hops[i] goes into stages[i]
     tracing: Tracing
+    clients: ClientLimits
+
+    @property
+    def gateway_paths(self) -> list[str]:
+        return gateway_paths(self.pipeline)
 
     def stage(self, name: str) -> StagePlan:
         for s in self.stages:
@@ -329,9 +351,20 @@ def resolve(policy: Policy, manifest: Manifest) -> Plan:
                 f"timeouts must shrink along the chain: {outer.callee} has {outer.route.timeout_s}s but the later "
                 f"{inner.callee} has {inner.route.timeout_s}s; an outer hop's timeout must cover the hops inside it"
             )
+    clients = _client_limits(policy.clients, hops[0].route.timeout_s)
+    if clients.stream_idle_timeout_s <= hops[0].route.timeout_s:
+        problems.append(f"clients.stream_idle_timeout_s {clients.stream_idle_timeout_s} must exceed the gateway "
+                        f"hop's timeout_s {hops[0].route.timeout_s}: a slow answer would be cut before its timeout")
     if problems:
         raise PolicyError("invalid policy for this pipeline:\n  - " + "\n  - ".join(problems))
     stages = [s.model_copy(update={"next_timeout_s": hops[s.index + 1].route.timeout_s + APP_TIMEOUT_MARGIN_S})
               if s.index + 1 < n else s for s in stages]
-    return Plan(namespace=policy.namespace, gateway=policy.gateway, gateway_identity=gateway_identity,
-                stages=stages, hops=hops, tracing=policy.tracing)
+    return Plan(pipeline=manifest.name, namespace=policy.namespace, gateway=policy.gateway,
+                gateway_identity=gateway_identity, stages=stages, hops=hops, tracing=policy.tracing, clients=clients)
+
+
+def _client_limits(given: Clients, gateway_timeout_s: float) -> ClientLimits:
+    idle = _pick(given.stream_idle_timeout_s, gateway_timeout_s + APP_TIMEOUT_MARGIN_S)
+    return ClientLimits(request_headers_timeout_s=given.request_headers_timeout_s, stream_idle_timeout_s=idle,
+                        max_request_headers_kb=given.max_request_headers_kb,
+                        max_headers_count=given.max_headers_count)

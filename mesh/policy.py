@@ -214,6 +214,19 @@ class Gateway(_Strict):
         return value
 
 
+class Clients(_Strict):
+    """What a slow or oversized client may hold at the gateway and at every sidecar (Envoy's connection
+    manager), the same bounds the stage apps apply themselves (STAGE_HEADER_TIMEOUT_S, STAGE_MAX_HEADER_BYTES):
+    a client that trickles its headers is cut off (408) instead of holding a connection forever."""
+
+    request_headers_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    # A stream with no bytes either way for this long is reset. Default: the gateway hop's timeout plus the
+    # app's margin, so no request still inside its route timeout is ever cut by it.
+    stream_idle_timeout_s: float | None = Field(default=None, gt=0, le=3600)
+    max_request_headers_kb: int = Field(default=32, ge=1, le=8192)  # past it 431
+    max_headers_count: int = Field(default=100, ge=1, le=10000)  # past it 431
+
+
 class Policy(_Strict):
     """`mesh.yaml`."""
 
@@ -222,6 +235,7 @@ class Policy(_Strict):
     defaults: StagePolicy = Field(default_factory=StagePolicy)
     stages: dict[str, StagePolicy] = Field(default_factory=dict)
     tracing: Tracing = Field(default_factory=Tracing)
+    clients: Clients = Field(default_factory=Clients)
 
     @field_validator("namespace")
     @classmethod

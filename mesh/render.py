@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from mesh.dashboard import dashboard_json
+from mesh.envoy_config import client_limits
 from mesh.plan import ENVOY_DEFAULT_BUFFER, GATEWAY, Hop, Placement, Plan, StagePlan, resolve
 from mesh.policy import Fault, Policy, StagePolicy, Version
 from model_export.manifest import MANIFEST_FILE, Manifest
@@ -351,8 +352,16 @@ def gateway(manifest: Manifest, resolved: Plan) -> dict[str, Any]:
     }
 
 
+def _uri_match(path: str) -> dict[str, Any]:
+    """A plan path (`/x/*` a prefix `/x/`, anything else exact) as a VirtualService match."""
+    if path.endswith("/*"):
+        return {"uri": {"prefix": path.removesuffix("*")}}
+    return {"uri": {"exact": path}}
+
+
 def gateway_virtual_service(manifest: Manifest, resolved: Plan) -> dict[str, Any]:
-    """The pipeline's host at the gateway: `/v2/...` to the first stage, which answers for the pipeline."""
+    """The pipeline's host at the gateway: the pipeline's model and health paths to the first stage, which
+    answers for the pipeline; no route (404 from the gateway) for `/metrics` or any stage's own model."""
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "VirtualService",
@@ -362,7 +371,8 @@ def gateway_virtual_service(manifest: Manifest, resolved: Plan) -> dict[str, Any
             "gateways": [manifest.name],
             # REST first: the overlays' patches of a hop's route (/spec/http/0) hold for the stage's own
             # VirtualService and this one; the gRPC route (GATEWAY_GRPC_ROUTE) gets its own ops.
-            "http": [_http_route(resolved.hops[0], resolved.namespace, "pipeline", [{"uri": {"prefix": "/v2"}}]),
+            "http": [_http_route(resolved.hops[0], resolved.namespace, "pipeline",
+                                 [_uri_match(p) for p in resolved.gateway_paths]),
                      _grpc_route(resolved.hops[0], resolved.namespace)],
         },
     }
@@ -452,6 +462,36 @@ def buffer_filter(resolved: Plan, hop: Hop) -> dict[str, Any]:
                  "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": limit}}},
             ],
         },
+    }
+
+
+HCM = "envoy.filters.network.http_connection_manager"
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def _client_limits_patch(resolved: Plan, context: str) -> dict[str, Any]:
+    return {"applyTo": "NETWORK_FILTER",
+            "match": {"context": context, "listener": {"filterChain": {"filter": {"name": HCM}}}},
+            "patch": {"operation": "MERGE",
+                      "value": {"name": HCM, "typed_config": {"@type": HCM_TYPE,
+                                                              **client_limits(resolved.clients)}}}}
+
+
+def client_limits_filters(manifest: Manifest, resolved: Plan) -> dict[str, dict[str, Any]]:
+    """mesh.yaml's `clients` bounds on the ingress gateway's and every sidecar's inbound connection manager:
+    Istio's resources have no field for them, so an EnvoyFilter merges into each connection manager the same
+    fields the local mesh's Envoys are written with."""
+    def envoy_filter(name: str, ns: str, context: str, selector: dict[str, str] | None) -> dict[str, Any]:
+        spec: dict[str, Any] = {"configPatches": [_client_limits_patch(resolved, context)]}
+        if selector is not None:
+            spec = {"workloadSelector": {"labels": selector}, **spec}
+        return {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
+                "metadata": _meta(name, ns), "spec": spec}
+
+    return {
+        "gateway": envoy_filter(f"{manifest.name}-client-limits", resolved.gateway.namespace, "GATEWAY",
+                                dict(INGRESS_GATEWAY_SELECTOR)),
+        "sidecars": envoy_filter("client-limits", resolved.namespace, "SIDECAR_INBOUND", None),
     }
 
 
@@ -562,6 +602,8 @@ def _istio_component(manifest: Manifest, resolved: Plan) -> Files:
         _file("AuthorizationPolicy", ns, "allow-nothing"): allow_nothing(ns),
         _file("Telemetry", manifest.name, "tracing"): telemetry(manifest, resolved),
     }
+    for variant, obj in client_limits_filters(manifest, resolved).items():
+        objs[_file("EnvoyFilter", variant, "client-limits")] = obj
     for hop in resolved.hops:
         objs[_file("DestinationRule", hop.callee, "mtls")] = destination_rule(hop, ns)
         objs[_file("VirtualService", hop.callee, "chain")] = virtual_service(hop, ns)

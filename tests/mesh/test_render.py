@@ -13,7 +13,7 @@ import yaml
 
 from mesh.__main__ import main
 from mesh.plan import resolve
-from mesh.policy import Policy
+from mesh.policy import Policy, PolicyError
 from mesh.render import render_tree
 from model_export.manifest import Manifest, load_manifest
 
@@ -184,7 +184,8 @@ def test_buffer_limit_envoyfilter_on_the_caller_side(tiny_pipeline: tuple[Path, 
     _, manifest = tiny_pipeline
     limit = 4 << 20
     files = render_tree(manifest, _policy(defaults={"buffer_limit_bytes": limit}))
-    filters = {f["metadata"]["name"]: f for f in _by_kind(files, "components/")["EnvoyFilter"]}
+    filters = {f["metadata"]["name"]: f for f in _by_kind(files, "components/")["EnvoyFilter"]
+               if f["metadata"]["name"].endswith("-buffer-limit")}
     assert sorted(filters) == sorted(f"{s.name}-buffer-limit" for s in manifest.stages)
     first = filters[f"{manifest.stages[0].name}-buffer-limit"]
     assert first["metadata"]["namespace"] == "istio-system"
@@ -194,7 +195,42 @@ def test_buffer_limit_envoyfilter_on_the_caller_side(tiny_pipeline: tuple[Path, 
     for patch in second["spec"]["configPatches"]:
         assert patch["patch"]["value"] == {"per_connection_buffer_limit_bytes": limit}
     # Envoy's default (1 MiB) suffices for the tiny activations: no filter then
-    assert "EnvoyFilter" not in _by_kind(render_tree(manifest, Policy()), "components/")
+    assert not [f for f in _by_kind(render_tree(manifest, Policy()), "components/")["EnvoyFilter"]
+                if f["metadata"]["name"].endswith("-buffer-limit")]
+
+
+def test_client_limits_envoyfilters_on_gateway_and_sidecars(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    files = render_tree(manifest, _policy(clients={"request_headers_timeout_s": 3, "max_request_headers_kb": 16,
+                                                   "max_headers_count": 40}))
+    filters = {f["metadata"]["name"]: f for f in _by_kind(files, "components/")["EnvoyFilter"]}
+    gateway, sidecars = filters["tiny-client-limits"], filters["client-limits"]
+    assert gateway["metadata"]["namespace"] == "istio-system"
+    assert gateway["spec"]["workloadSelector"]["labels"] == {"istio": "ingressgateway"}
+    assert "workloadSelector" not in sidecars["spec"]  # every sidecar of the namespace
+    for envoy_filter, context in ((gateway, "GATEWAY"), (sidecars, "SIDECAR_INBOUND")):
+        [patch] = envoy_filter["spec"]["configPatches"]
+        assert patch["match"]["context"] == context
+        hcm = patch["patch"]["value"]["typed_config"]
+        assert hcm["request_headers_timeout"] == "3.000s"
+        assert hcm["stream_idle_timeout"] == "16.000s"  # the gateway hop's 15 s timeout + 1 s
+        assert hcm["max_request_headers_kb"] == 16
+        assert hcm["common_http_protocol_options"] == {"max_headers_count": 40}
+
+
+def test_stream_idle_timeout_below_the_gateway_timeout_refused(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    with pytest.raises(PolicyError, match="clients.stream_idle_timeout_s 5.0 must exceed"):
+        render_tree(manifest, _policy(clients={"stream_idle_timeout_s": 5}))
+
+
+def test_gateway_routes_only_the_pipeline_and_health(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    [vs] = [v for v in _by_kind(render_tree(manifest, Policy()), "components/")["VirtualService"]
+            if v["spec"].get("gateways")]
+    assert [r["match"] for r in vs["spec"]["http"]] == [[
+        {"uri": {"exact": "/v2/models/tiny"}}, {"uri": {"prefix": "/v2/models/tiny/"}},
+        {"uri": {"prefix": "/v2/health/"}}]]
 
 
 def test_cli_renders_from_a_directory_with_only_the_manifest(tiny_pipeline: tuple[Path, Manifest],

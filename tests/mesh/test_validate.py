@@ -177,7 +177,7 @@ SCHEMA_BREAKS: dict[str, tuple[Callable[[Objects], None], str]] = {
         lambda o: _one(o, "VirtualService")["spec"]["http"][0]["retries"].update(perTryTimeout="fast"),
         "valid duration"),
     "EnvoyFilter patch operation": (
-        lambda o: _one(o, "EnvoyFilter")["spec"]["configPatches"][1]["patch"].update(operation="SMASH"), "SMASH"),
+        lambda o: _one(o, "EnvoyFilter")["spec"]["configPatches"][0]["patch"].update(operation="SMASH"), "SMASH"),
     "AuthorizationPolicy selector wildcard (CEL)": (
         lambda o: _one(o, "AuthorizationPolicy", "tiny-stage-1-allow-caller")["spec"]["selector"].update(
             matchLabels={"app": "*"}), "wildcard"),

@@ -1,0 +1,95 @@
+"""Slow and oversized clients at the local mesh's gateway (mesh.yaml `clients`): a client that trickles its
+headers is cut off while good requests still get through, headers over the limits get 431; and only the
+pipeline's model paths and health reach the first stage through the gateway."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from mesh import local
+from mesh.v2client import infer
+from model_export.manifest import Manifest
+from tests.mesh.local_mesh import running_mesh, write_policy
+
+HEADERS_TIMEOUT_S = 1.0
+TRICKLERS = 16
+TRICKLE_EVERY_S = 0.2
+GIVE_UP_S = 20.0  # a bound, not a timing: without the limit a trickler is never cut
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny_pipeline: tuple[Path, Manifest], tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.State]:
+    tmp = tmp_path_factory.mktemp("mesh-clients")
+    policy = write_policy(tmp / "mesh.yaml", {"clients": {"request_headers_timeout_s": HEADERS_TIMEOUT_S,
+                                                          "max_request_headers_kb": 8, "max_headers_count": 50}})
+    with running_mesh(tiny_pipeline[0], policy, tmp / ".mesh") as state:
+        yield state
+
+
+def _trickler(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=GIVE_UP_S)
+    sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: pipeline.local\r\n")
+    sock.setblocking(False)
+    return sock
+
+
+def _cut_off(sock: socket.socket) -> bytes | None:
+    """What the gateway sent before closing (b"" for a bare close), or None while it still holds it open."""
+    try:
+        sock.sendall(b"X-Slow: 1\r\n")
+        return sock.recv(4096)
+    except BlockingIOError:
+        return None
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+
+
+def test_trickling_headers_are_cut_off_while_good_requests_pass(mesh: local.State) -> None:
+    port = mesh.layout.gateway_port
+    socks = [_trickler(port) for _ in range(TRICKLERS)]
+    answers: dict[int, bytes] = {}
+    good = 0
+    deadline = time.monotonic() + GIVE_UP_S
+    with httpx.Client(timeout=10.0) as client:
+        while len(answers) < len(socks) and time.monotonic() < deadline:
+            if len(answers) == 0:  # every trickler still holds its connection
+                outputs, response = infer(client, mesh.layout.gateway_url, "tiny",
+                                          {"x": np.ones((1, 16), np.float32)}, binary=False)
+                assert response.status_code == 200 and outputs
+                good += 1
+            time.sleep(TRICKLE_EVERY_S)
+            for i, sock in enumerate(socks):
+                if i not in answers and (got := _cut_off(sock)) is not None:
+                    answers[i] = got
+    for sock in socks:
+        sock.close()
+    assert good > 0, "no good request was sent while the tricklers held their connections"
+    assert len(answers) == TRICKLERS, f"{TRICKLERS - len(answers)} trickling clients still held after {GIVE_UP_S}s"
+    assert all(a == b"" or a.startswith(b"HTTP/1.1 408") for a in answers.values()), set(answers.values())
+
+
+def test_headers_over_the_limits_get_431(mesh: local.State) -> None:
+    url = f"{mesh.layout.gateway_url}/v2/health/ready"
+    with httpx.Client(timeout=10.0) as client:
+        assert client.get(url).status_code == 200
+        assert client.get(url, headers={"x-big": "a" * 9000}).status_code == 431
+        assert client.get(url, headers={f"x-{i}": "1" for i in range(60)}).status_code == 431
+
+
+def test_only_the_pipeline_and_health_reach_the_first_stage(mesh: local.State) -> None:
+    gateway = mesh.layout.gateway_url
+    with httpx.Client(timeout=10.0) as client:
+        for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/tiny", "/v2/models/tiny/ready"):
+            assert client.get(gateway + path).status_code == 200, path
+        for path in ("/metrics", "/v2", "/v2/models/tiny-stage-0", "/v2/models/tiny-stage-1/ready",
+                     "/v2/models/tinyx", "/docs", "/openapi.json"):
+            response = client.get(gateway + path)
+            assert response.status_code == 404, (path, response.status_code, response.text)
+            assert "127.0.0.1" not in response.text and "stage" not in response.text, response.text
