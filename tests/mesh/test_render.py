@@ -228,9 +228,9 @@ def test_gateway_routes_only_the_pipeline_and_health(tiny_pipeline: tuple[Path, 
     _, manifest = tiny_pipeline
     [vs] = [v for v in _by_kind(render_tree(manifest, Policy()), "components/")["VirtualService"]
             if v["spec"].get("gateways")]
-    assert [r["match"] for r in vs["spec"]["http"]] == [[
+    assert vs["spec"]["http"][0]["match"] == [
         {"uri": {"exact": "/v2/models/tiny"}}, {"uri": {"prefix": "/v2/models/tiny/"}},
-        {"uri": {"prefix": "/v2/health/"}}]]
+        {"uri": {"prefix": "/v2/health/"}}]
 
 
 def test_cli_renders_from_a_directory_with_only_the_manifest(tiny_pipeline: tuple[Path, Manifest],
@@ -298,7 +298,8 @@ def test_gateway_routes_grpc_to_the_first_stage_retrying_grpc_codes(tiny_pipelin
              if v["metadata"]["name"] == f"{manifest.name}-gateway"]
     rest, grpc = vs["spec"]["http"]
     assert grpc["match"] == [{"uri": {"prefix": "/inference.GRPCInferenceService/"}}]
-    assert rest["match"] == [{"uri": {"prefix": "/v2"}}]
+    assert rest["match"] == [{"uri": {"exact": "/v2/models/tiny"}}, {"uri": {"prefix": "/v2/models/tiny/"}},
+                             {"uri": {"prefix": "/v2/health/"}}]
     assert {d["destination"]["port"]["number"] for d in grpc["route"]} == {8081}
     assert {d["destination"]["host"] for d in grpc["route"]} == {d["destination"]["host"] for d in rest["route"]}
     retry_on = set(grpc["retries"]["retryOn"].split(","))
