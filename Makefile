@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo render test lint typecheck istio-tools parity cluster-tools image bench bench-split bench-hop bench-peers peers-venv clean
+.PHONY: venv demo render reliability test lint typecheck istio-tools parity cluster-tools image bench bench-split bench-hop bench-peers peers-venv clean
 
 venv: $(STAMP)
 
@@ -112,6 +112,11 @@ $(BUILD)/large-whole/pipeline.json: $(BUILD)/large.onnx
 $(PIPELINE)/pipeline.json: $(BUILD)/reference.onnx
 	rm -rf $(PIPELINE)
 	$(PY) -m model_export split $< --stages $(STAGES) --out $(PIPELINE)
+
+# Issue 14's longer runs: fuzzed bad input (stage app and gateway) and a replica frozen under load, written
+# into RELIABILITY.md with the machine and its load (about 6 minutes on 2 busy cores).
+reliability: | $(STAMP)
+	$(PY) -m benchmarks.reliability --examples 600 --rate 20 --phase 20
 
 # Everything measured in one run on this machine: BENCHMARKS.md (tables) and build/bench*/ (JSON, PNG).
 bench: $(PIPELINE)/pipeline.json $(BUILD)/large/pipeline.json $(BUILD)/large-whole/pipeline.json
