@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections import Counter
@@ -127,10 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="requests per second in the fault run")
     parser.add_argument("--phase", type=float, default=20.0, help="seconds before, during and after the fault")
     parser.add_argument("--markdown", type=Path, default=Path("RELIABILITY.md"), help="written here")
+    parser.add_argument("--out", type=Path, default=Path("build/reliability"),
+                        help="the tiny pipeline and the JSON results go here")
     args = parser.parse_args(argv)
     load_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="reliability-"))
-    pipeline = work / "tiny"
+    pipeline = args.out / "tiny"
+    shutil.rmtree(pipeline, ignore_errors=True)
     write_tiny_pipeline(pipeline)
     try:
         state = local.up(pipeline, None, work / ".mesh", gateway_port=0)
@@ -149,10 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     update_section(args.markdown, "fuzz", _markdown(args.examples, results, crashed, peak,
                                                     (load_start, os.getloadavg()[0])),
                    header=faults.RELIABILITY_HEADER)
-    print(json.dumps({t: {c: dict(v) for c, v in r.items()} for t, r in results.items()}, indent=1))
+    counts = {t: {c: dict(v) for c, v in r.items()} for t, r in results.items()}
+    (args.out / "fuzz.json").write_text(json.dumps({"machine": describe(), "examples": args.examples,
+                                                    "statuses": counts, "crashed": crashed, "peak_rss_mb": peak},
+                                                   indent=1))
+    print(json.dumps(counts, indent=1))
     return faults.main(["--pipeline", str(pipeline), "--stage", "tiny-stage-1", "--rate", f"{args.rate:g}",
                         "--before", f"{args.phase:g}", "--freeze", f"{args.phase:g}", "--after", f"{args.phase:g}",
-                        "--markdown", str(args.markdown)])
+                        "--out", str(args.out), "--markdown", str(args.markdown)])
 
 
 if __name__ == "__main__":
