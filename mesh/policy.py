@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mesh import policy_errors
-from model_export.manifest import DNS_LABEL
+from model_export.manifest import DnsLabel
 
 # Envoy's retry_on values for HTTP; bare status codes become retriable_status_codes.
 RETRY_ON = {
@@ -42,17 +42,10 @@ class _Strict(BaseModel):
 class Version(_Strict):
     """One version of a stage, and the share of traffic it gets."""
 
-    name: str = "v1"
+    name: DnsLabel = "v1"
     weight: int = Field(default=100, ge=0, le=100)
     # A replacement ONNX file for this version (a retrained stage); default: the manifest's file.
     file: str | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _dns(cls, value: str) -> str:
-        if not DNS_LABEL.match(value):
-            raise ValueError(f"version {value!r} must be a DNS label such as v2")
-        return value
 
 
 # Istio's default conditions (what a VirtualService without `retries` gets: connect-failure, refused-stream,
@@ -203,15 +196,8 @@ class Gateway(_Strict):
     port: int = Field(default=8080, ge=1, le=65535)
     # The gateway's own workload identity, the only caller the first stage admits. The defaults are those
     # of Istio's stock ingress gateway, so the same principal holds in the cluster and in the local mesh.
-    namespace: str = "istio-system"
-    service_account: str = "istio-ingressgateway-service-account"
-
-    @field_validator("namespace", "service_account")
-    @classmethod
-    def _dns(cls, value: str) -> str:
-        if not DNS_LABEL.match(value):
-            raise ValueError(f"{value!r} must be a DNS label")
-        return value
+    namespace: DnsLabel = "istio-system"
+    service_account: DnsLabel = "istio-ingressgateway-service-account"
 
 
 class Clients(_Strict):
@@ -230,19 +216,12 @@ class Clients(_Strict):
 class Policy(_Strict):
     """`mesh.yaml`."""
 
-    namespace: str = "pipeline"
+    namespace: DnsLabel = "pipeline"
     gateway: Gateway = Field(default_factory=Gateway)
     defaults: StagePolicy = Field(default_factory=StagePolicy)
     stages: dict[str, StagePolicy] = Field(default_factory=dict)
     tracing: Tracing = Field(default_factory=Tracing)
     clients: Clients = Field(default_factory=Clients)
-
-    @field_validator("namespace")
-    @classmethod
-    def _ns(cls, value: str) -> str:
-        if not DNS_LABEL.match(value):
-            raise ValueError(f"namespace {value!r} must be a DNS label")
-        return value
 
     @model_validator(mode="after")
     def _defaults_have_no_versions(self) -> Policy:
