@@ -113,8 +113,8 @@ $(PIPELINE)/pipeline.json: $(BUILD)/reference.onnx
 	rm -rf $(PIPELINE)
 	$(PY) -m model_export split $< --stages $(STAGES) --out $(PIPELINE)
 
-# Issue 14's longer runs: fuzzed bad input (stage app and gateway) and a replica frozen under load, written
-# into RELIABILITY.md with the machine and its load (about 6 minutes on 2 busy cores).
+# Issue 14's longer runs: fuzzed bad input (stage app and gateway) and a replica SIGKILLed, SIGTERMed and frozen under load, written
+# into RELIABILITY.md with the machine and its load (about 4 minutes on 2 busy cores).
 reliability: | $(STAMP)
 	$(PY) -m benchmarks.reliability --examples 600 --rate 20 --phase 20
 

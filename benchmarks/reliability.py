@@ -4,7 +4,9 @@ On the 3-stage tiny pipeline (the one the tests use, written into a temporary di
 its own: hypothesis draws the fuzz test's bodies (`tests/stage_service/test_fuzz.py`: JSON bodies, binary
 framings, headers/paths/methods) and sends each both to the first stage's app directly and through the
 gateway; the answers are counted by class and status, the processes checked alive, the apps' peak RSS read.
-Then `benchmarks.faults` freezes one of two replicas of the middle stage under load and writes its section.
+Then, each on a fresh mesh with two replicas of the middle stage under load, one replica is SIGKILLed (app
+and sidecar), SIGTERMed (the app, which drains), and frozen (`benchmarks.faults`), each run's figures in a
+section of its own.
 
     python -m benchmarks.reliability --examples 600 --rate 20 --phase 20
 """
@@ -15,10 +17,12 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +35,13 @@ from benchmarks import faults
 from benchmarks.sections import update_section
 from loadtest.machine import describe
 from mesh import local, procs
+from mesh.v2client import infer
 from stage_service.protocol import HEADER_LENGTH, encode_request
 from tests.stage_service.test_fuzz import header_names, header_values, json_values, requests
 from tests.tiny import write_tiny_pipeline
 
-INFER = "/v2/models/tiny/infer"
+PIPELINE = "tiny"
+INFER = f"/v2/models/{PIPELINE}/infer"
 PATHS = [INFER, "/v2/models/tiny-stage-0/infer", "/v2/models/tiny", "/v2/health/ready", "/v2", "/metrics",
          "/v2/models/%00/infer", "/v2/models/tiny/versions/v1/infer"]
 Send = Callable[[httpx.Client, Any], httpx.Response]
@@ -121,6 +127,53 @@ def _markdown(examples: int, results: dict[str, dict[str, Counter[str]]], crashe
             "(VmHWM): " + ", ".join(f"{k} {v} MB" for k, v in sorted(peak.items())) + ".\n")
 
 
+def _signal(pids: list[int], signum: int) -> AbstractContextManager[object]:
+    for pid in pids:
+        os.kill(pid, signum)
+    return nullcontext()
+
+
+# name -> (title, which processes of the second replica of the middle stage get which signal)
+SIGNAL_FAULTS: dict[str, tuple[str, str, int]] = {
+    "sigkill": ("A replica killed (SIGKILL of app and sidecar) under load", "pod", signal.SIGKILL),
+    "sigterm": ("A replica stopped (SIGTERM of the app: it drains) under load", "app", signal.SIGTERM),
+}
+
+
+def signal_fault(out: Path, name: str, rate: float, phase_s: float) -> list[faults.PhaseSummary]:
+    """One of two replicas of the middle stage of a fresh tiny mesh signalled when the fault window opens."""
+    _, which, signum = SIGNAL_FAULTS[name]
+    policy = out / "mesh-2x.yaml"
+    policy.write_text(json.dumps({"stages": {f"{PIPELINE}-stage-1": {"replicas": 2}}}))
+    state_dir = Path(tempfile.mkdtemp(prefix=f"reliability-{name}-")) / ".mesh"
+    state = local.up(out / PIPELINE, policy, state_dir, gateway_port=0)
+    try:
+        victim = state.layout.of_stage(f"{PIPELINE}-stage-1")[1].name
+        pids = faults.replica_pids(state, victim) if which == "pod" else [
+            p.pid for p in state.procs if p.name == victim]
+        inputs = faults._inputs(out / PIPELINE, 4)
+        with httpx.Client(timeout=60.0) as client:
+            expected = [infer(client, state.layout.gateway_url, PIPELINE, x)[0] for x in inputs]
+        outcomes = faults.fault_under_load(faults.mesh_sender(state, inputs, expected),
+                                           lambda: _signal(pids, signum), rate=rate, before_s=phase_s,
+                                           fault_s=phase_s, after_s=phase_s)
+    finally:
+        local.down(state_dir)
+    return faults.summarize(outcomes)
+
+
+def _fault_markdown(name: str, rate: float, phase_s: float, summary: list[faults.PhaseSummary]) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    rows = "\n".join(f"| {s.phase} | {s.sent} | {s.failed} | {ms(s.p50_ms)} | {ms(s.p99_ms)} |" for s in summary)
+    return (f"## {SIGNAL_FAULTS[name][0]}\n\n`make reliability`: one of two replicas of {PIPELINE}-stage-1 "
+            f"signalled when the middle {phase_s:g} s window opens, under {rate:g} requests/s through the local "
+            f"mesh (3-stage tiny pipeline); phases by the time a request was sent. Machine: {describe()}; load "
+            f"average {os.getloadavg()[0]:.1f} at the end.\n\n"
+            "| phase | sent | failed | p50 ms | p99 ms |\n| --- | --- | --- | --- | --- |\n" + rows + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="reliability-"))
-    pipeline = args.out / "tiny"
+    pipeline = args.out / PIPELINE
     shutil.rmtree(pipeline, ignore_errors=True)
     write_tiny_pipeline(pipeline)
     try:
@@ -158,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
                                                     "statuses": counts, "crashed": crashed, "peak_rss_mb": peak},
                                                    indent=1))
     print(json.dumps(counts, indent=1))
+    for name in SIGNAL_FAULTS:
+        summary = signal_fault(args.out, name, args.rate, args.phase)
+        update_section(args.markdown, name, _fault_markdown(name, args.rate, args.phase, summary),
+                       header=faults.RELIABILITY_HEADER)
+        print(name, summary)
     return faults.main(["--pipeline", str(pipeline), "--stage", "tiny-stage-1", "--rate", f"{args.rate:g}",
                         "--before", f"{args.phase:g}", "--freeze", f"{args.phase:g}", "--after", f"{args.phase:g}",
                         "--out", str(args.out), "--markdown", str(args.markdown)])

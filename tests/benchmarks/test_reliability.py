@@ -1,4 +1,4 @@
-"""`python -m benchmarks.reliability` (`make reliability`), run short: both sections written, counts add up."""
+"""`python -m benchmarks.reliability` (`make reliability`), run short: every section written, counts add up."""
 
 from __future__ import annotations
 
@@ -21,5 +21,7 @@ def test_short_reliability_run_writes_fuzz_and_fault_sections(tmp_path: Path) ->
             assert not [s for s in counts if s.startswith("5") and s != "503"], counts
     assert fuzz["crashed"] == [] and len(fuzz["peak_rss_mb"]) == 3
     text = markdown.read_text()
-    assert "<!-- fuzz:start -->" in text and "<!-- freeze:start -->" in text
+    for section in ("fuzz", "sigkill", "sigterm", "freeze"):
+        assert f"<!-- {section}:start -->" in text, section
+    assert text.count("| during | 5 |") == 3  # 5 requests/s for 1 s in each fault's window
     assert f"--pipeline {out / 'tiny'}" in text
