@@ -40,6 +40,7 @@ from mesh.local import (
     write_envoy_configs,
 )
 from mesh.plan import Plan
+from mesh.records import read_records
 from model_export.contract import check_contract
 from model_export.manifest import ManifestError, load_manifest, sha256_file, verify_stage_file
 from stage_service.supervisor import NotReady, ProcessExited, wait_ready
@@ -130,6 +131,25 @@ def _start(state: State, state_dir: Path, replicas: list[Replica], timeout_s: fl
             raise MeshError(str(exc)) from exc
 
 
+def _wait_seen_healthy(state: State, state_dir: Path, stage: str, version: str, replicas: list[Replica],
+                       timeout_s: float) -> None:
+    """Wait until every caller's Envoy has the new replicas in its cluster and has seen them pass a health
+    check. A replica that is ready is not yet routable: a caller marks a new host healthy only after its own
+    first check, and weight moved before that answers 503 "no healthy upstream" (seen under load)."""
+    addresses = {f"{LOOPBACK}:{r.inbound_port}" for r in replicas}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = [r for r in read_records(state, state_dir).records if r.service == stage]
+        callers = {o for r in records for o in r.observers}
+        ours = {r.address: r for r in records if r.version == version and r.address in addresses}
+        if ours.keys() == addresses and all(r.valid and set(r.observers) == callers for r in ours.values()):
+            return
+        if time.monotonic() > deadline:
+            raise MeshError(f"{stage} {version}: the callers' Envoys did not see {sorted(addresses)} healthy "
+                            f"within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 def canary(state_dir: Path, stage: str, version: str, weight: int, source: Path | None = None,
            timeout_s: float = 120.0) -> State:
     """Route `weight`% of `stage`'s requests to `version`: the stage's version in pipeline `source` (the first
@@ -156,6 +176,7 @@ def canary(state_dir: Path, stage: str, version: str, weight: int, source: Path 
     new = _new_replicas(state.layout, resolved, stage, version, (Path(state.pipeline_dir) / file).resolve())
     state.layout = state.layout.model_copy(update={"replicas": [*state.layout.replicas, *new]})
     _start(state, state_dir, new, timeout_s)
+    _wait_seen_healthy(state, state_dir, stage, version, new, timeout_s)
     path, resolved = _with_versions(state, state_dir, stage, [{**old, "weight": 100 - weight},
                                                              {"name": version, "weight": weight, "file": file}])
     _apply(state, state_dir, path, resolved)
