@@ -158,16 +158,20 @@ def replica_pids(state: local.State, replica: str) -> list[int]:
     return [p.pid for p in state.procs if p.name in (replica, f"{replica}-sidecar")]
 
 
-def _markdown(args: argparse.Namespace, summary: list[PhaseSummary]) -> str:
+def phase_table(summary: list[PhaseSummary]) -> str:
+    """The Markdown table of a fault run's phases: sent, failed, p50 and p99."""
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 
     rows = "\n".join(f"| {s.phase} | {s.sent} | {s.failed} | {ms(s.p50_ms)} | {ms(s.p99_ms)} |" for s in summary)
+    return "| phase | sent | failed | p50 ms | p99 ms |\n| --- | --- | --- | --- | --- |\n" + rows + "\n"
+
+
+def _markdown(args: argparse.Namespace, summary: list[PhaseSummary]) -> str:
     return (f"## A frozen replica (SIGSTOP) under load\n\n`python -m benchmarks.faults --pipeline {args.pipeline} "
             f"--stage {args.stage} --rate {args.rate:g} --freeze {args.freeze:g}`: one of two replicas of "
             f"{args.stage} (app and sidecar) frozen for {args.freeze:g} s under {args.rate:g} requests/s through "
-            f"the local mesh; phases by the time a request was sent. Machine: {describe()}.\n\n"
-            "| phase | sent | failed | p50 ms | p99 ms |\n| --- | --- | --- | --- | --- |\n" + rows + "\n")
+            f"the local mesh; phases by the time a request was sent. Machine: {describe()}.\n\n" + phase_table(summary))
 
 
 def main(argv: list[str] | None = None) -> int:

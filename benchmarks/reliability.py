@@ -163,15 +163,10 @@ def signal_fault(out: Path, name: str, rate: float, phase_s: float) -> list[faul
 
 
 def _fault_markdown(name: str, rate: float, phase_s: float, summary: list[faults.PhaseSummary]) -> str:
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1f}"
-
-    rows = "\n".join(f"| {s.phase} | {s.sent} | {s.failed} | {ms(s.p50_ms)} | {ms(s.p99_ms)} |" for s in summary)
     return (f"## {SIGNAL_FAULTS[name][0]}\n\n`make reliability`: one of two replicas of {PIPELINE}-stage-1 "
             f"signalled when the middle {phase_s:g} s window opens, under {rate:g} requests/s through the local "
             f"mesh (3-stage tiny pipeline); phases by the time a request was sent. Machine: {describe()}; load "
-            f"average {os.getloadavg()[0]:.1f} at the end.\n\n"
-            "| phase | sent | failed | p50 ms | p99 ms |\n| --- | --- | --- | --- | --- |\n" + rows + "\n")
+            f"average {os.getloadavg()[0]:.1f} at the end.\n\n" + faults.phase_table(summary))
 
 
 def main(argv: list[str] | None = None) -> int:
