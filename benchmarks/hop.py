@@ -15,6 +15,9 @@ the activation once. For activations of about 4 KB, 0.7 MB and 3 MB:
 - floor: the same binary body from the same client to a bare uvicorn ASGI app that reads it and answers
   two bytes: what uvicorn, httpx and loopback cost with no stage code at all.
 
+- transports (`benchmarks.transports`): the raw-socket floor (asyncio streams, 8-byte length prefix) and every
+  server + client candidate for the hop, 0.8 and 3.2 MB, requests interleaved, as ratios to that floor.
+
 Percentiles of the added stage are over paired differences (each chain request minus the direct request
 sent right after it), so noise from other processes on the machine widens its p99. Writes `bench-hop.json` and
 `bench-hop.png` to --out and prints a table. Needs the dev extras (onnx, matplotlib); not used in serving.
@@ -37,6 +40,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmarks import transports
 from loadtest.machine import describe
 from stage_service.chain import TIMING_HEADER
 from stage_service.launch import HOST, StageProcess, free_port, start_stage
@@ -153,7 +157,8 @@ def _pcts(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
-def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10) -> dict[str, Any]:
+def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10,
+              transport_runs: int = 100) -> dict[str, Any]:
     """Start the two stage processes, measure every size, write the JSON and the plot; return the results."""
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-hop-"))
@@ -211,11 +216,15 @@ def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10)
             proc.send(signal.SIGTERM)
         for proc in procs:
             proc.stop()
+    load_before = os.getloadavg()[0]
+    candidates = transports.run(work, runs=transport_runs)
     report = {
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "description": describe()},
         "method": __doc__,
         "sizes": results,
+        "transports": {"load_average_before": load_before, "load_average_after": os.getloadavg()[0],
+                       "sizes": candidates},
     }
     (out / "bench-hop.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(results, out / "bench-hop.png")
@@ -269,6 +278,9 @@ def print_table(report: dict[str, Any]) -> None:
             f"{r['transport_floor_ms']['p50']:.3f}",
         )
     Console(width=160).print(table)
+    if report.get("transports"):
+        print("transport candidates (ms; ratio to the raw-socket floor):")
+        print("\n".join(transports.markdown(report["transports"]["sizes"])))
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -286,6 +298,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['hop_json_ms']['p50']:.1f} | {r['hop_json_ms']['p99']:.1f} | {r['json_over_binary_p50']:.0f}x | "
             f"{r['added_stage_binary_ms']['p50']:.3f} | {r['added_stage_binary_ms']['p99']:.3f} | "
             f"{r['transport_floor_ms']['p50']:.3f} |")
+    t = report.get("transports")
+    if t:
+        lines += ["", "### Transport candidates for the hop, against the raw-socket floor", "",
+                  f"One hop, body of N bytes, server answering 2 bytes; floor: raw asyncio streams with an 8-byte "
+                  f"length prefix; the HTTP servers serve the same FastAPI app; clients async on uvloop; "
+                  f"{t['sizes'][next(iter(t['sizes']))]['floor']['n']} requests per candidate and size, interleaved. "
+                  f"Load average (1 min) {t['load_average_before']:.1f} before, {t['load_average_after']:.1f} after: "
+                  "only the ratios within this run mean anything.", ""]
+        lines += transports.markdown(t["sizes"])
     return "\n".join(lines)
 
 
@@ -296,12 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmarks", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--runs", type=int, default=200, help="binary requests per size and path")
     parser.add_argument("--json-runs", type=int, default=30, help="JSON requests at 0.7 MB and 3 MB")
+    parser.add_argument("--transport-runs", type=int, default=100, help="requests per transport candidate and size")
     parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_floor:
         _serve_floor(args.serve_floor)
         return 0
-    report = run_bench(args.out, runs=args.runs, json_runs=args.json_runs)
+    report = run_bench(args.out, runs=args.runs, json_runs=args.json_runs, transport_runs=args.transport_runs)
     print_table(report)
     from benchmarks.sections import update_section
 

@@ -1,5 +1,9 @@
 """The hop to the next stage: always binary, one pooled client per process, no retries.
 
+The client is `http1.Http1Client` (this package's own HTTP/1.1 client on asyncio): within a few percent of a
+raw socket on loopback where httpx took about twice as long, and it writes the request straight from the
+output arrays' buffers (`protocol.encode_request_parts`), with no joined copy of the body.
+
 Retries, outlier detection and mTLS are the mesh's job (Envoy / Istio). Here a failed hop becomes one
 error naming the next stage (never its URL: that goes to the log): 502 when it is unreachable or answered
 badly, 504 when it is too slow; a 502 or 504 that the next stage itself answered (naming a stage further
@@ -18,11 +22,12 @@ import logging
 import time
 from collections.abc import Mapping
 
-import httpx
 import numpy as np
+import orjson
 
 from stage_service.errors import InvalidInput, UpstreamError, UpstreamTimeout
-from stage_service.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH, decode_response, encode_request
+from stage_service.http1 import Http1Client, Http1Error, Http1Response
+from stage_service.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH, decode_response, encode_request_parts
 from stage_service.tracing import StageTracing
 
 log = logging.getLogger("stage_service")
@@ -40,36 +45,35 @@ def propagated_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() in PROPAGATED or k.lower().startswith(PROPAGATED_PREFIXES)}
 
 
-def _error_text(response: httpx.Response) -> str:
+def _error_text(response: Http1Response) -> str:
     try:
-        data = response.json()
+        data = orjson.loads(response.body)
         if isinstance(data, dict) and "error" in data:
             return str(data["error"])
-    except ValueError:
+    except orjson.JSONDecodeError:
         pass
-    return response.text[:300] or response.reason_phrase
+    return response.body[:300].decode("utf-8", "replace") or response.reason
 
 
 class NextStage:
-    """Client of the next stage's `/v2/models/<stage>/infer`, shared by all requests of the process."""
+    """Client of the next stage's `/v2/models/<stage>/infer`, shared by all requests of the process.
+    `uds`: every connection goes to that Unix domain socket instead of the URL's host and port."""
 
     def __init__(self, base_url: str, stage_name: str, timeout_s: float, max_connections: int,
-                 tracing: StageTracing | None = None) -> None:
+                 tracing: StageTracing | None = None, uds: str | None = None) -> None:
         self.base_url = base_url
         self.tracing = tracing or StageTracing.disabled()
         self.stage_name = stage_name
         self.timeout_s = timeout_s
-        self.url = f"{base_url}/v2/models/{stage_name}/infer"
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                                keepalive_expiry=KEEPALIVE_EXPIRY_S),
-        )
+        self.path = f"/v2/models/{stage_name}/infer"
+        self.url = f"{base_url}{self.path}"
+        self.client = Http1Client(base_url, max_connections=max_connections, keepalive_expiry_s=KEEPALIVE_EXPIRY_S,
+                                  uds=uds)
 
     async def infer(self, tensors: Mapping[str, np.ndarray], request_id: str | None,
                     headers: Mapping[str, str]) -> tuple[dict[str, np.ndarray], str | None, float]:
         """Send the tensors on; return the final outputs, the next stage's timing header and the hop's seconds."""
-        body, header_length = encode_request(tensors, request_id)
+        body, header_length = encode_request_parts(tensors, request_id)
         where = f"next stage {self.stage_name}"  # error bodies name the stage; its URL goes to the log only
         with self.tracing.forward(self.url, self.stage_name) as hop:
             send_headers = {**hop.headers(headers), HEADER_LENGTH: str(header_length),
@@ -77,24 +81,24 @@ class NextStage:
             start = time.perf_counter()
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    response = await self.client.post(self.url, content=body, headers=send_headers)
-            except (TimeoutError, httpx.TimeoutException):
+                    response = await self.client.post(self.path, body, send_headers)
+            except TimeoutError:
                 log.warning("%s at %s did not answer within %g s", where, self.url, self.timeout_s)
                 raise UpstreamTimeout(f"{where} did not answer within {self.timeout_s:g} s") from None
-            except httpx.HTTPError as exc:
+            except (Http1Error, OSError) as exc:
                 log.warning("%s at %s is unreachable: %s: %s", where, self.url, type(exc).__name__, exc)
                 raise UpstreamError(f"{where} is unreachable ({type(exc).__name__})") from None
             seconds = time.perf_counter() - start
-            hop.response(response.status_code, len(body), len(response.content))
-            if response.status_code != 200:
+            hop.response(response.status, sum(memoryview(p).nbytes for p in body), len(response.body))
+            if response.status != 200:
                 text = _error_text(response)
-                status = response.status_code if response.status_code in _PASSED_ON else 502
-                raise UpstreamError(f"{where} answered {response.status_code}: {text}", status)
+                status = response.status if response.status in _PASSED_ON else 502
+                raise UpstreamError(f"{where} answered {response.status}: {text}", status)
             try:
-                _, outputs = decode_response(response.content, response.headers.get(HEADER_LENGTH))
+                _, outputs = decode_response(response.body, response.header(HEADER_LENGTH))
             except InvalidInput as exc:
                 raise UpstreamError(f"{where} sent an invalid response: {exc.message}") from None
-        return outputs, response.headers.get(TIMING_HEADER), seconds
+        return outputs, response.header(TIMING_HEADER), seconds
 
     async def aclose(self) -> None:
         await self.client.aclose()

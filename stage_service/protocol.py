@@ -332,15 +332,18 @@ def _dumps(header: dict[str, Any] | BaseModel) -> bytes:
     return orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def _byte_view(array: np.ndarray) -> memoryview:
+    """The array's bytes, row-major, without a copy where it is contiguous already (a flat uint8 view:
+    memoryview.cast refuses zero-size shapes)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
+
+
 def _join(header: dict[str, Any] | BaseModel, sections: list[np.ndarray]) -> tuple[bytes, int | None]:
     head = _dumps(header)
     if not sections:
         return head, None
-    # One copy of each tensor, straight into the body; memoryview avoids tobytes()' extra copy (a flat
-    # uint8 view: memoryview.cast refuses zero-size shapes).
-    parts: list[bytes | memoryview] = [head]
-    parts.extend(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in sections)
-    return b"".join(parts), len(head)
+    # One copy of each tensor, straight into the body; memoryview avoids tobytes()' extra copy.
+    return b"".join([head, *(_byte_view(a) for a in sections)]), len(head)
 
 
 def _json_data(array: np.ndarray) -> np.ndarray:
@@ -352,6 +355,15 @@ def _json_data(array: np.ndarray) -> np.ndarray:
 def encode_request(tensors: Mapping[str, np.ndarray], request_id: str | None = None,
                    parameters: Mapping[str, Any] | None = None) -> tuple[bytes, int]:
     """A binary-extension request with every input binary and every output asked for in binary."""
+    parts, length = encode_request_parts(tensors, request_id, parameters)
+    return b"".join(parts), length
+
+
+def encode_request_parts(tensors: Mapping[str, np.ndarray], request_id: str | None = None,
+                         parameters: Mapping[str, Any] | None = None) -> tuple[list[bytes | memoryview], int]:
+    """`encode_request`'s body as its parts, in order: the JSON header, then each tensor's own buffer (no
+    copy of a contiguous array), for a writer that sends them one after another (`http1.Http1Client`).
+    The arrays must stay unchanged until the parts are sent."""
     inputs = [
         {"name": name, "shape": list(a.shape), "datatype": datatype_of(a),
          "parameters": {"binary_data_size": a.nbytes}}
@@ -360,9 +372,8 @@ def encode_request(tensors: Mapping[str, np.ndarray], request_id: str | None = N
     header: dict[str, Any] = {"inputs": inputs, "parameters": {**(parameters or {}), "binary_data_output": True}}
     if request_id is not None:
         header["id"] = request_id
-    body, length = _join(header, list(tensors.values()))
-    assert length is not None
-    return body, length
+    head = _dumps(header)
+    return [head, *(_byte_view(a) for a in tensors.values())], len(head)
 
 
 def encode_json_request(tensors: Mapping[str, np.ndarray], request_id: str | None = None,
