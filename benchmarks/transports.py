@@ -31,7 +31,7 @@ from stage_service.supervisor import Child, Target, wait_ready
 
 SIZES = {"0.8 MB": 800_000, "3.2 MB": 3_200_000}  # bytes, as the reference model's activations
 PREFIX = struct.Struct("<Q")
-SERVERS = ("uvicorn", "granian")
+SERVERS = ("uvicorn", "uvicorn-stage", "granian")
 CLIENTS = ("httpx", "pyreqwest", "http1")
 
 
@@ -73,10 +73,16 @@ def serve(kind: str, port: int) -> None:
 
     if kind == "raw":
         uvloop.run(_serve_raw(port))
-    elif kind == "uvicorn":
+    elif kind in ("uvicorn", "uvicorn-stage"):
         import uvicorn
 
-        uvicorn.run(fastapi_app(), host=HOST, port=port, loop="uvloop", http="httptools", log_level="warning",
+        http: Any = "httptools"
+        if kind == "uvicorn-stage":
+            from stage_service.server import protocol_class
+            from stage_service.settings import StageSettings
+
+            http = protocol_class(StageSettings.model_construct())
+        uvicorn.run(fastapi_app(), host=HOST, port=port, loop="uvloop", http=http, log_level="warning",
                     lifespan="off")
     elif kind == "granian":
         from granian.constants import Interfaces, Loops
