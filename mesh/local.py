@@ -206,8 +206,27 @@ def _ready_url(state: State, p: procs.Proc) -> str:
     return f"http://{LOOPBACK}:{replica.admin_port}/ready"
 
 
+def _sees_app_healthy(client: httpx.Client, admin_url: str) -> bool:
+    """The sidecar's own health check has passed on its app: until then it answers 503 "no healthy upstream"
+    to every caller, though both processes answer ready (what a pod's readiness is to its endpoints)."""
+    try:
+        clusters = client.get(f"{admin_url}/clusters", timeout=1.0)
+    except httpx.HTTPError:
+        return False
+    flags = [line.rsplit("::", 1)[-1] for line in clusters.text.splitlines()
+             if line.startswith(f"{envoy_config.APP_CLUSTER}::") and "::health_flags::" in line]
+    return clusters.status_code == 200 and flags == ["healthy"]
+
+
+def _ready(state: State, client: httpx.Client, p: procs.Proc) -> bool:
+    url = _ready_url(state, p)
+    if not _probe(client, url):
+        return False
+    return p.role != "sidecar" or _sees_app_healthy(client, url.removesuffix("/ready"))
+
+
 def _target(state: State, client: httpx.Client, p: procs.Proc) -> Target:
-    return Target(name=p.name, ready=partial(_probe, client, _ready_url(state, p)), alive=partial(procs.alive, p),
+    return Target(name=p.name, ready=partial(_ready, state, client, p), alive=partial(procs.alive, p),
                   log=lambda: f"last lines of {p.log}:\n{procs.tail(p.log, critical_first=True)}")
 
 
@@ -320,7 +339,7 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> tuple[State, list[ProcStatus]
     with httpx.Client() as client:
         for p in state.procs:
             live = procs.alive(p)
-            out.append(ProcStatus(p, live, _probe(client, _ready_url(state, p)) if live else None))
+            out.append(ProcStatus(p, live, _ready(state, client, p) if live else None))
     return state, out
 
 

@@ -96,6 +96,20 @@ def route_weights(config_dump: dict[str, Any]) -> dict[tuple[str, str], int]:
     return weights
 
 
+def routed_weights(state: State, stage: str, client: httpx.Client) -> dict[str, dict[str, int] | None]:
+    """Per calling Envoy, the weight its live route gives each version of `stage` (None: admin did not answer)."""
+    out: dict[str, dict[str, int] | None] = {}
+    for name, port in observers(state).items():
+        try:
+            dump = client.get(f"http://127.0.0.1:{port}/config_dump", params={"resource": "dynamic_route_configs"})
+            weights = route_weights(dump.json())
+        except (httpx.HTTPError, ValueError):
+            out[name] = None
+            continue
+        out[name] = {version: weight for (s, version), weight in weights.items() if s == stage}
+    return out
+
+
 def host_views(clusters: dict[str, Any]) -> list[tuple[str, str, str, bool, bool]]:
     """(stage, version, address, healthy, ejected) of every host of every outbound cluster."""
     out = []

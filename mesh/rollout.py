@@ -40,7 +40,7 @@ from mesh.local import (
     write_envoy_configs,
 )
 from mesh.plan import Plan
-from mesh.records import read_records
+from mesh.records import read_records, routed_weights
 from model_export.contract import check_contract
 from model_export.manifest import ManifestError, load_manifest, sha256_file, verify_stage_file
 from stage_service.supervisor import NotReady, ProcessExited, wait_ready
@@ -103,10 +103,27 @@ def _new_replicas(layout: Layout, resolved: Plan, stage: str, version: str, file
                 for k in range(plan.replicas)]
 
 
-def _apply(state: State, state_dir: Path, policy_file: Path, resolved: Plan) -> None:
+def _apply(state: State, state_dir: Path, policy_file: Path, resolved: Plan, stage: str,
+           timeout_s: float = 30.0) -> None:
+    """Write the callers' Envoy files and return once every caller routes `stage` by the new weights: Envoy
+    reloads a watched file on its own time, and a step taken before (counting a split, stopping the side
+    that leaves) would see the old routes."""
     write_envoy_configs(state_dir, resolved, state.layout)
     state.policy, state.policy_file = resolved, str(policy_file.resolve())
     _write_state(state_dir, state)
+    wanted = {v.version: v.weight for v in resolved.hop_into(stage).route.destinations}
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=5.0) as client:
+        while True:
+            seen = routed_weights(state, stage, client)
+            # an Envoy whose routes never name the stage does not call it
+            behind = sorted(name for name, weights in seen.items() if weights is None or weights and weights != wanted)
+            if not behind:
+                return
+            if time.monotonic() > deadline:
+                raise MeshError(f"{', '.join(behind)} still route {stage} by {[seen[n] for n in behind]}, "
+                                f"not {wanted}, {timeout_s:.0f} s after the change")
+            time.sleep(0.1)
 
 
 def _start(state: State, state_dir: Path, replicas: list[Replica], timeout_s: float) -> None:
@@ -162,7 +179,7 @@ def canary(state_dir: Path, stage: str, version: str, weight: int, source: Path 
     if version in names and len(names) == 2 and names[1] == version:  # the running canary: a new weight
         versions[0]["weight"], versions[1]["weight"] = 100 - weight, weight
         path, resolved = _with_versions(state, state_dir, stage, versions)
-        _apply(state, state_dir, path, resolved)
+        _apply(state, state_dir, path, resolved, stage)
         return state
     if len(names) != 1:
         raise MeshError(f"{stage} already runs versions {names}: promote or roll back before another canary")
@@ -179,7 +196,7 @@ def canary(state_dir: Path, stage: str, version: str, weight: int, source: Path 
     _wait_seen_healthy(state, state_dir, stage, version, new, timeout_s)
     path, resolved = _with_versions(state, state_dir, stage, [{**old, "weight": 100 - weight},
                                                              {"name": version, "weight": weight, "file": file}])
-    _apply(state, state_dir, path, resolved)
+    _apply(state, state_dir, path, resolved, stage)
     return state
 
 
@@ -217,7 +234,7 @@ def _finish(state_dir: Path, stage: str, keep_new: bool, grace_s: float) -> Stat
     stay, leave = (versions[1], versions[0]) if keep_new else (versions[0], versions[1])
     routed = [{**v, "weight": 100 if v is stay else 0} for v in versions]
     path, resolved = _with_versions(state, state_dir, stage, routed)
-    _apply(state, state_dir, path, resolved)
+    _apply(state, state_dir, path, resolved, stage)
     time.sleep(DRAIN_S)
     leaving = {r.name for r in state.layout.of_version(stage, leave["name"])}
     gone = [p for p in state.procs if p.name in leaving or p.name.removesuffix("-sidecar") in leaving]
@@ -229,7 +246,7 @@ def _finish(state_dir: Path, stage: str, keep_new: bool, grace_s: float) -> Stat
     state.layout = state.layout.model_copy(update={
         "replicas": [r for r in state.layout.replicas if r.name not in leaving]})
     path, resolved = _with_versions(state, state_dir, stage, [{**stay, "weight": 100}])
-    _apply(state, state_dir, path, resolved)
+    _apply(state, state_dir, path, resolved, stage)
     return state
 
 
