@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from benchmarks import faults
 from benchmarks.sections import update_section
 from loadtest.machine import describe
-from mesh import local, procs
+from mesh import local, procs, sockets
 from mesh.v2client import infer
 from stage_service.protocol import HEADER_LENGTH, encode_request
 from tests.stage_service.test_fuzz import header_names, header_values, json_values, requests
@@ -96,9 +96,11 @@ def _run_class(client: httpx.Client, strategy: st.SearchStrategy[Any], send: Sen
     return counts
 
 
-def fuzz(url: str, examples: int) -> dict[str, Counter[str]]:
-    """Per input class, the answers' statuses (or the exception when none came) for `examples` drawn inputs."""
-    with httpx.Client(base_url=url, timeout=30.0) as client:
+def fuzz(url: str, examples: int, uds: str | None = None) -> dict[str, Counter[str]]:
+    """Per input class, the answers' statuses (or the exception when none came) for `examples` drawn inputs;
+    `uds`: over that Unix socket (a local mesh's app listens on nothing else)."""
+    transport = httpx.HTTPTransport(uds=uds) if uds else None
+    with httpx.Client(base_url=url, timeout=30.0, transport=transport) as client:
         return {name: _run_class(client, strategy, send, examples) for name, (strategy, send) in CLASSES.items()}
 
 
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         first = state.layout.of_stage("tiny-stage-0")[0]
-        results = {"stage app": fuzz(f"http://127.0.0.1:{first.app_port}", args.examples),
+        results = {"stage app": fuzz(sockets.LOCAL_BASE, args.examples, uds=first.app_socket),
                    "gateway": fuzz(state.layout.gateway_url, args.examples)}
         crashed = [p.name for p in state.procs if not procs.alive(p)]
         apps = [p for p in state.procs if p.role == "app"]

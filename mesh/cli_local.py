@@ -122,15 +122,18 @@ def _replicas(state: local.State) -> list[dict[str, object]]:
         stage = state.policy.stages[r.index]
         weight = next(v.weight for v in stage.versions if v.name == r.version)
         rows.append({"name": r.name, "stage": r.stage, "version": r.version, "weight": weight,
-                     "app_port": r.app_port, "inbound_port": r.inbound_port, "outbound_port": r.outbound_port})
+                     "inbound_port": r.inbound_port, "app_socket": r.app_socket, "outbound_socket": r.outbound_socket,
+                     "admin_socket": r.admin_socket})
     return rows
 
 
 def _table(state: local.State) -> Table:
-    table = compact_table("replica", "weight", "app", "in (mTLS)", "out", right=("weight", "app", "in (mTLS)", "out"))
-    for row in _replicas(state):
-        table.add_row(str(row["name"]), f"{row['weight']}%", str(row["app_port"]), str(row["inbound_port"]),
-                      str(row["outbound_port"] or "-"))
+    """Per replica its mTLS port, the only way in; its app and outbound listener are sockets in the private
+    socket directory (named here; the full paths in --json)."""
+    table = compact_table("replica", "weight", "in (mTLS)", "app", "out", right=("weight", "in (mTLS)"))
+    for r, row in zip(state.layout.replicas, _replicas(state), strict=True):
+        table.add_row(str(row["name"]), f"{row['weight']}%", str(row["inbound_port"]), Path(r.app_socket).name,
+                      Path(r.outbound_socket).name if r.outbound_socket else "-")
     return table
 
 
@@ -155,11 +158,14 @@ def _up(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({"pipeline": state.layout.pipeline, "gateway_url": url,
                          "gateway_grpc": state.layout.gateway_grpc_address, "state_dir": str(where.resolve()),
-                         "namespace": state.policy.namespace, "replicas": _replicas(state)})
+                         "socket_dir": state.layout.socket_dir, "namespace": state.policy.namespace,
+                         "replicas": _replicas(state)})
         else:
             console.print(f"pipeline {state.layout.pipeline}: identities "
                           f"spiffe://cluster.local/ns/{state.policy.namespace}/sa/<stage>", highlight=False)
             console.print(_table(state))
+            console.print(f"sockets (mode 0700, only this user): {state.layout.socket_dir}", highlight=False,
+                          soft_wrap=True)
             console.print(f"gateway: [bold]{url}[/]  (POST {url}/v2/models/{state.layout.pipeline}/infer)",
                           highlight=False, soft_wrap=True)
         if args.detach:

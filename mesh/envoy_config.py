@@ -6,8 +6,9 @@ again (atomically, by rename) applies a new policy without restarting anything, 
 timeouts, retries) applies even to connections already open. What goes where mirrors Istio:
 
 - a stage's sidecar has an `inbound` listener (mTLS required, RBAC admitting only the previous stage's
-  SPIFFE id, or the gateway's for the first stage) in front of its app, and, unless it is the last
-  stage, an `outbound` listener on loopback that the app calls the next stage through;
+  SPIFFE id, or the gateway's for the first stage) in front of its app (on a Unix socket: `mesh.sockets`),
+  and, unless it is the last stage, an `outbound` listener on a Unix socket that the app calls the next
+  stage through, forwarding only that stage's model paths;
 - the hop into stage S (`Hop`) is written on the caller's side: its route holds the timeout, retries,
   fault injection and the split across S's versions by weight; one cluster per version holds the
   outlier detection, connection pool and buffer limit and originates mTLS with the caller's
@@ -29,7 +30,7 @@ from typing import Any
 from mesh import envoy_grpc
 from mesh.layout import LOOPBACK, Layout, Replica
 from mesh.pki import CertPair
-from mesh.plan import ClientLimits, Hop, Plan
+from mesh.plan import ClientLimits, Hop, Plan, model_paths
 
 Json = dict[str, Any]
 LDS_FILE = "lds.json"
@@ -56,6 +57,11 @@ def _typed(type_name: str, **fields: Any) -> Json:
 
 def _address(port: int) -> Json:
     return {"socket_address": {"address": LOOPBACK, "port_value": port}}
+
+
+def pipe(path: str) -> Json:
+    """A Unix domain socket address; a listener's socket file gets mode 0600 (its directory is 0700 anyway)."""
+    return {"pipe": {"path": path, "mode": 0o600}}
 
 
 def cluster_name(stage: str, version: str) -> str:
@@ -312,11 +318,11 @@ class Resources:
     clusters: list[Json] = field(default_factory=list)
 
 
-def _outbound(res: Resources, name: str, port: int, hop: Hop, dynamic_dir: Path, limits: ClientLimits,
-              paths: list[str] | None = None) -> None:
+def _outbound(res: Resources, name: str, address: Json, hop: Hop, dynamic_dir: Path, limits: ClientLimits,
+              paths: list[str]) -> None:
     res.listeners.append({
         "name": name,
-        "address": _address(port),
+        "address": address,
         "per_connection_buffer_limit_bytes": hop.upstream.buffer_limit_bytes,
         "filter_chains": [{"filters": [_hcm(name, dynamic_dir, [_fault_filter()], limits)]}],
     })
@@ -354,16 +360,17 @@ def sidecar(layout: Layout, plan: Plan, replica: Replica, identity: CertPair, ca
     })
     # The caller's sidecar owns the timeout; the inbound side never cuts a request short.
     res.routes.append(_route_config("inbound", {"cluster": APP_CLUSTER, "timeout": "0s"}))
-    if replica.grpc_port is not None:
+    if replica.grpc_socket is not None:
         res.routes[-1]["virtual_hosts"][0]["routes"].insert(0, envoy_grpc.inbound_route())
-        res.clusters.append(envoy_grpc.app_cluster(replica, CONNECT_TIMEOUT, inbound.upstream.buffer_limit_bytes))
+        res.clusters.append(envoy_grpc.app_cluster(pipe(replica.grpc_socket), CONNECT_TIMEOUT,
+                                                   inbound.upstream.buffer_limit_bytes))
     res.clusters.append({
         "name": APP_CLUSTER,
         "type": "STATIC",
         "connect_timeout": CONNECT_TIMEOUT,
         "per_connection_buffer_limit_bytes": inbound.upstream.buffer_limit_bytes,
         "load_assignment": {"cluster_name": APP_CLUSTER,
-                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(replica.app_port)}}]}]},
+                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": pipe(replica.app_socket)}}]}]},
         "health_checks": [{"timeout": APP_CHECK_TIMEOUT, "interval": APP_CHECK_INTERVAL,
                            "no_traffic_interval": APP_CHECK_INTERVAL, "unhealthy_threshold": 1,
                            "healthy_threshold": 1, "http_health_check": {"path": APP_READY_PATH}}],
@@ -371,8 +378,10 @@ def sidecar(layout: Layout, plan: Plan, replica: Replica, identity: CertPair, ca
         "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
     })
     outbound = plan.hop_from(replica.stage)
-    if replica.outbound_port is not None and outbound is not None:
-        _outbound(res, "outbound", replica.outbound_port, outbound, dynamic_dir, plan.clients)
+    if replica.outbound_socket is not None and outbound is not None:
+        # Only the next stage's own model paths: the app's socket is no open proxy under the stage's identity.
+        _outbound(res, "outbound", pipe(replica.outbound_socket), outbound, dynamic_dir, plan.clients,
+                  model_paths(outbound.callee))
         res.clusters += outbound_clusters(layout, outbound, identity, ca)
     return res
 
@@ -382,7 +391,7 @@ def gateway(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dynamic_di
     plan's gateway paths (404 for any other)."""
     first = plan.hops[0]
     res = Resources()
-    _outbound(res, "gateway", layout.gateway_port, first, dynamic_dir, plan.clients, plan.gateway_paths)
+    _outbound(res, "gateway", _address(layout.gateway_port), first, dynamic_dir, plan.clients, plan.gateway_paths)
     res.clusters += outbound_clusters(layout, first, identity, ca)
     if layout.gateway_grpc_port is not None:
         _gateway_grpc(res, layout, first, dynamic_dir, plan.clients)
@@ -399,12 +408,13 @@ def _gateway_grpc(res: Resources, layout: Layout, first: Hop, dynamic_dir: Path,
     res.clusters += envoy_grpc.gateway_clusters([c for c in res.clusters if c["name"].startswith("outbound|")])
 
 
-def bootstrap(node_id: str, cluster: str, admin_port: int, dynamic_dir: Path) -> Json:
-    """Static part: node, admin, and LDS/CDS read from files in a watched directory."""
+def bootstrap(node_id: str, cluster: str, admin_socket: str, dynamic_dir: Path) -> Json:
+    """Static part: node, admin (on a Unix socket only the mesh's user can open: it serves certificates,
+    config and `/quitquitquit`), and LDS/CDS read from files in a watched directory."""
 
     return {
         "node": {"id": node_id, "cluster": cluster},
-        "admin": {"address": _address(admin_port)},
+        "admin": {"address": pipe(admin_socket)},
         "dynamic_resources": {"lds_config": _config_source(dynamic_dir, LDS_FILE),
                               "cds_config": _config_source(dynamic_dir, CDS_FILE)},
         "overload_manager": {"resource_monitors": [{

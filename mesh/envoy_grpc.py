@@ -5,7 +5,7 @@ Clients reach the first stage's gRPC endpoint through the gateway, as Istio rout
 REST route's (timeout, versions by weight) with retries on the gRPC status codes that mean "try another
 replica" (`unavailable`, `cancelled`) besides the connection failures; never on INVALID_ARGUMENT or
 RESOURCE_EXHAUSTED, which would only fail again. It rides the same mTLS to the stage's sidecar (ALPN h2), whose
-inbound listener sends the gRPC paths to the app's STAGE_GRPC_PORT over HTTP/2 and everything else to REST.
+inbound listener sends the gRPC paths to the app's STAGE_GRPC_UDS over HTTP/2 and everything else to REST.
 Stage-to-stage stays HTTP/1.1 REST.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from mesh.layout import LOOPBACK, Layout, Replica
+from mesh.layout import LOOPBACK, Layout
 from mesh.plan import Hop
 
 Json = dict[str, Any]
@@ -41,10 +41,9 @@ def inbound_route() -> Json:
     return {"match": {"prefix": GRPC_PREFIX}, "route": {"cluster": APP_GRPC_CLUSTER, "timeout": "0s"}}
 
 
-def app_cluster(replica: Replica, connect_timeout: str, buffer_limit_bytes: int) -> Json:
-    """The replica's own gRPC endpoint, over HTTP/2 on loopback."""
-    assert replica.grpc_port is not None
-    endpoint = {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": replica.grpc_port}}}}
+def app_cluster(address: Json, connect_timeout: str, buffer_limit_bytes: int) -> Json:
+    """The replica's own gRPC endpoint at `address` (its Unix socket), over HTTP/2."""
+    endpoint = {"endpoint": {"address": address}}
     return {"name": APP_GRPC_CLUSTER, "type": "STATIC", "connect_timeout": connect_timeout,
             "per_connection_buffer_limit_bytes": buffer_limit_bytes,
             "load_assignment": {"cluster_name": APP_GRPC_CLUSTER, "endpoints": [{"lb_endpoints": [endpoint]}]},

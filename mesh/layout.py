@@ -1,7 +1,8 @@
-"""Where every process of the local mesh lives: one replica per (stage, version, index), and its ports.
+"""Where every process of the local mesh lives: one replica per (stage, version, index), its ports and sockets.
 
 The layout is planned once by `mesh up` from the manifest and the plan of hops (`mesh.plan`), and saved in the state
-directory, so `status`, `logs`, `down` and config regeneration all read the same ports.
+directory, so `status`, `logs`, `down` and config regeneration all read the same ports and sockets. Only the
+gateway and the sidecars' mTLS listeners are TCP ports; the rest are Unix sockets (mesh.sockets).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from mesh import sockets
 from mesh.plan import Plan
 
 LOOPBACK = "127.0.0.1"
@@ -27,11 +29,12 @@ class Replica(BaseModel):
     version: str
     replica: int
     file: str | None  # a replacement ONNX file for this version (absolute), None: the manifest's
-    app_port: int
-    grpc_port: int | None = None  # the app's KServe v2 gRPC port, behind the same inbound listener
-    inbound_port: int  # the sidecar's mTLS listener, the only port other workloads call
-    outbound_port: int | None  # the sidecar's plaintext listener the app calls the next stage through
-    admin_port: int  # the sidecar's Envoy admin
+    slot: int  # names its sockets (mesh.sockets): unique among the layout's replicas
+    app_socket: str  # the app's REST listener (STAGE_UDS), reached only through the sidecar
+    grpc_socket: str | None = None  # the app's KServe v2 gRPC listener (STAGE_GRPC_UDS), behind the same inbound
+    inbound_port: int  # the sidecar's mTLS listener, the only way other workloads reach the app
+    outbound_socket: str | None  # the sidecar's plaintext listener the app calls the next stage through
+    admin_socket: str  # the sidecar's Envoy admin
 
     @property
     def name(self) -> str:
@@ -43,8 +46,9 @@ class Layout(BaseModel):
 
     pipeline: str
     pipeline_dir: str
+    socket_dir: str  # mode 0700: every app, outbound listener and Envoy admin listens in it (mesh.sockets)
     gateway_port: int
-    gateway_admin_port: int
+    gateway_admin_socket: str
     gateway_grpc_port: int | None = None  # the gateway's gRPC listener (HTTP/2 cleartext)
     replicas: list[Replica]
 
@@ -54,6 +58,9 @@ class Layout(BaseModel):
     def of_version(self, stage: str, version: str) -> list[Replica]:
         return [r for r in self.replicas if r.stage == stage and r.version == version]
 
+    def next_slot(self) -> int:
+        return max((r.slot for r in self.replicas), default=-1) + 1
+
     @property
     def gateway_url(self) -> str:
         return f"http://{LOOPBACK}:{self.gateway_port}"
@@ -61,6 +68,18 @@ class Layout(BaseModel):
     @property
     def gateway_grpc_address(self) -> str | None:
         return f"{LOOPBACK}:{self.gateway_grpc_port}" if self.gateway_grpc_port else None
+
+
+def new_replica(socket_dir: Path, slot: int, stage: str, index: int, last: int, version: str, replica: int,
+                file: str | None, inbound_port: int) -> Replica:
+    """A replica whose sockets are named by `slot` in `socket_dir`: gRPC where clients come in only (the first
+    stage; mesh.envoy_grpc), an outbound listener on every stage but the last."""
+    return Replica(stage=stage, index=index, version=version, replica=replica, file=file, slot=slot,
+                   app_socket=sockets.path(socket_dir, slot, "app"),
+                   grpc_socket=sockets.path(socket_dir, slot, "grpc") if index == 0 else None,
+                   inbound_port=inbound_port,
+                   outbound_socket=sockets.path(socket_dir, slot, "out") if index < last else None,
+                   admin_socket=sockets.path(socket_dir, slot, "admin"))
 
 
 class PortInUse(RuntimeError):
@@ -77,8 +96,10 @@ def check_port_free(port: int) -> None:
             raise PortInUse(f"port {port} on {LOOPBACK} is already in use ({exc.strerror})") from exc
 
 
-def plan(resolved: Plan, pipeline: str, pipeline_dir: Path, gateway_port: int | None = None) -> Layout:
-    """Assign free loopback ports to the gateway and to every replica of every version of every stage.
+def plan(resolved: Plan, pipeline: str, pipeline_dir: Path, gateway_port: int | None = None, *,
+         socket_dir: Path) -> Layout:
+    """Assign free loopback ports to the gateway and to every replica's sidecar inbound listener, and sockets in
+    `socket_dir` to everything else.
 
     `gateway_port` overrides the policy's; 0 picks a free one. The sockets that found the free ports stay
     open until all are chosen, so no port is handed out twice.
@@ -93,31 +114,20 @@ def plan(resolved: Plan, pipeline: str, pipeline_dir: Path, gateway_port: int | 
             s.bind((LOOPBACK, 0))
             return int(s.getsockname()[1])
 
-        replicas = []
+        replicas: list[Replica] = []
         last = len(resolved.stages) - 1
         for stage in resolved.stages:
             for version in stage.versions:
                 for k in range(stage.replicas):
-                    replicas.append(
-                        Replica(
-                            stage=stage.name,
-                            index=stage.index,
-                            version=version.name,
-                            replica=k,
-                            file=str((pipeline_dir / version.file).resolve()) if version.file else None,
-                            app_port=free(),
-                            # gRPC where clients come in only (mesh.envoy_grpc); stages chain over REST
-                            grpc_port=free() if stage.index == 0 else None,
-                            inbound_port=free(),
-                            outbound_port=free() if stage.index < last else None,
-                            admin_port=free(),
-                        )
-                    )
+                    file = str((pipeline_dir / version.file).resolve()) if version.file else None
+                    replicas.append(new_replica(socket_dir, len(replicas), stage.name, stage.index, last,
+                                                version.name, k, file, free()))
         return Layout(
             pipeline=pipeline,
             pipeline_dir=str(pipeline_dir.resolve()),
+            socket_dir=str(socket_dir),
             gateway_port=port or free(),
-            gateway_admin_port=free(),
+            gateway_admin_socket=sockets.path(socket_dir, "gateway", "admin"),
             gateway_grpc_port=free(),
             replicas=replicas,
         )

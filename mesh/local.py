@@ -4,6 +4,7 @@ State directory layout:
 
     state.json            what was started: the layout (ports), the plan of hops, every process
     pki/                  the local CA and one certificate per identity
+    sock/                 mode 0700: every app's, outbound listener's and Envoy admin's Unix socket (mesh.sockets)
     envoy/<name>/         per Envoy: bootstrap.json and dynamic/{lds,cds}.json (watched by Envoy)
     logs/<name>.log       stdout and stderr of each process
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from mesh import envoy_config, pki, procs
+from mesh import envoy_config, pki, procs, sockets
 from mesh.layout import LOOPBACK, Layout, PortInUse, Replica, plan
 from mesh.plan import Placement, Plan, resolve
 from mesh.policy import PolicyError, load_policy
@@ -135,12 +136,12 @@ def _dynamic_dir(state_dir: Path, name: str) -> Path:
     return (state_dir / "envoy" / name / "dynamic").resolve()
 
 
-def _write_envoy(state_dir: Path, name: str, cluster: str, admin_port: int,
+def _write_envoy(state_dir: Path, name: str, cluster: str, admin_socket: str,
                  resources: envoy_config.Resources) -> Path:
     dynamic = _dynamic_dir(state_dir, name)
     envoy_config.write_dynamic(dynamic, resources)
     path = dynamic.parent / "bootstrap.json"
-    path.write_text(json.dumps(envoy_config.bootstrap(name, cluster, admin_port, dynamic), indent=1))
+    path.write_text(json.dumps(envoy_config.bootstrap(name, cluster, admin_socket, dynamic), indent=1))
     return path
 
 
@@ -157,12 +158,12 @@ def write_envoy_configs(state_dir: Path, resolved: Plan, layout: Layout) -> dict
     ca = (state_dir / "pki" / "ca.pem").resolve()
     pairs = {n: pki.CertPair((state_dir / "pki" / f"{n}.pem").resolve(), (state_dir / "pki" / f"{n}-key.pem").resolve())
              for n in resolved.identities()}
-    out = {GATEWAY: _write_envoy(state_dir, GATEWAY, GATEWAY, layout.gateway_admin_port,
+    out = {GATEWAY: _write_envoy(state_dir, GATEWAY, GATEWAY, layout.gateway_admin_socket,
                                  envoy_config.gateway(layout, resolved, pairs[GATEWAY], ca,
                                                       _dynamic_dir(state_dir, GATEWAY)))}
     for r in layout.replicas:
         name = f"{r.name}-sidecar"
-        out[r.name] = _write_envoy(state_dir, name, r.stage, r.admin_port,
+        out[r.name] = _write_envoy(state_dir, name, r.stage, r.admin_socket,
                                    envoy_config.sidecar(layout, resolved, r, pairs[r.stage], ca,
                                                         _dynamic_dir(state_dir, name)))
     return out
@@ -172,9 +173,12 @@ def _app_env(state_dir: Path, manifest_path: Path, resolved: Plan, r: Replica) -
     """The replica's environment: this process's without inherited STAGE_*, then the plan's settings."""
     stage = resolved.stage(r.stage)
     version = next(v for v in stage.versions if v.name == r.version)
-    next_url = f"http://{LOOPBACK}:{r.outbound_port}" if r.outbound_port is not None else None
-    placement = Placement(manifest=str(manifest_path), model_dir=manifest_path.parent, host=LOOPBACK,
-                          port=r.app_port, next_url=next_url, grpc_port=r.grpc_port)
+    # The next stage by its name (the Host the outbound route sees), reached through the sidecar's socket.
+    next_stage = resolved.hop_from(r.stage)
+    next_url = f"http://{next_stage.callee}" if next_stage is not None and r.outbound_socket is not None else None
+    placement = Placement(manifest=str(manifest_path), model_dir=manifest_path.parent, host=LOOPBACK, port=None,
+                          next_url=next_url, uds=r.app_socket, grpc_uds=r.grpc_socket,
+                          next_uds=r.outbound_socket if next_url else None)
     # Spans as JSON lines, one file per replica, for `python -m mesh trace` (OTEL_SDK_DISABLED=true: none).
     settings = resolved.settings(stage, version, placement, drain_delay_s=DRAIN_DELAY_S,
                                  trace_file=str((state_dir / TRACES_DIR / f"{r.name}.jsonl").resolve()))
@@ -190,27 +194,28 @@ def _envoy_cmd(envoy: str, bootstrap: Path, base_id: int, concurrency: int) -> l
             "--drain-time-s", "5"]
 
 
-def _probe(client: httpx.Client, url: str) -> bool:
+def _probe(socket: str, url_path: str) -> bool:
     try:
-        return client.get(url, timeout=1.0).status_code == 200
+        return sockets.get(socket, url_path, timeout=1.0).status_code == 200
     except httpx.HTTPError:
         return False
 
 
-def _ready_url(state: State, p: procs.Proc) -> str:
+def _ready_probe(state: State, p: procs.Proc) -> tuple[str, str]:
+    """The socket and path that answer 200 once `p` is ready: an app's readiness, an Envoy admin's `/ready`."""
     if p.role == "gateway":
-        return f"http://{LOOPBACK}:{state.layout.gateway_admin_port}/ready"
+        return state.layout.gateway_admin_socket, "/ready"
     replica = next(r for r in state.layout.replicas if p.name in (r.name, f"{r.name}-sidecar"))
     if p.role == "app":
-        return f"http://{LOOPBACK}:{replica.app_port}/v2/health/ready"
-    return f"http://{LOOPBACK}:{replica.admin_port}/ready"
+        return replica.app_socket, "/v2/health/ready"
+    return replica.admin_socket, "/ready"
 
 
-def _sees_app_healthy(client: httpx.Client, admin_url: str) -> bool:
+def _sees_app_healthy(admin_socket: str) -> bool:
     """The sidecar's own health check has passed on its app: until then it answers 503 "no healthy upstream"
     to every caller, though both processes answer ready (what a pod's readiness is to its endpoints)."""
     try:
-        clusters = client.get(f"{admin_url}/clusters", timeout=1.0)
+        clusters = sockets.get(admin_socket, "/clusters", timeout=1.0)
     except httpx.HTTPError:
         return False
     flags = [line.rsplit("::", 1)[-1] for line in clusters.text.splitlines()
@@ -218,25 +223,25 @@ def _sees_app_healthy(client: httpx.Client, admin_url: str) -> bool:
     return clusters.status_code == 200 and flags == ["healthy"]
 
 
-def _ready(state: State, client: httpx.Client, p: procs.Proc) -> bool:
-    url = _ready_url(state, p)
-    if not _probe(client, url):
+def _ready(state: State, p: procs.Proc) -> bool:
+    socket, url_path = _ready_probe(state, p)
+    if not _probe(socket, url_path):
         return False
-    return p.role != "sidecar" or _sees_app_healthy(client, url.removesuffix("/ready"))
+    return p.role != "sidecar" or _sees_app_healthy(socket)
 
 
-def _target(state: State, client: httpx.Client, p: procs.Proc) -> Target:
-    return Target(name=p.name, ready=partial(_ready, state, client, p), alive=partial(procs.alive, p),
+def _target(state: State, p: procs.Proc) -> Target:
+    return Target(name=p.name, ready=partial(_ready, state, p), alive=partial(procs.alive, p),
                   log=lambda: f"last lines of {p.log}:\n{procs.tail(p.log, critical_first=True)}")
 
 
 def _wait_ready(state: State, manifest: Manifest, timeout_s: float) -> None:
     started = time.monotonic()
+    try:
+        wait_ready([_target(state, p) for p in state.procs], timeout_s, interval=0.2)
+    except (ProcessExited, NotReady) as exc:
+        raise MeshError(str(exc)) from exc
     with httpx.Client() as client:
-        try:
-            wait_ready([_target(state, client, p) for p in state.procs], timeout_s, interval=0.2)
-        except (ProcessExited, NotReady) as exc:
-            raise MeshError(str(exc)) from exc
         deadline = started + timeout_s
         # One real request through the gateway proves the whole chain: mTLS, RBAC and routing on every hop.
         while True:
@@ -263,15 +268,18 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
         if any(procs.alive(p) for p in existing.procs):
             raise MeshError(f"a mesh is already running from {state_dir} (pipeline {existing.layout.pipeline}, "
                             f"gateway {existing.layout.gateway_url}); run `python -m mesh down` first")
+        sockets.remove_dir(Path(existing.layout.socket_dir))
         shutil.rmtree(state_dir)  # stale: everything it recorded is gone
     for old in ("logs", "envoy", TRACES_DIR):  # left by an earlier mesh that was stopped: start afresh
         shutil.rmtree(state_dir / old, ignore_errors=True)
     envoy = _envoy_path()
+    state_dir.mkdir(parents=True, exist_ok=True)
     try:
-        layout = plan(resolved, manifest.name, pipeline_dir, gateway_port)
+        layout = plan(resolved, manifest.name, pipeline_dir, gateway_port, socket_dir=sockets.make_dir(state_dir))
     except PortInUse as exc:
         raise MeshError(f"{exc}: the gateway needs it; set gateway.port in the policy or pass --gateway-port") from exc
-    state_dir.mkdir(parents=True, exist_ok=True)
+    except sockets.SocketDirError as exc:
+        raise MeshError(str(exc)) from exc
     state = State(pipeline_dir=str(pipeline_dir.resolve()),
                   policy_file=str(policy_file.resolve()) if policy_file else None,
                   policy=resolved, layout=layout, procs=[])
@@ -297,6 +305,7 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
         _wait_ready(state, manifest, ready_timeout_s)
     except BaseException:
         procs.stop(state.procs, grace_s=5.0)
+        sockets.remove_dir(Path(layout.socket_dir))
         with contextlib.suppress(OSError):  # kept as the last mesh's record: `mesh logs` shows why it failed
             os.replace(state_dir / STATE_FILE, state_dir / LAST_STATE_FILE)
         raise
@@ -326,6 +335,7 @@ def down(state_dir: Path = DEFAULT_STATE_DIR, grace_s: float = 10.0) -> list[pro
     stray = procs.marked(MARKER_ENV, marker)
     if left or stray:
         raise MeshError(f"could not stop {[f'{p.name} (pid {p.pid})' for p in left]} {stray or ''}")
+    sockets.remove_dir(Path(state.layout.socket_dir))
     os.replace(state_dir / STATE_FILE, state_dir / LAST_STATE_FILE)
     return was_alive
 
@@ -336,10 +346,9 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> tuple[State, list[ProcStatus]
     if state is None:
         raise MeshError(f"no mesh is running from {state_dir}")
     out = []
-    with httpx.Client() as client:
-        for p in state.procs:
-            live = procs.alive(p)
-            out.append(ProcStatus(p, live, _ready(state, client, p) if live else None))
+    for p in state.procs:
+        live = procs.alive(p)
+        out.append(ProcStatus(p, live, _ready(state, p) if live else None))
     return state, out
 
 

@@ -177,7 +177,7 @@ def _first_replica(layout: Layout, stage: str) -> Replica:
 
 def local_view(plan: Plan) -> dict[str, dict[str, str]]:
     """Per hop, the compared fields of the local mesh's Envoy config for `plan`."""
-    layout = plan_layout(plan, "parity", Path("."), gateway_port=0)
+    layout = plan_layout(plan, "parity", Path("."), gateway_port=0, socket_dir=Path("/sock"))
     view: dict[str, dict[str, str]] = {}
     for hop in plan.hops:
         caller = _local_resources(plan, layout, hop.caller)

@@ -76,6 +76,11 @@ def gateway_paths(pipeline: str) -> list[str]:
     return [f"/v2/models/{pipeline}", f"/v2/models/{pipeline}/*", "/v2/health/*"]
 
 
+def model_paths(stage: str) -> list[str]:
+    """A stage's own KServe v2 model paths: all a stage's outbound listener forwards to it (the local mesh)."""
+    return [f"/v2/models/{stage}", f"/v2/models/{stage}/*"]
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -168,9 +173,14 @@ class Placement:
     manifest: str  # pipeline.json as the process sees it
     model_dir: Path  # the directory a version's replacement file is read from
     host: str
-    port: int
+    port: int | None  # None: the app listens on `uds` only
     next_url: str | None  # how the app reaches the next stage: its sidecar's outbound listener, or the Service
-    grpc_port: int | None = None  # the app's KServe v2 gRPC port (STAGE_GRPC_PORT); None: no gRPC
+    grpc_port: int | None = None  # the app's KServe v2 gRPC port (STAGE_GRPC_PORT); None: no gRPC (or `grpc_uds`)
+    # The local mesh: the app's REST and gRPC listeners, and the way to its sidecar's outbound listener, as Unix
+    # sockets in a directory only the mesh's user opens (mesh.sockets); a pod keeps TCP (its netns is the bound).
+    uds: str | None = None
+    grpc_uds: str | None = None
+    next_uds: str | None = None
 
 
 class _Given(StageSettings):
@@ -230,7 +240,9 @@ class Plan(_Frozen):
                  **extra: Any) -> StageSettings:
         """The settings of one replica of `version` of `stage` placed at `placement` (`extra`: more fields)."""
         values: dict[str, Any] = {"manifest": placement.manifest, "name": stage.name, "version": version.name,
-                                     "host": placement.host, "port": placement.port, "threads": stage.threads}
+                                     "host": placement.host, "threads": stage.threads}
+        if placement.port is not None:
+            values["port"] = placement.port
         if stage.next_timeout_s is not None:
             values["next_url"] = placement.next_url
             values["timeout_s"] = stage.next_timeout_s
@@ -238,6 +250,11 @@ class Plan(_Frozen):
             values["file"] = placement.model_dir / version.file
         if placement.grpc_port is not None:
             values["grpc_port"] = placement.grpc_port
+        for field in ("uds", "grpc_uds"):
+            if getattr(placement, field) is not None:
+                values[field] = getattr(placement, field)
+        if stage.next_timeout_s is not None and placement.next_uds is not None:
+            values["next_uds"] = placement.next_uds
         return _Given.model_validate({**values, **extra})
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from mesh import sockets
 from mesh.envoy_config import cluster_name
 from mesh.local import GATEWAY, State
 
@@ -61,13 +62,13 @@ class Reading:
     unreachable: list[str]
 
 
-def observers(state: State) -> dict[str, int]:
-    """The Envoys holding outbound clusters, by name, with their admin ports: the gateway and every sidecar
+def observers(state: State) -> dict[str, str]:
+    """The Envoys holding outbound clusters, by name, with their admin sockets: the gateway and every sidecar
     of a stage that calls another."""
-    found = {GATEWAY: state.layout.gateway_admin_port}
+    found = {GATEWAY: state.layout.gateway_admin_socket}
     for r in state.layout.replicas:
-        if r.outbound_port is not None:
-            found[f"{r.name}-sidecar"] = r.admin_port
+        if r.outbound_socket is not None:
+            found[f"{r.name}-sidecar"] = r.admin_socket
     return found
 
 
@@ -96,12 +97,12 @@ def route_weights(config_dump: dict[str, Any]) -> dict[tuple[str, str], int]:
     return weights
 
 
-def routed_weights(state: State, stage: str, client: httpx.Client) -> dict[str, dict[str, int] | None]:
+def routed_weights(state: State, stage: str) -> dict[str, dict[str, int] | None]:
     """Per calling Envoy, the weight its live route gives each version of `stage` (None: admin did not answer)."""
     out: dict[str, dict[str, int] | None] = {}
-    for name, port in observers(state).items():
+    for name, admin_socket in observers(state).items():
         try:
-            dump = client.get(f"http://127.0.0.1:{port}/config_dump", params={"resource": "dynamic_route_configs"})
+            dump = sockets.get(admin_socket, "/config_dump", resource="dynamic_route_configs")
             weights = route_weights(dump.json())
         except (httpx.HTTPError, ValueError):
             out[name] = None
@@ -141,35 +142,34 @@ def _save_seen(state_dir: Path, seen: dict[str, float]) -> None:
         os.replace(tmp, state_dir / RECORDS_FILE)
 
 
-def read_records(state: State, state_dir: Path, client: httpx.Client | None = None) -> Reading:
+def _admin_view(admin_socket: str) -> tuple[dict[str, Any], dict[tuple[str, str], int]]:
+    """One Envoy's `/clusters` and the weights of its routes, over its admin socket."""
+    with sockets.client(admin_socket, ADMIN_TIMEOUT_S) as client:
+        clusters = client.get("/clusters", params={"format": "json"}).json()
+        weights = route_weights(client.get("/config_dump", params={"resource": "dynamic_route_configs"}).json())
+    return clusters, weights
+
+
+def read_records(state: State, state_dir: Path) -> Reading:
     """Ask every calling Envoy's admin; merge their views per endpoint; remember when each was valid."""
-    own = client is None
-    client = client or httpx.Client(timeout=ADMIN_TIMEOUT_S)
     merged: dict[tuple[str, str, str], EndpointRecord] = {}
     unreachable = []
     replica_at = {f"127.0.0.1:{r.inbound_port}": r.name for r in state.layout.replicas}
-    try:
-        for name, port in observers(state).items():
-            base = f"http://127.0.0.1:{port}"
-            try:
-                clusters = client.get(f"{base}/clusters", params={"format": "json"}).json()
-                weights = route_weights(client.get(f"{base}/config_dump",
-                                                   params={"resource": "dynamic_route_configs"}).json())
-            except (httpx.HTTPError, ValueError):
-                unreachable.append(name)
-                continue
-            for stage, version, address, healthy, ejected in host_views(clusters):
-                key = (stage, version, address)
-                record = merged.setdefault(key, EndpointRecord(
-                    stage, version, weights.get((stage, version), 0), address, replica_at.get(address), True, False,
-                    None))
-                record.healthy &= healthy
-                record.ejected |= ejected
-                record.weight = max(record.weight, weights.get((stage, version), 0))
-                record.observers.append(name)
-    finally:
-        if own:
-            client.close()
+    for name, admin_socket in observers(state).items():
+        try:
+            clusters, weights = _admin_view(admin_socket)
+        except (httpx.HTTPError, ValueError):
+            unreachable.append(name)
+            continue
+        for stage, version, address, healthy, ejected in host_views(clusters):
+            key = (stage, version, address)
+            record = merged.setdefault(key, EndpointRecord(
+                stage, version, weights.get((stage, version), 0), address, replica_at.get(address), True, False,
+                None))
+            record.healthy &= healthy
+            record.ejected |= ejected
+            record.weight = max(record.weight, weights.get((stage, version), 0))
+            record.observers.append(name)
     now = time.time()
     seen = _load_seen(state_dir)
     for (stage, version, address), record in merged.items():

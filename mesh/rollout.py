@@ -20,11 +20,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 
 from mesh import procs
-from mesh.layout import LOOPBACK, Layout, Replica
+from mesh.layout import LOOPBACK, Layout, Replica, new_replica
 from mesh.local import (
     MARKER_ENV,
     MeshError,
@@ -91,6 +90,7 @@ def _versions(state: State, stage: str) -> list[dict[str, Any]]:
 def _new_replicas(layout: Layout, resolved: Plan, stage: str, version: str, file: Path) -> list[Replica]:
     plan = resolved.stage(stage)
     last = len(resolved.stages) - 1
+    slot = layout.next_slot()
     with ExitStack() as stack:
 
         def free() -> int:
@@ -98,8 +98,7 @@ def _new_replicas(layout: Layout, resolved: Plan, stage: str, version: str, file
             s.bind((LOOPBACK, 0))
             return int(s.getsockname()[1])
 
-        return [Replica(stage=stage, index=plan.index, version=version, replica=k, file=str(file), app_port=free(),
-                        inbound_port=free(), outbound_port=free() if plan.index < last else None, admin_port=free())
+        return [new_replica(Path(layout.socket_dir), slot + k, stage, plan.index, last, version, k, str(file), free())
                 for k in range(plan.replicas)]
 
 
@@ -113,17 +112,16 @@ def _apply(state: State, state_dir: Path, policy_file: Path, resolved: Plan, sta
     _write_state(state_dir, state)
     wanted = {v.version: v.weight for v in resolved.hop_into(stage).route.destinations}
     deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=5.0) as client:
-        while True:
-            seen = routed_weights(state, stage, client)
-            # an Envoy whose routes never name the stage does not call it
-            behind = sorted(name for name, weights in seen.items() if weights is None or weights and weights != wanted)
-            if not behind:
-                return
-            if time.monotonic() > deadline:
-                raise MeshError(f"{', '.join(behind)} still route {stage} by {[seen[n] for n in behind]}, "
-                                f"not {wanted}, {timeout_s:.0f} s after the change")
-            time.sleep(0.1)
+    while True:
+        seen = routed_weights(state, stage)
+        # an Envoy whose routes never name the stage does not call it
+        behind = sorted(name for name, weights in seen.items() if weights is None or weights and weights != wanted)
+        if not behind:
+            return
+        if time.monotonic() > deadline:
+            raise MeshError(f"{', '.join(behind)} still route {stage} by {[seen[n] for n in behind]}, "
+                            f"not {wanted}, {timeout_s:.0f} s after the change")
+        time.sleep(0.1)
 
 
 def _start(state: State, state_dir: Path, replicas: list[Replica], timeout_s: float) -> None:
@@ -141,11 +139,10 @@ def _start(state: State, state_dir: Path, replicas: list[Replica], timeout_s: fl
                                    logs / f"{r.name}-sidecar.log", env=envoy_env))
     state.procs += started
     _write_state(state_dir, state)
-    with httpx.Client() as client:
-        try:
-            wait_ready([_target(state, client, p) for p in started], timeout_s, interval=0.2)
-        except (ProcessExited, NotReady) as exc:
-            raise MeshError(str(exc)) from exc
+    try:
+        wait_ready([_target(state, p) for p in started], timeout_s, interval=0.2)
+    except (ProcessExited, NotReady) as exc:
+        raise MeshError(str(exc)) from exc
 
 
 def _wait_seen_healthy(state: State, state_dir: Path, stage: str, version: str, replicas: list[Replica],

@@ -170,14 +170,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def start_grpc(app: FastAPI) -> Any | None:
-    """The KServe v2 gRPC server on STAGE_GRPC_PORT, on the same data plane; None where it is unset."""
+    """The KServe v2 gRPC server on STAGE_GRPC_PORT or STAGE_GRPC_UDS, on the same data plane; None where both
+    are unset."""
     settings: StageSettings = app.state.settings
-    if settings.grpc_port is None:
+    if not settings.serves_grpc:
         return None
-    from stage_service.grpc_service import InferenceServicer, start_server  # grpc is imported only where it serves
+    from stage_service.grpc_service import InferenceServicer, grpc_address, start_server  # imported only to serve
 
     servicer = InferenceServicer(app.state.plane, app.state.body_budget, settings.max_request_bytes)
-    return await start_server(settings.host, settings.grpc_port, servicer)
+    return await start_server(grpc_address(settings), servicer)
 
 
 def create_app(settings: StageSettings, runtime: StageRuntime, tracing: StageTracing) -> FastAPI:

@@ -80,7 +80,8 @@ class DataPlane:
         self.max_json_values = settings.max_json_values
         following = self.place.next_stage
         self.next_stage = (NextStage(settings.next_url, following.name, settings.timeout_s, settings.max_inflight,
-                                     tracing) if following is not None and settings.next_url else None)
+                                     tracing, str(settings.next_uds) if settings.next_uds else None)
+                           if following is not None and settings.next_url else None)
         self.final_names = [t.name for t in self.place.manifest.outputs]
         self.ready = False
         runtime.on_run = metrics.batch_size.observe

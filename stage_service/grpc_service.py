@@ -36,6 +36,7 @@ from stage_service.errors import (
     UpstreamTimeout,
 )
 from stage_service.limits import HEADER_ALLOWANCE, BodyBudget
+from stage_service.settings import StageSettings
 
 log = logging.getLogger("stage_service")
 INFER_METHOD = f"/{pb.SERVICE}/ModelInfer"
@@ -248,8 +249,18 @@ def service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(pb.SERVICE, handlers)
 
 
-async def start_server(host: str, port: int, servicer: InferenceServicer) -> grpc.aio.Server:
-    """A started grpc.aio server on the running loop; RuntimeError naming the port if it cannot listen."""
+def grpc_address(settings: StageSettings) -> tuple[str, str]:
+    """Where gRPC listens, as grpc writes it (`unix:/path` or `host:port`), and the setting that chose it."""
+    if settings.grpc_uds is not None:
+        return f"unix:{settings.grpc_uds}", "STAGE_GRPC_UDS"
+    host = settings.host
+    return (f"[{host}]:{settings.grpc_port}" if ":" in host else f"{host}:{settings.grpc_port}"), "STAGE_GRPC_PORT"
+
+
+async def start_server(where: tuple[str, str], servicer: InferenceServicer) -> grpc.aio.Server:
+    """A started grpc.aio server on the running loop at `where` (`grpc_address`); RuntimeError naming the setting
+    if it cannot listen."""
+    address, setting = where
     # Messages a little over STAGE_MAX_REQUEST_BYTES (protobuf framing, names, shapes) reach ModelInfer, which
     # refuses too many tensor bytes by name; grpc refuses larger ones itself with RESOURCE_EXHAUSTED.
     server = grpc.aio.server(options=[
@@ -258,11 +269,10 @@ async def start_server(host: str, port: int, servicer: InferenceServicer) -> grp
         ("grpc.so_reuseport", 0),
     ])
     server.add_generic_rpc_handlers((service_handler(servicer),))
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise RuntimeError(f"STAGE_GRPC_PORT: cannot listen on {address} ({exc})") from None
+        raise RuntimeError(f"{setting}: cannot listen on {address} ({exc})") from None
     await server.start()
     log.info("KServe v2 gRPC on %s", address)
     return server

@@ -189,7 +189,8 @@ class DrainingServer(uvicorn.Server):
 def server_config(settings: StageSettings, app: ASGIApp) -> uvicorn.Config:
     """uvicorn's configuration for one stage: uvloop, the limited httptools protocol, the settings' limits."""
     return uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="uvloop", http=protocol_class(settings), lifespan="on",
+        app, host=settings.host, port=settings.port, uds=str(settings.uds) if settings.uds else None,
+        loop="uvloop", http=protocol_class(settings), lifespan="on",
         log_level=settings.log_level, access_log=settings.access_log,
         limit_concurrency=settings.max_connections,
         # In-flight requests may wait on the whole rest of the chain: give them that long to finish.

@@ -7,16 +7,19 @@ file matches) happen in `runtime.load_stage`, which names the setting at fault t
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model_export.manifest import DnsLabel
 
 ENV_PREFIX = "STAGE_"
+# sun_path of a Unix domain socket holds 108 bytes, the last a NUL.
+MAX_SOCKET_PATH = 107
 _URL = re.compile(r"^https?://[^/\s:]+(:\d{1,5})?(/[^\s]*)?$")
 
 # Short names accepted in STAGE_PROVIDERS besides onnxruntime's own.
@@ -39,6 +42,12 @@ class StageSettings(BaseSettings):
     port: int = Field(default=8080, ge=1, le=65535, description="port to listen on")
     grpc_port: int | None = Field(default=None, ge=1, le=65535, description="port of the KServe v2 gRPC endpoint "
                                   "(inference.GRPCInferenceService) beside REST; unset = no gRPC")
+    uds: Path | None = Field(default=None, description="listen on this Unix domain socket instead of "
+                             "STAGE_HOST:STAGE_PORT (the local mesh: only its sidecar can reach it)")
+    grpc_uds: Path | None = Field(default=None, description="the gRPC endpoint on this Unix domain socket instead "
+                                  "of STAGE_GRPC_PORT")
+    next_uds: Path | None = Field(default=None, description="reach STAGE_NEXT_URL through this Unix domain socket "
+                                  "(the local mesh: the sidecar's outbound listener); unset = TCP")
     threads: int = Field(default=1, ge=1, le=256, description="onnxruntime intra-op threads")
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["auto"],
@@ -125,6 +134,30 @@ class StageSettings(BaseSettings):
     def buffered_bytes_limit(self) -> int:
         return self.max_buffered_bytes or 4 * self.max_request_bytes
 
+    @field_validator("uds", "grpc_uds", "next_uds")
+    @classmethod
+    def _socket_path(cls, value: Path | None) -> Path | None:
+        if value is None or str(value).strip() == "":
+            return None
+        if not value.is_absolute():
+            raise ValueError(f"{str(value)!r} is not an absolute path to a Unix domain socket")
+        if len(os.fsencode(value)) > MAX_SOCKET_PATH:
+            raise ValueError(f"a Unix domain socket's path holds at most {MAX_SOCKET_PATH} bytes, this one has "
+                             f"{len(os.fsencode(value))}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_grpc_endpoint(self) -> StageSettings:
+        if self.grpc_port is not None and self.grpc_uds is not None:
+            raise ValueError("set one of STAGE_GRPC_PORT and STAGE_GRPC_UDS, not both")
+        if self.next_uds is not None and self.next_url is None:
+            raise ValueError("STAGE_NEXT_UDS needs STAGE_NEXT_URL (the next stage's base URL, sent through the socket)")
+        return self
+
+    @property
+    def serves_grpc(self) -> bool:
+        return self.grpc_port is not None or self.grpc_uds is not None
+
     @field_validator("next_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -140,7 +173,10 @@ def describe_validation_error(exc: ValidationError) -> str:
     """One line per invalid field, naming the environment variable, e.g. `STAGE_PORT: ...`."""
     lines = []
     for err in exc.errors():
-        field = str(err["loc"][0]) if err["loc"] else "?"
+        if not err["loc"]:  # a check across fields names its variables itself
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
+            continue
+        field = str(err["loc"][0])
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']}{shown}")

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from mesh import local
+from mesh import local, sockets
 from mesh.procs import alive as procs_alive
 from mesh.v2client import infer
 from tests.mesh.local_mesh import mesh_cli, running_mesh, write_policy
@@ -39,9 +39,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[local.State
         yield state, tmp / ".mesh", pipeline
 
 
-def _stat(admin_port: int, name: str) -> int:
+def _stat(admin_socket: str, name: str) -> int:
     """One counter from an Envoy's admin /stats (access logs are buffered, and lost with a SIGKILL)."""
-    text = httpx.get(f"http://127.0.0.1:{admin_port}/stats", params={"filter": f"^{name}$"}, timeout=5.0).text
+    text = sockets.get(admin_socket, "/stats", filter=f"^{name}$").text
     values = [int(line.rsplit(":", 1)[1]) for line in text.splitlines() if line.startswith(name + ":")]
     assert len(values) == 1, text
     return values[0]
@@ -111,7 +111,7 @@ def _load_through_a_kill(state: local.State, pipeline: Path, name: str, victims:
 
 def test_sigkill_of_one_replica_loses_no_request(mesh: tuple[local.State, Path, Path]) -> None:
     state, state_dir, pipeline = mesh
-    admin_of = {r.name: r.admin_port for r in state.layout.replicas}
+    admin_of = {r.name: r.admin_socket for r in state.layout.replicas}
     victim = state.layout.of_stage(MIDDLE)[1].name
     victims = [p.pid for p in state.procs if p.name in (victim, f"{victim}-sidecar")]
     served: list[int] = []
@@ -145,8 +145,8 @@ def test_an_app_that_dies_behind_its_live_sidecar_loses_no_request(tmp_path: Pat
         assert failures == []
         assert counts["before"] >= 20 and counts["after"] >= 60, counts
         assert procs_alive(sidecar)  # only the app died
-        admin = next(r.admin_port for r in state.layout.replicas if r.name == victim)
+        admin = next(r.admin_socket for r in state.layout.replicas if r.name == victim)
         assert _stat(admin, "http.inbound.downstream_rq_5xx") > 0  # its sidecar did answer 5xx...
-        callers = [r.admin_port for r in state.layout.of_stage("crash-stage-0")]
+        callers = [r.admin_socket for r in state.layout.of_stage("crash-stage-0")]
         retried = sum(_stat(a, "cluster.outbound|v1|crash-stage-1.upstream_rq_retry") for a in callers)
         assert retried > 0  # ...and the callers retried those on the other replica

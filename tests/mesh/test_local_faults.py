@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 
 from benchmarks.faults import fault_under_load, freeze_under_load, mesh_sender, replica_pids, summarize
-from mesh import local
+from mesh import local, sockets
 from mesh.envoy_config import APP_CLUSTER
 from mesh.v2client import infer
 from tests.mesh.local_mesh import mesh_cli, running_mesh, write_policy
@@ -42,9 +42,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[local.State
         yield state, tmp / ".mesh", pipeline
 
 
-def _stats(admin_port: int, prefix: str) -> dict[str, int]:
-    text = httpx.get(f"http://127.0.0.1:{admin_port}/stats", params={"filter": f"^{re.escape(prefix)}"},
-                     timeout=5.0).text
+def _stats(admin_socket: str, prefix: str) -> dict[str, int]:
+    text = sockets.get(admin_socket, "/stats", filter=f"^{re.escape(prefix)}").text
     return {k: int(v) for k, v in (line.split(": ", 1) for line in text.splitlines()) if v.strip().isdigit()}
 
 
@@ -68,7 +67,7 @@ def test_a_frozen_replica_is_retried_around_and_ejected(mesh: tuple[local.State,
     # The caller's sidecar gave up on tries to the frozen replica (per-try or connect timeouts, both
     # local-origin failures) and ejected it; without a per-try timeout and local-origin outlier detection it
     # would have waited out the hop's whole timeout and never ejected.
-    caller = state.layout.of_stage(f"{NAME}-stage-0")[0].admin_port
+    caller = state.layout.of_stage(f"{NAME}-stage-0")[0].admin_socket
     stats = _stats(caller, f"cluster.outbound|v1|{MIDDLE}.")
     cluster = f"cluster.outbound|v1|{MIDDLE}"
     timeouts = stats[f"{cluster}.upstream_rq_per_try_timeout"] + stats[f"{cluster}.upstream_cx_connect_timeout"]
@@ -99,7 +98,7 @@ def test_fault_abort_from_the_policy(mesh: tuple[local.State, Path, Path], tmp_p
         # stage 1's sidecar answers the hop into the last stage with the injected 503; stage 1 names it (502)
         assert {r.status_code for r in responses} == {502}
         assert all(LAST in r.text for r in responses)
-        callers = [r.admin_port for r in state.layout.of_stage(MIDDLE)]
+        callers = [r.admin_socket for r in state.layout.of_stage(MIDDLE)]
         assert sum(_stats(a, "http.outbound.fault.").get("http.outbound.fault.aborts_injected", 0)
                    for a in callers) >= len(inputs)
     finally:
@@ -120,7 +119,7 @@ def test_fault_delay_from_the_policy(mesh: tuple[local.State, Path, Path], tmp_p
                 out, _ = infer(client, state.layout.gateway_url, NAME, x)
                 assert time.perf_counter() - start >= delay_s  # a lower bound: the delay cannot be skipped
                 assert np.allclose(out["y"], want["y"], atol=1e-5, rtol=0)
-        callers = [r.admin_port for r in state.layout.of_stage(MIDDLE)]
+        callers = [r.admin_socket for r in state.layout.of_stage(MIDDLE)]
         assert sum(_stats(a, "http.outbound.fault.").get("http.outbound.fault.delays_injected", 0)
                    for a in callers) >= len(inputs)
     finally:
@@ -145,7 +144,7 @@ def test_a_stopping_replica_drains_without_loss(tmp_path: Path) -> None:
         outcomes = fault_under_load(mesh_sender(state, inputs, expected), lambda: _sigterm(app.pid),
                                     rate=10.0, before_s=1.0, fault_s=local.DRAIN_DELAY_S + 2.0, after_s=1.0)
         assert [o.error for o in outcomes if o.error] == []
-        stats = _stats(victim.admin_port, f"cluster.{APP_CLUSTER}.")
+        stats = _stats(victim.admin_socket, f"cluster.{APP_CLUSTER}.")
         assert stats[f"cluster.{APP_CLUSTER}.health_check.failure"] > 0, stats  # it saw the app go not-ready
         assert stats[f"cluster.{APP_CLUSTER}.upstream_cx_connect_fail"] == 0, stats  # and never its closed port
         assert stats[f"cluster.{APP_CLUSTER}.upstream_rq_2xx"] > 0, stats  # it did serve before

@@ -10,14 +10,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from mesh import local
+from mesh import local, sockets
 from mesh.envoy_grpc import GATEWAY_GRPC
 from model_export.manifest import Manifest
 from tests.mesh.local_mesh import running_mesh, write_policy
@@ -45,8 +44,8 @@ def _client(state: local.State) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(address)
 
 
-def _stat(admin_port: int, name: str) -> int:
-    text = httpx.get(f"http://127.0.0.1:{admin_port}/stats", params={"filter": f"^{name}$"}, timeout=5.0).text
+def _stat(admin_socket: str, name: str) -> int:
+    text = sockets.get(admin_socket, "/stats", filter=f"^{name}$").text
     return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if line.startswith(name + ":"))
 
 
@@ -70,7 +69,7 @@ def test_tritonclient_grpc_through_the_gateway(mesh: local.State, tiny_pipeline:
     finally:
         client.close()
     # a bad input is not retried: it would only fail again
-    gateway = mesh.layout.gateway_admin_port
+    gateway = mesh.layout.gateway_admin_socket
     assert _stat(gateway, f"http.{GATEWAY_GRPC}.downstream_rq_completed") >= 5
 
 
@@ -98,14 +97,14 @@ def test_gateway_retries_unavailable_while_a_replica_drains(mesh: local.State) -
     threads = [threading.Thread(target=load) for _ in range(3)]
     for t in threads:
         t.start()
-    retries_before = _stat(mesh.layout.gateway_admin_port, f"cluster.outbound|v1|{FIRST}|grpc.upstream_rq_retry")
+    retries_before = _stat(mesh.layout.gateway_admin_socket, f"cluster.outbound|v1|{FIRST}|grpc.upstream_rq_retry")
     time.sleep(1.0)
     os.kill(victim.pid, signal.SIGTERM)
     time.sleep(local.DRAIN_DELAY_S + 2.0)
     done.set()
     for t in threads:
         t.join(30)
-    retries = _stat(mesh.layout.gateway_admin_port, f"cluster.outbound|v1|{FIRST}|grpc.upstream_rq_retry")
+    retries = _stat(mesh.layout.gateway_admin_socket, f"cluster.outbound|v1|{FIRST}|grpc.upstream_rq_retry")
     assert failures == [], failures[:5]
     assert calls[0] > 20
     assert retries > retries_before, "no call met the draining replica: the test proved nothing"

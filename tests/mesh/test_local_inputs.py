@@ -97,7 +97,7 @@ def test_envoy_config_carries_the_policy(tiny_pipeline: tuple[Path, Manifest], t
         "replicas": 2, "buffer_limit_bytes": 4 << 20, "retries": {"attempts": 2, "retry_on": ["reset", "503"]},
         "versions": [{"name": "v1", "weight": 80}, {"name": "v2", "weight": 20}]}}})
     resolved = resolve(policy, manifest)
-    layout = plan(resolved, manifest.name, pipeline, gateway_port=0)
+    layout = plan(resolved, manifest.name, pipeline, gateway_port=0, socket_dir=tmp_path)
     pair = CertPair(tmp_path / "c.pem", tmp_path / "k.pem")
     caller = next(r for r in layout.replicas if r.stage == "tiny-stage-0")
     res = envoy_config.sidecar(layout, resolved, caller, pair, tmp_path / "ca.pem", tmp_path)

@@ -45,7 +45,7 @@ def _istio(files: dict[str, str], kind: str, name: str) -> dict[str, Any]:
 
 def _envoy(tmp_path: Path, manifest: Manifest, pipeline: Path, plan: Plan, stage: str) -> envoy_config.Resources:
     """The sidecar config of the first replica of `stage` (its outbound side holds the hop after it)."""
-    layout = plan_layout(plan, manifest.name, pipeline, gateway_port=0)
+    layout = plan_layout(plan, manifest.name, pipeline, gateway_port=0, socket_dir=tmp_path)
     replica = next(r for r in layout.replicas if r.stage == stage)
     pair = CertPair(tmp_path / "c.pem", tmp_path / "k.pem")
     return envoy_config.sidecar(layout, plan, replica, pair, tmp_path / "ca.pem", tmp_path)
@@ -96,7 +96,7 @@ def test_app_timeout_is_the_route_timeout_plus_a_margin_in_both_meshes(tiny_pipe
     pipeline, manifest = tiny_pipeline
     plan = _resolve(manifest, stages={"tiny-stage-1": {"timeout_s": 7.5}})
     expected = str(7.5 + APP_TIMEOUT_MARGIN_S)
-    layout = plan_layout(plan, manifest.name, pipeline, gateway_port=0)
+    layout = plan_layout(plan, manifest.name, pipeline, gateway_port=0, socket_dir=tmp_path)
     replica = next(r for r in layout.replicas if r.stage == "tiny-stage-0")
     local_env = _app_env(tmp_path, pipeline / "pipeline.json", plan, replica)
     assert local_env["STAGE_TIMEOUT_S"] == expected

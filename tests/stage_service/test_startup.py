@@ -59,6 +59,10 @@ def test_settings_read_from_env(monkeypatch: pytest.MonkeyPatch, tiny_pipeline: 
     ({"STAGE_VERSION": "V_2"}, "STAGE_VERSION"),
     ({"STAGE_PROVIDERS": " , "}, "STAGE_PROVIDERS"),
     ({"STAGE_MANIFEST": ""}, "STAGE_NAME"),  # STAGE_NAME unset: reported as missing
+    ({"STAGE_UDS": "stage.sock"}, "STAGE_UDS"),  # relative
+    ({"STAGE_UDS": "/" + "s" * 120}, "STAGE_UDS"),  # longer than a socket's path may be
+    ({"STAGE_GRPC_UDS": "/run/g.sock", "STAGE_GRPC_PORT": "9000"}, "STAGE_GRPC_UDS"),
+    ({"STAGE_NEXT_UDS": "/run/out.sock"}, "STAGE_NEXT_UDS"),  # and no STAGE_NEXT_URL
 ])
 def test_invalid_setting_is_named(monkeypatch: pytest.MonkeyPatch, tiny_pipeline: tuple[Path, Manifest],
                                   env: dict[str, str], setting: str) -> None:
