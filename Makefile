@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo render reliability test lint typecheck istio-tools parity cluster-tools image bench bench-split bench-hop bench-peers peers-venv clean
+.PHONY: venv demo render reliability test lint typecheck istio-tools parity cluster-tools image bench bench-split bench-hop bench-peers peers-venv rollout-demo clean
 
 venv: $(STAMP)
 
@@ -112,6 +112,11 @@ $(BUILD)/large-whole/pipeline.json: $(BUILD)/large.onnx
 $(PIPELINE)/pipeline.json: $(BUILD)/reference.onnx
 	rm -rf $(PIPELINE)
 	$(PY) -m model_export split $< --stages $(STAGES) --out $(PIPELINE)
+
+# One stage's life on the reference model (issue 16): retrain the last stage, check its contract, canary 10% ->
+# rollback -> canary 10% -> 50% -> promote on a running local mesh under load; fails on any failed request.
+rollout-demo: $(PIPELINE)/pipeline.json
+	PY=$(PY) BUILD=$(BUILD) scripts/rollout-demo.sh
 
 # Issue 14's longer runs: fuzzed bad input (stage app and gateway) and a replica SIGKILLed, SIGTERMed and frozen under load, written
 # into RELIABILITY.md with the machine and its load (about 4 minutes on 2 busy cores).

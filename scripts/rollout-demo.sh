@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One stage's life on the reference model, end to end (issue 16): retrain its last stage on generated data,
+# check the new pipeline's contract, then on a running local mesh canary it at 10%, roll it back, canary it
+# again at 10% and 50%, and promote it, while an open-loop load test runs through all of it. Exit 1 when
+# any request of the load test failed or any step was refused.
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+BUILD=${BUILD:-build}
+STAGE=reference-stage-3
+LOAD_S=${LOAD_S:-150}
+OLD=$BUILD/reference
+NEW=$BUILD/reference-v2
+step() { printf '\n== %s\n' "$*"; }
+
+step "labelled data and the retrained last stage"
+$PY -m model_export reference-data --model "$BUILD/reference.keras" --out "$BUILD/rollout-data.npz" --samples 64
+rm -rf "$NEW"
+$PY -m model_export retrain-stage "$OLD" --stage "$STAGE" --model "$BUILD/reference.keras" \
+    --data "$BUILD/rollout-data.npz" --epochs 1 --out "$NEW"
+$PY -m model_export check-contract "$OLD" "$NEW"
+
+step "the mesh, and ${LOAD_S} s of steady load through it"
+state=$BUILD/rollout-mesh
+$PY -m mesh down --state-dir "$state" >/dev/null 2>&1 || true
+$PY -m mesh up --pipeline "$OLD" --policy mesh.yaml --detach --gateway-port 0 --state-dir "$state" --json \
+    > "$BUILD/rollout-mesh.json"
+trap '$PY -m mesh down --state-dir "$state" >/dev/null' EXIT
+gateway=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['gateway_url'])" "$BUILD/rollout-mesh.json")
+$PY -m loadtest run --url "$gateway" --model reference --rate 4 --duration "$LOAD_S" --out "$BUILD/rollout-load" &
+load=$!
+sleep 5
+
+started=$(date +%s)
+mesh() { step "mesh $*"; $PY -m mesh "$@" --state-dir "$state"; }
+mesh canary --stage "$STAGE" --version v2 --weight 10 --pipeline "$NEW"
+mesh status
+mesh rollback --stage "$STAGE"
+mesh canary --stage "$STAGE" --version v2 --weight 10 --pipeline "$NEW"
+mesh canary --stage "$STAGE" --version v2 --weight 50
+mesh promote --stage "$STAGE"
+mesh status
+took=$(( $(date +%s) - started ))
+if ! kill -0 "$load" 2>/dev/null; then
+  echo "error: the rollout took ${took} s, longer than the ${LOAD_S} s of load; raise LOAD_S" >&2
+  exit 1
+fi
+
+step "the load test (every request must have succeeded)"
+wait "$load"
+echo "rollout under load: retrained, checked, canary 10% -> rollback -> canary 10% -> 50% -> promote in ${took} s, 0 failed"
