@@ -225,6 +225,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"pipeline": state.layout.pipeline, "gateway_url": state.layout.gateway_url,
                      "gateway_grpc": state.layout.gateway_grpc_address, "state_dir": str(where.resolve()),
+                     "socket_dir": state.layout.socket_dir,
                      "processes": [{"name": r.proc.name, "role": r.proc.role, "stage": r.proc.stage,
                                     "pid": r.proc.pid, "alive": r.alive, "ready": r.ready, "log": r.proc.log}
                                    for r in rows],
