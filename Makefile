@@ -40,8 +40,12 @@ demo: $(BUILD)/reference.onnx
 	@echo "      README 'Your own model' shows how to serve a trained one."
 
 # Re-render the committed Kubernetes tree from the committed manifest and policy.
+# The replicas, CPU and autoscaling come from `mesh plan` at PLAN_RPS (mesh-planned.yaml: mesh.yaml with the
+# planned stage blocks), so the prod overlay scales each stage by its measured cost.
+PLAN_RPS := 200
 render: | $(STAMP)
-	$(PY) -m mesh render --pipeline examples/reference --policy mesh.yaml --out kustomize
+	$(PY) -m mesh plan --pipeline examples/reference --target-rps $(PLAN_RPS) --base mesh.yaml --out mesh-planned.yaml
+	$(PY) -m mesh render --pipeline examples/reference --policy mesh-planned.yaml --out kustomize
 
 # Istio's binaries (istioctl, and istio-judge: tools/istio/judge, Istio's analyzers and istiod's xDS
 # generator), built from the istio.io/istio Go module that tools/istio/go.mod pins, into
@@ -56,7 +60,7 @@ istio-tools: | $(STAMP)
 parity: istio-tools
 	mkdir -p $(BUILD)
 	$(PY) -m tests.judges.istiod kustomize/overlays/dev --out $(BUILD)/istiod-dev.json
-	$(PY) -m mesh parity --pipeline examples/reference --policy mesh.yaml --istiod $(BUILD)/istiod-dev.json
+	$(PY) -m mesh parity --pipeline examples/reference --policy mesh-planned.yaml --istiod $(BUILD)/istiod-dev.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check model_export stage_service mesh loadtest benchmarks tests

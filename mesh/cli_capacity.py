@@ -82,8 +82,11 @@ def planned_policy(plan: CapacityPlan, manifest: Manifest, base: Path | None, bu
     return data
 
 
-def header(plan: CapacityPlan, manifest: Manifest) -> str:
-    return (f"# Written by `python -m mesh plan --target-rps {plan.target_rps:g}` from the costs measured in "
+def header(plan: CapacityPlan, manifest: Manifest, base: Path | None, burst: float) -> str:
+    """Says how the file was made, as the command that makes it again (`--pipeline` and `--out` aside)."""
+    command = (f"python -m mesh plan --target-rps {plan.target_rps:g} --max-utilization {plan.max_utilization:g} "
+               f"--burst {burst:g}" + (f" --base {base}" if base is not None else ""))
+    return (f"# Written by `{command}` from the costs measured in "
             f"{manifest.name}'s pipeline.json\n# ({manifest.profile.threads} thread(s), batch "
             f"{manifest.profile.batch}): replicas for {plan.target_rps:g} rps at most "
             f"{plan.max_utilization:.0%} busy; bottleneck {plan.bottleneck.name}.\n")
@@ -130,7 +133,7 @@ def _plan(args: argparse.Namespace) -> int:
                   f"{expected.p50_ms:.2f} ms (simulated)", highlight=False, soft_wrap=True)
     _table(plan)
     _simulations(manifest, plan, machine_cores, args.max_utilization)
-    text = header(plan, manifest) + yaml.safe_dump(document, sort_keys=False)
+    text = header(plan, manifest, args.base, args.burst) + yaml.safe_dump(document, sort_keys=False)
     if args.out is None:
         console.print(text, highlight=False, markup=False, soft_wrap=True)
         return 0

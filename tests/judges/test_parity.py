@@ -44,7 +44,7 @@ def istio_judge() -> None:
 
 @pytest.fixture(scope="module")
 def committed() -> tuple[Plan, Objs]:
-    plan = resolve(load_policy(REPO / "mesh.yaml"), load_manifest(REPO / "examples" / "reference"))
+    plan = resolve(load_policy(REPO / "mesh-planned.yaml"), load_manifest(REPO / "examples" / "reference"))
     return plan, kustomize_build(REPO / "kustomize" / "overlays" / "dev")
 
 
@@ -138,7 +138,7 @@ def test_parity_command_prints_the_table(committed: tuple[Plan, Objs], generated
                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dump = tmp_path / "istiod.json"
     dump.write_text(json.dumps(generated["committed"]))
-    args = ["parity", "--pipeline", str(REPO / "examples" / "reference"), "--policy", str(REPO / "mesh.yaml"),
+    args = ["parity", "--pipeline", str(REPO / "examples" / "reference"), "--policy", str(REPO / "mesh-planned.yaml"),
             "--istiod", str(dump)]
     assert main(args) == 0
     out = capsys.readouterr().out

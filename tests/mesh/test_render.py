@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -257,22 +258,51 @@ def test_cli_rejects_a_policy_that_does_not_fit(tiny_pipeline: tuple[Path, Manif
     assert not (tmp_path / "base").exists()
 
 
-def test_committed_tree_is_the_render_of_the_reference_pipeline(tmp_path: Path) -> None:
-    """kustomize/ is `python -m mesh render --pipeline examples/reference [--policy mesh.yaml]`, byte for byte."""
-    committed = REPO / "kustomize"
-    args = ["render", "--pipeline", str(REPO / "examples/reference"), "--out", str(tmp_path)]
-    if (REPO / "mesh.yaml").is_file():
-        args += ["--policy", str(REPO / "mesh.yaml")]
-    assert main(args) == 0
-    assert load_manifest(REPO / "examples/reference").name == "reference"
+def planned_command(planned: Path) -> list[str]:
+    """The `mesh plan` options that wrote `planned`, read from the command its first line names."""
+    match = re.match(r"# Written by `python -m mesh (plan [^`]+)`", planned.read_text())
+    assert match, f"{planned} does not say how it was written"
+    return shlex.split(match.group(1))
+
+
+def test_committed_tree_is_the_render_of_the_reference_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """mesh-planned.yaml is `mesh plan --base mesh.yaml` on the reference pipeline's costs, and kustomize/ is
+    `mesh render` of it, byte for byte (`make render` runs both)."""
+    monkeypatch.chdir(REPO)  # the planned file names its base relative to the repository
+    reference = REPO / "examples/reference"
+    planned = tmp_path / "mesh-planned.yaml"
+    assert main([*planned_command(REPO / "mesh-planned.yaml"), "--pipeline", str(reference), "--out",
+                 str(planned)]) == 0
+    assert planned.read_text() == (REPO / "mesh-planned.yaml").read_text(), "re-run `make render` and commit"
+    tree_dir = tmp_path / "tree"
+    assert main(["render", "--pipeline", str(reference), "--policy", str(planned), "--out", str(tree_dir)]) == 0
+    capsys.readouterr()
+    assert load_manifest(reference).name == "reference"
 
     def tree(root: Path) -> dict[str, str]:
         return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
 
-    fresh, old = tree(tmp_path), tree(committed)
-    assert sorted(fresh) == sorted(old), "file set differs: re-run `python -m mesh render` and commit kustomize/"
+    fresh, old = tree(tree_dir), tree(REPO / "kustomize")
+    assert sorted(fresh) == sorted(old), "file set differs: re-run `make render` and commit kustomize/"
     stale = [p for p in fresh if fresh[p] != old[p]]
-    assert not stale, f"stale files in kustomize/: {stale}; re-render and commit"
+    assert not stale, f"stale files in kustomize/: {stale}; re-run `make render` and commit"
+
+
+def test_prod_overlay_scales_each_stage_by_its_measured_cost() -> None:
+    """The committed prod overlay's autoscalers and CPU come from the plan: the reference's 17 ms stage gets
+    more replicas than its 0.02 ms stage, which asks for a tenth of a core."""
+    prod = REPO / "kustomize/overlays/prod"
+    floors = {}
+    for stage in range(4):
+        hpa = yaml.safe_load((prod / f"horizontalpodautoscaler-reference-stage-{stage}-v1.yaml").read_text())
+        floors[stage] = hpa["spec"]["minReplicas"]
+    manifest = load_manifest(REPO / "examples/reference")
+    costs = {i: s.cost.latency_ms for i, s in enumerate(manifest.stages)}
+    dearest, cheapest = max(costs, key=costs.__getitem__), min(costs, key=costs.__getitem__)
+    assert floors[dearest] > floors[cheapest]
+    cheap = yaml.safe_load((REPO / f"kustomize/base/deployment-reference-stage-{cheapest}-v1.yaml").read_text())
+    assert cheap["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] == "100m"
 
 
 def test_pods_drain_before_they_are_killed(tiny_pipeline: tuple[Path, Manifest]) -> None:
