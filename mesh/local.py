@@ -211,7 +211,7 @@ def _ready_probe(state: State, p: procs.Proc) -> tuple[str, str]:
     return replica.admin_socket, "/ready"
 
 
-def _sees_app_healthy(admin_socket: str) -> bool:
+def sees_app_healthy(admin_socket: str) -> bool:
     """The sidecar's own health check has passed on its app: until then it answers 503 "no healthy upstream"
     to every caller, though both processes answer ready (what a pod's readiness is to its endpoints)."""
     try:
@@ -227,7 +227,7 @@ def _ready(state: State, p: procs.Proc) -> bool:
     socket, url_path = _ready_probe(state, p)
     if not _probe(socket, url_path):
         return False
-    return p.role != "sidecar" or _sees_app_healthy(socket)
+    return p.role != "sidecar" or sees_app_healthy(socket)
 
 
 def _target(state: State, p: procs.Proc) -> Target:

@@ -4,7 +4,9 @@ Read from the Envoys' own view, not from our plan: every Envoy that calls a stag
 sidecars of the stage before it) answers `/clusters?format=json` with each endpoint of each version's
 cluster (`outbound|<version>|<stage>`) and its health (`eds_health_status`, `failed_outlier_check` when
 outlier detection ejected it), and `/config_dump` with its route, whose weighted clusters are the
-versions' weights. An endpoint is valid when every caller sees it healthy and none has ejected it.
+versions' weights. An endpoint is valid when every caller sees it healthy, none has ejected it, and its
+own sidecar's health check passes on its app (the local stand-in for a pod's readiness, which Istio's
+EDS carries to the callers).
 
 Envoy keeps no timestamp of an endpoint's health, so "last seen healthy" is when a reading found it
 valid: each reading updates `records.json` in the state directory, and an endpoint that is invalid now
@@ -25,7 +27,7 @@ import httpx
 
 from mesh import sockets
 from mesh.envoy_config import cluster_name
-from mesh.local import GATEWAY, State
+from mesh.local import GATEWAY, State, sees_app_healthy
 
 RECORDS_FILE = "records.json"
 ADMIN_TIMEOUT_S = 5.0
@@ -40,7 +42,7 @@ class EndpointRecord:
     weight: int  # percent of the stage's requests its callers route to this version
     address: str  # host:port the callers connect to (the replica's sidecar inbound listener)
     replica: str | None  # which replica of the layout listens there
-    healthy: bool  # every caller sees it HEALTHY (no failed active health check)
+    healthy: bool  # every caller sees it HEALTHY, and its own sidecar's check passes on its app (its readiness)
     ejected: bool  # some caller's outlier detection has ejected it
     last_seen_healthy: float | None  # unix time of the last reading that found it valid
     observers: list[str] = field(default_factory=list)  # the Envoys that reported it
@@ -170,6 +172,12 @@ def read_records(state: State, state_dir: Path) -> Reading:
             record.ejected |= ejected
             record.weight = max(record.weight, weights.get((stage, version), 0))
             record.observers.append(name)
+    # As EDS carries a pod's readiness to its callers: a replica whose sidecar has not (or no longer) seen
+    # its app ready answers "no healthy upstream", whatever the callers think of its address.
+    admin_of = {r.name: r.admin_socket for r in state.layout.replicas}
+    for record in merged.values():
+        if record.replica in admin_of and record.healthy:
+            record.healthy = sees_app_healthy(admin_of[record.replica])
     now = time.time()
     seen = _load_seen(state_dir)
     for (stage, version, address), record in merged.items():

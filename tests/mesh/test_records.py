@@ -85,7 +85,8 @@ def test_a_killed_replica_is_ejected_and_keeps_its_last_healthy_time(mesh: tuple
             now = {r.address: r for r in reading.records}[address]
             if now.ejected:
                 break
-            last_valid = reading.read_at  # until a caller's Envoy has seen it fail, it is valid in their view
+            if now.valid:  # until its sidecar's check or a caller's Envoy has seen it fail
+                last_valid = reading.read_at
     assert now.ejected and not now.valid
     record = next(r for r in discovery(state_dir)["records"] if r["address"] == address)
     assert record["valid"] is False and record["ejected"] is True
@@ -93,6 +94,26 @@ def test_a_killed_replica_is_ejected_and_keeps_its_last_healthy_time(mesh: tuple
     assert record["last_seen_healthy_unix"] < reading.read_at
     others = [r for r in discovery(state_dir)["records"] if r["address"] != address]
     assert all(r["valid"] for r in others)
+
+
+def test_a_replica_whose_app_died_is_invalid_before_any_caller_notices(mesh: tuple[local.State, Path]) -> None:
+    """No traffic, so no caller ejects it; its own sidecar's readiness check sees the app gone, as a failing
+    readiness probe takes a pod out of its Service's endpoints."""
+    state, state_dir = mesh
+    victim = state.layout.of_version(MIDDLE, "v2")[1]
+    address = f"127.0.0.1:{victim.inbound_port}"
+    assert {r.address: r for r in read_records(state, state_dir).records}[address].valid
+    (app,) = [p for p in state.procs if p.name == victim.name]
+    os.kill(app.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = {r.address: r for r in read_records(state, state_dir).records}[address]
+        if not now.valid:
+            break
+        time.sleep(0.2)
+    assert not now.valid and not now.healthy and not now.ejected
+    record = next(r for r in discovery(state_dir)["records"] if r["address"] == address)
+    assert record["valid"] is False and record["healthy"] is False
 
 
 def test_watch_refreshes_until_interrupted(mesh: tuple[local.State, Path]) -> None:
