@@ -328,7 +328,9 @@ def resolve(policy: Policy, manifest: Manifest) -> Plan:
     for i, stage in enumerate(manifest.stages):
         own, d = policy.stages.get(stage.name, StagePolicy()), policy.defaults
         retries = _pick(own.retries, d.retries, Retries())
-        timeout = _pick(own.timeout_s, d.timeout_s, DEFAULT_SECONDS_PER_STAGE * (n - i))
+        # `defaults.timeout_s` is seconds per stage, for it and each stage after it (as the built-in 5 s is),
+        # so one value fits any split; a stage's own `timeout_s` is its whole hop's.
+        timeout = _pick(own.timeout_s, (d.timeout_s or DEFAULT_SECONDS_PER_STAGE) * (n - i))
         versions = _pick(own.versions, [Version(name=stage.version, weight=100)])
         replicas = _pick(own.replicas, d.replicas, 1)
         # Only where a retry can reach another replica: with one, a retry after a cut try lands on the same

@@ -164,6 +164,7 @@ class StagePolicy(_Strict):
 
     replicas: int | None = Field(default=None, ge=1, le=64)
     versions: list[Version] | None = None
+    # In a stage's block: its hop's timeout. In `defaults`: seconds per stage, for it and every stage after it.
     timeout_s: float | None = Field(default=None, gt=0)
     retries: Retries | None = None
     outlier_detection: OutlierDetection | None = None

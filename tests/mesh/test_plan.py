@@ -266,3 +266,13 @@ def test_hops_command(tiny_pipeline: tuple[Path, Manifest], capsys: pytest.Captu
     table = capsys.readouterr().out
     assert all(s.name in table for s in manifest.stages) and "3/3/3" in table
     assert main(["hops", "--pipeline", str(directory / "nowhere")]) == 2
+
+
+def test_defaults_timeout_is_seconds_per_stage_so_it_fits_any_split(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    """`defaults.timeout_s` once refused every policy (each stage got the same timeout, which cannot shrink
+    along the chain); it is the budget per stage, as the built-in 5 s is, and a stage's own value wins."""
+    _, manifest = tiny_pipeline
+    plan = _resolve(manifest, defaults={"timeout_s": 2.0})
+    assert [h.route.timeout_s for h in plan.hops] == [6.0, 4.0, 2.0]
+    mixed = _resolve(manifest, defaults={"timeout_s": 2.0}, stages={"tiny-stage-0": {"timeout_s": 9.0}})
+    assert [h.route.timeout_s for h in mixed.hops] == [9.0, 4.0, 2.0]
