@@ -23,8 +23,8 @@ Three things the two meshes once decided apart, decided here:
 The per-try timeout of a hop into a stage with more than one replica, unless `mesh.yaml` sets one, comes
 from the stages' measured latency rather than the whole hop's timeout, so a hung replica costs one short
 try and is retried on another: a try into stage S covers S and every stage after it, so it gets
-`PER_TRY_LATENCY_FACTOR` times their measured latency (at least `PER_TRY_FLOOR_S`), plus the per-try
-timeout of the hop after it, so that a hang further down is retried there before this hop gives up. Into a
+`PER_TRY_LATENCY_FACTOR` times their measured latency (at least S's `retries.per_try_floor_s`), plus the
+per-try timeout of the hop after it, so that a hang further down is retried there before this hop gives up. Into a
 stage with one replica a try may take the hop's whole timeout: a retry could only reach the same process.
 """
 
@@ -63,7 +63,7 @@ GATEWAY = "gateway"  # the caller name of the hop into the first stage
 DEFAULT_SECONDS_PER_STAGE = 5.0
 APP_TIMEOUT_MARGIN_S = 1.0
 PER_TRY_LATENCY_FACTOR = 10.0
-PER_TRY_FLOOR_S = 1.0
+PER_TRY_FLOOR_S = Retries().per_try_floor_s
 # The only paths a caller may reach on the next stage: the v2 inference protocol (health and metrics are
 # for the kubelet and Prometheus, which do not pass the inbound authorization).
 # REST (KServe v2) and gRPC (inference.GRPCInferenceService, on its own port)
@@ -277,13 +277,15 @@ def _default_memory_mib(param_bytes: int) -> int:
     return -(-need // (64 * MIB)) * 64
 
 
-def derived_per_try_timeouts(manifest: Manifest) -> list[float]:
-    """Per stage, the per-try timeout of the hop into it when the policy sets none (module docstring)."""
+def derived_per_try_timeouts(manifest: Manifest, floors: list[float] | None = None) -> list[float]:
+    """Per stage, the per-try timeout of the hop into it when the policy sets none (module docstring);
+    `floors`: per stage, its `retries.per_try_floor_s` (default `PER_TRY_FLOOR_S` each)."""
+    floors = floors or [PER_TRY_FLOOR_S] * len(manifest.stages)
     out: list[float] = []
     inner = 0.0
     for i in reversed(range(len(manifest.stages))):
         work_s = PER_TRY_LATENCY_FACTOR * sum(s.cost.latency_ms for s in manifest.stages[i:]) / 1000
-        inner = round(max(PER_TRY_FLOOR_S, work_s) + inner, 3)
+        inner = round(max(floors[i], work_s) + inner, 3)
         out.append(inner)
     return out[::-1]
 
@@ -320,7 +322,9 @@ def resolve(policy: Policy, manifest: Manifest) -> Plan:
     problems = [f"stages.{name}: unknown stage; the pipeline {manifest.name!r} has {known}"
                 for name in policy.stages if name not in known]
     n = len(manifest.stages)
-    derived_per_try = derived_per_try_timeouts(manifest)
+    derived_per_try = derived_per_try_timeouts(manifest, [
+        _pick(policy.stages.get(s.name, StagePolicy()).retries, policy.defaults.retries, Retries()).per_try_floor_s
+        for s in manifest.stages])
     gateway_identity = Identity(namespace=policy.gateway.namespace, service_account=policy.gateway.service_account)
     stages: list[StagePlan] = []
     hops: list[Hop] = []

@@ -57,8 +57,13 @@ DEFAULT_RETRY_ON = ("connect-failure", "refused-stream", "unavailable", "cancell
 
 class Retries(_Strict):
     attempts: int = Field(default=3, ge=0, le=10)
-    # Default: derived from the stages' measured latency (mesh.plan.per_try_timeouts), never over timeout_s.
+    # Default: derived from the stages' measured latency (mesh.plan.derived_per_try_timeouts), never over
+    # timeout_s: 10x the latency of the stages a try covers, at least `per_try_floor_s`, plus the next hop's.
     per_try_timeout_s: float | None = Field(default=None, gt=0)
+    # The least a derived try into this stage may take for its own stages: what a loaded machine adds to a
+    # fast stage's latency. Every try cut and retried is work done again, so too low a floor turns an
+    # overloaded chain's slow answers into failures; too high, and each request a hung replica draws waits it.
+    per_try_floor_s: float = Field(default=0.5, gt=0)
     retry_on: list[str] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON))
 
     @field_validator("retry_on")
@@ -84,11 +89,17 @@ class RetryBudget(_Strict):
 class OutlierDetection(_Strict):
     """Ejection of a replica that keeps failing. With `split_external_local_origin_errors`, failures the
     caller's proxy sees itself (connect failures, resets, per-try timeouts: a hung replica) count apart from
-    the 5xx answers the replica sends, so a replica that hangs is ejected as fast as one that answers 503."""
+    the 5xx answers the replica sends, so a replica that hangs is ejected as fast as one that answers 503.
+
+    One local-origin failure ejects by default: a frozen replica keeps drawing a share of the requests until
+    it is ejected (least-request balancing still picks it when both of its two random picks land on it), and
+    each of those waits out a connect or per-try timeout; ejection happens on the failure itself, not at the
+    next `interval`. `max_ejection_percent` below 100 keeps the last replica of a version in: Envoy ejects
+    a host only while the ejected share stays within it (one of two at 50%, never the only one)."""
 
     consecutive_5xx: int = Field(default=3, ge=0)
     consecutive_gateway_errors: int = Field(default=3, ge=0)  # 502, 503, 504; 0: off
-    consecutive_local_origin_failures: int = Field(default=3, ge=0)  # counted only when split; 0: off
+    consecutive_local_origin_failures: int = Field(default=1, ge=0)  # counted only when split; 0: off
     split_external_local_origin_errors: bool = True
     interval_s: float = Field(default=1.0, gt=0)
     base_ejection_time_s: float = Field(default=30.0, gt=0)
@@ -102,8 +113,10 @@ class ConnectionPool(_Strict):
     # Retries outstanding at once. Envoy's default of 3 would turn a replica's death under load into
     # overflow errors; Istio lifts it (to 2^32-1), this keeps it bounded like the other limits.
     max_retries: int = Field(default=1024, ge=1)
-    # A frozen replica still completes the TCP handshake in the kernel; only the TLS handshake hangs.
-    connect_timeout_s: float = Field(default=1.0, gt=0, le=60)
+    # A frozen replica still completes the TCP handshake in the kernel; only the TLS handshake hangs, and a
+    # request waiting for a new connection to it waits this long (measured: most of a freeze's tail at 1 s).
+    # A sidecar-to-sidecar handshake takes milliseconds even on a loaded machine; a timed-out one is retried.
+    connect_timeout_s: float = Field(default=0.25, gt=0, le=60)
 
 
 class Delay(_Strict):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from benchmarks.faults import main
-from tests.tiny import write_tiny_pipeline
+from model_export.tiny import write_tiny_pipeline
 
 
 def test_freeze_benchmark_writes_json_and_its_section(tmp_path: Path) -> None:

@@ -5,23 +5,33 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.reliability import CLASSES, main
 
 
 def test_short_reliability_run_writes_fuzz_and_fault_sections(tmp_path: Path) -> None:
     markdown = tmp_path / "RELIABILITY.md"
     out = tmp_path / "out"
-    assert main(["--examples", "10", "--rate", "5", "--phase", "1", "--out", str(out),
-                 "--markdown", str(markdown)]) == 0
-    fuzz = json.loads((out / "fuzz.json").read_text())
+    assert main(["--examples", "8", "--rate", "5", "--steady", "1", "--fault", "2", "--target-freeze", "1",
+                 "--faults", "sigterm,freeze-target", "--out", str(out), "--markdown", str(markdown)]) == 0
+    result = json.loads((out / "reliability.json").read_text())
     for target in ("stage app", "gateway"):
-        assert sorted(fuzz["statuses"][target]) == sorted(CLASSES)
-        for counts in fuzz["statuses"][target].values():
-            assert sum(counts.values()) == 10
+        assert sorted(result["statuses"][target]) == sorted(CLASSES)
+        for counts in result["statuses"][target].values():
+            assert sum(counts.values()) == 8
             assert not [s for s in counts if s.startswith("5") and s != "503"], counts
-    assert fuzz["crashed"] == [] and len(fuzz["peak_rss_mb"]) == 3
+    assert result["crashed"] == []
+    assert {n for n in result["peak_rss_mb"] if not n.endswith("sidecar")} >= {"tiny-stage-0-v1-0", "gateway"}
+    assert [(f["name"], [p["sent"] for p in f["phases"]]) for f in result["faults"]] == [
+        ("sigterm", [5, 10, 5]), ("freeze-target", [5, 5, 5])]
+    assert all(p["failed"] == 0 for f in result["faults"] for p in f["phases"])
     text = markdown.read_text()
-    for section in ("fuzz", "sigkill", "sigterm", "freeze"):
-        assert f"<!-- {section}:start -->" in text, section
-    assert text.count("| during | 5 |") == 3  # 5 requests/s for 1 s in each fault's window
-    assert f"--pipeline {out / 'tiny'}" in text
+    assert "raw bytes" in text and "load average" in text
+    assert text.count("| during |") == 2
+
+
+def test_an_unknown_fault_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--faults", "sigkill,melt"])
+    assert "unknown fault melt" in capsys.readouterr().err

@@ -135,12 +135,30 @@ def test_per_try_timeout_comes_from_measured_latency(tiny_pipeline: tuple[Path, 
     timeouts = {"tiny-stage-0": {"timeout_s": 5.0}, "tiny-stage-1": {"timeout_s": 4.0},
                 "tiny-stage-2": {"timeout_s": 3.0}}
     plan = _resolve(slow, defaults={"replicas": 2}, stages=timeouts)
-    assert [h.route.per_try_timeout_s for h in plan.hops] == [5.0, 4.0, PER_TRY_FLOOR_S]  # never over timeout_s
+    # never over timeout_s (stage 0: 7.2 derived)
+    assert [h.route.per_try_timeout_s for h in plan.hops] == [5.0, 3.1 + PER_TRY_FLOOR_S, PER_TRY_FLOOR_S]
     # into a stage of one replica a retry would reach the same process: the try may take the whole timeout
     single = _resolve(slow, stages={**timeouts, "tiny-stage-1": {"timeout_s": 4.0, "replicas": 2}})
-    assert [h.route.per_try_timeout_s for h in single.hops] == [5.0, 4.0, 3.0]
+    assert [h.route.per_try_timeout_s for h in single.hops] == [5.0, 3.1 + PER_TRY_FLOOR_S, 3.0]
     explicit = _resolve(slow, defaults={"retries": {"per_try_timeout_s": 0.25}})
     assert {h.route.per_try_timeout_s for h in explicit.hops} == {0.25}
+
+
+def test_the_per_try_floor_comes_from_the_policy_in_both_meshes(tiny_pipeline: tuple[Path, Manifest],
+                                                                  tmp_path: Path) -> None:
+    """A stage's `retries.per_try_floor_s` is the least its derived try may take for its own stages; the local
+    Envoy route and the rendered VirtualService carry the same per-try timeout."""
+    pipeline, manifest = tiny_pipeline
+    stages = {"tiny-stage-1": {"replicas": 2, "retries": {"per_try_floor_s": 0.2}}}
+    plan = _resolve(manifest, defaults={"retries": {"per_try_floor_s": 0.3}}, stages=stages)
+    assert plan.hop_into("tiny-stage-1").route.per_try_timeout_s == 0.2 + 0.3  # its floor plus stage 2's
+    retry = _outbound_route(_envoy(tmp_path, manifest, pipeline, plan, "tiny-stage-0"))["route"]["retry_policy"]
+    assert retry["per_try_timeout"] == "0.500s"
+    vs = _istio(render_tree(manifest, Policy.model_validate({"defaults": {"retries": {"per_try_floor_s": 0.3}},
+                                                              "stages": stages})), "VirtualService", "tiny-stage-1")
+    assert vs["spec"]["http"][0]["retries"]["perTryTimeout"] == "0.5s"
+    with pytest.raises(ValueError, match="per_try_floor_s"):
+        Policy.model_validate({"defaults": {"retries": {"per_try_floor_s": 0}}})
 
 
 def test_prod_overlay_gives_autoscaled_hops_their_per_try_timeouts(tiny_pipeline: tuple[Path, Manifest],
@@ -264,7 +282,7 @@ def test_hops_command(tiny_pipeline: tuple[Path, Manifest], capsys: pytest.Captu
     assert [(h["caller"], h["callee"]) for h in printed["hops"]][0] == (GATEWAY, "tiny-stage-0")
     assert main(["hops", "--pipeline", str(directory)]) == 0
     table = capsys.readouterr().out
-    assert all(s.name in table for s in manifest.stages) and "3/3/3" in table
+    assert all(s.name in table for s in manifest.stages) and "3/3/1" in table
     assert main(["hops", "--pipeline", str(directory / "nowhere")]) == 2
 
 

@@ -1,5 +1,6 @@
 """Property-based fuzzing of a real stage chain (issue 14, item 7): hypothesis builds JSON bodies, binary
-framings and headers, from near-valid to absurd; every answer must be below 500 (503 is deliberate: overload,
+framings, headers and raw bytes (the strategies in `benchmarks.fuzz_inputs`, which `make reliability` draws
+from too), from near-valid to absurd; every answer must be below 500 (503 is deliberate: overload,
 not ready), carry `{"error": ...}` when it is an error, and leave the kept-alive connection usable; the
 processes stay alive and their memory bounded; a good request still gets the right answer afterwards.
 
@@ -22,7 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model_export.manifest import DATATYPE_TO_NUMPY, Manifest
+from benchmarks.fuzz_inputs import header_names, header_values, json_values, often, raw_requests, requests
+from model_export.manifest import Manifest
 from stage_service.protocol import HEADER_LENGTH, decode_response, encode_request
 from tests.stage_service.procs import StageProcess, start_chain, stop_all
 from tests.stage_service.wire import Wire
@@ -33,75 +35,6 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database
                                        HealthCheck.function_scoped_fixture])
 INFER = "/v2/models/tiny/infer"
 RSS_LIMIT_MB = 600
-
-# ----------------------------------------------------------------------------------------------- strategies
-
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=8), inner, max_size=5)), max_leaves=30)
-dims = st.one_of(st.integers(-3, 40), st.sampled_from([16, 2**31, 2**62, 2**64]))
-shapes = st.one_of(st.lists(dims, max_size=5), st.just([1, 16]), st.lists(st.just(1), min_size=60, max_size=70))
-datatypes = st.one_of(st.sampled_from(sorted(DATATYPE_TO_NUMPY)), st.text(max_size=6))
-flags = st.one_of(st.booleans(), json_scalars)
-parameters = st.one_of(st.none(), st.fixed_dictionaries({}, optional={
-    "binary_data_output": flags, "binary_data": flags, "binary_data_size": st.integers(-5, 10**6),
-    "tenant": json_values}))
-
-
-def often(value: Any, other: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    """`value` three times in four, else anything `other` draws: near-valid requests reach deep checks."""
-    return st.one_of(st.just(value), st.just(value), st.just(value), other)
-
-
-def element_count(shape: list[int]) -> int | None:
-    if all(isinstance(d, int) and 0 <= d <= 4096 for d in shape) and len(shape) <= 70:
-        count = int(np.prod(shape, dtype=np.float64))
-        return count if count <= 4096 else None
-    return None
-
-
-@st.composite
-def tensors(draw: st.DrawFn, binary: bool) -> tuple[dict[str, Any], bytes]:
-    """One tensor of a request and its binary section: mostly right in every field but one."""
-    shape = draw(often([draw(st.integers(1, 4)), 16], shapes))
-    datatype = draw(often("FP32", datatypes))
-    tensor: dict[str, Any] = {"name": draw(often("x", st.text(max_size=8))), "shape": shape, "datatype": datatype}
-    count = element_count(shape)
-    itemsize = np.dtype(DATATYPE_TO_NUMPY.get(datatype, "float32")).itemsize
-    section = b""
-    if binary:
-        size = draw(often((count or 0) * itemsize, st.integers(-4, 4096)))
-        section = draw(often(bytes(max(size, 0)), st.binary(max_size=256)))
-        tensor["parameters"] = {**draw(often({}, parameters.map(lambda p: p or {}))), "binary_data_size": size}
-    else:
-        numbers = st.lists(st.one_of(st.floats(-1e40, 1e40), st.integers(-300, 300)), min_size=count or 0,
-                           max_size=count or 0)
-        tensor["data"] = draw(often(draw(numbers), st.one_of(st.lists(json_scalars, max_size=8), json_values)))
-        extra = draw(parameters)
-        if extra is not None:
-            tensor["parameters"] = extra
-    return tensor, section
-
-
-@st.composite
-def requests(draw: st.DrawFn, binary: bool) -> tuple[dict[str, Any], bytes]:
-    """A request header (JSON) and its binary sections."""
-    drawn = draw(often([draw(tensors(binary))], st.lists(tensors(binary), max_size=3)))
-    request: dict[str, Any] = {"inputs": [t for t, _ in drawn]}
-    if draw(st.booleans()):
-        request["outputs"] = draw(st.lists(st.fixed_dictionaries(
-            {"name": often("y", st.text(max_size=5))}, optional={"parameters": parameters}), max_size=3))
-    if draw(st.booleans()):
-        request["parameters"] = draw(parameters)
-    if draw(st.booleans()):
-        request["id"] = draw(st.one_of(st.text(max_size=30), json_scalars))
-    return request, b"".join(section for _, section in drawn)
-
-
-header_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-0123456789", min_size=1, max_size=20)
-# what an HTTP client can send at all (no control characters, no surrounding whitespace)
-header_values = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=200).map(str.strip)
 
 # -------------------------------------------------------------------------------------------------- fixture
 
@@ -171,13 +104,11 @@ def test_headers_paths_and_methods(target: tuple[list[StageProcess], httpx.Clien
 
 
 @settings(FUZZ, max_examples=max(EXAMPLES // 6, 10))
-@given(line=often(b"POST /v2/models/tiny/infer HTTP/1.1", st.binary(max_size=60)),
-       headers=st.lists(st.binary(max_size=40), max_size=6), body=st.binary(max_size=200))
-def test_raw_bytes(target: tuple[list[StageProcess], httpx.Client], line: bytes, headers: list[bytes],
-                   body: bytes) -> None:
+@given(data=raw_requests(INFER))
+def test_raw_bytes(target: tuple[list[StageProcess], httpx.Client], data: bytes) -> None:
     """Whatever bytes arrive, the answer (if any: a malformed request may just be closed) is no 5xx but 503."""
     with Wire(target[0][0].url) as wire:
-        wire.send(b"\r\n".join([line, *headers]) + b"\r\n\r\n" + body)
+        wire.send(data)
         try:
             reply = wire.reply()
         except (ConnectionError, TimeoutError):
