@@ -125,7 +125,7 @@ rollout-demo: $(PIPELINE)/pipeline.json
 # Issue 14's longer runs: fuzzed bad input (stage app and gateway) and a replica SIGKILLed, SIGTERMed and frozen under load, written
 # into RELIABILITY.md with the machine and its load (about 4 minutes on 2 busy cores).
 reliability: | $(STAMP)
-	$(PY) -m benchmarks.reliability --examples 600 --rate 20 --phase 20
+	$(PY) -m benchmarks.reliability --policy mesh.yaml --examples 500 --rate 20 --steady 15 --fault 60 --target-freeze 10
 
 # Everything measured in one run on this machine: BENCHMARKS.md (tables) and build/bench*/ (JSON, PNG).
 bench: $(PIPELINE)/pipeline.json $(BUILD)/large/pipeline.json $(BUILD)/large-whole/pipeline.json

@@ -24,8 +24,8 @@ from benchmarks.faults import fault_under_load, freeze_under_load, mesh_sender, 
 from mesh import local, sockets
 from mesh.envoy_config import APP_CLUSTER
 from mesh.v2client import infer
+from model_export.tiny import write_tiny_pipeline
 from tests.mesh.local_mesh import mesh_cli, running_mesh, write_policy
-from tests.tiny import write_tiny_pipeline
 
 NAME = "hang"
 MIDDLE = f"{NAME}-stage-1"
@@ -76,18 +76,28 @@ def test_a_frozen_replica_is_retried_around_and_ejected(mesh: tuple[local.State,
     assert stats[f"{cluster}.outlier_detection.ejections_enforced_consecutive_local_origin_failure"] > 0, stats
 
 
-def _apply(state_dir: Path, tmp: Path, fault: dict[str, Any] | None) -> None:
+def _fault_in_routes(admin_socket: str) -> bool:
+    dump = sockets.get(admin_socket, "/config_dump", resource="dynamic_route_configs").text
+    return "envoy.extensions.filters.http.fault.v3.HTTPFault" in dump
+
+
+def _apply(state: local.State, state_dir: Path, tmp: Path, fault: dict[str, Any] | None) -> None:
+    """`mesh apply` the fault (or none), then wait until every caller's Envoy serves the new routes."""
     policy = {"stages": {MIDDLE: {"replicas": 2}, **({LAST: {"fault": fault}} if fault else {})}}
     result = mesh_cli("apply", "--policy", str(write_policy(tmp / "fault.yaml", policy)),
                       "--state-dir", str(state_dir))
     assert result.returncode == 0, result.stderr
-    time.sleep(1.0)  # Envoy picks up the rewritten route files (inotify) within milliseconds
+    callers = [r.admin_socket for r in state.layout.of_stage(MIDDLE)]
+    deadline = time.monotonic() + 30
+    while any(_fault_in_routes(a) != (fault is not None) for a in callers):
+        assert time.monotonic() < deadline, "the callers' Envoys never loaded the applied routes"
+        time.sleep(0.1)
 
 
 def test_fault_abort_from_the_policy(mesh: tuple[local.State, Path, Path], tmp_path: Path) -> None:
     state, state_dir, pipeline = mesh
     inputs, _ = _inputs(pipeline)
-    _apply(state_dir, tmp_path, {"abort": {"percent": 100, "http_status": 503}})
+    _apply(state, state_dir, tmp_path, {"abort": {"percent": 100, "http_status": 503}})
     try:
         with httpx.Client(timeout=30.0) as client:
             responses = []
@@ -102,7 +112,7 @@ def test_fault_abort_from_the_policy(mesh: tuple[local.State, Path, Path], tmp_p
         assert sum(_stats(a, "http.outbound.fault.").get("http.outbound.fault.aborts_injected", 0)
                    for a in callers) >= len(inputs)
     finally:
-        _apply(state_dir, tmp_path, None)
+        _apply(state, state_dir, tmp_path, None)
     with httpx.Client(timeout=30.0) as client:
         infer(client, state.layout.gateway_url, NAME, inputs[0])  # the fault is gone with the policy
 
@@ -111,19 +121,18 @@ def test_fault_delay_from_the_policy(mesh: tuple[local.State, Path, Path], tmp_p
     state, state_dir, pipeline = mesh
     inputs, expected = _inputs(pipeline)
     delay_s = 0.3
-    _apply(state_dir, tmp_path, {"delay": {"percent": 100, "fixed_delay_s": delay_s}})
+    _apply(state, state_dir, tmp_path, {"delay": {"percent": 100, "fixed_delay_s": delay_s}})
     try:
         with httpx.Client(timeout=30.0) as client:
             for x, want in zip(inputs, expected, strict=True):
-                start = time.perf_counter()
                 out, _ = infer(client, state.layout.gateway_url, NAME, x)
-                assert time.perf_counter() - start >= delay_s  # a lower bound: the delay cannot be skipped
                 assert np.allclose(out["y"], want["y"], atol=1e-5, rtol=0)
+        # Envoy's own count of the delays it held requests for (how long they took is a benchmark's figure)
         callers = [r.admin_socket for r in state.layout.of_stage(MIDDLE)]
         assert sum(_stats(a, "http.outbound.fault.").get("http.outbound.fault.delays_injected", 0)
                    for a in callers) >= len(inputs)
     finally:
-        _apply(state_dir, tmp_path, None)
+        _apply(state, state_dir, tmp_path, None)
 
 
 def _sigterm(pid: int) -> contextlib.AbstractContextManager[object]:
