@@ -107,11 +107,11 @@ $(BUILD)/large.onnx: $(BUILD)/large.keras
 
 $(BUILD)/large/pipeline.json: $(BUILD)/large.onnx
 	rm -rf $(BUILD)/large
-	$(PY) -m model_export split $< --stages 4 --balance params --runs 3 --out $(BUILD)/large
+	$(PY) -m model_export split $< --stages 4 --balance params --runs 3 --external-data --out $(BUILD)/large
 
 $(BUILD)/large-whole/pipeline.json: $(BUILD)/large.onnx
 	rm -rf $(BUILD)/large-whole
-	$(PY) -m model_export split $< --stages 1 --runs 3 --out $(BUILD)/large-whole
+	$(PY) -m model_export split $< --stages 1 --runs 3 --external-data --out $(BUILD)/large-whole
 
 $(PIPELINE)/pipeline.json: $(BUILD)/reference.onnx
 	rm -rf $(PIPELINE)

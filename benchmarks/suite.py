@@ -122,11 +122,27 @@ def local_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[str]:
             os.environ["OTEL_SDK_DISABLED"] = saved
 
 
-def peak_rss_mb(pid: int) -> float:
+def rss_mb(pid: int) -> dict[str, float]:
+    """From /proc/<pid>/status: peak (VmHWM), now (VmRSS) and now's anonymous and file-backed parts, MB."""
+    keys = {"VmHWM": "peak", "VmRSS": "steady", "RssAnon": "anon", "RssFile": "file"}
+    out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
+        name, _, value = line.partition(":")
+        if name in keys:
+            out[keys[name]] = int(value.split()[0]) / 1024
+    if "peak" not in out:
+        raise RuntimeError(f"no VmHWM for pid {pid}")
+    return out
+
+
+def imports_rss_mb() -> float:
+    """RSS of a Python that has imported what a stage process imports, and nothing loaded: the baseline."""
+    import subprocess
+    import sys
+
+    code = ("import stage_service.__main__, pathlib; print([l.split()[1] for l in "
+            "pathlib.Path('/proc/self/status').read_text().splitlines() if l.startswith('VmRSS')][0])")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) / 1024
 
 
 # ------------------------------------------------------------------------------------------- sections
@@ -187,27 +203,38 @@ def equal_cores_section(onnx_model: Path, work: Path, seconds: float) -> list[di
     return rows
 
 
+# The memory run's variants: the stage service's defaults, then onnxruntime's prepacking forced on (a private,
+# repacked copy of every weight matrix, made one at a time while loading: the load-time spike).
+MEMORY_VARIANTS = {"defaults": {}, "prepacking on": {"STAGE_PREPACK": "true"}}
+
+
 def memory_section(large: Path, large_whole: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for pipeline in (large_whole, large):
-        manifest = load_manifest(pipeline)
-        _log(f"memory: {manifest.name} ({len(manifest.stages)} stage process(es))")
-        with direct_chain(pipeline) as stages:
-            import httpx
+    baseline = imports_rss_mb()
+    for variant, env in MEMORY_VARIANTS.items():
+        first = len(rows)
+        for pipeline in (large_whole, large):
+            manifest = load_manifest(pipeline)
+            _log(f"memory ({variant}): {manifest.name} ({len(manifest.stages)} stage process(es))")
+            with direct_chain(pipeline, env=env) as stages:
+                import httpx
 
-            from stage_service.protocol import request_body
+                from stage_service.protocol import request_body
 
-            body, headers = request_body(pipeline_inputs(manifest, 1, 0))
-            for _ in range(5):
-                r = httpx.post(f"{stages[0].url}/v2/models/{manifest.name}/infer", content=body,
-                               headers=headers, timeout=120)
-                r.raise_for_status()
-            for stage, proc in zip(manifest.stages, stages, strict=True):
-                rows.append({"setup": manifest.name, "stage": stage.name, "param_mb": stage.cost.param_bytes / 1e6,
-                             "peak_rss_mb": peak_rss_mb(proc.proc.pid)})
-    whole_rss = rows[0]["peak_rss_mb"]
-    for row in rows:
-        row["ratio_to_whole"] = row["peak_rss_mb"] / whole_rss
+                body, headers = request_body(pipeline_inputs(manifest, 1, 0))
+                for _ in range(5):
+                    r = httpx.post(f"{stages[0].url}/v2/models/{manifest.name}/infer", content=body,
+                                   headers=headers, timeout=120)
+                    r.raise_for_status()
+                for stage, proc in zip(manifest.stages, stages, strict=True):
+                    rss = rss_mb(proc.proc.pid)
+                    rows.append({"variant": variant, "setup": manifest.name, "stage": stage.name,
+                                 "param_mb": stage.cost.param_bytes / 1e6, "external_data": stage.data_file is not None,
+                                 "peak_rss_mb": rss["peak"], "steady_rss_mb": rss["steady"],
+                                 "anon_mb": rss["anon"], "file_mb": rss["file"], "imports_rss_mb": baseline})
+        whole_rss = rows[first]["peak_rss_mb"]
+        for row in rows[first:]:
+            row["ratio_to_whole"] = row["peak_rss_mb"] / whole_rss
     return rows
 
 
@@ -252,11 +279,18 @@ def markdown(result: dict[str, Any]) -> str:
         out += ["", "Target: 2-stage pipeline throughput at least 0.9x the whole model's.", ""]
     mem = result.get("memory")
     if mem:
-        out += ["### Memory: peak RSS per stage process, large variant (4 stages)", "",
-                "| pipeline | stage | params MB | peak RSS MB | vs whole |", "|---|---|---|---|---|"]
-        out += [f"| {r['setup']} | {r['stage']} | {_f(r['param_mb'])} | {_f(r['peak_rss_mb'])} | "
-                f"{r['ratio_to_whole']:.2f}x |" for r in mem]
-        out += ["", "Target: largest stage at most 0.4x the whole model's peak RSS.", ""]
+        out += ["### Memory: steady and peak RSS per stage process, large variant (4 stages)", "",
+                f"Imports alone (what a stage process has imported before loading anything): "
+                f"{_f(mem[0].get('imports_rss_mb', float('nan')))} MB. Steady: after 5 requests; "
+                "anonymous / file-backed: its two parts then (file-backed: mapped libraries and weights).", "",
+                "| variant | pipeline | stage | params MB | weights | steady RSS MB | anonymous / file-backed MB "
+                "| peak RSS MB | peak vs whole |", "|---|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r.get('variant', 'defaults')} | {r['setup']} | {r['stage']} | {_f(r['param_mb'])} | "
+                f"{'external data' if r.get('external_data') else 'in the model'} | "
+                f"{_f(r.get('steady_rss_mb', float('nan')))} | "
+                f"{_f(r.get('anon_mb', float('nan')))} / {_f(r.get('file_mb', float('nan')))} | "
+                f"{_f(r['peak_rss_mb'])} | {r['ratio_to_whole']:.2f}x |" for r in mem]
+        out += ["", "Target: largest stage at most 0.4x the whole model's peak RSS (defaults).", ""]
     bat = result.get("batching")
     if bat:
         out += ["### Dynamic batching (whole reference model as one stage, concurrency 16)", "",
@@ -291,7 +325,8 @@ def plot(result: dict[str, Any], out: Path) -> None:
     mem = result.get("memory")
     if mem:
         fig, ax = plt.subplots(figsize=(8, 4))
-        ax.bar([r["stage"] for r in mem], [r["peak_rss_mb"] for r in mem])
+        shown = [r for r in mem if r.get("variant", "defaults") == "defaults"]
+        ax.bar([r["stage"] for r in shown], [r["peak_rss_mb"] for r in shown])
         ax.set_ylabel("peak RSS, MB")
         ax.set_title("peak RSS per process: whole model vs each of 4 stages")
         ax.tick_params(axis="x", rotation=20)

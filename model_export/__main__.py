@@ -123,7 +123,7 @@ def cmd_split(args: argparse.Namespace) -> int:
         raise ExportError("give --stages N, or --cut TENSOR for each cut")
     r = split_model(args.model, args.out, args.stages, cuts=args.cut or (), balance=args.balance,
                     threads=args.threads, runs=args.runs, name=args.name, samples=args.samples,
-                    tolerance=Tolerance(args.rtol, args.atol), track=track)
+                    tolerance=Tolerance(args.rtol, args.atol), track=track, external_data=args.external_data)
     _print_stages(r.manifest, args.json)
     (err if args.json else console).print(
         f"wrote {r.directory}/pipeline.json and {len(r.manifest.stages)} stages; chained stages vs whole "
@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per stage, as the service runs it")
     p.add_argument("--runs", type=int, default=10, help="timed runs per measurement (the median is used)")
     p.add_argument("--name", help="pipeline name (default: the --out directory's name)")
+    p.add_argument("--external-data", action="store_true",
+                   help="write each stage's weights into stage-<i>.onnx.data beside it: the stage service then maps "
+                        "them instead of copying them (lower peak memory, pages shared between replicas)")
     p.add_argument("--json", action="store_true", help="print the stage table as JSON")
     add_proof_options(p, CHAIN_TOLERANCE, "the whole model")
     p.set_defaults(func=cmd_split)

@@ -131,16 +131,34 @@ class Stage(BaseModel):
     version: DnsLabel = "v1"
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # The weights in ONNX external data (`split --external-data`): onnxruntime maps them from this file beside
+    # `file` instead of copying them out of the model (see model_export.onnx_io.save_onnx).
+    data_file: str | None = None
+    data_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     cost: StageCost
 
-    @field_validator("file")
+    @field_validator("file", "data_file")
     @classmethod
-    def _plain_file(cls, value: str) -> str:
-        if "/" in value or "\\" in value or value in {"", ".", ".."}:
+    def _plain_file(cls, value: str | None) -> str | None:
+        if value is not None and ("/" in value or "\\" in value or value in {"", ".", ".."}):
             raise ValueError(f"stage file must be a plain file name beside pipeline.json, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _data_file_with_its_hash(self) -> Stage:
+        if (self.data_file is None) != (self.data_sha256 is None):
+            raise ValueError(f"stage {self.name}: data_file and data_sha256 go together (both or neither)")
+        return self
+
+    @property
+    def files(self) -> list[tuple[str, str]]:
+        """Every file of the stage with its sha256: the model, then its external data where it has any."""
+        files = [(self.file, self.sha256)]
+        if self.data_file is not None and self.data_sha256 is not None:
+            files.append((self.data_file, self.data_sha256))
+        return files
 
 
 class SourceModel(BaseModel):
@@ -237,14 +255,16 @@ def write_manifest(manifest: Manifest, directory: Path) -> Path:
 
 
 def verify_stage_file(manifest_dir: Path, stage: Stage) -> Path:
-    """Return the stage's ONNX path after checking it exists and its sha256 matches the manifest."""
-    path = manifest_dir / stage.file
-    if not path.is_file():
-        raise ManifestError(f"stage {stage.name}: file {path} is missing")
-    actual = sha256_file(path)
-    if actual != stage.sha256:
-        raise ManifestError(
-            f"stage {stage.name}: {path} has sha256 {actual}, but the manifest expects {stage.sha256}; "
-            "the file was changed or replaced after the split"
-        )
-    return path
+    """Return the stage's ONNX path after checking it (and its external data file, where it has one) exists
+    and its sha256 matches the manifest."""
+    for file, expected in stage.files:
+        path = manifest_dir / file
+        if not path.is_file():
+            raise ManifestError(f"stage {stage.name}: file {path} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ManifestError(
+                f"stage {stage.name}: {path} has sha256 {actual}, but the manifest expects {expected}; "
+                "the file was changed or replaced after the split"
+            )
+    return manifest_dir / stage.file

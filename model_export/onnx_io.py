@@ -33,6 +33,17 @@ def load_onnx(path: Path, check: bool = True) -> onnx.ModelProto:
     return model
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+def save_onnx(model: onnx.ModelProto, path: Path, data_file: str | None = None) -> None:
+    """Write the model; with `data_file`, every initializer of 1 KiB or more goes into that file beside it
+    (ONNX external data, each tensor page-aligned), so that onnxruntime maps the weights instead of copying
+    them out of the parsed model: no load-time spike of a second copy, and the pages are the page cache's,
+    shared by every process that maps the file. `model` itself is left as it was."""
     model.ir_version = min(model.ir_version or MAX_IR_VERSION, MAX_IR_VERSION)
-    onnx.save(model, str(path))
+    if data_file is None:
+        onnx.save(model, str(path))
+        return
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save moves the weights out of the proto it is given
+    (path.parent / data_file).unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file,
+              size_threshold=1024)

@@ -67,18 +67,24 @@ def _counted_cost(model: onnx.ModelProto, outputs: list[TensorSpec]) -> StageCos
 
 
 def write_pipeline(directory: Path, name: str, stages: Sequence[onnx.ModelProto | StageModel], source: Path,
-                   profile: Profile = DEFAULT_PROFILE, source_file: str | None = None) -> Manifest:
+                   profile: Profile = DEFAULT_PROFILE, source_file: str | None = None,
+                   external_data: bool = False) -> Manifest:
     """Write `stage-<i>.onnx` for each stage and `pipeline.json`; `source` is the whole model the stages
-    were cut from (`source_file`: how the manifest refers to it, default its path relative to `directory`)."""
+    were cut from (`source_file`: how the manifest refers to it, default its path relative to `directory`).
+    `external_data`: each stage's weights go into `stage-<i>.onnx.data` beside it (`onnx_io.save_onnx`)."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for i, stage in enumerate(stages):
         item = stage if isinstance(stage, StageModel) else StageModel(stage)
         file = f"stage-{i}.onnx"
-        save_onnx(item.model, directory / file)
+        data_file = f"{file}.data" if external_data else None
+        save_onnx(item.model, directory / file, data_file)
+        data = ({"data_file": data_file, "data_sha256": sha256_file(directory / data_file)}
+                if data_file is not None and (directory / data_file).is_file() else {})
         inputs, outputs = graph_io(item.model)
         written.append(Stage(name=stage_name(name, i), file=file, sha256=sha256_file(directory / file),
-                             inputs=inputs, outputs=outputs, cost=item.cost or _counted_cost(item.model, outputs)))
+                             inputs=inputs, outputs=outputs, cost=item.cost or _counted_cost(item.model, outputs),
+                             **data))
     manifest = Manifest(
         name=name,
         source_model=SourceModel(file=source_file or os.path.relpath(source.resolve(), directory.resolve()),

@@ -133,7 +133,7 @@ def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[
                 balance: Balance = "latency", threads: int = 1, runs: int = 10, name: str | None = None,
                 tolerance: Tolerance = CHAIN_TOLERANCE, samples: Path | None = None,
                 transfer_ms_per_mb: float = DEFAULT_TRANSFER_MS_PER_MB,
-                track: Track = no_progress) -> SplitResult:
+                track: Track = no_progress, external_data: bool = False) -> SplitResult:
     # 1. validate the arguments, before any heavy work
     if out.exists():
         raise ExportError(f"{out} already exists; expected a new directory (remove it or choose another --out)")
@@ -181,7 +181,8 @@ def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        manifest = _write_stages(c, chosen, tmp, pipeline, model_path, out, balance, threads, runs, track)
+        manifest = _write_stages(c, chosen, tmp, pipeline, model_path, out, balance, threads, runs, track,
+                                 external_data)
         # 3. check: the chained stages must compute what the whole model computes
         proof = prove_pipeline(tmp, model_path=model_path, samples=samples, tolerance=tolerance, track=track)
         make_readable(tmp)
@@ -205,7 +206,7 @@ def make_readable(directory: Path) -> None:
 
 
 def _write_stages(c: Candidates, chosen: list[str], directory: Path, pipeline: str, model_path: Path, out: Path,
-                  balance: Balance, threads: int, runs: int, track: Track) -> Manifest:
+                  balance: Balance, threads: int, runs: int, track: Track, external_data: bool = False) -> Manifest:
     bounds = [c.index.inputs, *[[t] for t in chosen], c.index.outputs]
     stages = []
     for i, (start, end) in enumerate(track(list(zip(bounds, bounds[1:], strict=False)), "extracting stages")):
@@ -220,4 +221,5 @@ def _write_stages(c: Candidates, chosen: list[str], directory: Path, pipeline: s
         stages.append(StageModel(sub, cost))
     return write_pipeline(directory, pipeline, stages, model_path,
                           profile=Profile(threads=threads, batch=1, runs=runs, balance=balance),
-                          source_file=os.path.relpath(model_path.resolve(), out.resolve()))
+                          source_file=os.path.relpath(model_path.resolve(), out.resolve()),
+                          external_data=external_data)

@@ -71,7 +71,9 @@ def write_stage_version(old_dir: Path, new_dir: Path, stage: str, model: onnx.Mo
         stages = []
         for i, s in enumerate(old.stages):
             if i != index:
-                shutil.copyfile(verify_stage_file(old_dir, s), work / s.file)
+                verify_stage_file(old_dir, s)
+                for file, _ in s.files:
+                    shutil.copyfile(old_dir / file, work / file)
                 stages.append(s)
                 continue
             file = f"stage-{index}-v{version}.onnx"

@@ -40,8 +40,9 @@ def dense_stage_graph(index: int, in_name: str, out_name: str, width_in: int, wi
 
 
 def write_tiny_pipeline(directory: Path, name: str = "tiny", widths: tuple[int, ...] = (16, 32, 24, 4),
-                        seed: int = 0) -> Manifest:
-    """Write a chain of len(widths)-1 dense stages plus the whole model and pipeline.json."""
+                        seed: int = 0, external_data: bool = False) -> Manifest:
+    """Write a chain of len(widths)-1 dense stages plus the whole model and pipeline.json (`external_data`:
+    stage weights of 1 KiB or more in a data file beside each stage)."""
     directory.mkdir(parents=True, exist_ok=True)
     tensor_names = ["x"] + [f"h{i}" for i in range(1, len(widths) - 1)] + ["y"]
     stages = []
@@ -62,4 +63,4 @@ def write_tiny_pipeline(directory: Path, name: str = "tiny", widths: tuple[int, 
         opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
     )
     onnx.save(whole, directory / "model.onnx")
-    return write_pipeline(directory, name, stages, directory / "model.onnx")
+    return write_pipeline(directory, name, stages, directory / "model.onnx", external_data=external_data)

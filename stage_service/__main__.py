@@ -7,8 +7,6 @@ import signal
 import sys
 
 from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
 
 from stage_service.app import create_app
 from stage_service.errors import StartupError
@@ -59,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_settings_help() -> None:
     """The settings table: every STAGE_* variable with its default and what it does."""
+    from rich.console import Console  # only here: a serving stage never needs it (about 1.4 MB)
+    from rich.table import Table
     table = Table(title="python -m stage_service: serve one stage of a pipeline; configured by the environment",
                   title_justify="left", box=None, show_lines=False)
     table.add_column("variable", no_wrap=True)

@@ -80,6 +80,9 @@ class StageSettings(BaseSettings):
                                  "finish what is in flight")
     version: DnsLabel | None = Field(default=None, description="version reported; default the manifest's")
     file: Path | None = Field(default=None, description="replacement ONNX file for a canary of this stage")
+    prepack: bool | None = Field(default=None, description="let onnxruntime repack weights for its matrix "
+                                 "kernels (a private copy of each); default: off where the stage's weights are in "
+                                 "an external data file (they stay memory-mapped), on otherwise")
     max_batch_size: int = Field(default=1, ge=1, le=4096,
                                 description="dynamic batching: samples merged into one run; 1 = off")
     max_queue_delay_ms: float = Field(default=2.0, ge=0, le=10_000,
