@@ -161,6 +161,7 @@ def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10,
               transport_runs: int = 100) -> dict[str, Any]:
     """Start the two stage processes, measure every size, write the JSON and the plot; return the results."""
     out.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="bench-hop-"))
     manifest = write_identity_pipeline(work / "hop")
     stage_b = _start(manifest, "hop-stage-1", None, work)
@@ -220,7 +221,8 @@ def run_bench(out: Path, runs: int = 200, json_runs: int = 30, warmup: int = 10,
     candidates = transports.run(work, runs=transport_runs)
     report = {
         "machine": {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-                    "python": platform.python_version(), "description": describe()},
+                    "python": platform.python_version(), "description": describe(),
+                    "load_average": [load_start, os.getloadavg()[0]]},
         "method": __doc__,
         "sizes": results,
         "transports": {"load_average_before": load_before, "load_average_after": os.getloadavg()[0],
@@ -286,6 +288,9 @@ def print_table(report: dict[str, Any]) -> None:
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     where = m.get("description") or f"{m['machine']}, {m['cpus']} CPUs"
+    if "load_average" in m:
+        start, end = m["load_average"]
+        where += f", load average (1 min) {start:.1f} at the start, {end:.1f} at the end"
     lines = ["## Per-hop overhead (make bench-hop)", "",
              f"Measured on {where}; milliseconds. binary/JSON: one hop, client -> B; "
              "+stage: (client -> A -> B) - (client -> B), binary; floor: the same binary body to a bare uvicorn app. "
@@ -295,7 +300,7 @@ def markdown(report: dict[str, Any]) -> str:
     for label, r in report["sizes"].items():
         lines.append(
             f"| {label} | {r['hop_binary_ms']['p50']:.3f} | {r['hop_binary_ms']['p99']:.3f} | "
-            f"{r['hop_json_ms']['p50']:.1f} | {r['hop_json_ms']['p99']:.1f} | {r['json_over_binary_p50']:.0f}x | "
+            f"{r['hop_json_ms']['p50']:.1f} | {r['hop_json_ms']['p99']:.1f} | {r['json_over_binary_p50']:.1f}x | "
             f"{r['added_stage_binary_ms']['p50']:.3f} | {r['added_stage_binary_ms']['p99']:.3f} | "
             f"{r['transport_floor_ms']['p50']:.3f} |")
     t = report.get("transports")
