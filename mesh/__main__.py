@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from mesh import cli_capacity, cli_local, cli_parity, cli_render, cli_rollout, cli_trace, cli_validate
+from mesh import cli_capacity, cli_local, cli_parity, cli_render, cli_rollout, cli_split, cli_trace, cli_validate
 from model_export.cli_help import CommandParser
 
 
@@ -18,6 +18,7 @@ def build_parser() -> CommandParser:
     cli_validate.register(sub)
     cli_capacity.register(sub)
     cli_rollout.register(sub)
+    cli_split.register(sub)
     cli_parity.register(sub)
     return parser
 

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mesh import envoy_grpc
-from mesh.layout import LOOPBACK, Layout, Replica
+from mesh import envoy_grpc, envoy_pinning
+from mesh.layout import LOOPBACK, Layout, Replica, subset_name
 from mesh.pki import CertPair
 from mesh.plan import ClientLimits, Hop, Plan, model_paths
+from mesh.splits import HEADER, Pinning
 
 Json = dict[str, Any]
 LDS_FILE = "lds.json"
@@ -243,16 +244,17 @@ def _retry_policy(hop: Hop) -> Json:
     return policy
 
 
-def route_to(hop: Hop) -> Json:
-    """The route action of the hop: its timeout, its retries, its versions by weight."""
+def route_to(hop: Hop, split: str | None = None) -> Json:
+    """The route action of the hop: its timeout, its retries, its versions by weight (the clusters of
+    `split`'s replicas, where they carry one: `Replica.split`)."""
     action: Json = {"timeout": _seconds(hop.route.timeout_s)}
     destinations = hop.route.destinations
     if len(destinations) == 1:
-        action["cluster"] = cluster_name(hop.callee, destinations[0].version)
+        action["cluster"] = cluster_name(hop.callee, subset_name(split, destinations[0].version))
     else:
-        action["weighted_clusters"] = {
-            "clusters": [{"name": cluster_name(hop.callee, d.version), "weight": d.weight} for d in destinations]
-        }
+        action["weighted_clusters"] = {"clusters": [
+            {"name": cluster_name(hop.callee, subset_name(split, d.version)), "weight": d.weight}
+            for d in destinations]}
     if hop.route.attempts > 0:
         action["retry_policy"] = _retry_policy(hop)
     return action
@@ -290,7 +292,7 @@ def outbound_clusters(layout: Layout, hop: Hop, identity: CertPair, ca: Path) ->
                                       "min_retry_concurrency": hop.upstream.retry_budget.min_retry_concurrency}
     clusters = []
     for version in hop.upstream.subsets:
-        name = cluster_name(hop.callee, version)
+        name = cluster_name(hop.callee, subset_name(layout.split, version))
         endpoints = [{"endpoint": {"address": _address(r.inbound_port)}}
                      for r in layout.of_version(hop.callee, version)]
         clusters.append({
@@ -319,7 +321,8 @@ class Resources:
 
 
 def _outbound(res: Resources, name: str, address: Json, hop: Hop, dynamic_dir: Path, limits: ClientLimits,
-              paths: list[str]) -> None:
+              paths: list[str], routes: list[Json] | None = None) -> None:
+    """The listener and route of a caller's side of `hop` (`routes`: instead of one route per path)."""
     res.listeners.append({
         "name": name,
         "address": address,
@@ -327,6 +330,8 @@ def _outbound(res: Resources, name: str, address: Json, hop: Hop, dynamic_dir: P
         "filter_chains": [{"filters": [_hcm(name, dynamic_dir, [_fault_filter()], limits)]}],
     })
     route = _route_config(name, route_to(hop), paths)
+    if routes is not None:
+        route["virtual_hosts"][0]["routes"] = [*routes, NOT_FOUND]
     # As istiod's outbound and gateway virtual hosts: the callee sees x-envoy-attempt-count (1 on a first try).
     route["virtual_hosts"][0]["include_request_attempt_count"] = True
     fault = fault_config(hop)
@@ -338,8 +343,9 @@ def _outbound(res: Resources, name: str, address: Json, hop: Hop, dynamic_dir: P
 
 
 def sidecar(layout: Layout, plan: Plan, replica: Replica, identity: CertPair, ca: Path,
-            dynamic_dir: Path) -> Resources:
-    """Listeners, routes and clusters of one replica's sidecar."""
+            dynamic_dir: Path, pin: str | None = None) -> Resources:
+    """Listeners, routes and clusters of one replica's sidecar (`pin`: the split its chain serves, whose
+    requests alone its outbound route passes on: mesh.splits)."""
     inbound = plan.hop_into(replica.stage)
     res = Resources()
     res.listeners.append({
@@ -380,29 +386,60 @@ def sidecar(layout: Layout, plan: Plan, replica: Replica, identity: CertPair, ca
     outbound = plan.hop_from(replica.stage)
     if replica.outbound_socket is not None and outbound is not None:
         # Only the next stage's own model paths: the app's socket is no open proxy under the stage's identity.
-        _outbound(res, "outbound", pipe(replica.outbound_socket), outbound, dynamic_dir, plan.clients,
-                  model_paths(outbound.callee))
+        paths = model_paths(outbound.callee)
+        action = route_to(outbound, layout.split)
+        refusal = f"{HEADER} names another split than {pin}, the one this chain serves"
+        routes = None if pin is None else [
+            r for p in paths for r in envoy_pinning.pinned_routes(_route_match(p), {pin: action}, action, refusal)]
+        _outbound(res, "outbound", pipe(replica.outbound_socket), outbound, dynamic_dir, plan.clients, paths,
+                  routes)
         res.clusters += outbound_clusters(layout, outbound, identity, ca)
     return res
 
 
-def gateway(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dynamic_dir: Path) -> Resources:
+def gateway(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dynamic_dir: Path,
+            pinning: Pinning | None = None, layouts: dict[str, Layout] | None = None) -> Resources:
     """Listener, route and clusters of the gateway: plaintext HTTP in, mTLS to the first stage, only on the
-    plan's gateway paths (404 for any other)."""
+    plan's gateway paths (404 for any other). With `pinning`, to every split's first stage (`layouts`: each
+    split's replicas), routed on `x-pipeline-version` (mesh.envoy_pinning)."""
     first = plan.hops[0]
     res = Resources()
-    _outbound(res, "gateway", _address(layout.gateway_port), first, dynamic_dir, plan.clients, plan.gateway_paths)
-    res.clusters += outbound_clusters(layout, first, identity, ca)
+    address = _address(layout.gateway_port)
+    if pinning is None or layouts is None:
+        _outbound(res, "gateway", address, first, dynamic_dir, plan.clients, plan.gateway_paths)
+        res.clusters += outbound_clusters(layout, first, identity, ca)
+        if layout.gateway_grpc_port is not None:
+            _gateway_grpc(res, layout, first, dynamic_dir, plan.clients)
+        return res
+    for s in pinning.splits:
+        res.clusters += outbound_clusters(layouts[s.name], s.plan.hops[0], identity, ca)
+    routes = [r for p in plan.gateway_paths
+              for r in _pinned_gateway_routes(pinning, layouts, _route_match(p), lambda action: action)]
+    _outbound(res, "gateway", address, first, dynamic_dir, plan.clients, plan.gateway_paths, routes)
     if layout.gateway_grpc_port is not None:
-        _gateway_grpc(res, layout, first, dynamic_dir, plan.clients)
+        grpc_routes = _pinned_gateway_routes(pinning, layouts, {"prefix": "/"},
+                                             lambda action: envoy_grpc.gateway_route_action(action, first))
+        _gateway_grpc(res, layout, first, dynamic_dir, plan.clients, grpc_routes)
     return res
 
 
-def _gateway_grpc(res: Resources, layout: Layout, first: Hop, dynamic_dir: Path, limits: ClientLimits) -> None:
+def _pinned_gateway_routes(pinning: Pinning, layouts: dict[str, Layout], match: Json, convert: Any) -> list[Json]:
+    """The gateway's routes of one match: to each split's first stage by header, else assigned by weight."""
+    by_split = {s.name: convert(route_to(s.plan.hops[0], layouts[s.name].split)) for s in pinning.splits}
+    clusters = {(s.name, d.version): cluster_name(s.plan.hops[0].callee, subset_name(layouts[s.name].split, d.version))
+                for s in pinning.splits for d in s.plan.hops[0].route.destinations}
+    assign = envoy_pinning.assigning(route_to(pinning.unassigned_hop()), pinning.assignments(), clusters)
+    return envoy_pinning.pinned_routes(match, by_split, convert(assign), pinning.refusal())
+
+
+def _gateway_grpc(res: Resources, layout: Layout, first: Hop, dynamic_dir: Path, limits: ClientLimits,
+                  routes: list[Json] | None = None) -> None:
     """The gateway's gRPC listener, route and HTTP/2 clusters to the first stage (mesh.envoy_grpc)."""
     name = envoy_grpc.GATEWAY_GRPC
     res.listeners.append(envoy_grpc.gateway_listener(layout, first, _hcm(name, dynamic_dir, [], limits)))
     route = _route_config(name, envoy_grpc.gateway_route_action(route_to(first), first))
+    if routes is not None:
+        route["virtual_hosts"][0]["routes"] = routes
     route["virtual_hosts"][0]["include_request_attempt_count"] = True
     res.routes.append(route)
     res.clusters += envoy_grpc.gateway_clusters([c for c in res.clusters if c["name"].startswith("outbound|")])

@@ -35,10 +35,21 @@ class Replica(BaseModel):
     inbound_port: int  # the sidecar's mTLS listener, the only way other workloads reach the app
     outbound_socket: str | None  # the sidecar's plaintext listener the app calls the next stage through
     admin_socket: str  # the sidecar's Envoy admin
+    split: str | None = None  # the split it belongs to, where it was started beside another (mesh.split_rollout)
 
     @property
     def name(self) -> str:
-        return f"{self.stage}-{self.version}-{self.replica}"
+        return f"{self.stage}-{self.subset}-{self.replica}"
+
+    @property
+    def subset(self) -> str:
+        """Its version as its callers' cluster names it: `<split>-<version>` for a split started beside
+        another (whose stages may have the same names), else the version."""
+        return subset_name(self.split, self.version)
+
+
+def subset_name(split: str | None, version: str) -> str:
+    return f"{split}-{version}" if split else version
 
 
 class Layout(BaseModel):
@@ -51,6 +62,7 @@ class Layout(BaseModel):
     gateway_admin_socket: str
     gateway_grpc_port: int | None = None  # the gateway's gRPC listener (HTTP/2 cleartext)
     replicas: list[Replica]
+    split: str | None = None  # the split tag of every replica here (Replica.split)
 
     def of_stage(self, stage: str) -> list[Replica]:
         return [r for r in self.replicas if r.stage == stage]

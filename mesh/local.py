@@ -28,12 +28,13 @@ from functools import partial
 from pathlib import Path
 
 import httpx
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mesh import envoy_config, pki, procs, sockets
 from mesh.layout import LOOPBACK, Layout, PortInUse, Replica, plan
 from mesh.plan import Placement, Plan, resolve
 from mesh.policy import PolicyError, load_policy
+from mesh.splits import Pinning, resolve_pinning
 from mesh.v2client import infer, zeros
 from model_export.manifest import Manifest, ManifestError, load_manifest
 from stage_service.supervisor import NotReady, ProcessExited, Target, wait_ready
@@ -64,6 +65,14 @@ class State(BaseModel):
     policy: Plan
     layout: Layout
     procs: list[procs.Proc]
+    # Split-version pinning (mesh.splits), where the policy lists splits: every split's plan, the running
+    # pipeline's first (`policy` and `layout` above), and the replicas of each other split, by its name.
+    pinning: Pinning | None = None
+    split_layouts: dict[str, Layout] = Field(default_factory=dict)
+
+    def all_replicas(self) -> list[Replica]:
+        """The replicas of every split the mesh runs."""
+        return [*self.layout.replicas, *(r for lay in self.split_layouts.values() for r in lay.replicas)]
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,19 @@ def _load_inputs(pipeline_dir: Path, policy_file: Path | None) -> tuple[Manifest
     return manifest, resolved
 
 
+def load_pinning(pipeline_dir: Path, policy_file: Path | None, manifest: Manifest) -> Pinning | None:
+    """The policy's splits resolved (mesh.splits), or None where it lists none."""
+    try:
+        return resolve_pinning(load_policy(policy_file), manifest, pipeline_dir,
+                               policy_file.resolve().parent if policy_file else None)
+    except PolicyError as exc:
+        raise MeshError(str(exc)) from exc
+
+
+def _split_names(pinning: Pinning | None) -> list[str] | None:
+    return None if pinning is None else pinning.names
+
+
 def _base_id(state_dir: Path, index: int) -> int:
     """A distinct Envoy --base-id per Envoy and per state directory (hot restart is disabled anyway)."""
     return (zlib.crc32(str(state_dir.resolve()).encode()) % 100_000) * 100 + index
@@ -153,20 +175,47 @@ def _identities(state_dir: Path, resolved: Plan) -> tuple[Path, dict[str, pki.Ce
     return ca.cert.resolve(), {k: pki.CertPair(v.cert.resolve(), v.key.resolve()) for k, v in pairs.items()}
 
 
-def write_envoy_configs(state_dir: Path, resolved: Plan, layout: Layout) -> dict[str, Path]:
-    """(Re)generate every Envoy's configuration; return the bootstrap path per Envoy name."""
+def _issue_missing(state_dir: Path, plans: list[Plan]) -> dict[str, pki.CertPair]:
+    """Every identity's certificate, issued by the mesh's CA where a split brought a new one."""
+    directory = state_dir / "pki"
+    ca = pki.CertPair(directory / "ca.pem", directory / "ca-key.pem")
+    pairs = {}
+    for chain in plans:
+        for name, identity in chain.identities().items():
+            pair = pki.CertPair((directory / f"{name}.pem").resolve(), (directory / f"{name}-key.pem").resolve())
+            if not pair.cert.is_file():
+                pki.issue(ca, identity.spiffe_id, directory, name)
+            pairs[name] = pair
+    return pairs
+
+
+def write_envoy_configs(state_dir: Path, resolved: Plan, layout: Layout, pinning: Pinning | None = None,
+                        split_layouts: dict[str, Layout] | None = None) -> dict[str, Path]:
+    """(Re)generate every Envoy's configuration; return the bootstrap path per Envoy name (a replica's name for
+    its sidecar). With `pinning`, the running pipeline's plan is `resolved`, and `split_layouts` holds the
+    replicas of every other split."""
     ca = (state_dir / "pki" / "ca.pem").resolve()
-    pairs = {n: pki.CertPair((state_dir / "pki" / f"{n}.pem").resolve(), (state_dir / "pki" / f"{n}-key.pem").resolve())
-             for n in resolved.identities()}
+    if pinning is not None:
+        pinning = pinning.with_primary(resolved)
+    chains = [(resolved, layout, pinning.splits[0].name if pinning else None)]
+    chains += [(s.plan, (split_layouts or {})[s.name], s.name) for s in (pinning.splits[1:] if pinning else [])]
+    pairs = _issue_missing(state_dir, [chain for chain, _, _ in chains])
+    layouts = {pin: lay for _, lay, pin in chains if pin is not None}
     out = {GATEWAY: _write_envoy(state_dir, GATEWAY, GATEWAY, layout.gateway_admin_socket,
                                  envoy_config.gateway(layout, resolved, pairs[GATEWAY], ca,
-                                                      _dynamic_dir(state_dir, GATEWAY)))}
-    for r in layout.replicas:
-        name = f"{r.name}-sidecar"
-        out[r.name] = _write_envoy(state_dir, name, r.stage, r.admin_socket,
-                                   envoy_config.sidecar(layout, resolved, r, pairs[r.stage], ca,
-                                                        _dynamic_dir(state_dir, name)))
+                                                      _dynamic_dir(state_dir, GATEWAY), pinning, layouts))}
+    for chain, lay, pin in chains:
+        for r in lay.replicas:
+            name = f"{r.name}-sidecar"
+            out[r.name] = _write_envoy(state_dir, name, r.stage, r.admin_socket,
+                                       envoy_config.sidecar(lay, chain, r, pairs[r.stage], ca,
+                                                            _dynamic_dir(state_dir, name), pin))
     return out
+
+
+def write_state_envoys(state_dir: Path, state: State) -> dict[str, Path]:
+    """Every Envoy's configuration as `state` has it (its plan, its splits)."""
+    return write_envoy_configs(state_dir, state.policy, state.layout, state.pinning, state.split_layouts)
 
 
 def _app_env(state_dir: Path, manifest_path: Path, resolved: Plan, r: Replica) -> dict[str, str]:
@@ -205,7 +254,7 @@ def _ready_probe(state: State, p: procs.Proc) -> tuple[str, str]:
     """The socket and path that answer 200 once `p` is ready: an app's readiness, an Envoy admin's `/ready`."""
     if p.role == "gateway":
         return state.layout.gateway_admin_socket, "/ready"
-    replica = next(r for r in state.layout.replicas if p.name in (r.name, f"{r.name}-sidecar"))
+    replica = next(r for r in state.all_replicas() if p.name in (r.name, f"{r.name}-sidecar"))
     if p.role == "app":
         return replica.app_socket, "/v2/health/ready"
     return replica.admin_socket, "/ready"
@@ -263,6 +312,10 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
     MESH_APP_COMMAND) replaces `python -m stage_service`, to put the mesh in front of another server.
     """
     manifest, resolved = _load_inputs(pipeline_dir, policy_file)
+    pinning = load_pinning(pipeline_dir, policy_file, manifest)
+    if pinning is not None and len(pinning.splits) > 1:
+        raise MeshError(f"splits: `up` starts the pipeline given ({pinning.splits[0].name}); start the others "
+                        "beside it live with `python -m mesh split-canary --pipeline DIR --weight W`")
     existing = read_state(state_dir)
     if existing is not None:
         if any(procs.alive(p) for p in existing.procs):
@@ -282,9 +335,9 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
         raise MeshError(str(exc)) from exc
     state = State(pipeline_dir=str(pipeline_dir.resolve()),
                   policy_file=str(policy_file.resolve()) if policy_file else None,
-                  policy=resolved, layout=layout, procs=[])
+                  policy=resolved, layout=layout, procs=[], pinning=pinning)
     _identities(state_dir, resolved)
-    bootstraps = write_envoy_configs(state_dir, resolved, layout)
+    bootstraps = write_state_envoys(state_dir, state)
     override = os.environ.get(APP_COMMAND_ENV)
     app_cmd = app_command or (shlex.split(override) if override else [sys.executable, "-m", "stage_service"])
     envoy_env = {**os.environ, MARKER_ENV: str(state_dir.resolve())}
@@ -381,7 +434,12 @@ def apply(policy_file: Path | None, state_dir: Path = DEFAULT_STATE_DIR) -> Plan
         raise MeshError(f"no mesh is running from {state_dir}")
     if policy_file is None and state.policy_file is not None:
         policy_file = Path(state.policy_file)
-    _, resolved = _load_inputs(Path(state.pipeline_dir), policy_file)
+    manifest, resolved = _load_inputs(Path(state.pipeline_dir), policy_file)
+    pinning = load_pinning(Path(state.pipeline_dir), policy_file, manifest)
+    if _split_names(pinning) != _split_names(state.pinning):
+        raise MeshError(f"this policy changes the splits served ({_split_names(state.pinning)} to "
+                        f"{_split_names(pinning)}): start or stop a split with `python -m mesh split-canary`, "
+                        "`split-promote` or `split-rollback`")
 
     def shape(p: Plan) -> list[tuple[str, int, list[str], int]]:
         return [(s.name, s.replicas, sorted(v.name for v in s.versions), s.threads) for s in p.stages]
@@ -390,8 +448,8 @@ def apply(policy_file: Path | None, state_dir: Path = DEFAULT_STATE_DIR) -> Plan
             or resolved.namespace != state.policy.namespace:
         raise MeshError("this policy changes replicas, versions, threads, the namespace or the gateway: "
                         "run `python -m mesh down` and `up` again")
-    write_envoy_configs(state_dir, resolved, state.layout)
-    state.policy = resolved
+    write_envoy_configs(state_dir, resolved, state.layout, pinning, state.split_layouts)
+    state.policy, state.pinning = resolved, pinning
     state.policy_file = str(policy_file.resolve()) if policy_file else None
     _write_state(state_dir, state)
     return resolved

@@ -227,6 +227,19 @@ class Clients(_Strict):
     max_headers_count: int = Field(default=100, ge=1, le=10000)  # past it 431
 
 
+class Split(_Strict):
+    """One split of the pipeline's model (its own `pipeline.json`) and the share of new requests it gets.
+
+    With `splits` listed, every request is pinned to one split (`x-pipeline-version`): a request that names
+    one goes to it, one that names none is assigned one by these weights at the gateway, and no hop ever
+    sends it to a stage of another split. `stages` is this split's per-stage policy, as the top-level
+    `stages` is for the pipeline the mesh was started with (that one's entry here leaves `stages` empty)."""
+
+    pipeline: str = Field(min_length=1)  # the split's pipeline directory; relative: to the policy file
+    weight: int = Field(default=100, ge=0, le=100)
+    stages: dict[str, StagePolicy] = Field(default_factory=dict)
+
+
 class Policy(_Strict):
     """`mesh.yaml`."""
 
@@ -236,12 +249,28 @@ class Policy(_Strict):
     stages: dict[str, StagePolicy] = Field(default_factory=dict)
     tracing: Tracing = Field(default_factory=Tracing)
     clients: Clients = Field(default_factory=Clients)
+    splits: list[Split] | None = None  # None: one split, the pipeline the mesh runs, and no pinning
 
     @model_validator(mode="after")
     def _defaults_have_no_versions(self) -> Policy:
         if self.defaults.versions is not None:
             raise ValueError("defaults.versions is not allowed: versions belong to one stage")
         return self
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, splits: list[Split] | None) -> list[Split] | None:
+        if splits is None:
+            return None
+        if not splits:
+            raise ValueError("splits must list at least one split (or be left out)")
+        pipelines = [s.pipeline for s in splits]
+        if len(set(pipelines)) != len(pipelines):
+            raise ValueError(f"each split's pipeline must be listed once, got {pipelines}")
+        total = sum(s.weight for s in splits)
+        if total != 100:
+            raise ValueError(f"split weights must sum to 100, got {total} ({pipelines})")
+        return splits
 
 
 def load_policy(path: Path | str | None) -> Policy:

@@ -68,7 +68,7 @@ def observers(state: State) -> dict[str, str]:
     """The Envoys holding outbound clusters, by name, with their admin sockets: the gateway and every sidecar
     of a stage that calls another."""
     found = {GATEWAY: state.layout.gateway_admin_socket}
-    for r in state.layout.replicas:
+    for r in state.all_replicas():
         if r.outbound_socket is not None:
             found[f"{r.name}-sidecar"] = r.admin_socket
     return found
@@ -156,7 +156,7 @@ def read_records(state: State, state_dir: Path) -> Reading:
     """Ask every calling Envoy's admin; merge their views per endpoint; remember when each was valid."""
     merged: dict[tuple[str, str, str], EndpointRecord] = {}
     unreachable = []
-    replica_at = {f"127.0.0.1:{r.inbound_port}": r.name for r in state.layout.replicas}
+    replica_at = {f"127.0.0.1:{r.inbound_port}": r.name for r in state.all_replicas()}
     for name, admin_socket in observers(state).items():
         try:
             clusters, weights = _admin_view(admin_socket)

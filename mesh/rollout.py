@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from mesh import procs
-from mesh.layout import LOOPBACK, Layout, Replica, new_replica
+from mesh.layout import LOOPBACK, Layout, Replica, new_replica, subset_name
 from mesh.local import (
     MARKER_ENV,
     MeshError,
@@ -98,8 +98,8 @@ def _new_replicas(layout: Layout, resolved: Plan, stage: str, version: str, file
             s.bind((LOOPBACK, 0))
             return int(s.getsockname()[1])
 
-        return [new_replica(Path(layout.socket_dir), slot + k, stage, plan.index, last, version, k, str(file), free())
-                for k in range(plan.replicas)]
+        return [new_replica(Path(layout.socket_dir), slot + k, stage, plan.index, last, version, k, str(file),
+                            free()).model_copy(update={"split": layout.split}) for k in range(plan.replicas)]
 
 
 def _apply(state: State, state_dir: Path, policy_file: Path, resolved: Plan, stage: str,
@@ -107,10 +107,10 @@ def _apply(state: State, state_dir: Path, policy_file: Path, resolved: Plan, sta
     """Write the callers' Envoy files and return once every caller routes `stage` by the new weights: Envoy
     reloads a watched file on its own time, and a step taken before (counting a split, stopping the side
     that leaves) would see the old routes."""
-    write_envoy_configs(state_dir, resolved, state.layout)
+    write_envoy_configs(state_dir, resolved, state.layout, state.pinning, state.split_layouts)
     state.policy, state.policy_file = resolved, str(policy_file.resolve())
     _write_state(state_dir, state)
-    wanted = {v.version: v.weight for v in resolved.hop_into(stage).route.destinations}
+    wanted = {subset_name(state.layout.split, v.version): v.weight for v in resolved.hop_into(stage).route.destinations}
     deadline = time.monotonic() + timeout_s
     while True:
         seen = routed_weights(state, stage)
@@ -126,7 +126,7 @@ def _apply(state: State, state_dir: Path, policy_file: Path, resolved: Plan, sta
 
 def _start(state: State, state_dir: Path, replicas: list[Replica], timeout_s: float) -> None:
     envoy = _envoy_path()
-    bootstraps = write_envoy_configs(state_dir, state.policy, state.layout)
+    bootstraps = write_envoy_configs(state_dir, state.policy, state.layout, state.pinning, state.split_layouts)
     manifest_path = Path(state.pipeline_dir) / "pipeline.json"
     logs = state_dir / "logs"
     envoy_env = {**os.environ, MARKER_ENV: str(state_dir.resolve())}
@@ -155,7 +155,8 @@ def _wait_seen_healthy(state: State, state_dir: Path, stage: str, version: str, 
     while True:
         records = [r for r in read_records(state, state_dir).records if r.service == stage]
         callers = {o for r in records for o in r.observers}
-        ours = {r.address: r for r in records if r.version == version and r.address in addresses}
+        ours = {r.address: r for r in records
+                if r.version == subset_name(state.layout.split, version) and r.address in addresses}
         if ours.keys() == addresses and all(r.valid and set(r.observers) == callers for r in ours.values()):
             return
         if time.monotonic() > deadline:
@@ -180,6 +181,9 @@ def canary(state_dir: Path, stage: str, version: str, weight: int, source: Path 
         return state
     if len(names) != 1:
         raise MeshError(f"{stage} already runs versions {names}: promote or roll back before another canary")
+    if state.split_layouts:
+        raise MeshError(f"a new split runs beside this one ({', '.join(state.split_layouts)}): promote or roll it "
+                        "back (`mesh split-promote` / `split-rollback`) before a stage's canary")
     if source is None:
         raise MeshError(f"{stage} {version} is not running yet: give --pipeline DIR, the pipeline holding it "
                         "(as `model_export retrain-stage` writes it)")

@@ -50,12 +50,25 @@ def infer(client: httpx.Client, base_url: str, model: str, inputs: dict[str, np.
 
 
 def stage_timing(header: str | None) -> list[tuple[str, str, float]]:
-    """`x-stage-timing: <stage>/<version>=<ms>,...` as (stage, version, ms), in chain order."""
+    """`x-stage-timing: <stage>/<version>=<ms>,...` as (stage, version, ms), in chain order (a pinned request's
+    `<version>@<split>` as its version alone: `timing_splits` reads the splits)."""
     out = []
     for item in (header or "").split(","):
         if "=" not in item:
             continue
         who, ms = item.strip().split("=", 1)
         stage, _, version = who.partition("/")
-        out.append((stage, version, float(ms)))
+        out.append((stage, version.partition("@")[0], float(ms)))
+    return out
+
+
+def timing_splits(header: str | None) -> list[str | None]:
+    """The split that served each stage of a pinned request (`<stage>/<version>@<split>=<ms>`), in chain
+    order; None for an entry that names none (a request no gateway pinned)."""
+    out: list[str | None] = []
+    for item in (header or "").split(","):
+        if "=" not in item:
+            continue
+        _, at, split = item.split("=", 1)[0].strip().partition("@")
+        out.append(split if at else None)
     return out

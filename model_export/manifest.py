@@ -44,6 +44,7 @@ DNS_LABEL_MAX = 63
 # A pipeline name is the prefix of its stages' names (`<pipeline>-stage-<i>`, then `-<version>` in
 # Deployment names), so it must leave room for them inside one label.
 PIPELINE_NAME_MAX = 40
+SPLIT_DIGEST_CHARS = 8  # `s<n>-<8 hex>`: a pipeline's stage name, a split and a version still fit one label
 
 
 def check_dns_label(value: str, max_length: int = DNS_LABEL_MAX) -> str:
@@ -217,6 +218,18 @@ class Manifest(BaseModel):
 
     def index(self, name: str) -> int:
         return [s.name for s in self.stages].index(self.stage(name).name)
+
+    @property
+    def split_id(self) -> str:
+        """The split's name, `s<stages>-<8 hex>`: a digest of the tensors at every cut (names, datatypes, shapes).
+
+        Two manifests of one model with the same id fit stage for stage (a retrained stage keeps it); a new
+        split that moves, adds or removes a cut gets another. The mesh pins each request to one split by it
+        (`x-pipeline-version`), so no request crosses two splits whose stages do not fit together."""
+        cuts = [[t.model_dump(exclude={"dim_names"}) for t in s.inputs] for s in self.stages]
+        cuts.append([t.model_dump(exclude={"dim_names"}) for t in self.outputs])
+        text = json.dumps({"pipeline": self.name, "cuts": cuts}, sort_keys=True, separators=(",", ":"))
+        return f"s{len(self.stages)}-{hashlib.sha256(text.encode()).hexdigest()[:SPLIT_DIGEST_CHARS]}"
 
 
 def stage_name(pipeline: str, index: int) -> str:

@@ -32,6 +32,9 @@ from stage_service.tracing import StageTracing
 
 log = logging.getLogger("stage_service")
 TIMING_HEADER = "x-stage-timing"
+# The split a request is pinned to (model_export.manifest.Manifest.split_id), set by the gateway and carried on
+# by every hop (it is an `x-pipeline-` header): a stage of another split refuses it.
+PIPELINE_VERSION_HEADER = "x-pipeline-version"
 PROPAGATED = frozenset({"traceparent", "tracestate", "x-request-id", "b3"})
 PROPAGATED_PREFIXES = ("x-b3-", "x-pipeline-")
 # 413 is the request's own size (the batch grew past a later stage's limit): the client's to fix, not a 502.

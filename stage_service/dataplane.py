@@ -18,7 +18,7 @@ import numpy as np
 from opentelemetry.trace import Span
 
 from stage_service import protocol
-from stage_service.chain import NextStage, propagated_headers
+from stage_service.chain import PIPELINE_VERSION_HEADER, NextStage, propagated_headers
 from stage_service.errors import InvalidInput, ModelNotFound, ModelNotReady, UpstreamError
 from stage_service.limits import Admission, BatchLimit
 from stage_service.metrics import StageMetrics
@@ -83,6 +83,7 @@ class DataPlane:
                                      tracing, str(settings.next_uds) if settings.next_uds else None)
                            if following is not None and settings.next_url else None)
         self.final_names = [t.name for t in self.place.manifest.outputs]
+        self.split = self.place.manifest.split_id
         self.ready = False
         runtime.on_run = metrics.batch_size.observe
 
@@ -165,14 +166,27 @@ class DataPlane:
             annotate(span, {ATTR_STATUS: 200, ATTR_BODY_OUT: len(answer.content)})
             return answer
 
+    def check_split(self, headers: Mapping[str, str]) -> str | None:
+        """The split the request is pinned to (`x-pipeline-version`), if any; InvalidInput if it is not this
+        stage's: its tensors would not fit (the mesh routes on the header, so only a client's mistake or a
+        misrouted hop lands here)."""
+        pinned = headers.get(PIPELINE_VERSION_HEADER)
+        if pinned is not None and pinned != self.split:
+            raise InvalidInput(f"{PIPELINE_VERSION_HEADER} {pinned!r} is not served here: stage "
+                               f"{self.place.stage.name} belongs to split {self.split!r}")
+        return pinned
+
     async def _infer(self, call: InferCall, span: Span | None) -> InferAnswer:
+        pinned = self.check_split(call.headers)
         request, tensors = self._decode(call, span)
         wanted = self._wanted_outputs(request, call.model)
         with self.tracing.span("inference"):
             self.batch_limit.check(self.runtime.check_inputs(tensors))  # before any work: 400, 413
             outputs, ms = await self.runtime.infer(tensors)
         self.metrics.inference.observe(ms / 1000.0)
-        timing = f"{self.place.stage.name}/{self.place.version}={ms:.3f}"
+        # A pinned request's entries name the split that served each stage: one split end to end, or a bug.
+        where = f"{self.place.version}@{self.split}" if pinned else self.place.version
+        timing = f"{self.place.stage.name}/{where}={ms:.3f}"
         if self.next_stage is not None:
             outputs, downstream_timing = await self._forward(outputs, request.id, call.headers)
             if downstream_timing:

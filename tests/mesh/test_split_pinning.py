@@ -1,0 +1,165 @@
+"""Split-version pinning on a real local mesh: a 3-stage pipeline rolled to a 2-stage split of the same model
+under steady load, with `mesh split-canary`, `split-promote`, and back with `split-rollback`.
+
+Both splits' stages share names (`pin-stage-0`, `pin-stage-1`) but not their tensors, so a request that
+crossed would fail or answer wrong. Every answer must equal the whole model's, and its `x-stage-timing` must
+name one split on every stage, with as many stages as that split has."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from mesh import local
+from mesh.procs import alive
+from mesh.v2client import STAGE_TIMING, infer, timing_splits
+from model_export.manifest import load_manifest
+from model_export.split import split_model
+from tests.mesh.local_mesh import mesh_cli, running_mesh
+from tests.tiny import write_tiny_pipeline
+
+CLIENTS = 2
+HEADER = "x-pipeline-version"
+
+
+class Load:
+    """Steady requests that name no split, from CLIENTS threads; each answer's split counted in the current
+    phase, its output checked against the whole model; every failure and every mixture kept."""
+
+    def __init__(self, url: str, expected: np.ndarray, x: np.ndarray, stages: dict[str, int]) -> None:
+        self.url, self.expected, self.x, self.stages = url, expected, x, stages
+        self.phase: str | None = None
+        self.served: dict[str, Counter[str]] = {}
+        self.failures: list[str] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(CLIENTS)]
+
+    def _check(self, client: httpx.Client) -> tuple[str, str | None]:
+        try:
+            out, response = infer(client, self.url, "pin", {"x": self.x})
+        except httpx.HTTPError as exc:
+            return "", f"{type(exc).__name__}: {exc}"
+        splits = timing_splits(response.headers.get(STAGE_TIMING))
+        served = splits[0] or "unpinned"
+        if len(set(splits)) != 1 or (splits[0] and len(splits) != self.stages[served]):
+            return served, f"a mixture: {response.headers.get(STAGE_TIMING)}"
+        if not np.allclose(out["y"], self.expected, atol=1e-5):
+            return served, f"not the whole model's output ({served})"
+        return served, None
+
+    def _loop(self) -> None:
+        with httpx.Client(timeout=60.0) as client:
+            while not self.stop.is_set():
+                served, problem = self._check(client)
+                with self.lock:
+                    if problem:
+                        self.failures.append(f"{self.phase}: {problem}")
+                    elif self.phase is not None:
+                        self.served.setdefault(self.phase, Counter())[served] += 1
+
+    def count(self, phase: str, requests: int, deadline_s: float = 120.0) -> Counter[str]:
+        """Count the next `requests` answers as `phase` (the CLI returns once the gateway routes as asked)."""
+        with self.lock:
+            self.phase = phase
+        end = time.monotonic() + deadline_s
+        while sum(self.served.get(phase, Counter()).values()) < requests and time.monotonic() < end:
+            time.sleep(0.05)
+        with self.lock:
+            self.phase = None
+            return Counter(self.served.get(phase, Counter()))
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("pinning")
+    write_tiny_pipeline(tmp / "pin-3", name="pin")
+    split_model(tmp / "pin-3" / "model.onnx", tmp / "pin-2", stages=2, cuts=["h2"], name="pin", runs=1)
+    return {"3": tmp / "pin-3", "2": tmp / "pin-2"}
+
+
+@pytest.fixture(scope="module")
+def mesh(splits: dict[str, Path]) -> Iterator[tuple[local.State, Path]]:
+    state_dir = splits["3"].parent / ".mesh"
+    with running_mesh(splits["3"], None, state_dir) as state:
+        yield state, state_dir
+
+
+def share(served: Counter[str], split: str) -> float:
+    return 100 * served[split] / sum(served.values())
+
+
+def whole_model(directory: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(directory / "model.onnx"))
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+def test_split_rollout_under_load_never_mixes(mesh: tuple[local.State, Path], splits: dict[str, Path]) -> None:
+    state, state_dir = mesh
+    three, two = (load_manifest(splits[k]).split_id for k in ("3", "2"))
+    assert three != two and three.startswith("s3-") and two.startswith("s2-")
+    x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 16)
+    load = Load(state.layout.gateway_url, whole_model(splits["3"], x), x, {three: 3, two: 2})
+    where = ["--state-dir", str(state_dir)]
+    for t in load.threads:
+        t.start()
+    try:
+        assert set(load.count("before", 50)) == {"unpinned"}
+        canary = mesh_cli("split-canary", "--pipeline", str(splits["2"]), "--weight", "10", *where)
+        assert canary.returncode == 0, canary.stderr
+        assert f"{three} 90% (3 stages), {two} 10% (2 stages)" in canary.stdout
+        assert abs(share(load.count("10%", 400), two) - 10) <= 5, load.served
+        assert mesh_cli("split-canary", "--weight", "50", *where).returncode == 0
+        assert abs(share(load.count("50%", 600), two) - 50) <= 5, load.served
+        _pinned_by_client(state.layout.gateway_url, x, three, two)
+        first = {f"pin-stage-{i}-v1-0{suffix}" for i in range(3) for suffix in ("", "-sidecar")}
+        old = [p for p in local.read_state(state_dir).procs if p.name in first]  # type: ignore[union-attr]
+        promoted = mesh_cli("split-promote", *where)
+        assert promoted.returncode == 0, promoted.stderr
+        assert f"splits: {two} 100% (2 stages)" in promoted.stdout
+        assert set(load.count("promoted", 200)) == {two}
+        assert len(old) == 6 and not any(alive(p) for p in old)
+
+        back = mesh_cli("split-canary", "--pipeline", str(splits["3"]), "--weight", "50", *where)
+        assert back.returncode == 0, back.stderr
+        assert abs(share(load.count("back 50%", 600), three) - 50) <= 5, load.served
+        rolled = mesh_cli("split-rollback", *where)
+        assert rolled.returncode == 0, rolled.stderr
+        assert set(load.count("rolled back", 200)) == {two}
+    finally:
+        load.stop.set()
+        for t in load.threads:
+            t.join(timeout=70)
+    assert load.failures == []
+    after = local.read_state(state_dir)
+    assert after is not None and after.pinning is not None and after.pinning.names == [two]
+    assert len([p for p in after.procs if p.role == "app"]) == 2
+
+
+def _pinned_by_client(url: str, x: np.ndarray, three: str, two: str) -> None:
+    """A client that names a split gets it; one that names no known split gets one 400 naming the known ones."""
+    with httpx.Client(timeout=30.0) as client:
+        for split, stages in ((three, 3), (two, 2)):
+            _, response = infer(client, url, "pin", {"x": x}, headers={HEADER: split})
+            assert timing_splits(response.headers.get(STAGE_TIMING)) == [split] * stages
+        bad = client.post(f"{url}/v2/models/pin/infer", headers={HEADER: "s9-00000000"},
+                          json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": x.ravel().tolist()}]})
+    assert bad.status_code == 400 and three in bad.json()["error"] and two in bad.json()["error"]
+
+
+def test_refusals_are_one_message(mesh: tuple[local.State, Path], splits: dict[str, Path]) -> None:
+    _, state_dir = mesh
+    where = ["--state-dir", str(state_dir)]
+    nothing = mesh_cli("split-promote", *where)
+    assert nothing.returncode == 2 and "no new split is running" in nothing.stderr
+    same = mesh_cli("split-canary", "--pipeline", str(splits["2"]), "--weight", "10", *where)
+    assert same.returncode == 2 and "has the running split's cuts" in same.stderr
+    assert "Traceback" not in nothing.stderr + same.stderr
