@@ -69,7 +69,7 @@ def test_no_pydantic_or_yaml_internals(tmp_path: Path) -> None:
 def test_unknown_top_level_key_lists_the_known_ones(tmp_path: Path) -> None:
     assert problems("namespace: a\nrouting: {}\n", tmp_path) == [
         f"{tmp_path / 'mesh.yaml'}:2: routing: unknown field; expected one of: clients, defaults, gateway, namespace, "
-        "stages, tracing"]
+        "splits, stages, tracing"]
 
 
 def test_helpers() -> None:
