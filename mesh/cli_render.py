@@ -47,7 +47,8 @@ def _render(args: argparse.Namespace) -> int:
     try:
         manifest = load_manifest(args.pipeline)
         policy = load_policy(args.policy)
-        files = render_tree(manifest, policy)
+        pipeline_dir = args.pipeline if args.pipeline.is_dir() else args.pipeline.parent
+        files = render_tree(manifest, policy, pipeline_dir, args.policy.resolve().parent if args.policy else None)
     except (ManifestError, PolicyError, RenderError) as exc:
         print(f"render: {exc}", file=sys.stderr)
         return 2

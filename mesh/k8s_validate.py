@@ -29,6 +29,8 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
+from stage_service.chain import PIPELINE_VERSION_HEADER
+
 K8S_VERSION = "1.37.0"
 ISTIO_GROUPS = ("networking.istio.io", "security.istio.io", "telemetry.istio.io", "extensions.istio.io")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -374,7 +376,7 @@ def semantic_problems(objs: list[dict[str, Any]], known_principals: Iterable[str
                 problems.append(f"DestinationRule/{ns_of(dr)}/{name_of(dr)}: subset {s['name']} "
                                 f"({labels}) selects no Deployment's pods")
 
-    timeouts: dict[tuple[str, str], float] = {}
+    timeouts: dict[tuple[str, str, str | None], float] = {}
     for vs in by_kind.get("VirtualService", []):
         vid = f"VirtualService/{ns_of(vs)}/{name_of(vs)}"
         for i, http in enumerate(vs["spec"].get("http") or []):
@@ -392,7 +394,8 @@ def semantic_problems(objs: list[dict[str, Any]], known_principals: Iterable[str
                     problems.append(f"{vid}: subset {r['destination']['subset']} of {r['destination']['host']} "
                                     f"is not in its DestinationRule ({sorted(subsets[key])})")
             if "mesh" in (vs["spec"].get("gateways") or ["mesh"]) and http.get("timeout") and routes:
-                timeouts[_host_key(routes[0]["destination"]["host"], ns_of(vs))] = _parse_duration(http["timeout"])
+                key = _host_key(routes[0]["destination"]["host"], ns_of(vs))
+                timeouts[(*key, _pinned_to(http))] = _parse_duration(http["timeout"])
             retries = http.get("retries") or {}
             if retries.get("perTryTimeout") and http.get("timeout") and \
                     _parse_duration(retries["perTryTimeout"]) > _parse_duration(http["timeout"]):
@@ -430,23 +433,35 @@ def _autoscaled_replicas(deployments: list[dict[str, Any]], hpas: list[dict[str,
     return problems
 
 
+def _pinned_to(http: dict[str, Any]) -> str | None:
+    """The split an http route serves where every match names one (`x-pipeline-version` exact), else None."""
+    values = {((m.get("headers") or {}).get(PIPELINE_VERSION_HEADER) or {}).get("exact")
+              for m in http.get("match") or [{}]}
+    return values.pop() if len(values) == 1 else None
+
+
 def _chain_timeouts(pods: list[tuple[str, dict[str, str], dict[str, Any]]],
-                    timeouts: dict[tuple[str, str], float]) -> list[str]:
-    """Follow each Deployment's STAGE_NEXT_URL: the hop into the next stage must time out sooner."""
+                    timeouts: dict[tuple[str, str, str | None], float]) -> list[str]:
+    """Follow each Deployment's STAGE_NEXT_URL: the hop into the next stage must time out sooner (with pinned
+    splits, the routes of the Deployment's own split: its `split` label)."""
     problems = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str | None]] = set()
+
+    def timeout(app: str, ns: str, split: str | None) -> float | None:
+        return timeouts.get((app, ns, split), timeouts.get((app, ns, None)))
+
     for ns, labels, d in pods:
-        app = labels.get("app", "")
-        if (app, ns) in seen:
+        app, split = labels.get("app", ""), labels.get("split")
+        if (app, ns, split) in seen:
             continue
-        seen.add((app, ns))
+        seen.add((app, ns, split))
         containers = d["spec"]["template"]["spec"]["containers"]
         env = {e["name"]: e.get("value") for c in containers for e in c.get("env") or []}
         nxt = env.get("STAGE_NEXT_URL")
         if not nxt:
             continue
         key = _host_key(urlsplit(nxt).hostname or "", ns)
-        own, inner = timeouts.get((app, ns)), timeouts.get(key)
+        own, inner = timeout(app, ns, split), timeout(*key, split)
         if own is not None and inner is not None and inner >= own:
             problems.append(f"timeouts must shrink along the chain: {app} has {own:g}s but the next hop "
                             f"{key[0]} has {inner:g}s")

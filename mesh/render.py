@@ -36,7 +36,7 @@ from mesh.dashboard import dashboard_json
 from mesh.envoy_config import client_limits
 from mesh.plan import ENVOY_DEFAULT_BUFFER, GATEWAY, Hop, Placement, Plan, StagePlan, resolve
 from mesh.policy import Fault, Policy, StagePolicy, Version
-from model_export.manifest import MANIFEST_FILE, Manifest
+from model_export.manifest import MANIFEST_FILE, Manifest, load_manifest
 from stage_service.settings import StageSettings
 
 IMAGE = "meshpipe/stage-service"
@@ -562,7 +562,7 @@ Files = dict[str, str]
 Objects = dict[str, dict[str, Any]]
 
 
-def _base(manifest: Manifest, resolved: Plan) -> Files:
+def _base_objects(manifest: Manifest, resolved: Plan) -> Objects:
     """Namespace, and per stage ServiceAccount, Service, PodDisruptionBudget and one Deployment per version."""
     ns = resolved.namespace
     objs: Objects = {_file("Namespace", ns): namespace_obj(resolved)}
@@ -572,6 +572,12 @@ def _base(manifest: Manifest, resolved: Plan) -> Files:
         objs[_file("PodDisruptionBudget", s.name)] = pod_disruption_budget(s, ns)
         for v in s.versions:
             objs[_file("Deployment", f"{s.name}-{v.name}")] = deployment(manifest, resolved, s, v, s.replicas)
+    return objs
+
+
+def _base(manifest: Manifest, resolved: Plan, objs: Objects) -> Files:
+    """base/: `objs`, and the Grafana dashboard as a ConfigMap."""
+    ns = resolved.namespace
     dashboard_file = f"grafana-dashboard-{manifest.name}.json"
     files = {
         f"base/{dashboard_file}": dashboard_json(manifest.name, resolved),
@@ -591,9 +597,10 @@ def _base(manifest: Manifest, resolved: Plan) -> Files:
     return files
 
 
-def _istio_component(manifest: Manifest, resolved: Plan) -> Files:
+def _istio_component(manifest: Manifest, resolved: Plan, pinned: Objects | None = None) -> Files:
     """components/istio: the gateway, and per hop its VirtualService, DestinationRule, AuthorizationPolicy and
-    (where retried bodies outgrow Envoy's default buffer) EnvoyFilter."""
+    (where retried bodies outgrow Envoy's default buffer) EnvoyFilter; `pinned`: those of every split instead
+    (mesh.render_pinned)."""
     ns = resolved.namespace
     objs: Objects = {
         _file("Gateway", manifest.name, "http"): gateway(manifest, resolved),
@@ -604,18 +611,22 @@ def _istio_component(manifest: Manifest, resolved: Plan) -> Files:
     }
     for variant, obj in client_limits_filters(manifest, resolved).items():
         objs[_file("EnvoyFilter", variant, "client-limits")] = obj
-    for hop in resolved.hops:
+    for hop in resolved.hops if pinned is None else []:
         objs[_file("DestinationRule", hop.callee, "mtls")] = destination_rule(hop, ns)
         objs[_file("VirtualService", hop.callee, "chain")] = virtual_service(hop, ns)
         objs[_file("AuthorizationPolicy", hop.callee, "allow-caller")] = allow_caller(hop, ns)
         if needs_buffer_filter(hop):
             objs[_file("EnvoyFilter", hop.callee, "buffer-limit")] = buffer_filter(resolved, hop)
+    objs.update(pinned or {})
     files = {"components/istio/kustomization.yaml": _kustomization("Component", resources=sorted(objs))}
     files.update({f"components/istio/{k}": _dump(v) for k, v in objs.items()})
     return files
 
 
-def _deployments(resolved: Plan) -> list[tuple[StagePlan, str]]:
+Deployments = list[tuple[StagePlan, str]]
+
+
+def _deployments(resolved: Plan) -> Deployments:
     return [(s, f"{s.name}-{v.name}") for s in resolved.stages for v in s.versions]
 
 
@@ -625,9 +636,9 @@ def _overlay(name: str, resources: list[str] | None = None, **fields: Any) -> Fi
         **fields)}
 
 
-def _dev_overlay(resolved: Plan) -> Files:
+def _dev_overlay(deployments: Deployments) -> Files:
     """One replica per Deployment."""
-    return _overlay("dev", replicas=[{"name": d, "count": 1} for _, d in _deployments(resolved)])
+    return _overlay("dev", replicas=[{"name": d, "count": 1} for _, d in deployments])
 
 
 def autoscaled_policy(policy: Policy, stable: Plan) -> Policy:
@@ -661,13 +672,14 @@ def _per_try_patches(manifest: Manifest, stable: Plan, prod: Plan) -> tuple[File
     return files, patches
 
 
-def _prod_overlay(manifest: Manifest, stable: Plan, prod: Plan) -> Files:
+def _prod_overlay(manifest: Manifest, stable: Plan, prod: Plan | None, deployments: Deployments) -> Files:
     """One HorizontalPodAutoscaler per Deployment, and no `replicas` on the Deployments it scales: a
     `replicas` there would reset the autoscaler's decision on every apply (its minReplicas is the floor).
-    With the autoscaler's replicas, hops get the per-try timeouts of `prod`, the plan at those replicas."""
-    hpas = {_file("HorizontalPodAutoscaler", d): hpa(s, stable.namespace, d) for s, d in _deployments(stable)}
+    With the autoscaler's replicas, hops get the per-try timeouts of `prod`, the plan at those replicas
+    (None: the hops' own, as with pinned splits, whose routes are per split)."""
+    hpas = {_file("HorizontalPodAutoscaler", d): hpa(s, stable.namespace, d) for s, d in deployments}
     patch = "patch-deployment-no-replicas.yaml"
-    per_try_files, per_try_patches = _per_try_patches(manifest, stable, prod)
+    per_try_files, per_try_patches = _per_try_patches(manifest, stable, prod) if prod is not None else ({}, [])
     files = _overlay("prod", sorted(hpas),
                      patches=[{"path": patch, "target": {"kind": "Deployment"}}, *per_try_patches])
     files[f"overlays/prod/{patch}"] = _dump([{"op": "remove", "path": "/spec/replicas"}])
@@ -729,13 +741,40 @@ def _canary_overlay(manifest: Manifest, stable: Plan, canary: Plan) -> Files:
     return files
 
 
-def render_tree(manifest: Manifest, policy: Policy) -> dict[str, str]:
-    """Every file of the kustomize tree, by path relative to its root."""
+def render_tree(manifest: Manifest, policy: Policy, pipeline_dir: Path | None = None,
+                policy_dir: Path | None = None) -> dict[str, str]:
+    """Every file of the kustomize tree, by path relative to its root. With `splits` in the policy, the tree of
+    every split, pinned (`render_pinned`): `pipeline_dir` holds `manifest`, and a split's relative path is
+    relative to `policy_dir`."""
+    if policy.splits is not None:
+        return _pinned_tree(manifest, policy, pipeline_dir, policy_dir)
     stable = resolve(stable_policy(policy), manifest)
     canary = resolve(canary_policy(policy, manifest), manifest)
     prod = resolve(autoscaled_policy(stable_policy(policy), stable), manifest)
-    files = {**_base(manifest, stable), **_istio_component(manifest, stable), **_dev_overlay(stable),
-             **_prod_overlay(manifest, stable, prod), **_gpu_overlay(), **_canary_overlay(manifest, stable, canary)}
+    files = {**_base(manifest, stable, _base_objects(manifest, stable)), **_istio_component(manifest, stable),
+             **_dev_overlay(_deployments(stable)), **_prod_overlay(manifest, stable, prod, _deployments(stable)),
+             **_gpu_overlay(), **_canary_overlay(manifest, stable, canary)}
+    return dict(sorted(files.items()))
+
+
+def _pinned_tree(manifest: Manifest, policy: Policy, pipeline_dir: Path | None, policy_dir: Path | None) -> Files:
+    """The tree of every split the policy lists, each request pinned to one (mesh.render_pinned). The split
+    rollout is the canary here: the canary overlay adds nothing to base."""
+    from mesh import render_pinned
+    from mesh.splits import resolve_pinning
+
+    if pipeline_dir is None:
+        raise RenderError("the policy lists splits: render needs the pipeline's directory to find them")
+    pinning = resolve_pinning(policy, manifest, pipeline_dir, policy_dir)
+    assert pinning is not None
+    manifests = {s.name: load_manifest(s.pipeline_dir) for s in pinning.splits}
+    primary = pinning.splits[0].plan
+    deployments = [(st, f"{st.name}-{s.name}-{v.name}") for s in pinning.splits for st in s.plan.stages
+                   for v in st.versions]
+    files = {**_base(manifest, primary, render_pinned.base(manifests, pinning)),
+             **_istio_component(manifest, primary, render_pinned.istio(manifest, pinning)),
+             **_dev_overlay(deployments), **_prod_overlay(manifest, primary, None, deployments), **_gpu_overlay(),
+             **_overlay("canary")}
     return dict(sorted(files.items()))
 
 

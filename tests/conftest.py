@@ -47,3 +47,22 @@ def tiny_tree(tiny_pipeline: tuple[Path, Manifest], tmp_path_factory: pytest.Tem
     out = tmp_path_factory.mktemp("tiny-tree")
     write_tree(render_tree(manifest, policy), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def pinned_tree(tiny_pipeline: tuple[Path, Manifest], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline and a 2-stage split of the same model, served side by side with requests pinned
+    (`splits` at 90/10), rendered."""
+    from model_export.split import split_model
+
+    directory, manifest = tiny_pipeline
+    two = tmp_path_factory.mktemp("tiny-split") / "tiny-2"
+    split_model(directory / "model.onnx", two, stages=2, cuts=["h2"], name=manifest.name, runs=1)
+    policy = Policy.model_validate({
+        "namespace": "tiny-ns",
+        "defaults": {"buffer_limit_bytes": 4 << 20, "retries": {"attempts": 2, "per_try_timeout_s": 1.0}},
+        "splits": [{"pipeline": str(directory), "weight": 90}, {"pipeline": str(two), "weight": 10}],
+    })
+    out = tmp_path_factory.mktemp("pinned-tree")
+    write_tree(render_tree(manifest, policy, directory), out)
+    return out

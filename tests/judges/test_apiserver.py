@@ -64,6 +64,14 @@ def test_tiny_pipeline_overlay_is_accepted(apiserver: ApiServer, tiny_tree: Path
     _assert_all_accepted(apiserver, objects)
 
 
+@pytest.mark.parametrize("overlay", ("dev", "prod"))
+def test_pinned_splits_overlay_is_accepted(apiserver: ApiServer, pinned_tree: Path, overlay: str) -> None:
+    objects = kustomize_build(pinned_tree / "overlays" / overlay)
+    deployments = {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"}
+    assert len([d for d in deployments if "-s3-" in d]) == 3 and len([d for d in deployments if "-s2-" in d]) == 2
+    _assert_all_accepted(apiserver, objects)
+
+
 # ----------------------------------------------------------------------------- broken objects rejected
 
 

@@ -1,9 +1,10 @@
 """Istio's own tools judge every rendered tree: `istioctl validate`, `istioctl analyze`, and every analyzer
 of istioctl with the cluster's runtime objects in view (istio-judge analyze).
 
-Each tree is an overlay of the committed `kustomize/` tree or of a tiny pipeline with a canary and buffer
-filters, built by the real `kubectl kustomize`, plus what a cluster holds beside it (Istio's ingress gateway
-from `istioctl manifest generate`, Pods and EndpointSlices derived from the Deployments and Services).
+Each tree is an overlay of the committed `kustomize/` tree, of a tiny pipeline with a canary and buffer
+filters, or of the tiny pipeline beside another split of its model (split-version pinning), built by the real
+`kubectl kustomize`, plus what a cluster holds beside it (Istio's ingress gateway from `istioctl manifest
+generate`, Pods and EndpointSlices derived from the Deployments and Services).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from tests.judges.istio import GoUnavailable, ToolMissing, tool
 
 REPO = Path(__file__).resolve().parents[2]
 OVERLAYS = ("dev", "prod", "gpu", "canary")
-TREES = [(tree, overlay) for tree in ("committed", "tiny") for overlay in OVERLAYS]
+# "pinned": the tiny pipeline beside a 2-stage split of its model, requests pinned by x-pipeline-version
+TREES = [(tree, overlay) for tree in ("committed", "tiny") for overlay in OVERLAYS] + [
+    ("pinned", overlay) for overlay in ("dev", "prod")]
 Objs = list[dict[str, Any]]
 
 # The one message Istio's tools give on our trees, pinned: IST0133 "EnvoyFilter exposes internal
@@ -46,8 +49,8 @@ def istio_binaries() -> None:
 
 
 @pytest.fixture(scope="module")
-def trees(tiny_tree: Path) -> dict[tuple[str, str], Objs]:
-    roots = {"committed": REPO / "kustomize", "tiny": tiny_tree}
+def trees(tiny_tree: Path, pinned_tree: Path) -> dict[tuple[str, str], Objs]:
+    roots = {"committed": REPO / "kustomize", "tiny": tiny_tree, "pinned": pinned_tree}
     return {(tree, overlay): kustomize_build(roots[tree] / "overlays" / overlay) for tree, overlay in TREES}
 
 

@@ -150,8 +150,8 @@ def _pinned_by_client(url: str, x: np.ndarray, three: str, two: str) -> None:
         for split, stages in ((three, 3), (two, 2)):
             _, response = infer(client, url, "pin", {"x": x}, headers={HEADER: split})
             assert timing_splits(response.headers.get(STAGE_TIMING)) == [split] * stages
-        bad = client.post(f"{url}/v2/models/pin/infer", headers={HEADER: "s9-00000000"},
-                          json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": x.ravel().tolist()}]})
+        tensor = {"name": "x", "datatype": "FP32", "shape": [1, 16], "data": x.ravel().tolist()}
+        bad = client.post(f"{url}/v2/models/pin/infer", headers={HEADER: "s9-00000000"}, json={"inputs": [tensor]})
     assert bad.status_code == 400 and three in bad.json()["error"] and two in bad.json()["error"]
 
 

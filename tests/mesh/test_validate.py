@@ -121,6 +121,15 @@ def test_tiny_overlays_build_and_validate(istio: IstioSchemas, built: dict[str, 
     assert semantic_problems(objs) == []
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pinned_splits_overlays_build_and_validate(istio: IstioSchemas, pinned_tree: Path, overlay: str) -> None:
+    objs = kustomize_build(pinned_tree / "overlays" / overlay)
+    routes = {r["name"] for o in objs if o["kind"] == "VirtualService" for r in o["spec"]["http"]}
+    assert {"unknown-split", "pipeline", "pipeline-grpc"} <= routes
+    assert validate_objects(objs, istio) == []
+    assert semantic_problems(objs) == []
+
+
 def test_overlay_differences(built: dict[str, Objects]) -> None:
     def deployments(o: str) -> dict[str, dict[str, Any]]:
         return {d["metadata"]["name"]: d for d in built[o] if d["kind"] == "Deployment"}
