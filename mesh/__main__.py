@@ -1,5 +1,6 @@
-"""`python -m mesh`: up, down, status, logs, apply, demo-request, trace (the local mesh), render, validate and
-parity (Kubernetes + Istio); plan (replicas from measured costs)."""
+"""`python -m mesh`: up, down, status, logs, apply, demo-request, trace (the local mesh), canary, promote and
+rollback (one stage's new version), split-canary, split-promote and split-rollback (a new split, requests
+pinned), render, validate and parity (Kubernetes + Istio); plan (replicas from measured costs)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mesh import local, procs, records_view, state_dir
+from mesh import cli_split, local, procs, records_view, state_dir
 from mesh.records import read_records
 from mesh.v2client import STAGE_TIMING, infer, stage_timing
 from model_export.cli_help import compact_table, console_width, fits
@@ -229,7 +229,10 @@ def _status(args: argparse.Namespace) -> int:
                      "processes": [{"name": r.proc.name, "role": r.proc.role, "stage": r.proc.stage,
                                     "pid": r.proc.pid, "alive": r.alive, "ready": r.ready, "log": r.proc.log}
                                    for r in rows],
-                     "discovery": records_view.as_json(reading)})
+                     "discovery": records_view.as_json(reading),
+                     "splits": None if state.pinning is None else [
+                         {"name": s.name, "weight": s.weight, "stages": len(s.plan.stages),
+                          "pipeline_dir": s.pipeline_dir} for s in state.pinning.splits]})
     else:
         _print_status(state, rows, where)
         console.print(records_view.render(reading, console.width), soft_wrap=True)
@@ -243,6 +246,9 @@ def _status(args: argparse.Namespace) -> int:
 def _print_status(state: local.State, rows: list[local.ProcStatus], where: Path) -> None:
     console.print(f"pipeline {state.layout.pipeline}, gateway {state.layout.gateway_url}, state in {where}",
                   highlight=False, soft_wrap=True)
+    if state.pinning is not None:
+        console.print(f"splits (pinned by x-pipeline-version): {cli_split.summary(state)}", highlight=False,
+                      soft_wrap=True)
     labels = {True: "[green]ready[/]", False: "[yellow]running, not ready[/]", None: "[red]crashed or killed[/]"}
     # The log column only where it fits whole; else one line says where every log is.
     for columns in (("process", "role", "pid", "state", "log"), ("process", "role", "pid", "state")):

@@ -7,6 +7,7 @@ name one split on every stage, with as many stages as that split has."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter
@@ -126,6 +127,9 @@ def test_split_rollout_under_load_never_mixes(mesh: tuple[local.State, Path], sp
         assert promoted.returncode == 0, promoted.stderr
         assert f"splits: {two} 100% (2 stages)" in promoted.stdout
         assert set(load.count("promoted", 200)) == {two}
+        status = mesh_cli("status", "--json", *where)
+        assert json.loads(status.stdout)["splits"] == [
+            {"name": two, "weight": 100, "stages": 2, "pipeline_dir": str(splits["2"].resolve())}]
         assert len(old) == 6 and not any(alive(p) for p in old)
 
         back = mesh_cli("split-canary", "--pipeline", str(splits["3"]), "--weight", "50", *where)
