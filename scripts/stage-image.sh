@@ -28,7 +28,13 @@ for var in HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy; do
 done
 
 started=$(date +%s)
+previous=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
 DOCKER_BUILDKIT=0 docker build --network host --build-arg "PYTHON_IMAGE=$base" --build-arg "VARIANT=$variant" \
   ${proxy_args[@]+"${proxy_args[@]}"} -t "$tag" "$@" .
 size=$(docker image inspect -f '{{.Size}}' "$tag")
+# The image the tag named before is left untagged by a rebuild: remove it, so rebuilds do not pile up
+# (not when a container still uses it, and never the build stages, which the next build's cache reuses).
+if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$tag")" ]; then
+  docker image rm "$previous" >/dev/null 2>&1 || true
+fi
 echo "stage-image: $tag ($variant, FROM $base): $((size / 1000000)) MB, built in $(( $(date +%s) - started )) s" >&2
