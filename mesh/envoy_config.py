@@ -303,6 +303,8 @@ def outbound_clusters(layout: Layout, hop: Hop, identity: CertPair, ca: Path) ->
             "per_connection_buffer_limit_bytes": hop.upstream.buffer_limit_bytes,
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
             "circuit_breakers": {"thresholds": [dict(thresholds)]},
+            "typed_extension_protocol_options": envoy_grpc.upstream_protocol(
+                http2=False, idle_timeout=_seconds(pool.idle_timeout_s)),
             "outlier_detection": _outlier_detection(hop),
             # Like istiod with outlier detection (minHealthPercent 0): no panic routing to ejected replicas.
             "common_lb_config": {"healthy_panic_threshold": {"value": 0}},

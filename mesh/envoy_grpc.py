@@ -26,10 +26,18 @@ GRPC_RETRY_ON = ("unavailable", "cancelled", "connect-failure", "refused-stream"
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
+def upstream_protocol(http2: bool, idle_timeout: str | None = None) -> Json:
+    """A cluster's upstream protocol (HTTP/2 for gRPC, which needs it end to end, else HTTP/1.1) and how long
+    an idle connection is kept (Envoy's default: an hour)."""
+    options: Json = {"@type": f"type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}",
+                     "explicit_http_config": {"http2_protocol_options" if http2 else "http_protocol_options": {}}}
+    if idle_timeout is not None:
+        options["common_http_protocol_options"] = {"idle_timeout": idle_timeout}
+    return {HTTP_PROTOCOL_OPTIONS: options}
+
+
 def _http2_upstream() -> Json:
-    """A cluster's upstream protocol: HTTP/2 (gRPC needs it end to end)."""
-    return {HTTP_PROTOCOL_OPTIONS: {"@type": f"type.googleapis.com/{HTTP_PROTOCOL_OPTIONS}",
-                                    "explicit_http_config": {"http2_protocol_options": {}}}}
+    return upstream_protocol(http2=True)
 
 
 def grpc_cluster_name(rest_cluster: str) -> str:
@@ -57,7 +65,9 @@ def gateway_clusters(rest_clusters: list[Json]) -> list[Json]:
         cluster = copy.deepcopy(rest)
         cluster["name"] = cluster["load_assignment"]["cluster_name"] = grpc_cluster_name(rest["name"])
         cluster["transport_socket"]["typed_config"]["common_tls_context"]["alpn_protocols"] = ["h2"]
-        cluster["typed_extension_protocol_options"] = _http2_upstream()
+        rest_options = rest.get("typed_extension_protocol_options", {}).get(HTTP_PROTOCOL_OPTIONS, {})
+        idle = rest_options.get("common_http_protocol_options", {}).get("idle_timeout")
+        cluster["typed_extension_protocol_options"] = upstream_protocol(http2=True, idle_timeout=idle)
         clusters.append(cluster)
     return clusters
 

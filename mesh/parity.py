@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh import envoy_config
+from mesh.envoy_grpc import HTTP_PROTOCOL_OPTIONS
 from mesh.layout import Layout, Replica
 from mesh.layout import plan as plan_layout
 from mesh.pki import CertPair
@@ -144,6 +145,9 @@ def _cluster_fields(version: str, cluster: Json) -> dict[str, str]:
                                              else str(outlier.get(k, "-"))) for k, label in OUTLIER_FIELDS.items()}
     fields |= {f"{version} pool {k}": str(thresholds.get(k, "-")) for k in POOL_FIELDS}
     fields[f"{version} connect timeout"] = _seconds(cluster["connect_timeout"])
+    options = cluster.get("typed_extension_protocol_options", {}).get(HTTP_PROTOCOL_OPTIONS, {})
+    idle = options.get("common_http_protocol_options", {}).get("idle_timeout")
+    fields[f"{version} idle timeout"] = _seconds(idle) if idle else "-"
     fields[f"{version} lb policy"] = cluster.get("lb_policy", "ROUND_ROBIN")
     fields[f"{version} cluster buffer limit"] = str(cluster.get("per_connection_buffer_limit_bytes", ENVOY_BUFFER))
     fields[f"{version} upstream TLS SAN"] = ",".join(_spiffe_ids(cluster.get("transport_socket", {})))

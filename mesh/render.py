@@ -329,7 +329,8 @@ def destination_rule(hop: Hop, ns: str) -> dict[str, Any]:
                 "connectionPool": {
                     "tcp": {"maxConnections": cp.max_connections, "connectTimeout": duration(cp.connect_timeout_s)},
                     "http": {"http1MaxPendingRequests": cp.max_pending_requests,
-                             "http2MaxRequests": cp.max_requests, "maxRetries": cp.max_retries},
+                             "http2MaxRequests": cp.max_requests, "maxRetries": cp.max_retries,
+                             "idleTimeout": duration(cp.idle_timeout_s)},
                 },
                 "outlierDetection": _outlier_detection(hop),
                 **_retry_budget(hop),
