@@ -243,17 +243,21 @@ def test_a_per_try_timeout_over_the_timeout_is_refused(tiny_pipeline: tuple[Path
 def test_connection_pool_in_both_meshes(tiny_pipeline: tuple[Path, Manifest], tmp_path: Path) -> None:
     pipeline, manifest = tiny_pipeline
     pool = {"max_connections": 11, "max_pending_requests": 12, "max_requests": 13, "max_retries": 14,
-            "connect_timeout_s": 0.75}
+            "connect_timeout_s": 0.75, "idle_timeout_s": 2.5}
     plan = _resolve(manifest, defaults={"connection_pool": pool})
     cluster = next(c for c in _envoy(tmp_path, manifest, pipeline, plan, "tiny-stage-0").clusters
                    if c["name"] == "outbound|v1|tiny-stage-1")
     assert cluster["circuit_breakers"]["thresholds"] == [
         {"max_connections": 11, "max_pending_requests": 12, "max_requests": 13, "max_retries": 14}]
     assert cluster["connect_timeout"] == "0.750s"
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert options["common_http_protocol_options"] == {"idle_timeout": "2.500s"}
+    assert options["explicit_http_config"] == {"http_protocol_options": {}}
     dr = _istio(render_tree(manifest, Policy.model_validate({"defaults": {"connection_pool": pool}})),
                 "DestinationRule", "tiny-stage-1")["spec"]["trafficPolicy"]["connectionPool"]
     assert dr == {"tcp": {"maxConnections": 11, "connectTimeout": "0.75s"},
-                  "http": {"http1MaxPendingRequests": 12, "http2MaxRequests": 13, "maxRetries": 14}}
+                  "http": {"http1MaxPendingRequests": 12, "http2MaxRequests": 13, "maxRetries": 14,
+                           "idleTimeout": "2.5s"}}
 
 
 def test_retry_budget_in_both_meshes(tiny_pipeline: tuple[Path, Manifest], tmp_path: Path) -> None:
