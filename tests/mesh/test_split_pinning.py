@@ -18,6 +18,8 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
 
 from mesh import local
 from mesh.procs import alive
@@ -94,13 +96,29 @@ def mesh(splits: dict[str, Path]) -> Iterator[tuple[local.State, Path]]:
         yield state, state_dir
 
 
-def share(served: Counter[str], split: str) -> float:
-    return 100 * served[split] / sum(served.values())
+def assert_share(served: Counter[str], split: str, weight: int, everything: object) -> None:
+    """`split`'s share of `served` is its weight, within 5 standard deviations of the binomial count (each
+    unassigned request is assigned independently: a tighter bound would fail by chance now and then)."""
+    n, p = sum(served.values()), weight / 100
+    assert abs(served[split] - n * p) <= 5 * (n * p * (1 - p)) ** 0.5, everything
 
 
 def whole_model(directory: Path, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(directory / "model.onnx"))
     return np.asarray(session.run(None, {"x": x})[0])
+
+
+def test_refusals_are_one_message(mesh: tuple[local.State, Path], splits: dict[str, Path]) -> None:
+    """Run first, on the mesh as `up` left it: one split, not pinned."""
+    _, state_dir = mesh
+    where = ["--state-dir", str(state_dir)]
+    nothing = mesh_cli("split-promote", *where)
+    assert nothing.returncode == 2 and "no new split is running" in nothing.stderr
+    same = mesh_cli("split-canary", "--pipeline", str(splits["3"]), "--weight", "10", *where)
+    assert same.returncode == 2 and "has the running split's cuts" in same.stderr
+    weight = mesh_cli("split-canary", "--pipeline", str(splits["2"]), "--weight", "101", *where)
+    assert weight.returncode == 2 and "--weight must be 0..100, got 101" in weight.stderr
+    assert "Traceback" not in nothing.stderr + same.stderr + weight.stderr
 
 
 def test_split_rollout_under_load_never_mixes(mesh: tuple[local.State, Path], splits: dict[str, Path]) -> None:
@@ -117,10 +135,10 @@ def test_split_rollout_under_load_never_mixes(mesh: tuple[local.State, Path], sp
         canary = mesh_cli("split-canary", "--pipeline", str(splits["2"]), "--weight", "10", *where)
         assert canary.returncode == 0, canary.stderr
         assert f"{three} 90% (3 stages), {two} 10% (2 stages)" in canary.stdout
-        assert abs(share(load.count("10%", 400), two) - 10) <= 5, load.served
+        assert_share(load.count("10%", 400), two, 10, load.served)
         assert mesh_cli("split-canary", "--weight", "50", *where).returncode == 0
-        assert abs(share(load.count("50%", 600), two) - 50) <= 5, load.served
-        _pinned_by_client(state.layout.gateway_url, x, three, two)
+        assert_share(load.count("50%", 600), two, 50, load.served)
+        _pinned_by_client(state, x, load.expected, three, two)
         first = {f"pin-stage-{i}-v1-0{suffix}" for i in range(3) for suffix in ("", "-sidecar")}
         old = [p for p in local.read_state(state_dir).procs if p.name in first]  # type: ignore[union-attr]
         promoted = mesh_cli("split-promote", *where)
@@ -134,7 +152,7 @@ def test_split_rollout_under_load_never_mixes(mesh: tuple[local.State, Path], sp
 
         back = mesh_cli("split-canary", "--pipeline", str(splits["3"]), "--weight", "50", *where)
         assert back.returncode == 0, back.stderr
-        assert abs(share(load.count("back 50%", 600), three) - 50) <= 5, load.served
+        assert_share(load.count("back 50%", 600), three, 50, load.served)
         rolled = mesh_cli("split-rollback", *where)
         assert rolled.returncode == 0, rolled.stderr
         assert set(load.count("rolled back", 200)) == {two}
@@ -148,8 +166,22 @@ def test_split_rollout_under_load_never_mixes(mesh: tuple[local.State, Path], sp
     assert len([p for p in after.procs if p.role == "app"]) == 2
 
 
-def _pinned_by_client(url: str, x: np.ndarray, three: str, two: str) -> None:
-    """A client that names a split gets it; one that names no known split gets one 400 naming the known ones."""
+def _pinned_by_client(state: local.State, x: np.ndarray, expected: np.ndarray, three: str, two: str) -> None:
+    """A client that names a split gets it, over REST and gRPC; one that names no known split gets one 400
+    naming the known ones."""
+    url, grpc_address = state.layout.gateway_url, state.layout.gateway_grpc_address
+    assert grpc_address is not None
+    grpc = triton.InferenceServerClient(grpc_address)
+    try:
+        tensor = triton.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        for split in (three, two, None):
+            result = grpc.infer("pin", [tensor], headers={HEADER: split} if split else None)
+            np.testing.assert_allclose(result.as_numpy("y"), expected, atol=1e-5, rtol=0)
+        with pytest.raises(InferenceServerException):
+            grpc.infer("pin", [tensor], headers={HEADER: "s9-00000000"})
+    finally:
+        grpc.close()
     with httpx.Client(timeout=30.0) as client:
         for split, stages in ((three, 3), (two, 2)):
             _, response = infer(client, url, "pin", {"x": x}, headers={HEADER: split})
@@ -157,13 +189,3 @@ def _pinned_by_client(url: str, x: np.ndarray, three: str, two: str) -> None:
         tensor = {"name": "x", "datatype": "FP32", "shape": [1, 16], "data": x.ravel().tolist()}
         bad = client.post(f"{url}/v2/models/pin/infer", headers={HEADER: "s9-00000000"}, json={"inputs": [tensor]})
     assert bad.status_code == 400 and three in bad.json()["error"] and two in bad.json()["error"]
-
-
-def test_refusals_are_one_message(mesh: tuple[local.State, Path], splits: dict[str, Path]) -> None:
-    _, state_dir = mesh
-    where = ["--state-dir", str(state_dir)]
-    nothing = mesh_cli("split-promote", *where)
-    assert nothing.returncode == 2 and "no new split is running" in nothing.stderr
-    same = mesh_cli("split-canary", "--pipeline", str(splits["2"]), "--weight", "10", *where)
-    assert same.returncode == 2 and "has the running split's cuts" in same.stderr
-    assert "Traceback" not in nothing.stderr + same.stderr

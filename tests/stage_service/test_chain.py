@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
+from model_export.manifest import Manifest
+from stage_service.chain import PIPELINE_VERSION_HEADER as HEADER
 from stage_service.protocol import decode_response, encode_request
 from tests.stage_service.conftest import MAX_REQUEST_BYTES
 from tests.stage_service.procs import StageProcess
@@ -108,6 +111,21 @@ def test_timing_header_and_version(chain: list[StageProcess]) -> None:
     entries = r.headers["x-stage-timing"].split(",")
     assert [e.split("=")[0] for e in entries] == ["tiny-stage-0/v1", "tiny-stage-1/v1", "tiny-stage-2/v1"]
     assert all(re.fullmatch(r"\d+\.\d{3}", e.split("=")[1]) for e in entries)
+
+
+def test_a_pinned_request_names_its_split_on_every_stage(chain: list[StageProcess],
+                                                         tiny_pipeline: tuple[Path, Manifest]) -> None:
+    """`x-pipeline-version` (the split the mesh pinned the request to) goes down the chain: every stage tags
+    its timing with its own split; a request pinned to another split is refused, naming both."""
+    split = tiny_pipeline[1].split_id
+    r = post(chain[0], "tiny", json=json_request(np.zeros((1, 16), np.float32)), headers={HEADER: split})
+    assert r.status_code == 200
+    assert [e.split("=")[0] for e in r.headers["x-stage-timing"].split(",")] == [
+        f"tiny-stage-{i}/v1@{split}" for i in range(3)]
+    other = post(chain[0], "tiny", json=json_request(np.zeros((1, 16), np.float32)), headers={HEADER: "s9-00000000"})
+    assert other.status_code == 400
+    assert other.json()["error"] == (f"{HEADER} 's9-00000000' is not served here: stage tiny-stage-0 belongs to "
+                                     f"split {split!r}")
 
 
 def test_id_and_parameters_are_echoed(chain: list[StageProcess]) -> None:
