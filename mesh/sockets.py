@@ -49,7 +49,7 @@ def make_dir(state_dir: Path) -> Path:
     shutil.rmtree(preferred, ignore_errors=True)  # sockets of a mesh that is gone
     if len(os.fsencode(preferred)) + 1 + LONGEST_NAME <= MAX_SOCKET_PATH:
         return _private_dir(preferred)
-    return Path(tempfile.mkdtemp(prefix="mesh-sock-"))
+    return _private_dir(Path(tempfile.mkdtemp(prefix="mesh-sock-")))
 
 
 def remove_dir(directory: Path) -> None:

@@ -125,3 +125,22 @@ def test_an_outbound_listener_reaches_only_the_next_stage(mesh: local.State) -> 
     with sockets.client(middle.outbound_socket, timeout=30.0) as client:
         assert client.get("/v2/models/tiny-stage-2").json()["name"] == "tiny-stage-2"
         assert client.get("/v2/models/tiny-stage-1").status_code == 404
+
+
+def test_socket_directory_is_private_whatever_the_umask_or_depth(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        short = sockets.make_dir(tmp_path / "state")
+        deep_state = tmp_path / ("d" * 100) / "state"  # no socket under it would fit a path's 107 bytes
+        deep = sockets.make_dir(deep_state)
+    finally:
+        os.umask(old)
+    try:
+        assert short == (tmp_path / "state").resolve() / sockets.SOCKET_DIR
+        assert not deep.is_relative_to(deep_state) and len(sockets.path(deep, 999999, "admin")) <= 107
+        for directory in (short, deep):
+            info = directory.lstat()
+            assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid() and not any(directory.iterdir())
+    finally:
+        sockets.remove_dir(deep)
+    assert not deep.exists()
