@@ -162,14 +162,28 @@ def rds_file(route_name: str) -> str:
     return f"rds-{route_name}.json"
 
 
+# Envoy's own answer to a transfer coding other than one `chunked` (`gzip, chunked`, the header twice) is 501,
+# as RFC 9112 allows; the client sent something this pipeline never accepts, so it gets the 400 the stage
+# apps give, naming what was wrong. Only Envoy's local replies are mapped, never an upstream's answer.
+UNSUPPORTED_FRAMING = {
+    "filter": {"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": 501, "runtime_key": "meshpipe.local_reply.not_implemented"}}}},
+    "status_code": 400,
+    "body": {"inline_string": "unsupported request framing: expected a content-length or one "
+                              "'transfer-encoding: chunked'\n"},
+}
+
+
 def client_limits(limits: ClientLimits) -> Json:
     """The connection manager's bounds on what one client may hold (`Clients` in mesh.yaml): headers sent in
-    time (else 408), no stream idle for long, headers of bounded size and count (else 431)."""
+    time (else 408), no stream idle for long, headers of bounded size and count (else 431); and framing it
+    does not implement answered 400, not 501."""
     return {
         "request_headers_timeout": _seconds(limits.request_headers_timeout_s),
         "stream_idle_timeout": _seconds(limits.stream_idle_timeout_s),
         "max_request_headers_kb": limits.max_request_headers_kb,
         "common_http_protocol_options": {"max_headers_count": limits.max_headers_count},
+        "local_reply_config": {"mappers": [UNSUPPORTED_FRAMING]},
     }
 
 

@@ -83,6 +83,22 @@ def test_headers_over_the_limits_get_431(mesh: local.State) -> None:
         assert client.get(url, headers={f"x-{i}": "1" for i in range(60)}).status_code == 431
 
 
+@pytest.mark.parametrize("framing", [b"transfer-encoding: gzip, chunked",
+                                     b"transfer-encoding: chunked\r\ntransfer-encoding: chunked"])
+def test_framing_envoy_does_not_implement_gets_400_not_501(mesh: local.State, framing: bytes) -> None:
+    """Envoy answers a transfer coding other than one `chunked` with 501 (RFC 9112 allows it); the gateway maps
+    that local reply to the 400 the stage apps give, naming the framing it expects (found by make reliability's
+    raw-bytes fuzz)."""
+    with socket.create_connection(("127.0.0.1", mesh.layout.gateway_port), timeout=GIVE_UP_S) as sock:
+        sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nhost: x\r\n" + framing + b"\r\n\r\n0\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply and (chunk := sock.recv(4096)):
+            reply += chunk
+        reply += sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 400"), reply
+    assert b"transfer-encoding: chunked" in reply, reply
+
+
 def test_only_the_pipeline_and_health_reach_the_first_stage(mesh: local.State) -> None:
     gateway = mesh.layout.gateway_url
     with httpx.Client(timeout=10.0) as client:
