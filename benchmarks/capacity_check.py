@@ -44,7 +44,9 @@ def measure(pipeline: Path, bottleneck: str, replicas: int, concurrency: int, du
         state = local.up(pipeline, policy, Path(tmp) / ".mesh", gateway_port=0)
         try:
             manifest = load_manifest(pipeline)
-            work = workloads.build(state.layout.gateway_url, manifest.name)
+            gateway = local.gateway_credentials(Path(tmp) / ".mesh", state, "benchmarks-capacity")
+            work = workloads.build(state.layout.gateway_url, manifest.name,
+                                   access=workloads.Access(ca=gateway.ca, token=gateway.token))
             samples = run(work, LoadSettings(concurrency=concurrency, duration_s=duration_s))
             return summarize(samples, duration_s, f"{bottleneck} x{replicas}")
         finally:

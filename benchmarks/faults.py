@@ -68,20 +68,27 @@ def frozen(pids: list[int]) -> Iterator[None]:
                 os.kill(pid, signal.SIGCONT)
 
 
+def _plain_client() -> httpx.Client:
+    return httpx.Client(timeout=60.0)
+
+
 def freeze_under_load(send: Callable[[httpx.Client, int], str | None], victims: list[int], *, rate: float,
-                      before_s: float, freeze_s: float, after_s: float, workers: int = 32) -> list[Outcome]:
+                      before_s: float, freeze_s: float, after_s: float, workers: int = 32,
+                      new_client: Callable[[], httpx.Client] = _plain_client) -> list[Outcome]:
     """`fault_under_load` with `victims` frozen (SIGSTOP) during the fault window, thawed after it."""
     return fault_under_load(send, lambda: frozen(victims), rate=rate, before_s=before_s, fault_s=freeze_s,
-                            after_s=after_s, workers=workers)
+                            after_s=after_s, workers=workers, new_client=new_client)
 
 
 def fault_under_load(send: Callable[[httpx.Client, int], str | None],
                      fault: Callable[[], AbstractContextManager[object]], *, rate: float, before_s: float,
-                     fault_s: float, after_s: float, workers: int = 32) -> list[Outcome]:
+                     fault_s: float, after_s: float, workers: int = 32,
+                     new_client: Callable[[], httpx.Client] = _plain_client) -> list[Outcome]:
     """Send at `rate` per second (open loop: a slow answer does not slow the sending) for
     before_s + fault_s + after_s seconds; `fault()` is entered when the middle window starts and left when it
-    ends. `send(client, i)` makes the i-th request and returns None or what went wrong. Each outcome is
-    filed under the phase it was sent in."""
+    ends. `send(client, i)` makes the i-th request, on a client `new_client()` made for its thread (one of the
+    gateway's: `gateway_client`), and returns None or what went wrong. Each outcome is filed under the phase it
+    was sent in."""
     local_client = threading.local()
     clients: list[httpx.Client] = []
     lock = threading.Lock()
@@ -89,7 +96,7 @@ def fault_under_load(send: Callable[[httpx.Client, int], str | None],
     def one(i: int, phase: str) -> Outcome:
         client = getattr(local_client, "client", None)
         if client is None:
-            client = local_client.client = httpx.Client(timeout=60.0)
+            client = local_client.client = new_client()
             with lock:
                 clients.append(client)
         start = time.perf_counter()
@@ -153,6 +160,11 @@ def mesh_sender(state: local.State, inputs: list[dict[str, np.ndarray]],
     return send
 
 
+def gateway_client(gateway: local.GatewayCredentials) -> Callable[[], httpx.Client]:
+    """`new_client` for `fault_under_load` through the mesh's gateway: its CA, a token."""
+    return lambda: gateway.client(timeout=60.0)
+
+
 def replica_pids(state: local.State, replica: str) -> list[int]:
     """The app and the sidecar of one replica: the pod that freezes."""
     return [p.pid for p in state.procs if p.name in (replica, f"{replica}-sidecar")]
@@ -199,11 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         inputs = _inputs(args.pipeline, 4)
-        with httpx.Client(timeout=60.0) as client:
+        gateway = local.gateway_credentials(work / ".mesh", state, "benchmarks-faults")
+        with gateway.client(timeout=60.0) as client:
             expected = [infer(client, state.layout.gateway_url, state.layout.pipeline, x)[0] for x in inputs]
         victim = state.layout.of_stage(args.stage)[1].name
         outcomes = freeze_under_load(mesh_sender(state, inputs, expected), replica_pids(state, victim),
-                                     rate=args.rate, before_s=args.before, freeze_s=args.freeze, after_s=args.after)
+                                     rate=args.rate, before_s=args.before, freeze_s=args.freeze, after_s=args.after,
+                                     new_client=gateway_client(gateway))
     finally:
         local.down(work / ".mesh")
     summary = summarize(outcomes)

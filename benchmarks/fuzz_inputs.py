@@ -10,6 +10,7 @@ on a socket: a request line, header lines and a body, any of which may be arbitr
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any
 
 import numpy as np
@@ -111,8 +112,8 @@ def raw_exchange(connection: socket.socket, data: bytes) -> str:
                 head += chunk
         except TimeoutError:
             return "kept waiting" if not head else "garbled"
-        except (ConnectionResetError, BrokenPipeError):
-            return "closed"
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            return "closed"  # over TLS (the gateway's) a close can also come as the TLS session's end
     parts = head.split(b" ", 2)
     if len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1].isdigit():
         return parts[1].decode()

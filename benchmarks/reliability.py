@@ -59,11 +59,13 @@ MIB = 1 << 20
 @dataclass(frozen=True)
 class Target:
     """Where fuzzed input goes: a base URL, and a Unix socket when it listens on one (a local mesh's app
-    listens on nothing else), else the URL's host and port."""
+    listens on nothing else), else the URL's host and port; for the gateway, its CA and a token (`gateway`), so
+    the fuzzed requests pass its TLS and token check and reach the first stage."""
 
     name: str
     url: str
     uds: str | None = None
+    gateway: local.GatewayCredentials | None = None
 
     def connect(self, timeout: float) -> socket.socket:
         if self.uds is not None:
@@ -72,7 +74,16 @@ class Target:
             sock.connect(self.uds)
             return sock
         parts = urlsplit(self.url)
-        return socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=timeout)
+        host = parts.hostname or "127.0.0.1"
+        sock = socket.create_connection((host, parts.port or 80), timeout=timeout)
+        context = self.gateway.ssl_context() if self.gateway else None
+        return context.wrap_socket(sock, server_hostname=host) if context else sock
+
+    def client(self) -> httpx.Client:
+        transport = httpx.HTTPTransport(uds=self.uds) if self.uds else None
+        if self.gateway is not None:
+            return self.gateway.client(base_url=self.url, timeout=30.0, transport=transport)
+        return httpx.Client(base_url=self.url, timeout=30.0, transport=transport)
 
 
 def _json(client: httpx.Client, body: Any) -> str:
@@ -135,8 +146,7 @@ def _send_http(client: httpx.Client, send: Callable[[httpx.Client, Any], str], d
 def fuzz(target: Target, examples: int) -> dict[str, Counter[str]]:
     """Per input class, the answers' statuses (or what happened instead) for `examples` drawn inputs."""
     counts: dict[str, Counter[str]] = {}
-    transport = httpx.HTTPTransport(uds=target.uds) if target.uds else None
-    with httpx.Client(base_url=target.url, timeout=30.0, transport=transport) as client:
+    with target.client() as client:
         for name, (strategy, send) in HTTP_CLASSES.items():
             counts[name] = Counter(_send_http(client, send, d) for d in _drawn(strategy, examples))
     raw = _drawn(raw_requests(INFER), examples)
@@ -240,10 +250,12 @@ def run_fault(name: str, pipeline: Path, policy: Path, *, rate: float, steady_s:
         pids = faults.replica_pids(state, victim) if spec.who == "pod" else [
             p.pid for p in state.procs if p.name == victim]
         inputs = faults._inputs(pipeline, 4)
-        with httpx.Client(timeout=60.0) as client:
+        gateway = local.gateway_credentials(state_dir, state, "benchmarks-reliability")
+        with gateway.client(timeout=60.0) as client:
             expected = [infer(client, state.layout.gateway_url, PIPELINE, x)[0] for x in inputs]
         outcomes = faults.fault_under_load(faults.mesh_sender(state, inputs, expected), _fault(spec, pids),
-                                           rate=rate, before_s=steady_s, fault_s=fault_s, after_s=steady_s)
+                                           rate=rate, before_s=steady_s, fault_s=fault_s, after_s=steady_s,
+                                           new_client=faults.gateway_client(gateway))
     finally:
         local.down(state_dir)
     return FaultRun(name, rate, steady_s, fault_s, (load_start, os.getloadavg()[0]), faults.summarize(outcomes),
@@ -281,8 +293,9 @@ def _fuzz_run(pipeline: Path, examples: int) -> tuple[dict[str, dict[str, Counte
     state = local.up(pipeline, None, work / ".mesh", gateway_port=0)
     try:
         first = state.layout.of_stage(f"{PIPELINE}-stage-0")[0]
-        gateway = state.layout.gateway_url
-        targets = [Target("stage app", sockets.LOCAL_BASE, first.app_socket), Target("gateway", gateway)]
+        gateway = local.gateway_credentials(work / ".mesh", state, "benchmarks-reliability")
+        targets = [Target("stage app", sockets.LOCAL_BASE, first.app_socket),
+                   Target("gateway", gateway.url, gateway=gateway)]
         results = {t.name: fuzz(t, examples) for t in targets}
         crashed = [p.name for p in state.procs if not procs.alive(p)]
         peak = {p.name: peak_rss_mb(p.pid) for p in state.procs if procs.alive(p)}

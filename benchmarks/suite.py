@@ -31,7 +31,7 @@ from benchmarks.sections import update_section
 from loadtest import report
 from loadtest.machine import describe
 from loadtest.runner import LoadSettings, closed_loop
-from loadtest.workload import build
+from loadtest.workload import Access, build
 from model_export.manifest import load_manifest
 from model_export.ort_session import create_session
 from model_export.verify import Chain, pipeline_inputs, resolve_source
@@ -75,9 +75,10 @@ def in_process(run: Callable[[], object], seconds: float, threads: int = 1) -> d
             "throughput_rps": sum(done) / (time.perf_counter() - start)}
 
 
-def over_http(url: str, model: str, seconds: float, sweep: tuple[int, ...] = SWEEP) -> dict[str, Any]:
-    """p50/p99 at concurrency 1 and the best throughput of a closed-loop sweep."""
-    workload = build(url, model, binary=True)
+def over_http(url: str, model: str, seconds: float, sweep: tuple[int, ...] = SWEEP,
+              access: Access | None = None) -> dict[str, Any]:
+    """p50/p99 at concurrency 1 and the best throughput of a closed-loop sweep (through a gateway: with `access`)."""
+    workload = build(url, model, binary=True, access=access)
     base = LoadSettings(concurrency=1, duration_s=seconds, timeout_s=60)
     asyncio.run(closed_loop(workload, replace(base, duration_s=1.0)))  # warm connections and caches
     runs = {c: report.summarize(asyncio.run(closed_loop(workload, replace(base, concurrency=c))), seconds)
@@ -101,9 +102,9 @@ def direct_chain(pipeline: Path, env: dict[str, str] | None = None) -> Iterator[
 
 
 @contextmanager
-def local_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[str]:
-    """The pipeline behind the local Envoy mesh, with tracing off as in the direct runs (the mesh writes
-    every span to a file by default), so the two differ only by the proxies."""
+def local_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[tuple[str, Access]]:
+    """The pipeline behind the local Envoy mesh (its gateway's URL, CA and a token), with tracing off as in the
+    direct runs (the mesh writes every span to a file by default), so the two differ only by the proxies."""
     from mesh import local
 
     saved = os.environ.get("OTEL_SDK_DISABLED")
@@ -112,7 +113,8 @@ def local_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[str]:
         with tempfile.TemporaryDirectory(prefix="bench-mesh-") as state:
             st = local.up(pipeline, policy, state_dir=Path(state), gateway_port=0)
             try:
-                yield st.layout.gateway_url
+                gateway = local.gateway_credentials(Path(state), st, "benchmarks-suite")
+                yield st.layout.gateway_url, Access(ca=gateway.ca, token=gateway.token)
             finally:
                 local.down(Path(state))
     finally:
@@ -165,9 +167,9 @@ def latency_section(pipeline: Path, seconds: float) -> list[dict[str, Any]]:
         rows.append({"setup": f"{n} stage processes chained on loopback (binary)",
                      **over_http(stages[0].url, manifest.name, seconds)})
     _log("through the local Envoy mesh with mTLS")
-    with local_mesh(pipeline) as url:
-        rows.append({"setup": f"{n} stages through the Envoy mesh (gateway + sidecars, mTLS)",
-                     **over_http(url, manifest.name, seconds)})
+    with local_mesh(pipeline) as (url, access):
+        rows.append({"setup": f"{n} stages through the Envoy mesh (gateway with TLS and a token, sidecars, mTLS)",
+                     **over_http(url, manifest.name, seconds, access=access)})
     direct, meshed = float(rows[2]["p50_ms"]), float(rows[3]["p50_ms"])
     # hops that gain Envoy: client->gateway->stage-0 and each stage->stage (outbound + inbound sidecar)
     rows[3]["per_hop_overhead_ms"] = (meshed - direct) / n
@@ -198,8 +200,8 @@ def equal_cores_section(onnx_model: Path, work: Path, seconds: float) -> list[di
         _log(f"equal cores: {label}")
         policy = work / f"{label.split(',')[0].replace(' ', '-')}-{len(rows)}.yaml"
         policy.write_text(text)
-        with local_mesh(pipeline, policy) as url:
-            rows.append({"setup": label, **over_http(url, load_manifest(pipeline).name, seconds)})
+        with local_mesh(pipeline, policy) as (url, access):
+            rows.append({"setup": label, **over_http(url, load_manifest(pipeline).name, seconds, access=access)})
     return rows
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 from dataclasses import asdict, replace
 from functools import partial
@@ -20,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from loadtest import report
 from loadtest.machine import describe
 from loadtest.runner import LoadSettings, run
-from loadtest.workload import WorkloadError, build
+from loadtest.workload import Access, WorkloadError, build
 from model_export.cli_help import DefaultsHelpFormatter, console_width
 from model_export.manifest import ManifestError
 
@@ -51,7 +52,13 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="send bounded load to one KServe v2 model and report",
                        formatter_class=DefaultsHelpFormatter)
-    r.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8080")
+    r.add_argument("--url", required=True, help="base URL, e.g. https://127.0.0.1:8080")
+    r.add_argument("--token", default=None,
+                   help="sent as `Authorization: Bearer TOKEN` with every request (`python -m mesh token` mints one "
+                        "for the local mesh's gateway)")
+    r.add_argument("--cacert", type=Path, default=None,
+                   help="CA file to check the server's certificate against, e.g. .mesh/pki/ca.pem (default: the "
+                        "system's CAs)")
     r.add_argument("--model", required=True, help="model name: a stage, or the pipeline at the gateway")
     mode = r.add_mutually_exclusive_group(required=True)
     mode.add_argument("--rate", type=_positive, help="open loop: requests per second")
@@ -75,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         err.print("error: --check-fraction must be between 0 and 1")
         return 2
     try:
-        workload = build(args.url, args.model, binary=args.binary, batch=args.batch, pipeline=args.pipeline)
-    except (WorkloadError, ManifestError) as exc:
+        workload = build(args.url, args.model, binary=args.binary, batch=args.batch, pipeline=args.pipeline,
+                         access=Access(ca=args.cacert, token=args.token))
+    except (WorkloadError, ManifestError, OSError, ssl.SSLError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         return 2
     base = LoadSettings(rate=args.rate, duration_s=args.duration, timeout_s=args.timeout,

@@ -73,17 +73,18 @@ class _Sender:
         self.samples.append(Sample(intended, done - intended, status, diff))
 
 
-def _client(settings: LoadSettings, connections: int,
+def _client(workload: Workload, settings: LoadSettings, connections: int,
             transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.AsyncClient(limits=limits, timeout=settings.timeout_s, transport=transport)
+    return httpx.AsyncClient(limits=limits, timeout=settings.timeout_s, transport=transport,
+                             verify=workload.access.verify(), headers=workload.access.headers)
 
 
 async def open_loop(workload: Workload, settings: LoadSettings, progress: Progress | None = None,
                     transport: httpx.AsyncBaseTransport | None = None) -> list[Sample]:
     assert settings.rate is not None and settings.rate > 0
     total = min(int(settings.rate * settings.duration_s), settings.max_requests)
-    async with _client(settings, settings.max_outstanding, transport) as client:
+    async with _client(workload, settings, settings.max_outstanding, transport) as client:
         t0 = time.perf_counter()
         sender = _Sender(workload, settings, client, t0)
         pending: set[asyncio.Task[None]] = set()
@@ -109,7 +110,7 @@ async def open_loop(workload: Workload, settings: LoadSettings, progress: Progre
 async def closed_loop(workload: Workload, settings: LoadSettings, progress: Progress | None = None,
                       transport: httpx.AsyncBaseTransport | None = None) -> list[Sample]:
     assert settings.concurrency is not None and settings.concurrency > 0
-    async with _client(settings, settings.concurrency, transport) as client:
+    async with _client(workload, settings, settings.concurrency, transport) as client:
         t0 = time.perf_counter()
         sender = _Sender(workload, settings, client, t0)
         counter = iter(range(settings.max_requests))

@@ -7,6 +7,7 @@ sampling.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +30,29 @@ class Body:
     expected: dict[str, np.ndarray] | None = None
 
 
+@dataclass(frozen=True)
+class Access:
+    """How to reach a gateway that asks for TLS and a token: the CA its certificate is checked against (None:
+    the system's CAs) and the bearer token sent with every request (None: none)."""
+
+    ca: Path | None = None
+    token: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def verify(self) -> ssl.SSLContext | bool:
+        return ssl.create_default_context(cafile=str(self.ca)) if self.ca is not None else True
+
+
 @dataclass
 class Workload:
     url: str
     model: str
     binary: bool
     bodies: list[Body] = field(default_factory=list)
+    access: Access = field(default_factory=Access)
 
     @property
     def infer_url(self) -> str:
@@ -54,11 +72,13 @@ class Workload:
         return worst
 
 
-def fetch_inputs(url: str, model: str, timeout: float = 10.0) -> list[TensorSpec]:
+def fetch_inputs(url: str, model: str, timeout: float = 10.0, access: Access | None = None) -> list[TensorSpec]:
     """The model's inputs from its v2 metadata."""
     meta_url = f"{url.rstrip('/')}/v2/models/{model}"
+    access = access or Access()
     try:
-        response = httpx.get(meta_url, timeout=timeout)
+        with httpx.Client(verify=access.verify(), headers=access.headers, timeout=timeout) as client:
+            response = client.get(meta_url)
     except httpx.HTTPError as exc:
         raise WorkloadError(f"{meta_url}: cannot reach the server ({type(exc).__name__}: {exc})") from exc
     if response.status_code != 200:
@@ -71,9 +91,10 @@ def fetch_inputs(url: str, model: str, timeout: float = 10.0) -> list[TensorSpec
 
 
 def build(url: str, model: str, binary: bool = True, batch: int = 1, variants: int = 4,
-          pipeline: Path | None = None) -> Workload:
+          pipeline: Path | None = None, access: Access | None = None) -> Workload:
     """`variants` distinct request bodies; with `pipeline`, each carries the whole model's expected outputs."""
-    specs = fetch_inputs(url, model)
+    access = access or Access()
+    specs = fetch_inputs(url, model, access=access)
     whole = None
     if pipeline is not None:
         from model_export.ort_session import create_session
@@ -86,7 +107,7 @@ def build(url: str, model: str, binary: bool = True, batch: int = 1, variants: i
                 f"{model} at {url} ({[t.name for t in specs]})"
             )
         whole = create_session(str(resolve_source(Path(pipeline), manifest, None)), manifest.profile.threads)
-    workload = Workload(url, model, binary)
+    workload = Workload(url, model, binary, access=access)
     for seed in range(variants):
         tensors = random_tensors(specs, batch, seed)
         expected = None

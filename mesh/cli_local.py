@@ -1,8 +1,9 @@
-"""Command-line entry points for the local mesh: up, down, status, logs, apply, demo-request."""
+"""Command-line entry points for the local mesh: up, token, down, status, logs, apply, demo-request."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mesh import cli_split, local, procs, records_view, state_dir
+from mesh import cli_split, gateway_auth, local, procs, records_view, state_dir
 from mesh.records import read_records
 from mesh.v2client import STAGE_TIMING, infer, stage_timing
 from model_export.cli_help import compact_table, console_width, fits
@@ -26,6 +27,7 @@ from model_export.manifest import DATATYPE_TO_NUMPY, Manifest, ManifestError, lo
 console = Console(width=console_width(sys.stdout))
 err = Console(stderr=True, width=console_width(sys.stderr))
 
+MAX_TOKEN_LIFETIME_S = 30 * 24 * 3600.0  # the mesh's CA and certificates last 30 days (mesh.pki.VALIDITY)
 STATE_DIR_HELP = ("the mesh's state directory (default: the nearest .mesh/ from here upwards that holds a "
                   "mesh, else the one the last `up` recorded in " + str(state_dir.record_file()) + ")")
 
@@ -48,11 +50,21 @@ def register(sub: Any) -> None:
     p.add_argument("--gateway-port", type=int, default=None,
                    help="override the policy's gateway.port (default: the policy's, 8080); 0: any free port")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every replica to be ready")
+    p.add_argument("--insecure-gateway", action="store_true",
+                   help="serve plain HTTP at the gateway instead of TLS with a certificate from the mesh's CA "
+                        "(demos only; a token is still required unless mesh.yaml turns gateway.auth off)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="where to keep state, certificates, Envoy configs and logs (default: the nearest .mesh/ "
                         "from here upwards, else ./.mesh); recorded so other commands find it from anywhere")
     _json(p)
     p.set_defaults(func=_up)
+
+    p = sub.add_parser("token", help="print a token the running mesh's gateway accepts (Authorization: Bearer ...)")
+    p.add_argument("--subject", required=True, help="the token's subject (`sub`): who the client is")
+    p.add_argument("--expires-in", type=float, default=gateway_auth.DEFAULT_EXPIRES_IN_S,
+                   help="seconds the token is valid for")
+    _state_dir(p)
+    p.set_defaults(func=_token)
 
     p = sub.add_parser("down", help="stop everything `up` started (logs stay for `mesh logs`)")
     _state_dir(p)
@@ -87,9 +99,13 @@ def register(sub: Any) -> None:
                    help="the gateway's base URL, e.g. a port-forwarded Istio ingress gateway (default: the "
                         "running local mesh's gateway)")
     p.add_argument("--host", default=None,
-                   help="Host header, for a gateway that routes by host (the policy's gateway.host, "
-                        "e.g. pipeline.local, on the cluster) (default: the URL's host)")
-    p.add_argument("--token", default=None, help="sent as `Authorization: Bearer TOKEN`, for a gateway that needs one")
+                   help="Host header and TLS server name, for a gateway that routes by host (the policy's "
+                        "gateway.host, e.g. pipeline.local, on the cluster) (default: the URL's host)")
+    p.add_argument("--token", default=None,
+                   help="sent as `Authorization: Bearer TOKEN` (default: with --url none; else a token the running "
+                        "mesh's gateway accepts, as `python -m mesh token` mints)")
+    p.add_argument("--cacert", type=Path, default=None,
+                   help="with --url: the CA to check the gateway's certificate against (default: the system's)")
     p.add_argument("--pipeline", type=Path, default=None,
                    help="the pipeline directory, for its input shapes and name (default: the running mesh's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input")
@@ -147,7 +163,8 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         with err.status("starting the mesh (stage processes, sidecars, gateway)..."):
-            state = local.up(args.pipeline, args.policy, where, args.gateway_port, args.timeout)
+            state = local.up(args.pipeline, args.policy, where, args.gateway_port, args.timeout,
+                             insecure_gateway=args.insecure_gateway)
     except local.MeshError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
@@ -155,9 +172,11 @@ def _up(args: argparse.Namespace) -> int:
     state_dir.record(where)
     try:
         url = state.layout.gateway_url
+        ca = _gateway_ca(state, where)
         if args.json:
             _print_json({"pipeline": state.layout.pipeline, "gateway_url": url,
-                         "gateway_grpc": state.layout.gateway_grpc_address, "state_dir": str(where.resolve()),
+                         "gateway_grpc": state.layout.gateway_grpc_address, "gateway_ca": str(ca) if ca else None,
+                         "gateway_auth": state.policy.gateway.auth.enabled, "state_dir": str(where.resolve()),
                          "socket_dir": state.layout.socket_dir, "namespace": state.policy.namespace,
                          "replicas": _replicas(state)})
         else:
@@ -168,6 +187,7 @@ def _up(args: argparse.Namespace) -> int:
                           soft_wrap=True)
             console.print(f"gateway: [bold]{url}[/]  (POST {url}/v2/models/{state.layout.pipeline}/infer)",
                           highlight=False, soft_wrap=True)
+            console.print(_client_hint(state, ca), highlight=False, soft_wrap=True)
         if args.detach:
             (err if args.json else console).print(
                 f"running detached; `python -m mesh status` / `down` find it from any directory (state in {where})",
@@ -185,6 +205,19 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway_ca(state: local.State, where: Path) -> Path | None:
+    """The CA clients check the gateway's certificate against; None where it serves plain HTTP."""
+    return where.resolve() / "pki" / "ca.pem" if state.layout.gateway_tls else None
+
+
+def _client_hint(state: local.State, ca: Path | None) -> str:
+    """What a client needs besides the URL: the CA, and a token where the gateway asks for one."""
+    needs = [f"the CA {ca}" if ca else "nothing for TLS (--insecure-gateway: plain HTTP)"]
+    if state.policy.gateway.auth.enabled:
+        needs.append("a token: `python -m mesh token --subject NAME` (Authorization: Bearer ...)")
+    return "clients need " + " and ".join(needs)
+
+
 def _foreground(state: local.State) -> None:
     """Stay until Ctrl-C or SIGTERM (both raise KeyboardInterrupt), reporting processes that exit."""
     err.print("Ctrl-C stops the mesh")
@@ -195,6 +228,21 @@ def _foreground(state: local.State) -> None:
             if p.name not in reported and not procs.alive(p):
                 reported.add(p.name)
                 err.print(f"[red]{p.name} (pid {p.pid}) exited[/]; see {p.log}", highlight=False, soft_wrap=True)
+
+
+def _token(args: argparse.Namespace) -> int:
+    if not args.subject.strip():
+        return _fail("--subject must not be empty")
+    if not 0 < args.expires_in <= MAX_TOKEN_LIFETIME_S:
+        return _fail(f"--expires-in must be between 0 and {MAX_TOKEN_LIFETIME_S:.0f} seconds, got {args.expires_in:g}")
+    where = _found(args)
+    state = local.read_state(where)
+    if state is None:
+        return _fail(_not_found(args, "no mesh is running"))
+    if not state.policy.gateway.auth.enabled:
+        return _fail("this mesh's gateway takes no token: mesh.yaml sets gateway.auth.enabled to false")
+    print(local.mint_token(state, where, args.subject, args.expires_in))
+    return 0
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -223,8 +271,10 @@ def _status(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     reading = read_records(state, where)
     if args.json:
+        ca = _gateway_ca(state, where)
         _print_json({"pipeline": state.layout.pipeline, "gateway_url": state.layout.gateway_url,
-                     "gateway_grpc": state.layout.gateway_grpc_address, "state_dir": str(where.resolve()),
+                     "gateway_grpc": state.layout.gateway_grpc_address, "gateway_ca": str(ca) if ca else None,
+                     "gateway_auth": state.policy.gateway.auth.enabled, "state_dir": str(where.resolve()),
                      "socket_dir": state.layout.socket_dir,
                      "processes": [{"name": r.proc.name, "role": r.proc.role, "stage": r.proc.stage,
                                     "pid": r.proc.pid, "alive": r.alive, "ready": r.ready, "log": r.proc.log}
@@ -298,35 +348,41 @@ def _apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_target(args: argparse.Namespace) -> tuple[str, Manifest]:
-    """The gateway URL and the pipeline's manifest: from the options, else from the running mesh."""
+def _demo_target(args: argparse.Namespace) -> tuple[local.GatewayCredentials, Manifest]:
+    """The gateway (URL, CA, token) and the pipeline's manifest: from the options, else from the running mesh
+    (a fresh token for the subject `demo-request`)."""
     state = None
     if args.url is None or args.pipeline is None:
         state = local.read_state(_found(args))
         if state is None:
             missing = "--url and --pipeline" if args.url is None else "--pipeline"
             raise local.MeshError(_not_found(args, f"no mesh is running to take {missing} from"))
-    url = args.url.rstrip("/") if args.url else state.layout.gateway_url  # type: ignore[union-attr]
-    return url, load_manifest(args.pipeline or state.pipeline_dir)  # type: ignore[union-attr]
+    if args.url:
+        gateway = local.GatewayCredentials(url=args.url.rstrip("/"), grpc_address=None, ca=args.cacert,
+                                           token=args.token)
+    else:
+        gateway = local.gateway_credentials(_found(args), state, "demo-request")
+        if args.token:
+            gateway = dataclasses.replace(gateway, token=args.token)
+    return gateway, load_manifest(args.pipeline or state.pipeline_dir)  # type: ignore[union-attr]
 
 
 def _demo_request(args: argparse.Namespace) -> int:
     try:
-        url, manifest = _demo_target(args)
+        gateway, manifest = _demo_target(args)
     except (ManifestError, local.MeshError) as exc:
         return _fail(str(exc))
+    url = gateway.url
     rng = np.random.default_rng(args.seed)
     inputs = {}
     for t in manifest.inputs:
         shape = [1] + [max(d, 1) for d in t.shape[1:]]
         inputs[t.name] = rng.random(shape).astype(DATATYPE_TO_NUMPY[t.datatype])
     headers = {"host": args.host} if args.host else {}
-    if args.token:
-        headers["authorization"] = f"Bearer {args.token}"
     try:
-        with httpx.Client(timeout=60.0) as client:
+        with gateway.client(timeout=60.0) as client:
             start = time.perf_counter()
-            outputs, response = infer(client, url, manifest.name, inputs, headers=headers)
+            outputs, response = infer(client, url, manifest.name, inputs, headers=headers, server_name=args.host)
             total_ms = (time.perf_counter() - start) * 1000
     except httpx.HTTPError as exc:
         return _fail(f"request to {url} failed: {exc}")

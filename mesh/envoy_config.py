@@ -13,7 +13,8 @@ timeouts, retries) applies even to connections already open. What goes where mir
   fault injection and the split across S's versions by weight; one cluster per version holds the
   outlier detection, connection pool and buffer limit and originates mTLS with the caller's
   certificate, checking the SAN the hop expects;
-- the gateway is the same outbound half in front of the first stage, on the policy's gateway port.
+- the gateway is the same outbound half in front of the first stage, on the policy's gateway port, behind
+  TLS with a server certificate from the mesh's CA and Envoy's jwt_authn filter (`ClientSide`).
 
 `per_connection_buffer_limit_bytes` is raised on listeners and clusters that carry a stage's activations:
 Envoy does not retry a request whose body outgrew the buffer (1 MiB by default).
@@ -41,6 +42,9 @@ APP_CLUSTER = "inbound|app"
 CONNECT_TIMEOUT = "1s"
 MAX_DOWNSTREAM_CONNECTIONS = 16384
 FAULT_FILTER = "envoy.filters.http.fault"
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+JWT_PROVIDER = "gateway-auth"
+HEALTH_PREFIX = "/v2/health/"
 # The sidecar's check of its own app's readiness: what the kubelet's readiness probe is to a pod. A stopping
 # app answers not-ready first (STAGE_DRAIN_DELAY_S), and the sidecar stops forwarding to it before it closes.
 APP_READY_PATH = "/v2/health/ready"
@@ -337,13 +341,14 @@ class Resources:
 
 
 def _outbound(res: Resources, name: str, address: Json, hop: Hop, dynamic_dir: Path, limits: ClientLimits,
-              paths: list[str], routes: list[Json] | None = None) -> None:
-    """The listener and route of a caller's side of `hop` (`routes`: instead of one route per path)."""
+              paths: list[str], routes: list[Json] | None = None, first_filters: list[Json] | None = None) -> None:
+    """The listener and route of a caller's side of `hop` (`routes`: instead of one route per path; `first_filters`:
+    HTTP filters before the fault filter, the gateway's jwt_authn)."""
     res.listeners.append({
         "name": name,
         "address": address,
         "per_connection_buffer_limit_bytes": hop.upstream.buffer_limit_bytes,
-        "filter_chains": [{"filters": [_hcm(name, dynamic_dir, [_fault_filter()], limits)]}],
+        "filter_chains": [{"filters": [_hcm(name, dynamic_dir, [*(first_filters or []), _fault_filter()], limits)]}],
     })
     route = _route_config(name, route_to(hop), paths)
     if routes is not None:
@@ -413,29 +418,85 @@ def sidecar(layout: Layout, plan: Plan, replica: Replica, identity: CertPair, ca
     return res
 
 
-def gateway(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dynamic_dir: Path,
+@dataclass(frozen=True)
+class ClientSide:
+    """What the gateway holds for its clients: its server certificate (used unless the layout says
+    `--insecure-gateway`) and the key set their tokens are checked against (used where mesh.yaml's
+    `gateway.auth` is enabled)."""
+
+    server_cert: CertPair
+    jwks: Path
+
+
+def _downstream_tls(pair: CertPair) -> Json:
+    """TLS towards the gateway's clients: the server certificate only, no client certificate asked for."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": _typed(
+            "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            common_tls_context={"tls_certificates": [_tls_certificate(pair)], "alpn_protocols": ["h2", "http/1.1"]},
+        ),
+    }
+
+
+def _jwt_authn(plan: Plan, jwks: Path, required: list[Json]) -> Json:
+    """Envoy's jwt_authn as istiod writes a RequestAuthentication, over the local key set: a request matching
+    `required` needs a valid token of the policy's issuer (401 without one or with a bad one, 403 for another
+    audience); the token is checked and removed, never forwarded."""
+    auth = plan.gateway.auth
+    provider = {"issuer": auth.issuer, "audiences": list(auth.audiences), "local_jwks": {"filename": str(jwks)},
+                "payload_in_metadata": auth.issuer}
+    return {
+        "name": JWT_FILTER,
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            providers={JWT_PROVIDER: provider},
+            rules=[{"match": m, "requires": {"provider_name": JWT_PROVIDER}} for m in required],
+        ),
+    }
+
+
+def _client_filters(plan: Plan, client_side: ClientSide, required: list[Json]) -> list[Json]:
+    return [_jwt_authn(plan, client_side.jwks, required)] if plan.gateway.auth.enabled else []
+
+
+def gateway(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dynamic_dir: Path, client_side: ClientSide,
             pinning: Pinning | None = None, layouts: dict[str, Layout] | None = None) -> Resources:
-    """Listener, route and clusters of the gateway: plaintext HTTP in, mTLS to the first stage, only on the
-    plan's gateway paths (404 for any other). With `pinning`, to every split's first stage (`layouts`: each
-    split's replicas), routed on `x-pipeline-version` (mesh.envoy_pinning)."""
+    """Listeners, routes and clusters of the gateway: HTTPS in (plain HTTP with `--insecure-gateway`), a token
+    required on the pipeline's model paths (health stays open), mTLS to the first stage, only on the plan's
+    gateway paths (404 for any other); the gRPC listener the same, a token on every call. With `pinning`, to
+    every split's first stage (`layouts`: each split's replicas), routed on `x-pipeline-version`
+    (mesh.envoy_pinning)."""
+    res = _gateway_routes(layout, plan, identity, ca, dynamic_dir, client_side, pinning, layouts)
+    if layout.gateway_tls:
+        for listener in res.listeners:
+            listener["filter_chains"][0]["transport_socket"] = _downstream_tls(client_side.server_cert)
+    return res
+
+
+def _gateway_routes(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dynamic_dir: Path,
+                    client_side: ClientSide, pinning: Pinning | None,
+                    layouts: dict[str, Layout] | None) -> Resources:
     first = plan.hops[0]
     res = Resources()
     address = _address(layout.gateway_port)
+    model_paths = [_route_match(p) for p in plan.gateway_paths if not p.startswith(HEALTH_PREFIX)]
+    filters = _client_filters(plan, client_side, model_paths)
     if pinning is None or layouts is None:
-        _outbound(res, "gateway", address, first, dynamic_dir, plan.clients, plan.gateway_paths)
+        _outbound(res, "gateway", address, first, dynamic_dir, plan.clients, plan.gateway_paths, first_filters=filters)
         res.clusters += outbound_clusters(layout, first, identity, ca)
         if layout.gateway_grpc_port is not None:
-            _gateway_grpc(res, layout, first, dynamic_dir, plan.clients)
+            _gateway_grpc(res, layout, first, dynamic_dir, plan, client_side)
         return res
     for s in pinning.splits:
         res.clusters += outbound_clusters(layouts[s.name], s.plan.hops[0], identity, ca)
     routes = [r for p in plan.gateway_paths
               for r in _pinned_gateway_routes(pinning, layouts, _route_match(p), lambda action: action)]
-    _outbound(res, "gateway", address, first, dynamic_dir, plan.clients, plan.gateway_paths, routes)
+    _outbound(res, "gateway", address, first, dynamic_dir, plan.clients, plan.gateway_paths, routes, filters)
     if layout.gateway_grpc_port is not None:
         grpc_routes = _pinned_gateway_routes(pinning, layouts, {"prefix": "/"},
                                              lambda action: envoy_grpc.gateway_route_action(action, first))
-        _gateway_grpc(res, layout, first, dynamic_dir, plan.clients, grpc_routes)
+        _gateway_grpc(res, layout, first, dynamic_dir, plan, client_side, grpc_routes)
     return res
 
 
@@ -448,11 +509,12 @@ def _pinned_gateway_routes(pinning: Pinning, layouts: dict[str, Layout], match: 
     return envoy_pinning.pinned_routes(match, by_split, convert(assign), pinning.refusal())
 
 
-def _gateway_grpc(res: Resources, layout: Layout, first: Hop, dynamic_dir: Path, limits: ClientLimits,
-                  routes: list[Json] | None = None) -> None:
+def _gateway_grpc(res: Resources, layout: Layout, first: Hop, dynamic_dir: Path, plan: Plan,
+                  client_side: ClientSide, routes: list[Json] | None = None) -> None:
     """The gateway's gRPC listener, route and HTTP/2 clusters to the first stage (mesh.envoy_grpc)."""
     name = envoy_grpc.GATEWAY_GRPC
-    res.listeners.append(envoy_grpc.gateway_listener(layout, first, _hcm(name, dynamic_dir, [], limits)))
+    filters = _client_filters(plan, client_side, [{"prefix": "/"}])
+    res.listeners.append(envoy_grpc.gateway_listener(layout, first, _hcm(name, dynamic_dir, filters, plan.clients)))
     route = _route_config(name, envoy_grpc.gateway_route_action(route_to(first), first))
     if routes is not None:
         route["virtual_hosts"][0]["routes"] = routes

@@ -60,7 +60,10 @@ class Layout(BaseModel):
     socket_dir: str  # mode 0700: every app, outbound listener and Envoy admin listens in it (mesh.sockets)
     gateway_port: int
     gateway_admin_socket: str
-    gateway_grpc_port: int | None = None  # the gateway's gRPC listener (HTTP/2 cleartext)
+    gateway_grpc_port: int | None = None  # the gateway's gRPC listener (HTTP/2)
+    # TLS on both gateway listeners, with a server certificate from the mesh's CA; False only by
+    # `mesh up --insecure-gateway`, for demos.
+    gateway_tls: bool = True
     replicas: list[Replica]
     split: str | None = None  # the split tag of every replica here (Replica.split)
 
@@ -75,7 +78,7 @@ class Layout(BaseModel):
 
     @property
     def gateway_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.gateway_port}"
+        return f"{'https' if self.gateway_tls else 'http'}://{LOOPBACK}:{self.gateway_port}"
 
     @property
     def gateway_grpc_address(self) -> str | None:
@@ -109,7 +112,7 @@ def check_port_free(port: int) -> None:
 
 
 def plan(resolved: Plan, pipeline: str, pipeline_dir: Path, gateway_port: int | None = None, *,
-         socket_dir: Path) -> Layout:
+         socket_dir: Path, gateway_tls: bool = True) -> Layout:
     """Assign free loopback ports to the gateway and to every replica's sidecar inbound listener, and sockets in
     `socket_dir` to everything else.
 
@@ -141,5 +144,6 @@ def plan(resolved: Plan, pipeline: str, pipeline_dir: Path, gateway_port: int | 
             gateway_port=port or free(),
             gateway_admin_socket=sockets.path(socket_dir, "gateway", "admin"),
             gateway_grpc_port=free(),
+            gateway_tls=gateway_tls,
             replicas=replicas,
         )

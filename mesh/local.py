@@ -3,7 +3,8 @@
 State directory layout:
 
     state.json            what was started: the layout (ports), the plan of hops, every process
-    pki/                  the local CA and one certificate per identity
+    pki/                  the local CA, one certificate per identity, the gateway's server certificate
+    auth/                 the JWT signing key (jwt-key.pem) and its key set (jwks.json) the gateway checks
     sock/                 mode 0700: every app's, outbound listener's and Envoy admin's Unix socket (mesh.sockets)
     envoy/<name>/         per Envoy: bootstrap.json and dynamic/{lds,cds}.json (watched by Envoy)
     logs/<name>.log       stdout and stderr of each process
@@ -20,17 +21,19 @@ import os
 import shlex
 import shutil
 import signal
+import ssl
 import sys
 import time
 import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mesh import envoy_config, pki, procs, sockets
+from mesh import envoy_config, gateway_auth, pki, procs, sockets
 from mesh.layout import LOOPBACK, Layout, PortInUse, Replica, plan
 from mesh.plan import Placement, Plan, resolve
 from mesh.policy import PolicyError, load_policy
@@ -43,6 +46,8 @@ DEFAULT_STATE_DIR = Path(".mesh")
 STATE_FILE = "state.json"
 LAST_STATE_FILE = "last-state.json"  # what `down` leaves of state.json: `logs` and `trace` read it afterwards
 GATEWAY = "gateway"
+GATEWAY_SERVER_CERT = "gateway-server"  # pki/gateway-server.pem: what the gateway shows its clients
+AUTH_DIR = "auth"  # the JWT signing key and the key set the gateway checks tokens against (mesh.gateway_auth)
 # Every process the mesh starts carries its state directory in this variable, so a leftover is findable.
 MARKER_ENV = "MESH_STATE_DIR"
 TRACES_DIR = "traces"  # under the state directory: each stage process's spans (stage_service.tracing)
@@ -51,6 +56,7 @@ APP_COMMAND_ENV = "MESH_APP_COMMAND"
 # A stopping app answers not-ready this long before it stops listening: its sidecar's readiness check
 # (envoy_config.APP_CHECK_INTERVAL) stops forwarding to it well within that, so no request reaches a closed port.
 DRAIN_DELAY_S = 2.0
+DEFAULT_SUBJECT = "meshpipe-client"  # the subject of the tokens gateway_credentials mints
 
 
 class MeshError(RuntimeError):
@@ -167,12 +173,24 @@ def _write_envoy(state_dir: Path, name: str, cluster: str, admin_socket: str,
     return path
 
 
-def _identities(state_dir: Path, resolved: Plan) -> tuple[Path, dict[str, pki.CertPair]]:
+def _pair(state_dir: Path, name: str) -> pki.CertPair:
+    directory = (state_dir / "pki").resolve()
+    return pki.CertPair(directory / f"{name}.pem", directory / f"{name}-key.pem")
+
+
+def _identities(state_dir: Path, resolved: Plan) -> None:
+    """The CA, a certificate per workload identity, the gateway's server certificate and the JWT signing key."""
     directory = state_dir / "pki"
     ca = pki.create_ca(directory)
-    pairs = {name: pki.issue(ca, identity.spiffe_id, directory, name)
-             for name, identity in resolved.identities().items()}
-    return ca.cert.resolve(), {k: pki.CertPair(v.cert.resolve(), v.key.resolve()) for k, v in pairs.items()}
+    for name, identity in resolved.identities().items():
+        pki.issue(ca, identity.spiffe_id, directory, name)
+    pki.issue_server(ca, [LOOPBACK, "localhost", resolved.gateway.host], directory, GATEWAY_SERVER_CERT)
+    gateway_auth.create_signing_key(state_dir / AUTH_DIR)
+
+
+def _client_side(state_dir: Path) -> envoy_config.ClientSide:
+    return envoy_config.ClientSide(server_cert=_pair(state_dir, GATEWAY_SERVER_CERT),
+                                   jwks=gateway_auth.key_in((state_dir / AUTH_DIR).resolve()).jwks)
 
 
 def _issue_missing(state_dir: Path, plans: list[Plan]) -> dict[str, pki.CertPair]:
@@ -182,7 +200,7 @@ def _issue_missing(state_dir: Path, plans: list[Plan]) -> dict[str, pki.CertPair
     pairs = {}
     for chain in plans:
         for name, identity in chain.identities().items():
-            pair = pki.CertPair((directory / f"{name}.pem").resolve(), (directory / f"{name}-key.pem").resolve())
+            pair = _pair(state_dir, name)
             if not pair.cert.is_file():
                 pki.issue(ca, identity.spiffe_id, directory, name)
             pairs[name] = pair
@@ -203,7 +221,8 @@ def write_envoy_configs(state_dir: Path, resolved: Plan, layout: Layout, pinning
     layouts = {pin: lay for _, lay, pin in chains if pin is not None}
     out = {GATEWAY: _write_envoy(state_dir, GATEWAY, GATEWAY, layout.gateway_admin_socket,
                                  envoy_config.gateway(layout, resolved, pairs[GATEWAY], ca,
-                                                      _dynamic_dir(state_dir, GATEWAY), pinning, layouts))}
+                                                      _dynamic_dir(state_dir, GATEWAY), _client_side(state_dir),
+                                                      pinning, layouts))}
     for chain, lay, pin in chains:
         for r in lay.replicas:
             name = f"{r.name}-sidecar"
@@ -284,18 +303,62 @@ def _target(state: State, p: procs.Proc) -> Target:
                   log=lambda: f"last lines of {p.log}:\n{procs.tail(p.log, critical_first=True)}")
 
 
-def _wait_ready(state: State, manifest: Manifest, timeout_s: float) -> None:
+@dataclass(frozen=True)
+class GatewayCredentials:
+    """What a client of the running mesh's gateway needs: where it is, the CA its certificate is checked
+    against (None: plain HTTP, `--insecure-gateway`) and a token (None: mesh.yaml turned auth off)."""
+
+    url: str
+    grpc_address: str | None
+    ca: Path | None
+    token: str | None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=str(self.ca)) if self.ca is not None else None
+
+    def client(self, **options: Any) -> httpx.Client:
+        """An httpx client that checks the gateway's certificate and sends the token with every request."""
+        return httpx.Client(verify=self.ssl_context() or True, headers=self.headers, **options)
+
+
+def mint_token(state: State, state_dir: Path, subject: str,
+               expires_in_s: float = gateway_auth.DEFAULT_EXPIRES_IN_S, issued_at: float | None = None) -> str:
+    """A token the running mesh's gateway accepts: its signing key, mesh.yaml's issuer and audiences."""
+    auth = state.policy.gateway.auth
+    return gateway_auth.mint(gateway_auth.key_in(state_dir / AUTH_DIR), subject, auth.issuer, auth.audiences,
+                             expires_in_s, issued_at)
+
+
+def gateway_credentials(state_dir: Path = DEFAULT_STATE_DIR, state: State | None = None,
+                        subject: str = DEFAULT_SUBJECT,
+                        expires_in_s: float = gateway_auth.DEFAULT_EXPIRES_IN_S) -> GatewayCredentials:
+    """The gateway of the mesh running from `state_dir`, with a fresh token for `subject`."""
+    state = state or read_state(state_dir)
+    if state is None:
+        raise MeshError(f"no mesh is running from {state_dir}")
+    token = mint_token(state, state_dir, subject, expires_in_s) if state.policy.gateway.auth.enabled else None
+    ca = (state_dir / "pki" / "ca.pem").resolve() if state.layout.gateway_tls else None
+    return GatewayCredentials(url=state.layout.gateway_url, grpc_address=state.layout.gateway_grpc_address, ca=ca,
+                              token=token)
+
+
+def _wait_ready(state: State, state_dir: Path, manifest: Manifest, timeout_s: float) -> None:
     started = time.monotonic()
     try:
         wait_ready([_target(state, p) for p in state.procs], timeout_s, interval=0.2)
     except (ProcessExited, NotReady) as exc:
         raise MeshError(str(exc)) from exc
-    with httpx.Client() as client:
+    with gateway_credentials(state_dir, state, "mesh-up").client() as gateway:
         deadline = started + timeout_s
-        # One real request through the gateway proves the whole chain: mTLS, RBAC and routing on every hop.
+        # One real request through the gateway proves the whole chain: TLS and the token at the gateway, mTLS,
+        # RBAC and routing on every hop.
         while True:
             try:
-                infer(client, state.layout.gateway_url, manifest.name, zeros(manifest.inputs))
+                infer(gateway, state.layout.gateway_url, manifest.name, zeros(manifest.inputs))
                 return
             except httpx.HTTPError as exc:
                 if time.monotonic() > deadline:
@@ -305,11 +368,12 @@ def _wait_ready(state: State, manifest: Manifest, timeout_s: float) -> None:
 
 def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DEFAULT_STATE_DIR,
        gateway_port: int | None = None, ready_timeout_s: float = 120.0,
-       app_command: list[str] | None = None) -> State:
+       app_command: list[str] | None = None, insecure_gateway: bool = False) -> State:
     """Start the whole local mesh and return once every replica is ready and a request went through.
 
     `gateway_port` overrides the policy's (0: any free port). `app_command` (or the environment's
     MESH_APP_COMMAND) replaces `python -m stage_service`, to put the mesh in front of another server.
+    `insecure_gateway` serves plain HTTP at the gateway instead of TLS: for demos only.
     """
     manifest, resolved = _load_inputs(pipeline_dir, policy_file)
     pinning = load_pinning(pipeline_dir, policy_file, manifest)
@@ -328,7 +392,8 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
     envoy = _envoy_path()
     state_dir.mkdir(parents=True, exist_ok=True)
     try:
-        layout = plan(resolved, manifest.name, pipeline_dir, gateway_port, socket_dir=sockets.make_dir(state_dir))
+        layout = plan(resolved, manifest.name, pipeline_dir, gateway_port, socket_dir=sockets.make_dir(state_dir),
+                      gateway_tls=not insecure_gateway)
     except PortInUse as exc:
         raise MeshError(f"{exc}: the gateway needs it; set gateway.port in the policy or pass --gateway-port") from exc
     except sockets.SocketDirError as exc:
@@ -355,7 +420,7 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
                                        _envoy_cmd(envoy, bootstraps[GATEWAY], _base_id(state_dir, 0), 2),
                                        logs / f"{GATEWAY}.log", env=envoy_env))
         _write_state(state_dir, state)
-        _wait_ready(state, manifest, ready_timeout_s)
+        _wait_ready(state, state_dir, manifest, ready_timeout_s)
     except BaseException:
         procs.stop(state.procs, grace_s=5.0)
         sockets.remove_dir(Path(layout.socket_dir))

@@ -22,6 +22,7 @@ from mesh.layout import Layout, Replica
 from mesh.layout import plan as plan_layout
 from mesh.pki import CertPair
 from mesh.plan import GATEWAY, Hop, Plan
+from mesh.render import INGRESS_GATEWAY_TARGET_PORT
 
 Json = dict[str, Any]
 SERVICE_PORT = 8080  # the port of every stage's Service (render.py), in istiod's cluster and route names
@@ -103,6 +104,14 @@ def _allowed_paths(listener: Json) -> str:
     return ",".join(sorted(paths))
 
 
+def _token_fields(listener: Json) -> dict[str, str]:
+    """The issuer and audiences the listener's jwt_authn filter checks tokens against ("-" where none)."""
+    providers = [p for f in _http_filters(listener) if f["name"] == envoy_config.JWT_FILTER
+                 for p in f.get("typed_config", {}).get("providers", {}).values()]
+    return {"token issuers": ",".join(sorted(p["issuer"] for p in providers)) or "-",
+            "token audiences": ",".join(sorted(a for p in providers for a in p.get("audiences", []))) or "-"}
+
+
 # -------------------------------------------------------------------------------------- per-hop view
 
 
@@ -171,7 +180,7 @@ def _by_name(items: list[Json], name: str, what: str) -> Json:
 def _local_resources(plan: Plan, layout: Layout, caller: str) -> envoy_config.Resources:
     pair, ca, dynamic = CertPair(Path("cert.pem"), Path("key.pem")), Path("ca.pem"), Path("dynamic")
     if caller == GATEWAY:
-        return envoy_config.gateway(layout, plan, pair, ca, dynamic)
+        return envoy_config.gateway(layout, plan, pair, ca, dynamic, envoy_config.ClientSide(pair, Path("jwks.json")))
     return envoy_config.sidecar(layout, plan, _first_replica(layout, caller), pair, ca, dynamic)
 
 
@@ -194,6 +203,7 @@ def local_view(plan: Plan) -> dict[str, dict[str, str]]:
                                                         "cluster"))
         listener = _by_name(caller.listeners, listener_name, "listener")
         fields["caller listener buffer limit"] = str(listener.get("per_connection_buffer_limit_bytes", ENVOY_BUFFER))
+        fields |= _token_fields(listener)
         inbound = _by_name(_local_resources(plan, layout, hop.callee).listeners, "inbound", "listener")
         fields["inbound RBAC principals"] = _allowed_principals(inbound)
         fields["inbound RBAC paths"] = _allowed_paths(inbound)
@@ -240,8 +250,10 @@ def istiod_view(plan: Plan, generated: dict[str, Json]) -> dict[str, dict[str, s
         for version in hop.upstream.subsets:
             fields |= _cluster_fields(version, _by_name(caller["clusters"],
                                                         istiod_cluster_name(plan, hop.callee, version), "cluster"))
-        listener = _by_name(caller["listeners"], f"0.0.0.0_{SERVICE_PORT}", "listener")
+        port = INGRESS_GATEWAY_TARGET_PORT if hop.caller == GATEWAY else SERVICE_PORT
+        listener = _by_name(caller["listeners"], f"0.0.0.0_{port}", "listener")
         fields["caller listener buffer limit"] = str(listener.get("per_connection_buffer_limit_bytes", ENVOY_BUFFER))
+        fields |= _token_fields(listener)
         inbound = _by_name(generated[_proxy_name(plan, hop.callee)]["listeners"], "virtualInbound", "listener")
         fields["inbound RBAC principals"] = _allowed_principals(inbound)
         fields["inbound RBAC paths"] = _allowed_paths(inbound)

@@ -3,12 +3,14 @@
 Each certificate carries exactly one URI SAN, the workload's SPIFFE id
 (`spiffe://cluster.local/ns/<namespace>/sa/<service-account>`), and is valid both as a server and as a
 client certificate, so one file pair serves a sidecar's inbound (server) and outbound (client) side.
-Keys are EC P-256; private key files are written with mode 0600.
+The local gateway's server certificate (`issue_server`) carries the host names and addresses clients call it by
+instead. Keys are EC P-256; private key files are written with mode 0600.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,22 @@ def issue(ca: CertPair, spiffe_id: str, directory: Path, name: str) -> CertPair:
     """Issue `<name>.pem` / `<name>-key.pem` for one workload identity, signed by `ca`."""
     if not spiffe_id.startswith("spiffe://"):
         raise ValueError(f"expected a spiffe:// id, got {spiffe_id!r}")
+    return _issue(ca, [x509.UniformResourceIdentifier(spiffe_id)], directory, name)
+
+
+def issue_server(ca: CertPair, hosts: list[str], directory: Path, name: str) -> CertPair:
+    """Issue `<name>.pem` / `<name>-key.pem`: a server certificate for `hosts` (names and IP addresses), as a
+    client checks a gateway's certificate against the host it called."""
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    return _issue(ca, sans, directory, name)
+
+
+def _issue(ca: CertPair, sans: list[x509.GeneralName], directory: Path, name: str) -> CertPair:
     ca_cert, ca_key = _load(ca)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
@@ -96,7 +114,7 @@ def issue(ca: CertPair, spiffe_id: str, directory: Path, name: str) -> CertPair:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + VALIDITY)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=True)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(digital_signature=True, key_encipherment=True, content_commitment=False,

@@ -6,6 +6,8 @@ plan of hops that both meshes are written from; nothing else reads a `Policy`.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import yaml
@@ -209,6 +211,70 @@ class StagePolicy(_Strict):
         return versions
 
 
+class GatewayAuth(_Strict):
+    """Who may call the pipeline through the gateway: clients presenting a JWT of this issuer for one of these
+    audiences (Istio: a RequestAuthentication and an AuthorizationPolicy on the ingress gateway; locally: Envoy's
+    jwt_authn filter over the JWKS `mesh up` creates, whose tokens `python -m mesh token` mints). Health stays open,
+    as the ingress gateway's own probes are."""
+
+    enabled: bool = True
+    issuer: str = Field(default="https://meshpipe.local", min_length=1)
+    audiences: list[str] = Field(default_factory=lambda: ["pipeline"])
+    # In the cluster, where the issuer publishes its keys (Istio's jwksUri), or the key set itself as JSON
+    # (Istio's jwks). Neither: istiod finds them by OpenID discovery (`<issuer>/.well-known/openid-configuration`).
+    # The local mesh always checks tokens against the key set `mesh up` made.
+    jwks_uri: str | None = None
+    jwks: str | None = None
+
+    @field_validator("audiences")
+    @classmethod
+    def _audiences(cls, values: list[str]) -> list[str]:
+        if not values or any(not v for v in values):
+            raise ValueError(f"audiences must list at least one non-empty audience, got {values}")
+        return values
+
+    @field_validator("issuer", "jwks_uri")
+    @classmethod
+    def _url_or_name(cls, value: str | None) -> str | None:
+        if value is not None and any(c.isspace() for c in value):
+            raise ValueError(f"{value!r} contains whitespace")
+        return value
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _https(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", value):
+            raise ValueError(f"{value!r} is not an http(s) URL such as https://issuer.example/.well-known/jwks.json")
+        return value
+
+    @field_validator("jwks")
+    @classmethod
+    def _key_set(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            keys = json.loads(value).get("keys")
+        except (ValueError, AttributeError):
+            keys = None
+        if not isinstance(keys, list) or not keys:
+            raise ValueError('jwks must be a JSON Web Key Set: {"keys": [...]} with at least one key')
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> GatewayAuth:
+        if self.jwks is not None and self.jwks_uri is not None:
+            raise ValueError("set jwks_uri or jwks, not both")
+        return self
+
+
+class GatewayTls(_Strict):
+    """TLS at the gateway. Istio: an HTTPS server (443, mode SIMPLE) whose certificate and key are the Kubernetes
+    Secret `credential_name` in the gateway's namespace; locally: a server certificate from the mesh's CA
+    (plain HTTP only with `mesh up --insecure-gateway`)."""
+
+    credential_name: DnsLabel = "pipeline-gateway-tls"
+
+
 class Gateway(_Strict):
     host: str = "pipeline.local"
     port: int = Field(default=8080, ge=1, le=65535)
@@ -216,6 +282,8 @@ class Gateway(_Strict):
     # of Istio's stock ingress gateway, so the same principal holds in the cluster and in the local mesh.
     namespace: DnsLabel = "istio-system"
     service_account: DnsLabel = "istio-ingressgateway-service-account"
+    auth: GatewayAuth = Field(default_factory=GatewayAuth)
+    tls: GatewayTls = Field(default_factory=GatewayTls)
 
 
 class Clients(_Strict):

@@ -10,8 +10,9 @@ Layout (one resource per file, `<kind>-<target>-<variant>.yaml` for networking f
 
     base/                 Namespace, and per stage ServiceAccount, Service, Deployment(s), PodDisruptionBudget;
                           the Grafana dashboard as a ConfigMap (configMapGenerator over its JSON)
-    components/istio/     kind: Component, so an overlay may leave Istio out: Gateway, VirtualServices,
-                          DestinationRules, PeerAuthentication, AuthorizationPolicies, Telemetry, EnvoyFilters
+    components/istio/     kind: Component, so an overlay may leave Istio out: Gateway (HTTPS), VirtualServices,
+                          DestinationRules, PeerAuthentication, AuthorizationPolicies, RequestAuthentication,
+                          Telemetry, EnvoyFilters
     overlays/dev          one replica per Deployment, CPU
     overlays/prod         one HorizontalPodAutoscaler per Deployment, which alone sets its replicas
     overlays/gpu          the GPU image, CUDA first, nvidia.com/gpu limits and toleration
@@ -55,8 +56,8 @@ GATEWAY_GRPC_ROUTE = "/spec/http/1"  # the gateway VirtualService's gRPC route
 RUN_AS = 10001  # any non-root UID but Istio's proxy UID 1337
 MODEL_DIR = "/models"
 INGRESS_GATEWAY_SELECTOR = {"istio": "ingressgateway"}
-INGRESS_GATEWAY_PORT = 80  # the stock istio-ingressgateway Service's HTTP port
-INGRESS_GATEWAY_TARGET_PORT = 8080  # ...and the gateway pod's listener behind it
+INGRESS_GATEWAY_PORT = 443  # the stock istio-ingressgateway Service's HTTPS port
+INGRESS_GATEWAY_TARGET_PORT = 8443  # ...and the gateway pod's listener behind it
 TRACING_PROVIDER = "jaeger"  # meshConfig.extensionProviders name the README installs
 DEFAULT_CANARY_WEIGHT = 10
 # Drain: after a pod is marked for deletion, the endpoint controller and istiod take it out of every
@@ -341,14 +342,60 @@ def destination_rule(hop: Hop, ns: str) -> dict[str, Any]:
 
 
 def gateway(manifest: Manifest, resolved: Plan) -> dict[str, Any]:
+    """HTTPS only: TLS ends at the ingress gateway with the certificate and key of the Secret `credentialName`
+    (in the gateway's namespace; README: "TLS and tokens at the gateway"), REST and gRPC (ALPN h2) alike."""
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": "Gateway",
         "metadata": _meta(manifest.name, resolved.namespace),
         "spec": {
             "selector": dict(INGRESS_GATEWAY_SELECTOR),
-            "servers": [{"port": {"number": INGRESS_GATEWAY_PORT, "name": "http", "protocol": "HTTP"},
+            "servers": [{"port": {"number": INGRESS_GATEWAY_PORT, "name": "https", "protocol": "HTTPS"},
+                         "tls": {"mode": "SIMPLE", "credentialName": resolved.gateway.tls.credential_name},
                          "hosts": [resolved.gateway.host]}],
+        },
+    }
+
+
+def request_authentication(manifest: Manifest, resolved: Plan) -> dict[str, Any]:
+    """The tokens the ingress gateway checks (Istio's RequestAuthentication): a token that is present must be
+    valid for the policy's issuer and audiences (else 401); whether one must be present is the
+    AuthorizationPolicy's part (`require_token`)."""
+    auth = resolved.gateway.auth
+    rule: dict[str, Any] = {"issuer": auth.issuer, "audiences": list(auth.audiences)}
+    if auth.jwks is not None:
+        rule["jwks"] = auth.jwks
+    elif auth.jwks_uri is not None:
+        rule["jwksUri"] = auth.jwks_uri
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "RequestAuthentication",
+        "metadata": _meta(f"{manifest.name}-jwt", resolved.gateway.namespace),
+        "spec": {"selector": {"matchLabels": dict(INGRESS_GATEWAY_SELECTOR)}, "jwtRules": [rule]},
+    }
+
+
+def _hosts(host: str) -> list[str]:
+    """The pipeline's host as an authorization rule matches the Host header: bare, and with any port."""
+    return [host, f"{host}:*"]
+
+
+def require_token(manifest: Manifest, resolved: Plan) -> dict[str, Any]:
+    """A request for the pipeline's model or gRPC paths on its host without a valid token's principal is denied
+    at the ingress gateway (403). A DENY rule rather than an ALLOW: an ALLOW policy on the shared ingress gateway
+    would deny every other host behind it; health stays open, as the gateway's own probes are. The rule names the
+    gateway pod's HTTPS port, so it cannot catch TCP traffic on other ports (istioctl's advice for DENY rules)."""
+    paths = [p for p in resolved.gateway_paths if not p.startswith("/v2/health/")] + [f"{GRPC_PREFIX}*"]
+    return {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": _meta(f"{manifest.name}-require-token", resolved.gateway.namespace),
+        "spec": {
+            "selector": {"matchLabels": dict(INGRESS_GATEWAY_SELECTOR)},
+            "action": "DENY",
+            "rules": [{"from": [{"source": {"notRequestPrincipals": ["*"]}}],
+                       "to": [{"operation": {"ports": [str(INGRESS_GATEWAY_TARGET_PORT)],
+                                             "hosts": _hosts(resolved.gateway.host), "paths": paths}}]}],
         },
     }
 
@@ -599,17 +646,20 @@ def _base(manifest: Manifest, resolved: Plan, objs: Objects) -> Files:
 
 
 def _istio_component(manifest: Manifest, resolved: Plan, pinned: Objects | None = None) -> Files:
-    """components/istio: the gateway, and per hop its VirtualService, DestinationRule, AuthorizationPolicy and
-    (where retried bodies outgrow Envoy's default buffer) EnvoyFilter; `pinned`: those of every split instead
-    (mesh.render_pinned)."""
+    """components/istio: the gateway (HTTPS, and a token required unless mesh.yaml turns auth off), and per hop
+    its VirtualService, DestinationRule, AuthorizationPolicy and (where retried bodies outgrow Envoy's default
+    buffer) EnvoyFilter; `pinned`: those of every split instead (mesh.render_pinned)."""
     ns = resolved.namespace
     objs: Objects = {
-        _file("Gateway", manifest.name, "http"): gateway(manifest, resolved),
+        _file("Gateway", manifest.name, "https"): gateway(manifest, resolved),
         _file("VirtualService", manifest.name, "gateway"): gateway_virtual_service(manifest, resolved),
         _file("PeerAuthentication", "default", "strict"): peer_authentication(ns),
         _file("AuthorizationPolicy", ns, "allow-nothing"): allow_nothing(ns),
         _file("Telemetry", manifest.name, "tracing"): telemetry(manifest, resolved),
     }
+    if resolved.gateway.auth.enabled:
+        objs[_file("RequestAuthentication", manifest.name, "jwt")] = request_authentication(manifest, resolved)
+        objs[_file("AuthorizationPolicy", manifest.name, "require-token")] = require_token(manifest, resolved)
     for variant, obj in client_limits_filters(manifest, resolved).items():
         objs[_file("EnvoyFilter", variant, "client-limits")] = obj
     for hop in resolved.hops if pinned is None else []:

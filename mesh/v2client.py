@@ -36,12 +36,15 @@ def decode(response: httpx.Response) -> dict[str, np.ndarray]:
 
 
 def infer(client: httpx.Client, base_url: str, model: str, inputs: dict[str, np.ndarray],
-          binary: bool = True, headers: dict[str, str] | None = None) -> tuple[dict[str, np.ndarray], httpx.Response]:
-    """POST one infer request (with `headers` added); raise httpx.HTTPStatusError (with the server's message)
-    on a non-2xx."""
+          binary: bool = True, headers: dict[str, str] | None = None,
+          server_name: str | None = None) -> tuple[dict[str, np.ndarray], httpx.Response]:
+    """POST one infer request (with `headers` added; over TLS, `server_name` as the SNI where it is not the URL's
+    host, as an Istio HTTPS gateway picks its server by it); raise httpx.HTTPStatusError (with the server's
+    message) on a non-2xx."""
     body, codec_headers = encode(inputs, binary)
     response = client.post(f"{base_url}/v2/models/{model}/infer", content=body,
-                           headers={**(headers or {}), **codec_headers})
+                           headers={**(headers or {}), **codec_headers},
+                           extensions={"sni_hostname": server_name} if server_name else None)
     if response.status_code >= 300:
         raise httpx.HTTPStatusError(
             f"{response.status_code} from {model}: {response.text[:500]}", request=response.request, response=response

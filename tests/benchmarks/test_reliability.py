@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.reliability import CLASSES, main
+from benchmarks.reliability import CLASSES, RAW_CLASS, main
 
 
 def test_short_reliability_run_writes_fuzz_and_fault_sections(tmp_path: Path) -> None:
@@ -21,6 +21,9 @@ def test_short_reliability_run_writes_fuzz_and_fault_sections(tmp_path: Path) ->
         for counts in result["statuses"][target].values():
             assert sum(counts.values()) == 8
             assert not [s for s in counts if s.startswith("5") and s != "503"], counts
+    for name, counts in result["statuses"]["gateway"].items():
+        if name != RAW_CLASS:  # the raw bytes carry no token: framing is what they test
+            assert "401" not in counts and "403" not in counts, (name, counts)  # the fuzz passes the token check
     assert result["crashed"] == []
     assert {n for n in result["peak_rss_mb"] if not n.endswith("sidecar")} >= {"tiny-stage-0-v1-0", "gateway"}
     assert [(f["name"], [p["sent"] for p in f["phases"]]) for f in result["faults"]] == [

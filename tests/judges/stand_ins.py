@@ -6,13 +6,19 @@ Kubernetes makes those from Deployments and Services; here they are derived the 
 per Deployment replica (its template's labels, service account and containers, a pod IP), and per Service
 one EndpointSlice listing the pods it selects. In a namespace labelled `istio-injection: enabled` a pod
 also gets the `istio-proxy` container Istio's sidecar injector (a mutating webhook, absent here) would add:
-the caller passes that container as Istio's own install renders it.
+the caller passes that container as Istio's own install renders it. An HTTPS Gateway's TLS Secret, which
+the user creates, is made too.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
+import tempfile
+from pathlib import Path
 from typing import Any
+
+from mesh import pki
 
 Obj = dict[str, Any]
 
@@ -90,7 +96,37 @@ def endpoint_slices(objects: list[Obj], pod_list: list[Obj]) -> list[Obj]:
     return out
 
 
+def gateway_secrets(objects: list[Obj]) -> list[Obj]:
+    """The TLS Secret each HTTPS Gateway server names (`credentialName`), in the namespace of the ingress gateway
+    its selector picks: what the user creates beside the tree (README: "TLS and tokens at the gateway")."""
+    deployments = [o for o in objects if o["kind"] == "Deployment"]
+    out: dict[tuple[str, str], Obj] = {}
+    for gateway in (o for o in objects if o["kind"] == "Gateway"):
+        selector = gateway["spec"].get("selector") or {}
+        namespaces = {d["metadata"].get("namespace", "default") for d in deployments
+                      if _selects(selector, d["spec"]["template"]["metadata"].get("labels") or {})}
+        for server in gateway["spec"].get("servers", []):
+            name = (server.get("tls") or {}).get("credentialName")
+            for namespace in sorted(namespaces) if name else []:
+                out[namespace, name] = {
+                    "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                    "metadata": {"name": name, "namespace": namespace},
+                    "data": _tls_pair(server["hosts"]),
+                }
+    return list(out.values())
+
+
+def _tls_pair(hosts: list[str]) -> dict[str, str]:
+    """A certificate for `hosts` and its key, as a TLS Secret's data (a throwaway CA of the mesh's own kind)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ca = pki.create_ca(Path(tmp))
+        pair = pki.issue_server(ca, hosts, Path(tmp), "gateway")
+        return {"tls.crt": base64.b64encode(pair.cert.read_bytes()).decode(),
+                "tls.key": base64.b64encode(pair.key.read_bytes()).decode()}
+
+
 def cluster_objects(objects: list[Obj], sidecar: Obj | None = None) -> list[Obj]:
-    """The Pods and EndpointSlices a cluster would make from `objects` (`sidecar`: see `pods`)."""
+    """The Pods and EndpointSlices a cluster would make from `objects` (`sidecar`: see `pods`), and the TLS
+    Secrets of its HTTPS Gateways."""
     pod_list = pods(objects, sidecar)
-    return pod_list + endpoint_slices(objects, pod_list)
+    return pod_list + endpoint_slices(objects, pod_list) + gateway_secrets(objects)

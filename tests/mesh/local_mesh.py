@@ -50,9 +50,11 @@ def write_policy(path: Path, policy: dict[str, Any]) -> Path:
 
 
 @contextmanager
-def running_mesh(pipeline: Path, policy: Path | None, state_dir: Path) -> Iterator[local.State]:
-    """`mesh up --detach` on a free gateway port; `mesh down` afterwards, which must leave no process."""
-    args = ["up", "--pipeline", str(pipeline), "--detach", "--gateway-port", "0", "--state-dir", str(state_dir)]
+def running_mesh(pipeline: Path, policy: Path | None, state_dir: Path, *more: str) -> Iterator[local.State]:
+    """`mesh up --detach` (and `more` options) on a free gateway port; `mesh down` afterwards, which must leave
+    no process."""
+    args = ["up", "--pipeline", str(pipeline), "--detach", "--gateway-port", "0", "--state-dir", str(state_dir),
+            *more]
     if policy is not None:
         args += ["--policy", str(policy)]
     result = mesh_cli(*args)
@@ -64,6 +66,12 @@ def running_mesh(pipeline: Path, policy: Path | None, state_dir: Path) -> Iterat
     finally:
         mesh_cli("down", "--state-dir", str(state_dir))
         assert processes_of(state_dir) == []
+
+
+def gateway_client(state_dir: Path, timeout: float = 30.0, **options: Any) -> httpx.Client:
+    """An httpx client of the running mesh's gateway: its certificate checked against the mesh's CA, a fresh
+    token on every request (the mesh's own `gateway_credentials`)."""
+    return local.gateway_credentials(state_dir, subject="tests").client(timeout=timeout, **options)
 
 
 def mtls_client(state_dir: Path, spiffe_id: str, tmp: Path) -> httpx.Client:

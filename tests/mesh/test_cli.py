@@ -72,9 +72,11 @@ def test_the_running_mesh_is_found_from_any_directory(tiny_pipeline: tuple[Path,
         logs = mesh_cli("logs", "tiny-stage-1-v1-0", "-n", "5", cwd=elsewhere)  # a name `status` shows
         assert logs.returncode == 0, logs.stderr
         assert "tiny-stage-1-v1-0.log" in logs.stdout and "tiny-stage-1-v1-0-sidecar.log" in logs.stdout
-        gateway = json.loads(up.stdout)["gateway_url"]
-        demo = mesh_cli("demo-request", "--url", gateway, "--pipeline", str(tiny_pipeline[0]), "--token", "t0k",
-                        "--json", cwd=elsewhere)
+        started = json.loads(up.stdout)
+        token = mesh_cli("token", "--subject", "cli", cwd=elsewhere)  # the running mesh's, found from anywhere
+        assert token.returncode == 0, token.stderr
+        demo = mesh_cli("demo-request", "--url", started["gateway_url"], "--cacert", started["gateway_ca"],
+                        "--pipeline", str(tiny_pipeline[0]), "--token", token.stdout.strip(), "--json", cwd=elsewhere)
         assert demo.returncode == 0, demo.stderr
         answer = json.loads(demo.stdout)
         assert answer["status"] == 200 and [s["stage"] for s in answer["stages"]] == [

@@ -4,12 +4,13 @@ pipeline's model paths and health reach the first stage through the gateway."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -25,39 +26,53 @@ GIVE_UP_S = 20.0  # a bound, not a timing: without the limit a trickler is never
 
 
 @pytest.fixture(scope="module")
-def mesh(tiny_pipeline: tuple[Path, Manifest], tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.State]:
-    tmp = tmp_path_factory.mktemp("mesh-clients")
-    policy = write_policy(tmp / "mesh.yaml", {"clients": {"request_headers_timeout_s": HEADERS_TIMEOUT_S,
-                                                          "max_request_headers_kb": 8, "max_headers_count": 50}})
-    with running_mesh(tiny_pipeline[0], policy, tmp / ".mesh") as state:
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mesh-clients") / ".mesh"
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny_pipeline: tuple[Path, Manifest], state_dir: Path) -> Iterator[local.State]:
+    policy = write_policy(state_dir.parent / "mesh.yaml", {
+        "clients": {"request_headers_timeout_s": HEADERS_TIMEOUT_S, "max_request_headers_kb": 8,
+                    "max_headers_count": 50}})
+    with running_mesh(tiny_pipeline[0], policy, state_dir) as state:
         yield state
 
 
-def _trickler(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=GIVE_UP_S)
+@pytest.fixture(scope="module")
+def gateway(mesh: local.State, state_dir: Path) -> local.GatewayCredentials:
+    return local.gateway_credentials(state_dir, mesh, "tests")
+
+
+def _trickler(gateway: local.GatewayCredentials, port: int) -> ssl.SSLSocket:
+    context = gateway.ssl_context()
+    assert context is not None
+    sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=GIVE_UP_S),
+                               server_hostname="127.0.0.1")
     sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: pipeline.local\r\n")
     sock.setblocking(False)
     return sock
 
 
-def _cut_off(sock: socket.socket) -> bytes | None:
+def _cut_off(sock: ssl.SSLSocket) -> bytes | None:
     """What the gateway sent before closing (b"" for a bare close), or None while it still holds it open."""
     try:
         sock.sendall(b"X-Slow: 1\r\n")
         return sock.recv(4096)
-    except BlockingIOError:
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
         return None
-    except (ConnectionResetError, BrokenPipeError):
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
         return b""
 
 
-def test_trickling_headers_are_cut_off_while_good_requests_pass(mesh: local.State) -> None:
+def test_trickling_headers_are_cut_off_while_good_requests_pass(mesh: local.State,
+                                                                gateway: local.GatewayCredentials) -> None:
     port = mesh.layout.gateway_port
-    socks = [_trickler(port) for _ in range(TRICKLERS)]
+    socks = [_trickler(gateway, port) for _ in range(TRICKLERS)]
     answers: dict[int, bytes] = {}
     good = 0
     deadline = time.monotonic() + GIVE_UP_S
-    with httpx.Client(timeout=10.0) as client:
+    with gateway.client(timeout=10.0) as client:
         while len(answers) < len(socks) and time.monotonic() < deadline:
             if len(answers) == 0:  # every trickler still holds its connection
                 outputs, response = infer(client, mesh.layout.gateway_url, "tiny",
@@ -75,9 +90,9 @@ def test_trickling_headers_are_cut_off_while_good_requests_pass(mesh: local.Stat
     assert all(a == b"" or a.startswith(b"HTTP/1.1 408") for a in answers.values()), set(answers.values())
 
 
-def test_headers_over_the_limits_get_431(mesh: local.State) -> None:
+def test_headers_over_the_limits_get_431(mesh: local.State, gateway: local.GatewayCredentials) -> None:
     url = f"{mesh.layout.gateway_url}/v2/health/ready"
-    with httpx.Client(timeout=10.0) as client:
+    with gateway.client(timeout=10.0) as client:
         assert client.get(url).status_code == 200
         assert client.get(url, headers={"x-big": "a" * 9000}).status_code == 431
         assert client.get(url, headers={f"x-{i}": "1" for i in range(60)}).status_code == 431
@@ -85,27 +100,33 @@ def test_headers_over_the_limits_get_431(mesh: local.State) -> None:
 
 @pytest.mark.parametrize("framing", [b"transfer-encoding: gzip, chunked",
                                      b"transfer-encoding: chunked\r\ntransfer-encoding: chunked"])
-def test_framing_envoy_does_not_implement_gets_400_not_501(mesh: local.State, framing: bytes) -> None:
+def test_framing_envoy_does_not_implement_gets_400_not_501(mesh: local.State, gateway: local.GatewayCredentials,
+                                                           framing: bytes) -> None:
     """Envoy answers a transfer coding other than one `chunked` with 501 (RFC 9112 allows it); the gateway maps
     that local reply to the 400 the stage apps give, naming the framing it expects (found by make reliability's
     raw-bytes fuzz)."""
-    with socket.create_connection(("127.0.0.1", mesh.layout.gateway_port), timeout=GIVE_UP_S) as sock:
+    context = gateway.ssl_context()
+    assert context is not None
+    raw = socket.create_connection(("127.0.0.1", mesh.layout.gateway_port), timeout=GIVE_UP_S)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
         sock.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nhost: x\r\n" + framing + b"\r\n\r\n0\r\n\r\n")
         reply = b""
         while b"\r\n\r\n" not in reply and (chunk := sock.recv(4096)):
             reply += chunk
-        reply += sock.recv(4096)
+        with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+            reply += sock.recv(4096)
     assert reply.startswith(b"HTTP/1.1 400"), reply
     assert b"transfer-encoding: chunked" in reply, reply
 
 
-def test_only_the_pipeline_and_health_reach_the_first_stage(mesh: local.State) -> None:
-    gateway = mesh.layout.gateway_url
-    with httpx.Client(timeout=10.0) as client:
+def test_only_the_pipeline_and_health_reach_the_first_stage(mesh: local.State,
+                                                            gateway: local.GatewayCredentials) -> None:
+    url = mesh.layout.gateway_url
+    with gateway.client(timeout=10.0) as client:
         for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/tiny", "/v2/models/tiny/ready"):
-            assert client.get(gateway + path).status_code == 200, path
+            assert client.get(url + path).status_code == 200, path
         for path in ("/metrics", "/v2", "/v2/models/tiny-stage-0", "/v2/models/tiny-stage-1/ready",
                      "/v2/models/tinyx", "/docs", "/openapi.json"):
-            response = client.get(gateway + path)
+            response = client.get(url + path)
             assert response.status_code == 404, (path, response.status_code, response.text)
             assert "127.0.0.1" not in response.text and "stage" not in response.text, response.text

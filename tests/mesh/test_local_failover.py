@@ -18,7 +18,7 @@ import pytest
 from mesh import local, sockets
 from mesh.procs import alive as procs_alive
 from mesh.v2client import infer
-from tests.mesh.local_mesh import mesh_cli, running_mesh, write_policy
+from tests.mesh.local_mesh import gateway_client, mesh_cli, running_mesh, write_policy
 from tests.tiny import write_tiny_pipeline
 
 WIDTH = 786432  # FP32 per sample into the middle stage: 3 MiB, three times Envoy's default buffer
@@ -55,7 +55,7 @@ def test_activation_is_larger_than_envoy_default_buffer(mesh: tuple[local.State,
     assert len(state.layout.of_stage(MIDDLE)) == 2
 
 
-def _load_through_a_kill(state: local.State, pipeline: Path, name: str, victims: list[int],
+def _load_through_a_kill(state: local.State, state_dir: Path, pipeline: Path, name: str, victims: list[int],
                          before_kill: int, after_kill: int,
                          just_before_kill: Callable[[], None] = lambda: None) -> tuple[dict[str, int], list[str]]:
     """Steady load from CLIENTS clients; SIGKILL `victims` once `before_kill` requests succeeded; stop after
@@ -72,7 +72,7 @@ def _load_through_a_kill(state: local.State, pipeline: Path, name: str, victims:
     failures: list[str] = []
 
     def client_loop(k: int) -> None:
-        with httpx.Client(timeout=60.0) as client:
+        with gateway_client(state_dir, timeout=60.0) as client:
             i = k
             while not stop.is_set():
                 phase = "after" if killed.is_set() else "before"
@@ -116,7 +116,7 @@ def test_sigkill_of_one_replica_loses_no_request(mesh: tuple[local.State, Path, 
     victims = [p.pid for p in state.procs if p.name in (victim, f"{victim}-sidecar")]
     served: list[int] = []
     counts, failures = _load_through_a_kill(
-        state, pipeline, "wide", victims, BEFORE_KILL, AFTER_KILL,
+        state, state_dir, pipeline, "wide", victims, BEFORE_KILL, AFTER_KILL,
         lambda: served.append(_stat(admin_of[victim], "http.inbound.downstream_rq_2xx")))
     assert failures == []
     assert counts["before"] >= BEFORE_KILL and counts["after"] >= AFTER_KILL, counts
@@ -141,7 +141,7 @@ def test_an_app_that_dies_behind_its_live_sidecar_loses_no_request(tmp_path: Pat
         victim = state.layout.of_stage("crash-stage-1")[1].name
         app = [p.pid for p in state.procs if p.name == victim]
         sidecar = next(p for p in state.procs if p.name == f"{victim}-sidecar")
-        counts, failures = _load_through_a_kill(state, pipeline, "crash", app, 20, 60)
+        counts, failures = _load_through_a_kill(state, tmp_path / ".mesh", pipeline, "crash", app, 20, 60)
         assert failures == []
         assert counts["before"] >= 20 and counts["after"] >= 60, counts
         assert procs_alive(sidecar)  # only the app died

@@ -20,7 +20,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from benchmarks.faults import fault_under_load, freeze_under_load, mesh_sender, replica_pids, summarize
+from benchmarks.faults import (
+    fault_under_load,
+    freeze_under_load,
+    gateway_client,
+    mesh_sender,
+    replica_pids,
+    summarize,
+)
 from mesh import local, sockets
 from mesh.envoy_config import APP_CLUSTER
 from mesh.v2client import infer
@@ -55,11 +62,12 @@ def _inputs(pipeline: Path) -> tuple[list[dict[str, np.ndarray]], list[dict[str,
 
 
 def test_a_frozen_replica_is_retried_around_and_ejected(mesh: tuple[local.State, Path, Path]) -> None:
-    state, _, pipeline = mesh
+    state, state_dir, pipeline = mesh
     inputs, expected = _inputs(pipeline)
     victim = state.layout.of_stage(MIDDLE)[1].name
     outcomes = freeze_under_load(mesh_sender(state, inputs, expected), replica_pids(state, victim),
-                                 rate=10.0, before_s=1.5, freeze_s=5.0, after_s=2.0)
+                                 rate=10.0, before_s=1.5, freeze_s=5.0, after_s=2.0,
+                                 new_client=gateway_client(local.gateway_credentials(state_dir, state, "tests")))
     for s in summarize(outcomes):
         print(s)  # figures for the reader; `python -m benchmarks.faults` measures them at length
     assert [o.error for o in outcomes if o.error] == []
@@ -99,7 +107,7 @@ def test_fault_abort_from_the_policy(mesh: tuple[local.State, Path, Path], tmp_p
     inputs, _ = _inputs(pipeline)
     _apply(state, state_dir, tmp_path, {"abort": {"percent": 100, "http_status": 503}})
     try:
-        with httpx.Client(timeout=30.0) as client:
+        with local.gateway_credentials(state_dir, state).client(timeout=30.0) as client:
             responses = []
             for x in inputs:
                 with pytest.raises(httpx.HTTPStatusError) as failed:
@@ -113,7 +121,7 @@ def test_fault_abort_from_the_policy(mesh: tuple[local.State, Path, Path], tmp_p
                    for a in callers) >= len(inputs)
     finally:
         _apply(state, state_dir, tmp_path, None)
-    with httpx.Client(timeout=30.0) as client:
+    with local.gateway_credentials(state_dir, state).client(timeout=30.0) as client:
         infer(client, state.layout.gateway_url, NAME, inputs[0])  # the fault is gone with the policy
 
 
@@ -123,7 +131,7 @@ def test_fault_delay_from_the_policy(mesh: tuple[local.State, Path, Path], tmp_p
     delay_s = 0.3
     _apply(state, state_dir, tmp_path, {"delay": {"percent": 100, "fixed_delay_s": delay_s}})
     try:
-        with httpx.Client(timeout=30.0) as client:
+        with local.gateway_credentials(state_dir, state).client(timeout=30.0) as client:
             for x, want in zip(inputs, expected, strict=True):
                 out, _ = infer(client, state.layout.gateway_url, NAME, x)
                 assert np.allclose(out["y"], want["y"], atol=1e-5, rtol=0)
@@ -151,7 +159,8 @@ def test_a_stopping_replica_drains_without_loss(tmp_path: Path) -> None:
         victim = state.layout.of_stage("drain-stage-1")[1]
         app = next(p for p in state.procs if p.name == victim.name)
         outcomes = fault_under_load(mesh_sender(state, inputs, expected), lambda: _sigterm(app.pid),
-                                    rate=10.0, before_s=1.0, fault_s=local.DRAIN_DELAY_S + 2.0, after_s=1.0)
+                                    rate=10.0, before_s=1.0, fault_s=local.DRAIN_DELAY_S + 2.0, after_s=1.0,
+                                    new_client=gateway_client(local.gateway_credentials(tmp_path / ".mesh", state)))
         assert [o.error for o in outcomes if o.error] == []
         stats = _stats(victim.admin_socket, f"cluster.{APP_CLUSTER}.")
         assert stats[f"cluster.{APP_CLUSTER}.health_check.failure"] > 0, stats  # it saw the app go not-ready

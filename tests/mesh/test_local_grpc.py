@@ -25,11 +25,26 @@ FIRST = "tiny-stage-0"
 
 
 @pytest.fixture(scope="module")
-def mesh(tiny_pipeline: tuple[Path, Manifest], tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.State]:
-    tmp = tmp_path_factory.mktemp("mesh-grpc")
-    policy = write_policy(tmp / "mesh.yaml", {"stages": {FIRST: {"replicas": 2}}})
-    with running_mesh(tiny_pipeline[0], policy, tmp / ".mesh") as state:
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mesh-grpc") / ".mesh"
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny_pipeline: tuple[Path, Manifest], state_dir: Path) -> Iterator[local.State]:
+    policy = write_policy(state_dir.parent / "mesh.yaml", {"stages": {FIRST: {"replicas": 2}}})
+    with running_mesh(tiny_pipeline[0], policy, state_dir) as state:
         yield state
+
+
+@pytest.fixture(scope="module")
+def gateway(mesh: local.State, state_dir: Path) -> local.GatewayCredentials:
+    return local.gateway_credentials(state_dir, mesh, "tests")
+
+
+@pytest.fixture(scope="module")
+def auth(gateway: local.GatewayCredentials) -> dict[str, str]:
+    """The token, as gRPC metadata (Authorization: Bearer ...)."""
+    return gateway.headers
 
 
 def _input(x: np.ndarray, name: str = "x") -> list[triton.InferInput]:
@@ -38,10 +53,10 @@ def _input(x: np.ndarray, name: str = "x") -> list[triton.InferInput]:
     return [tensor]
 
 
-def _client(state: local.State) -> triton.InferenceServerClient:
-    address = state.layout.gateway_grpc_address
-    assert address is not None
-    return triton.InferenceServerClient(address)
+def _client(gateway: local.GatewayCredentials) -> triton.InferenceServerClient:
+    """A client that checks the gateway's certificate against the mesh's CA."""
+    assert gateway.grpc_address is not None
+    return triton.InferenceServerClient(gateway.grpc_address, ssl=True, root_certificates=str(gateway.ca))
 
 
 def _stat(admin_socket: str, name: str) -> int:
@@ -49,31 +64,33 @@ def _stat(admin_socket: str, name: str) -> int:
     return sum(int(line.rsplit(":", 1)[1]) for line in text.splitlines() if line.startswith(name + ":"))
 
 
-def test_tritonclient_grpc_through_the_gateway(mesh: local.State, tiny_pipeline: tuple[Path, Manifest]) -> None:
+def test_tritonclient_grpc_through_the_gateway(mesh: local.State, gateway: local.GatewayCredentials,
+                                               auth: dict[str, str], tiny_pipeline: tuple[Path, Manifest]) -> None:
     x = np.random.default_rng(3).standard_normal((3, 16)).astype(np.float32)
     want = ort.InferenceSession(str(tiny_pipeline[0] / "model.onnx")).run(None, {"x": x})[0]
-    client = _client(mesh)
+    client = _client(gateway)
     try:
-        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
-        meta = client.get_model_metadata("tiny")
+        assert client.is_server_live(headers=auth) and client.is_server_ready(headers=auth)
+        assert client.is_model_ready("tiny", headers=auth)
+        meta = client.get_model_metadata("tiny", headers=auth)
         assert [(t.name, list(t.shape)) for t in meta.inputs] == [("x", [-1, 16])]
-        result = client.infer("tiny", _input(x), request_id="through-gateway")
+        result = client.infer("tiny", _input(x), request_id="through-gateway", headers=auth)
         np.testing.assert_allclose(result.as_numpy("y"), want, atol=1e-5, rtol=0)
         assert result.get_response().id == "through-gateway"
         with pytest.raises(InferenceServerException) as info:
-            client.infer("tiny", _input(np.zeros((1, 15), np.float32)))
+            client.infer("tiny", _input(np.zeros((1, 15), np.float32)), headers=auth)
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "x" in (info.value.message() or "")
         with pytest.raises(InferenceServerException) as info:
-            client.infer("tiny", _input(np.zeros((1, 16), np.float32), "nope"))
+            client.infer("tiny", _input(np.zeros((1, 16), np.float32), "nope"), headers=auth)
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "nope" in (info.value.message() or "")
     finally:
         client.close()
     # a bad input is not retried: it would only fail again
-    gateway = mesh.layout.gateway_admin_socket
-    assert _stat(gateway, f"http.{GATEWAY_GRPC}.downstream_rq_completed") >= 5
+    assert _stat(mesh.layout.gateway_admin_socket, f"http.{GATEWAY_GRPC}.downstream_rq_completed") >= 5
 
 
-def test_gateway_retries_unavailable_while_a_replica_drains(mesh: local.State) -> None:
+def test_gateway_retries_unavailable_while_a_replica_drains(mesh: local.State, gateway: local.GatewayCredentials,
+                                                            auth: dict[str, str]) -> None:
     """SIGTERM one replica of the first stage: it answers UNAVAILABLE while it drains, then stops listening;
     the gateway retries each such call on the other replica, so no client call fails."""
     victim = next(p for p in mesh.procs if p.role == "app" and p.stage == FIRST)
@@ -82,12 +99,12 @@ def test_gateway_retries_unavailable_while_a_replica_drains(mesh: local.State) -
     calls = [0]
 
     def load() -> None:
-        client = _client(mesh)
+        client = _client(gateway)
         x = np.zeros((1, 16), np.float32)
         try:
             while not done.is_set():
                 try:
-                    client.infer("tiny", _input(x))
+                    client.infer("tiny", _input(x), headers=auth)
                     calls[0] += 1
                 except InferenceServerException as exc:
                     failures.append(f"{exc.status()}: {exc.message()}")

@@ -142,7 +142,7 @@ def test_foreground_up_tears_down_on_sigterm(tiny_pipeline: tuple[Path, Manifest
             lines.append(line)
             if "Ctrl-C stops the mesh" in line:
                 break
-        assert any("gateway: http://127.0.0.1:" in line for line in lines), "".join(lines)
+        assert any("gateway: https://127.0.0.1:" in line for line in lines), "".join(lines)
         assert len(processes_of(state_dir)) == 7  # 3 apps, 3 sidecars, 1 gateway
         cli.send_signal(signal.SIGTERM)
         rest, _ = cli.communicate(timeout=60)

@@ -19,7 +19,7 @@ import pytest
 from mesh import local, procs
 from mesh.v2client import STAGE_TIMING, encode, infer, stage_timing
 from model_export.manifest import Manifest
-from tests.mesh.local_mesh import mesh_cli, mtls_client, processes_of, running_mesh, write_policy
+from tests.mesh.local_mesh import gateway_client, mesh_cli, mtls_client, processes_of, running_mesh, write_policy
 
 CANARY_STAGE = "tiny-stage-1"
 CANARY_REQUESTS = 1000
@@ -55,10 +55,10 @@ def _whole(pipeline: Path, x: np.ndarray) -> np.ndarray:
 
 
 def test_binary_and_json_through_gateway_equal_whole_model(mesh: tuple[local.State, Path], pipeline: Path) -> None:
-    state, _ = mesh
+    state, state_dir = mesh
     x = np.random.default_rng(7).standard_normal((5, 16)).astype(np.float32)
     want = _whole(pipeline, x)
-    with httpx.Client(timeout=30.0) as client:
+    with gateway_client(state_dir) as client:
         for binary in (True, False):
             outputs, response = infer(client, state.layout.gateway_url, "tiny", {"x": x}, binary=binary)
             np.testing.assert_allclose(outputs["y"], want, atol=1e-5, rtol=0)
@@ -67,12 +67,14 @@ def test_binary_and_json_through_gateway_equal_whole_model(mesh: tuple[local.Sta
 
 
 def test_curl_json_through_gateway(mesh: tuple[local.State, Path], pipeline: Path) -> None:
-    """The command the README shows."""
-    state, _ = mesh
+    """The command the README shows: the mesh's CA and a token from `mesh token`."""
+    state, state_dir = mesh
     x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 16)
     body = json.dumps({"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": x.ravel().tolist()}]})
+    token = mesh_cli("token", "--subject", "curl", "--state-dir", str(state_dir)).stdout.strip()
     result = subprocess.run(
-        ["curl", "-sS", "--fail-with-body", "-H", "content-type: application/json", "-d", body,
+        ["curl", "-sS", "--fail-with-body", "--cacert", str(state_dir / "pki" / "ca.pem"),
+         "-H", f"authorization: Bearer {token}", "-H", "content-type: application/json", "-d", body,
          f"{state.layout.gateway_url}/v2/models/tiny/infer"],
         capture_output=True, text=True, timeout=30, check=True,
     )
@@ -109,22 +111,23 @@ def test_rbac_admits_only_the_previous_stage(mesh: tuple[local.State, Path], tmp
         {"tiny-stage-2": 403, "gateway": 403, "other-ns": 403}
 
 
-def _served_versions(url: str, n: int) -> Counter[str]:
+def _served_versions(state_dir: Path, n: int) -> Counter[str]:
     x = np.ones((1, 16), np.float32)
     body, headers = encode({"x": x})
 
     def one(client: httpx.Client) -> str:
-        response = client.post(f"{url}/v2/models/tiny/infer", content=body, headers=headers)
+        response = client.post("/v2/models/tiny/infer", content=body, headers=headers)
         assert response.status_code == 200, response.text
         return next(v for s, v, _ in stage_timing(response.headers[STAGE_TIMING]) if s == CANARY_STAGE)
 
-    with httpx.Client(timeout=30.0) as client, ThreadPoolExecutor(4) as pool:
+    gateway = local.gateway_credentials(state_dir, subject="tests")
+    with gateway.client(base_url=gateway.url, timeout=30.0) as client, ThreadPoolExecutor(4) as pool:
         return Counter(pool.map(lambda _: one(client), range(n)))
 
 
 def test_canary_split_80_20(mesh: tuple[local.State, Path]) -> None:
-    state, _ = mesh
-    served = _served_versions(state.layout.gateway_url, CANARY_REQUESTS)
+    _, state_dir = mesh
+    served = _served_versions(state_dir, CANARY_REQUESTS)
     assert sum(served.values()) == CANARY_REQUESTS
     share_v2 = 100 * served["v2"] / CANARY_REQUESTS
     assert 15 <= share_v2 <= 25, served
@@ -140,7 +143,7 @@ def test_policy_change_applies_without_restart(mesh: tuple[local.State, Path], t
         # Envoy reloads its watched files within moments; the check is on what it serves, not on time.
         served: Counter[str] = Counter()
         for _ in range(100):
-            served = _served_versions(state.layout.gateway_url, 20)
+            served = _served_versions(state_dir, 20)
             if served == Counter(v2=20):
                 break
         assert served == Counter(v2=20)

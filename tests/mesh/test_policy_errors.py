@@ -85,3 +85,34 @@ def test_the_repository_policy_fits_any_pipeline(tmp_path: Path, stages: int) ->
     assert [s.name for s in plan.stages] == [f"any-stage-{i}" for i in range(stages)]
     timeouts = [h.route.timeout_s for h in plan.hops]
     assert timeouts == sorted(timeouts, reverse=True) and len(set(timeouts)) == stages  # shrinking along the chain
+
+
+def test_bad_gateway_auth_and_tls_one_line_each(tmp_path: Path) -> None:
+    path = tmp_path / "mesh.yaml"
+    text = """\
+gateway:
+  auth:
+    enabled: maybe
+    issuer: ""
+    audiences: []
+    jwks_uri: keys.example.com/jwks
+    jwks: '{"no": "keys"}'
+    audience: x
+  tls:
+    credential_name: Not_A_Secret
+"""
+    found = problems(text, tmp_path)
+    assert found == [
+        f"{path}:3: gateway.auth.enabled: input should be a valid boolean, unable to interpret input (got 'maybe')",
+        f"{path}:4: gateway.auth.issuer: string should have at least 1 character (got '')",
+        f"{path}:5: gateway.auth.audiences: audiences must list at least one non-empty audience, got []",
+        f"{path}:6: gateway.auth.jwks_uri: 'keys.example.com/jwks' is not an http(s) URL such as "
+        "https://issuer.example/.well-known/jwks.json",
+        f"{path}:7: gateway.auth.jwks: jwks must be a JSON Web Key Set: {{\"keys\": [...]}} with at least one key",
+        f"{path}:8: gateway.auth.audience: unknown field; did you mean 'audiences'?",
+        f"{path}:10: gateway.tls.credential_name: " + found[-1].split("credential_name: ", 1)[1],
+    ]
+    assert "Not_A_Secret" in found[-1]
+    both = problems("gateway:\n  auth:\n    jwks_uri: https://a.example/k\n    jwks: '{\"keys\": [{}]}'\n",
+                    tmp_path)
+    assert both == [f"{path}:2: gateway.auth: set jwks_uri or jwks, not both"]

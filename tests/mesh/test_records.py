@@ -13,14 +13,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from mesh import local
 from mesh.records import read_records
 from mesh.v2client import infer
-from tests.mesh.local_mesh import REPO, mesh_cli, running_mesh, write_policy
+from tests.mesh.local_mesh import REPO, gateway_client, mesh_cli, running_mesh, write_policy
 from tests.tiny import write_tiny_pipeline
 
 MIDDLE = "rec-stage-1"
@@ -78,7 +77,7 @@ def test_a_killed_replica_is_ejected_and_keeps_its_last_healthy_time(mesh: tuple
     x = np.ones((1, 16), np.float32)
     last_valid = before.last_seen_healthy
     deadline = time.monotonic() + 60
-    with httpx.Client(timeout=30.0) as client:
+    with gateway_client(state_dir) as client:
         while time.monotonic() < deadline:
             infer(client, state.layout.gateway_url, "rec", {"x": x})  # retried elsewhere: never fails
             reading = read_records(state, state_dir)

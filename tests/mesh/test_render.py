@@ -349,3 +349,45 @@ def test_canary_of_the_first_stage_splits_grpc_as_rest(tiny_pipeline: tuple[Path
     assert [d["destination"]["subset"] for d in rest] == [d["destination"]["subset"] for d in grpc]
     assert {d["destination"]["port"]["number"] for d in grpc} == {8081}
     assert {d["destination"]["port"]["number"] for d in rest} == {8080}
+
+
+def test_gateway_is_https_and_requires_a_token(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    """The Gateway serves HTTPS only (443, SIMPLE, the policy's Secret); a RequestAuthentication and a DENY of
+    requests without a token's principal sit on the ingress gateway, scoped to the pipeline's host and its model
+    and gRPC paths; health is left open."""
+    _, manifest = tiny_pipeline
+    files = render_tree(manifest, _policy(gateway={
+        "host": "tiny.example.com", "tls": {"credential_name": "tiny-tls"},
+        "auth": {"issuer": "https://idp.example.com", "audiences": ["tiny", "ops"],
+                 "jwks_uri": "https://idp.example.com/keys"}}))
+    istio = _by_kind(files, "components/")
+    [server] = istio["Gateway"][0]["spec"]["servers"]
+    assert server["port"] == {"number": 443, "name": "https", "protocol": "HTTPS"}
+    assert server["tls"] == {"mode": "SIMPLE", "credentialName": "tiny-tls"}
+    [authn] = istio["RequestAuthentication"]
+    assert authn["metadata"]["namespace"] == "istio-system"
+    assert authn["spec"]["selector"] == {"matchLabels": {"istio": "ingressgateway"}}
+    assert authn["spec"]["jwtRules"] == [{"issuer": "https://idp.example.com", "audiences": ["tiny", "ops"],
+                                          "jwksUri": "https://idp.example.com/keys"}]
+    [deny] = [p for p in istio["AuthorizationPolicy"] if p["metadata"]["name"] == "tiny-require-token"]
+    assert deny["metadata"]["namespace"] == "istio-system" and deny["spec"]["action"] == "DENY"
+    [rule] = deny["spec"]["rules"]
+    assert rule["from"] == [{"source": {"notRequestPrincipals": ["*"]}}]
+    assert rule["to"] == [{"operation": {"ports": ["8443"], "hosts": ["tiny.example.com", "tiny.example.com:*"],
+                                         "paths": ["/v2/models/tiny", "/v2/models/tiny/*",
+                                                   "/inference.GRPCInferenceService/*"]}}]
+    buffer = render_tree(manifest, _policy(defaults={"buffer_limit_bytes": 4 << 20}))
+    first = yaml.safe_load(buffer[f"components/istio/envoyfilter-{manifest.stages[0].name}-buffer-limit.yaml"])
+    assert first["spec"]["configPatches"][0]["match"]["listener"] == {"portNumber": 8443}  # the HTTPS listener
+
+
+def test_inline_keys_and_auth_off(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    _, manifest = tiny_pipeline
+    keys = json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "x": "x", "y": "y"}]})
+    files = render_tree(manifest, _policy(gateway={"auth": {"jwks": keys}}))
+    [authn] = _by_kind(files, "components/")["RequestAuthentication"]
+    assert authn["spec"]["jwtRules"][0]["jwks"] == keys and "jwksUri" not in authn["spec"]["jwtRules"][0]
+    off = _by_kind(render_tree(manifest, _policy(gateway={"auth": {"enabled": False}})), "components/")
+    assert "RequestAuthentication" not in off
+    assert "tiny-require-token" not in [p["metadata"]["name"] for p in off["AuthorizationPolicy"]]
+    assert off["Gateway"][0]["spec"]["servers"][0]["port"]["protocol"] == "HTTPS"  # TLS stays

@@ -35,8 +35,9 @@ class Load:
     """Steady requests from CLIENTS threads; each answer's stage-1 version counted in the current phase, its
     output checked against that version's chain; every failure kept."""
 
-    def __init__(self, state: local.State, expected: dict[str, np.ndarray], x: np.ndarray) -> None:
-        self.state, self.expected, self.x = state, expected, x
+    def __init__(self, state: local.State, gateway: local.GatewayCredentials, expected: dict[str, np.ndarray],
+                 x: np.ndarray) -> None:
+        self.state, self.gateway, self.expected, self.x = state, gateway, expected, x
         self.phase: str | None = None
         self.served: dict[str, Counter[str]] = {}
         self.failures: list[str] = []
@@ -45,7 +46,7 @@ class Load:
         self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(CLIENTS)]
 
     def _loop(self) -> None:
-        with httpx.Client(timeout=60.0) as client:
+        with self.gateway.client(timeout=60.0) as client:
             while not self.stop.is_set():
                 try:
                     out, response = infer(client, self.state.layout.gateway_url, "roll", {"x": self.x})
@@ -104,7 +105,7 @@ def test_canary_promote_and_rollback_under_load(mesh: tuple[local.State, Path], 
     files = {"v1": "stage-1.onnx", "v2": "stage-1-v2.onnx", "v3": "stage-1-v3.onnx"}
     expected = {v: chain_output(pipelines[v], ["stage-0.onnx", files[v], "stage-2.onnx"], x) for v in files}
     assert not np.allclose(expected["v1"], expected["v2"])
-    load = Load(state, expected, x)
+    load = Load(state, local.gateway_credentials(state_dir, state, "tests"), expected, x)
     for t in load.threads:
         t.start()
     where = ["--state-dir", str(state_dir)]

@@ -37,8 +37,9 @@ class Load:
     """Steady requests that name no split, from CLIENTS threads; each answer's split counted in the current
     phase, its output checked against the whole model; every failure and every mixture kept."""
 
-    def __init__(self, url: str, expected: np.ndarray, x: np.ndarray, stages: dict[str, int]) -> None:
-        self.url, self.expected, self.x, self.stages = url, expected, x, stages
+    def __init__(self, gateway: local.GatewayCredentials, expected: np.ndarray, x: np.ndarray,
+                 stages: dict[str, int]) -> None:
+        self.gateway, self.url, self.expected, self.x, self.stages = gateway, gateway.url, expected, x, stages
         self.phase: str | None = None
         self.served: dict[str, Counter[str]] = {}
         self.failures: list[str] = []
@@ -60,7 +61,7 @@ class Load:
         return served, None
 
     def _loop(self) -> None:
-        with httpx.Client(timeout=60.0) as client:
+        with self.gateway.client(timeout=60.0) as client:
             while not self.stop.is_set():
                 served, problem = self._check(client)
                 with self.lock:
@@ -126,7 +127,8 @@ def test_split_rollout_under_load_never_mixes(mesh: tuple[local.State, Path], sp
     three, two = (load_manifest(splits[k]).split_id for k in ("3", "2"))
     assert three != two and three.startswith("s3-") and two.startswith("s2-")
     x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 16)
-    load = Load(state.layout.gateway_url, whole_model(splits["3"], x), x, {three: 3, two: 2})
+    gateway = local.gateway_credentials(state_dir, state, "tests")
+    load = Load(gateway, whole_model(splits["3"], x), x, {three: 3, two: 2})
     where = ["--state-dir", str(state_dir)]
     for t in load.threads:
         t.start()
@@ -138,7 +140,7 @@ def test_split_rollout_under_load_never_mixes(mesh: tuple[local.State, Path], sp
         assert_share(load.count("10%", 400), two, 10, load.served)
         assert mesh_cli("split-canary", "--weight", "50", *where).returncode == 0
         assert_share(load.count("50%", 600), two, 50, load.served)
-        _pinned_by_client(state, x, load.expected, three, two)
+        _pinned_by_client(gateway, x, load.expected, three, two)
         first = {f"pin-stage-{i}-v1-0{suffix}" for i in range(3) for suffix in ("", "-sidecar")}
         old = [p for p in local.read_state(state_dir).procs if p.name in first]  # type: ignore[union-attr]
         promoted = mesh_cli("split-promote", *where)
@@ -166,23 +168,24 @@ def test_split_rollout_under_load_never_mixes(mesh: tuple[local.State, Path], sp
     assert len([p for p in after.procs if p.role == "app"]) == 2
 
 
-def _pinned_by_client(state: local.State, x: np.ndarray, expected: np.ndarray, three: str, two: str) -> None:
-    """A client that names a split gets it, over REST and gRPC; one that names no known split gets one 400
-    naming the known ones."""
-    url, grpc_address = state.layout.gateway_url, state.layout.gateway_grpc_address
+def _pinned_by_client(gateway: local.GatewayCredentials, x: np.ndarray, expected: np.ndarray, three: str,
+                      two: str) -> None:
+    """A client that names a split gets it, over REST and gRPC (TLS and the token, as any client of the gateway);
+    one that names no known split gets one 400 naming the known ones."""
+    url, grpc_address = gateway.url, gateway.grpc_address
     assert grpc_address is not None
-    grpc = triton.InferenceServerClient(grpc_address)
+    grpc = triton.InferenceServerClient(grpc_address, ssl=True, root_certificates=str(gateway.ca))
     try:
         tensor = triton.InferInput("x", list(x.shape), "FP32")
         tensor.set_data_from_numpy(x)
         for split in (three, two, None):
-            result = grpc.infer("pin", [tensor], headers={HEADER: split} if split else None)
+            result = grpc.infer("pin", [tensor], headers={**gateway.headers, **({HEADER: split} if split else {})})
             np.testing.assert_allclose(result.as_numpy("y"), expected, atol=1e-5, rtol=0)
         with pytest.raises(InferenceServerException):
-            grpc.infer("pin", [tensor], headers={HEADER: "s9-00000000"})
+            grpc.infer("pin", [tensor], headers={**gateway.headers, HEADER: "s9-00000000"})
     finally:
         grpc.close()
-    with httpx.Client(timeout=30.0) as client:
+    with gateway.client(timeout=30.0) as client:
         for split, stages in ((three, 3), (two, 2)):
             _, response = infer(client, url, "pin", {"x": x}, headers={HEADER: split})
             assert timing_splits(response.headers.get(STAGE_TIMING)) == [split] * stages

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from rich.console import Console
@@ -22,7 +21,7 @@ from mesh.local import TRACES_DIR
 from mesh.trace import TraceError, bar, find_trace, load_spans, recent_traces, render_waterfall, span_files
 from mesh.v2client import infer
 from model_export.manifest import Manifest
-from tests.mesh.local_mesh import mesh_cli, running_mesh
+from tests.mesh.local_mesh import gateway_client, mesh_cli, running_mesh
 
 MS = 1_000_000
 T0 = 1_700_000_000_000_000_000
@@ -151,7 +150,7 @@ def test_waterfall_of_a_request_through_the_local_mesh(tiny_pipeline: tuple[Path
     state_dir = tmp_path / ".mesh"
     with running_mesh(pipeline, None, state_dir) as state:
         x = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
-        with httpx.Client(timeout=30.0) as client:
+        with gateway_client(state_dir) as client:
             infer(client, state.layout.gateway_url, "tiny", {"x": x})
         result = mesh_cli("trace", "--last", "--state-dir", str(state_dir))
         assert result.returncode == 0, result.stderr

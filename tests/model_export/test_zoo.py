@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
+from mesh import local
 from model_export import zoo
 from model_export.dims import value_dims
 from model_export.export import ExportResult, export_keras
@@ -192,9 +193,11 @@ def test_zoo_model_served_through_the_mesh(name: str, exported: Callable[[str], 
     cases = cases_for(manifest, load_onnx(model.onnx), None)
     first = manifest.inputs[0].name
     with running_mesh(directory, None, tmp_path / ".mesh") as state:
-        client = triton.InferenceServerClient(state.layout.gateway_url.removeprefix("http://"), network_timeout=60)
+        gateway = local.gateway_credentials(tmp_path / ".mesh", state, "tests")
+        client = triton.InferenceServerClient(gateway.url.removeprefix("https://"), network_timeout=60, ssl=True,
+                                              ssl_options={"ca_certs": str(gateway.ca)})
         try:
-            meta = client.get_model_metadata(manifest.name)
+            meta = client.get_model_metadata(manifest.name, headers=gateway.headers)
             assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
                 (t.name, t.datatype, t.shape) for t in manifest.inputs]
             for batch in (1, 4):
@@ -207,7 +210,7 @@ def test_zoo_model_served_through_the_mesh(name: str, exported: Callable[[str], 
                         item.set_data_from_numpy(feeds[t.name], binary_data=binary)
                         inputs.append(item)
                     outputs = [triton.InferRequestedOutput(t.name, binary_data=binary) for t in manifest.outputs]
-                    result = client.infer(manifest.name, inputs, outputs=outputs)
+                    result = client.infer(manifest.name, inputs, outputs=outputs, headers=gateway.headers)
                     for t in manifest.outputs:
                         np.testing.assert_allclose(result.as_numpy(t.name), want[t.name], rtol=EXPORT_TOLERANCE.rtol,
                                                    atol=EXPORT_TOLERANCE.atol, err_msg=f"{t.name} batch {batch}")
