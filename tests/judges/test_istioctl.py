@@ -150,3 +150,18 @@ def test_a_principal_of_no_service_account_is_ours_to_catch(trees: dict[tuple[st
     assert _unpinned(istio_tools.analyze(path)) == []
     assert _unpinned(istio_tools.analyze_with_runtime_objects(path)[0]) == []
     assert any("cluster.local/ns/tiny-ns/sa/no-such-account" in p for p in semantic_problems(objects))
+
+
+def test_a_gateway_secret_the_cluster_lacks_is_caught(trees: dict[tuple[str, str], Objs], tmp_path: Path) -> None:
+    """The HTTPS Gateway's `credentialName` must name a TLS Secret in the ingress gateway's namespace: the
+    stand-in cluster holds the one the tree names (as the README tells users to create it); naming another is
+    Istio's IST0101."""
+    cluster = copy.deepcopy(istio_tools.in_cluster(trees["tiny", "dev"]))
+    secrets = [o for o in cluster if o["kind"] == "Secret"]
+    assert [(s["metadata"]["namespace"], s["metadata"]["name"]) for s in secrets] == [
+        ("istio-system", "pipeline-gateway-tls")]
+    _one(cluster, "Gateway")["spec"]["servers"][0]["tls"]["credentialName"] = "no-such-secret"
+    path = istio_tools.write_objects(cluster, tmp_path / "tree.yaml")
+    found = _unpinned(istio_tools.analyze_with_runtime_objects(path)[0])
+    assert any(m["code"] == "IST0101" and 'Referenced credentialName not found: "no-such-secret"' in m["message"]
+               for m in found), found

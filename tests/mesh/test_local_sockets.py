@@ -12,7 +12,6 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -21,14 +20,19 @@ from mesh import local, sockets
 from mesh.v2client import infer
 from model_export.manifest import Manifest
 from tests.listeners import tcp_listening_ports, unix_listening_paths
-from tests.mesh.local_mesh import running_mesh
+from tests.mesh.local_mesh import gateway_client, running_mesh
 
 NOBODY = 65534
 
 
 @pytest.fixture(scope="module")
-def mesh(tiny_pipeline: tuple[Path, Manifest], tmp_path_factory: pytest.TempPathFactory) -> Iterator[local.State]:
-    with running_mesh(tiny_pipeline[0], None, tmp_path_factory.mktemp("mesh-sockets") / ".mesh") as state:
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mesh-sockets") / ".mesh"
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny_pipeline: tuple[Path, Manifest], state_dir: Path) -> Iterator[local.State]:
+    with running_mesh(tiny_pipeline[0], None, state_dir) as state:
         yield state
 
 
@@ -64,10 +68,11 @@ def connect_errors_as(uid: int, paths: list[str]) -> list[int]:
     return [int(e) for e in answer.split(",")]
 
 
-def test_pipeline_answers_through_the_gateway(mesh: local.State, tiny_pipeline: tuple[Path, Manifest]) -> None:
+def test_pipeline_answers_through_the_gateway(mesh: local.State, state_dir: Path,
+                                              tiny_pipeline: tuple[Path, Manifest]) -> None:
     x = np.random.default_rng(5).standard_normal((3, 16)).astype(np.float32)
     want = ort.InferenceSession(str(tiny_pipeline[0] / "model.onnx")).run(None, {"x": x})[0]
-    with httpx.Client(timeout=30.0) as client:
+    with gateway_client(state_dir) as client:
         got, _ = infer(client, mesh.layout.gateway_url, "tiny", {"x": x})
     np.testing.assert_allclose(got["y"], want, atol=1e-5, rtol=0)
 
