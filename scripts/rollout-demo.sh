@@ -25,8 +25,11 @@ $PY -m mesh down --state-dir "$state" >/dev/null 2>&1 || true
 $PY -m mesh up --pipeline "$OLD" --policy mesh.yaml --detach --gateway-port 0 --state-dir "$state" --json \
     > "$BUILD/rollout-mesh.json"
 trap '$PY -m mesh down --state-dir "$state" >/dev/null' EXIT
-gateway=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['gateway_url'])" "$BUILD/rollout-mesh.json")
-$PY -m loadtest run --url "$gateway" --model reference --rate 4 --duration "$LOAD_S" --out "$BUILD/rollout-load" &
+field() { $PY -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" "$BUILD/rollout-mesh.json" "$1"; }
+# the gateway's TLS checked against the mesh's CA, and a token for the whole run
+token=$($PY -m mesh token --subject rollout-demo --expires-in $(( LOAD_S + 600 )) --state-dir "$state")
+$PY -m loadtest run --url "$(field gateway_url)" --cacert "$(field gateway_ca)" --token "$token" --model reference \
+    --rate 4 --duration "$LOAD_S" --out "$BUILD/rollout-load" &
 load=$!
 sleep 5
 
