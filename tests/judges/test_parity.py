@@ -146,3 +146,24 @@ def test_parity_command_prints_the_table(committed: tuple[Plan, Objs], generated
     assert "0 differ without a listed reason" in out
     assert main([*args[:-1], str(REPO / "mesh.yaml")]) == 2  # not istiod's JSON: one line, exit 2
     assert "expected the JSON of python -m tests.judges.istiod" in capsys.readouterr().err
+
+
+def test_istiod_checks_tokens_at_the_gateway_as_the_local_mesh_does(committed: tuple[Plan, Objs],
+                                                                    generated: dict[str, dict[str, Any]]) -> None:
+    """istiod's ingress gateway, on the HTTPS listener, checks tokens of the policy's issuer and audiences (the
+    parity rows) and denies the pipeline's paths to a request with no token's principal: a DENY RBAC rule whose
+    principal is the absence of the jwt_authn payload's iss and sub (Istio's `notRequestPrincipals: ["*"]`)."""
+    plan = committed[0]
+    rows = {(r.hop, r.field): r for r in parity.compare(plan, generated["committed"])}
+    first = parity.hop_label(plan.hops[0])
+    assert rows[first, "token issuers"].istiod == rows[first, "token issuers"].local == plan.gateway.auth.issuer
+    assert rows[first, "token audiences"].istiod == ",".join(plan.gateway.auth.audiences)
+    listener = next(li for li in generated["committed"]["istio-ingressgateway"]["listeners"]
+                    if li["name"] == "0.0.0.0_8443")
+    deny = [f["typed_config"]["rules"] for chain in listener["filter_chains"] for f in
+            chain["filters"][0]["typed_config"]["http_filters"]
+            if f["name"] == "envoy.filters.http.rbac" and f["typed_config"]["rules"].get("action") == "DENY"]
+    [policy] = [p for rules in deny for name, p in rules["policies"].items() if "require-token" in name]
+    text = json.dumps(policy)
+    assert '"not_id"' in text and '"key": "iss"' in text and '"key": "sub"' in text
+    assert '"prefix": "/v2/models/reference/"' in text and '"exact": "pipeline.local"' in text
