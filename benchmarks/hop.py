@@ -307,7 +307,9 @@ def markdown(report: dict[str, Any]) -> str:
     if t:
         lines += ["", "### Transport candidates for the hop, against the raw-socket floor", "",
                   f"One hop, body of N bytes, server answering 2 bytes; floor: raw asyncio streams with an 8-byte "
-                  f"length prefix; the HTTP servers serve the same FastAPI app; clients async on uvloop; "
+                  f"length prefix; the HTTP servers serve the same FastAPI app (uvicorn-stage: uvicorn with the "
+                  f"stage's own protocol, `server.StageHttpProtocol`); clients async on uvloop (http1: "
+                  f"`stage_service.http1`); "
                   f"{t['sizes'][next(iter(t['sizes']))]['floor']['n']} requests per candidate and size, interleaved. "
                   f"Load average (1 min) {t['load_average_before']:.1f} before, {t['load_average_after']:.1f} after: "
                   "only the ratios within this run mean anything.", ""]
