@@ -83,7 +83,8 @@ def test_every_hop_routes_on_the_header(splits: dict[str, Path], tmp_path: Path)
                for s in pinning.splits}
     layouts[two.name] = layouts[two.name].model_copy(update={"split": two.name})
     cert = envoy_config.CertPair(tmp_path / "c.pem", tmp_path / "k.pem")
-    gateway = envoy_config.gateway(layouts[three.name], three.plan, cert, tmp_path, tmp_path, pinning, layouts)
+    gateway = envoy_config.gateway(layouts[three.name], three.plan, cert, tmp_path, tmp_path,
+                                   envoy_config.ClientSide(cert, tmp_path / "jwks.json"), pinning, layouts)
     first = _routes(gateway, "gateway")[:4]  # the first gateway path: two splits, the refusal, the assignment
     assert [r["match"].get("headers") for r in first] == [
         [{"name": HEADER, "string_match": {"exact": three.name}}],
