@@ -48,14 +48,14 @@ POLICY_FILE = "policy.yaml"  # the mesh's own policy, as canary/promote/rollback
 DRAIN_S = 3.0  # after the route leaves a side: its requests in flight finish (retries included)
 
 
-def _running(state_dir: Path) -> State:
+def running_state(state_dir: Path) -> State:
     state = read_state(state_dir)
     if state is None:
         raise MeshError(f"no mesh is running from {state_dir}; start one with `python -m mesh up --detach`")
     return state
 
 
-def _policy_data(state: State) -> dict[str, Any]:
+def policy_data(state: State) -> dict[str, Any]:
     if state.policy_file is None:
         return {}
     return yaml.safe_load(Path(state.policy_file).read_text()) or {}
@@ -63,7 +63,7 @@ def _policy_data(state: State) -> dict[str, Any]:
 
 def _with_versions(state: State, state_dir: Path, stage: str, versions: list[dict[str, Any]]) -> tuple[Path, Plan]:
     """The mesh's policy with `stage`'s versions replaced, written to the state directory and resolved."""
-    data = _policy_data(state)
+    data = policy_data(state)
     stages = data.setdefault("stages", {}) or {}
     stages[stage] = {**(stages.get(stage) or {}), "versions": versions}
     data["stages"] = stages
@@ -171,7 +171,7 @@ def canary(state_dir: Path, stage: str, version: str, weight: int, source: Path 
     time, its replicas are started), or an already running canary's new weight."""
     if not 0 <= weight <= 100:
         raise MeshError(f"--weight must be 0..100, got {weight}")
-    state = _running(state_dir)
+    state = running_state(state_dir)
     versions = _versions(state, stage)
     names = [v["name"] for v in versions]
     if version in names and len(names) == 2 and names[1] == version:  # the running canary: a new weight
@@ -228,7 +228,7 @@ def _beside_pipeline(pipeline_dir: Path, path: Path, sha256: str) -> str:
 
 
 def _finish(state_dir: Path, stage: str, keep_new: bool, grace_s: float) -> State:
-    state = _running(state_dir)
+    state = running_state(state_dir)
     versions = _versions(state, stage)
     if len(versions) != 2:
         raise MeshError(f"{stage} runs {[v['name'] for v in versions]}: no canary to promote or roll back")

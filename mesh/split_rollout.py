@@ -42,11 +42,10 @@ from mesh.local import (
     _target,
     _write_state,
     load_pinning,
-    read_state,
     write_state_envoys,
 )
 from mesh.records import read_records
-from mesh.rollout import POLICY_FILE
+from mesh.rollout import POLICY_FILE, policy_data, running_state
 from mesh.splits import Pinning, split_path
 from model_export.manifest import ManifestError, load_manifest
 from stage_service.supervisor import NotReady, ProcessExited, wait_ready
@@ -55,24 +54,11 @@ DRAIN_TIMEOUT_S = 60.0  # the longest a request already pinned to the leaving sp
 ROUTE_TIMEOUT_S = 30.0  # for the gateway to load a rewritten route file
 
 
-def _running(state_dir: Path) -> State:
-    state = read_state(state_dir)
-    if state is None:
-        raise MeshError(f"no mesh is running from {state_dir}; start one with `python -m mesh up --detach`")
-    return state
-
-
-def _policy_data(state: State) -> dict[str, Any]:
-    if state.policy_file is None:
-        return {}
-    return yaml.safe_load(Path(state.policy_file).read_text()) or {}
-
-
 def _write_policy(state: State, state_dir: Path, splits: list[dict[str, Any]],
                   stages: dict[str, Any] | None = None) -> tuple[Path, Pinning]:
     """The mesh's policy with `splits` (and, given, the running pipeline's `stages`), written to the state
     directory and resolved."""
-    data = _policy_data(state)
+    data = policy_data(state)
     data["splits"] = splits
     if stages is not None:
         data["stages"] = stages
@@ -89,7 +75,7 @@ def _splits(state: State) -> list[dict[str, Any]]:
     if state.pinning is None:
         return [{"pipeline": state.pipeline_dir, "weight": 100}]
     policy_dir = Path(state.policy_file).resolve().parent if state.policy_file else None
-    entries = {str(split_path(e["pipeline"], policy_dir)): e for e in _policy_data(state).get("splits") or []}
+    entries = {str(split_path(e["pipeline"], policy_dir)): e for e in policy_data(state).get("splits") or []}
     out = []
     for s in state.pinning.splits:
         entry = {k: v for k, v in entries.get(s.pipeline_dir, {}).items() if k != "pipeline"}
@@ -187,7 +173,7 @@ def split_canary(state_dir: Path, weight: int, source: Path | None = None, timeo
     beside the running split's), or move an already running new split's weight."""
     if not 0 <= weight <= 100:
         raise MeshError(f"--weight must be 0..100, got {weight}")
-    state = _running(state_dir)
+    state = running_state(state_dir)
     entries = _splits(state)
     if source is None or (state.pinning and _new_split(state, source) in state.pinning.names[1:]):
         if len(entries) != 2:
@@ -281,7 +267,7 @@ def _stop(state: State, layout: Layout, grace_s: float) -> None:
 
 
 def _finish(state_dir: Path, keep_new: bool, grace_s: float) -> State:
-    state = _running(state_dir)
+    state = running_state(state_dir)
     entries = _splits(state)
     if len(entries) != 2 or state.pinning is None:
         raise MeshError("no new split is running: nothing to promote or roll back")
