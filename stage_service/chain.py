@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import orjson
 
 from stage_service.errors import InvalidInput, UpstreamError, UpstreamTimeout
-from stage_service.http1 import Http1Client, Http1Error, Http1Response
+from stage_service.http1 import Http1Client, Http1Error, Http1Response, ProtocolFailed
 from stage_service.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH, decode_response, encode_request_parts
 from stage_service.tracing import StageTracing
 
@@ -84,7 +84,7 @@ class NextStage:
             start = time.perf_counter()
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    response = await self.client.post(self.path, body, send_headers)
+                    response = await self._post(body, send_headers)
             except TimeoutError:
                 log.warning("%s at %s did not answer within %g s", where, self.url, self.timeout_s)
                 raise UpstreamTimeout(f"{where} did not answer within {self.timeout_s:g} s") from None
@@ -102,6 +102,17 @@ class NextStage:
             except InvalidInput as exc:
                 raise UpstreamError(f"{where} sent an invalid response: {exc.message}") from None
         return outputs, response.header(TIMING_HEADER), seconds
+
+    async def _post(self, body: Sequence[bytes | memoryview], headers: Mapping[str, str]) -> Http1Response:
+        """Sent once more when the connection broke midway: the next stage's replica died while answering, after
+        its answer had begun, where Envoy no longer retries (it resets the connection instead). A stage is a pure
+        function of its input, so sending the same request again is safe."""
+        try:
+            return await self.client.post(self.path, body, headers)
+        except ProtocolFailed as exc:
+            log.warning("next stage %s at %s broke the connection (%s); sending once more", self.stage_name,
+                        self.url, exc)
+            return await self.client.post(self.path, body, headers)
 
     async def aclose(self) -> None:
         await self.client.aclose()

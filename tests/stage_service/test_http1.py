@@ -187,3 +187,44 @@ def test_over_a_unix_socket_the_host_header_names_the_url() -> None:
 def test_a_base_url_that_is_not_plain_http_is_refused() -> None:
     with pytest.raises(ValueError, match="http://host"):
         Http1Client("https://a:1")
+
+
+def test_the_next_stage_is_asked_once_more_when_its_answer_breaks_midway() -> None:
+    """A replica that dies while answering (after Envoy can still retry) breaks the connection midway; the
+    stage sends the same request once more, and only a second break becomes the 502 'unreachable'."""
+    from stage_service.chain import NextStage, UpstreamError
+    from stage_service.protocol import HEADER_LENGTH, encode_response
+
+    y = np.arange(4, dtype=np.float32).reshape(1, 4)
+    body, header_length = encode_response("next", "v1", None, None, [("y", y, True)])
+    answers = {"n": 0}
+
+    def breaking(times: int) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            answers["n"] += 1
+            head = (b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s: %d\r\n\r\n"
+                    % (len(body), HEADER_LENGTH.encode(), header_length or 0))
+            writer.write(head + (body[: len(body) // 2] if answers["n"] <= times else body))
+            await writer.drain()
+            writer.close()
+        return handle
+
+    async def ask(times: int) -> dict[str, np.ndarray] | str:
+        answers["n"] = 0
+        server = await asyncio.start_server(breaking(times), HOST, 0)
+        async with server:
+            stage = NextStage(f"http://{HOST}:{server.sockets[0].getsockname()[1]}", "next", 10.0, 4)
+            try:
+                outputs, _, _ = await stage.infer({"x": np.ones((1, 4), np.float32)}, None, {})
+                return outputs
+            except UpstreamError as exc:
+                return str(exc)
+            finally:
+                await stage.aclose()
+
+    once = asyncio.run(ask(1))
+    assert isinstance(once, dict) and np.array_equal(once["y"], y) and answers["n"] == 2
+    twice = asyncio.run(ask(2))
+    assert isinstance(twice, str) and "next stage next is unreachable (ProtocolFailed)" in twice
+    assert answers["n"] == 2
