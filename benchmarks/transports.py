@@ -44,7 +44,7 @@ def fastapi_app() -> Any:
 
     @app.post("/infer")
     async def infer(request: Request) -> Response:
-        chunks = [chunk async for chunk in request.stream()]
+        chunks = [chunk async for chunk in request.stream() if chunk]  # Starlette ends with b""
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         assert len(body) == int(request.headers["content-length"])
         return Response(b"ok", media_type="application/octet-stream")
@@ -78,10 +78,10 @@ def serve(kind: str, port: int) -> None:
 
         http: Any = "httptools"
         if kind == "uvicorn-stage":
-            from stage_service.server import protocol_class
+            from stage_service.server import protocol_factory
             from stage_service.settings import StageSettings
 
-            http = protocol_class(StageSettings.model_construct())
+            http = protocol_factory(StageSettings.model_construct())
         uvicorn.run(fastapi_app(), host=HOST, port=port, loop="uvloop", http=http, log_level="warning",
                     lifespan="off")
     elif kind == "granian":

@@ -138,6 +138,8 @@ async def _read_chunks(request: Request, limit: int, take: Callable[[int], None]
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
+        if not chunk:  # Starlette's stream ends with b"": not a chunk to join (one copy of the whole body)
+            continue
         take(len(chunk))
         size += len(chunk)
         if size > limit:

@@ -67,6 +67,17 @@ class BodyBudget:
         finally:
             self.used -= held
 
+    def reserve(self, size: int) -> bool:
+        """Hold `size` bytes for a body read before the app takes it (`release` gives them back); False past the
+        limit, leaving the refusal to the app."""
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.used -= size
+
 
 def sample_bytes(tensors: list[TensorSpec]) -> int | None:
     """Bytes of one sample of these tensors (dynamic non-batch dims as 1); None unless all are batched."""

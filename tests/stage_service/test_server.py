@@ -1,9 +1,13 @@
-"""The error boundary under real uvicorn with the stage's protocol: an exception nothing handled becomes a 500
+"""The stage's protocol under real uvicorn. The error boundary: an exception nothing handled becomes a 500
 `{"error": ...}` and the kept-alive connection stays usable (issue 14, row 3: uvicorn used to close it after
-Starlette's ServerErrorMiddleware re-raised, and the caller's next request on it was reset)."""
+Starlette's ServerErrorMiddleware re-raised, and the caller's next request on it was reset). Bodies read straight
+into their own buffer (issue 15, item 1): every byte arrives, in order, however the socket splits it, and the
+next request on the connection is parsed from the right byte."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -11,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from stage_service.errors import ErrorBoundary, InvalidInput, install_handlers
-from stage_service.server import protocol_class
+from stage_service.server import DIRECT_BODY_MIN_BYTES, protocol_factory
 from stage_service.settings import StageSettings
 from tests.stage_service.procs import HOST, free_port
 from tests.stage_service.wire import Wire
@@ -37,14 +41,19 @@ def failing_app() -> FastAPI:
     async def ok() -> dict[str, bool]:
         return {"ok": True}
 
+    @app.post("/digest")
+    async def digest(request: Request) -> dict[str, object]:
+        chunks = [chunk async for chunk in request.stream() if chunk]
+        return {"sha256": hashlib.sha256(b"".join(chunks)).hexdigest(), "chunks": len(chunks)}
+
     return app
 
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
     port = free_port()
-    settings = StageSettings(manifest=Path("unused"), name="unused", port=port)
-    config = uvicorn.Config(failing_app(), host=HOST, port=port, http=protocol_class(settings), log_level="critical",
+    settings = StageSettings(manifest=Path("unused"), name="unused", port=port, max_request_bytes=4 << 20)
+    config = uvicorn.Config(failing_app(), host=HOST, port=port, http=protocol_factory(settings), log_level="critical",
                             lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -67,3 +76,51 @@ def test_an_unexpected_error_is_a_500_on_a_connection_that_stays_usable(url: str
             reply = wire.request("GET", "/bad")
             assert reply.status == 400 and reply.json() == {"error": "tensor x: wrong"}
             assert wire.request("GET", "/ok").status == 200
+
+
+def _body(size: int, seed: int) -> bytes:
+    return (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
+
+
+def _digest_of(reply_json: dict[str, object], body: bytes) -> None:
+    assert reply_json["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_a_large_body_arrives_whole_as_one_chunk_on_a_kept_alive_connection(url: str) -> None:
+    with Wire(url) as wire:
+        for seed, size in enumerate([DIRECT_BODY_MIN_BYTES, 3_200_000, 100, 1_000_001]):
+            body = _body(size, seed)
+            reply = wire.request("POST", "/digest", body)
+            assert reply.status == 200 and not reply.closes
+            _digest_of(reply.json(), body)
+            if size >= DIRECT_BODY_MIN_BYTES:
+                assert reply.json()["chunks"] == 1  # one buffer, not uvicorn's 64 KB chunks
+        assert wire.request("GET", "/ok").json() == {"ok": True}
+
+
+def test_a_body_trickled_in_small_pieces_then_pipelined_requests(url: str) -> None:
+    first, second = _body(300_000, 1), _body(200_000, 2)
+    data = Wire.head_of(url, "POST", "/digest", {"content-length": str(len(first))}) + first
+    split = len(data) - 5000
+    with Wire(url) as wire:
+        for at in range(0, split, 7001):  # pieces that cut the head and the body anywhere
+            wire.send(data[at:min(at + 7001, split)])
+            time.sleep(0.0005)
+        # The first body's last bytes, a second request whole and a third, in one write.
+        wire.send(data[split:] + wire.head("POST", "/digest", {"content-length": str(len(second))}) + second
+                  + wire.head("GET", "/ok"))
+        _digest_of(wire.reply().json(), first)
+        _digest_of(wire.reply().json(), second)
+        assert wire.reply().json() == {"ok": True}
+
+
+def test_a_body_over_the_limit_is_refused_and_one_cut_short_harms_nothing_else(url: str) -> None:
+    with Wire(url) as wire:
+        reply = wire.request("POST", "/digest", _body(5 << 20, 3))  # over max_request_bytes: uvicorn's own path
+        assert reply.status == 200 and reply.json()["chunks"] > 1
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:  # 400 KB of a 1 MB body, then gone
+        sock.sendall(b"POST /digest HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n" + b"x" * 400_000)
+    with Wire(url) as wire:
+        body = _body(500_000, 4)
+        _digest_of(wire.request("POST", "/digest", body).json(), body)

@@ -42,7 +42,13 @@ class Wire:
         self.sock.sendall(data)
 
     def head(self, method: str, path: str, headers: dict[str, str] | None = None) -> bytes:
-        lines = [f"{method} {path} HTTP/1.1", f"host: {self.host}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        return self.head_of(f"http://{self.host}", method, path, headers)
+
+    @staticmethod
+    def head_of(url: str, method: str, path: str, headers: dict[str, str] | None = None) -> bytes:
+        """A request line and headers (`host` from `url`), ending in the blank line."""
+        host = urlsplit(url).hostname or "127.0.0.1"
+        lines = [f"{method} {path} HTTP/1.1", f"host: {host}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> Reply:
