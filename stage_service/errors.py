@@ -98,6 +98,13 @@ def error_response(status_code: int, message: str, close_connection: bool = Fals
                         headers={"connection": "close"} if close_connection else None)
 
 
+def stage_error_response(exc: StageError) -> JSONResponse:
+    """A stage error's answer: `{"error": message}` with its status (a 5xx is also logged)."""
+    if exc.status_code >= 500:
+        log.warning("%s: %s", type(exc).__name__, exc.message)
+    return error_response(exc.status_code, exc.message, exc.close_connection)
+
+
 class ErrorBoundary:
     """Pure ASGI middleware, outermost of the app's own: an exception nothing else handled becomes a 500
     `{"error": ...}` here. Starlette's ServerErrorMiddleware would answer it too but then re-raise, and
@@ -131,9 +138,7 @@ def install_handlers(app: FastAPI) -> None:
 
     async def stage_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StageError)
-        if exc.status_code >= 500:
-            log.warning("%s: %s", type(exc).__name__, exc.message)
-        return error_response(exc.status_code, exc.message, exc.close_connection)
+        return stage_error_response(exc)
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)

@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from uvicorn._types import ASGIReceiveEvent
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
+from stage_service.app import InferFastPath
 from stage_service.limits import BodyBudget
 from stage_service.settings import StageSettings
 
@@ -327,7 +328,7 @@ class DrainingServer(uvicorn.Server):
 def server_config(settings: StageSettings, app: FastAPI) -> uvicorn.Config:
     """uvicorn's configuration for one stage: uvloop, the limited httptools protocol, the settings' limits."""
     return uvicorn.Config(
-        app, host=settings.host, port=settings.port, uds=str(settings.uds) if settings.uds else None,
+        InferFastPath(app), host=settings.host, port=settings.port, uds=str(settings.uds) if settings.uds else None,
         loop="uvloop", http=cast(Any, protocol_factory(settings, app.state.body_budget)), lifespan="on",
         log_level=settings.log_level, access_log=settings.access_log,
         limit_concurrency=settings.max_connections,
