@@ -27,11 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import request_profile
 from benchmarks.sections import update_section
 from loadtest import report
 from loadtest.machine import describe
 from loadtest.runner import LoadSettings, closed_loop
 from loadtest.workload import Access, build
+from mesh.layout import Layout
 from model_export.manifest import load_manifest
 from model_export.ort_session import create_session
 from model_export.verify import Chain, pipeline_inputs, resolve_source
@@ -102,9 +104,10 @@ def direct_chain(pipeline: Path, env: dict[str, str] | None = None) -> Iterator[
 
 
 @contextmanager
-def local_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[tuple[str, Access]]:
-    """The pipeline behind the local Envoy mesh (its gateway's URL, CA and a token), with tracing off as in the
-    direct runs (the mesh writes every span to a file by default), so the two differ only by the proxies."""
+def local_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[tuple[str, Access, Layout]]:
+    """The pipeline behind the local Envoy mesh (its gateway's URL, CA and a token, and its layout), with tracing
+    off as in the direct runs (the mesh writes every span to a file by default), so the two differ only by the
+    proxies."""
     from mesh import local
 
     saved = os.environ.get("OTEL_SDK_DISABLED")
@@ -114,7 +117,7 @@ def local_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[tuple[str
             st = local.up(pipeline, policy, state_dir=Path(state), gateway_port=0)
             try:
                 gateway = local.gateway_credentials(Path(state), st, "benchmarks-suite")
-                yield st.layout.gateway_url, Access(ca=gateway.ca, token=gateway.token)
+                yield st.layout.gateway_url, Access(ca=gateway.ca, token=gateway.token), st.layout
             finally:
                 local.down(Path(state))
     finally:
@@ -167,13 +170,30 @@ def latency_section(pipeline: Path, seconds: float) -> list[dict[str, Any]]:
         rows.append({"setup": f"{n} stage processes chained on loopback (binary)",
                      **over_http(stages[0].url, manifest.name, seconds)})
     _log("through the local Envoy mesh with mTLS")
-    with local_mesh(pipeline) as (url, access):
+    with local_mesh(pipeline) as (url, access, _):
         rows.append({"setup": f"{n} stages through the Envoy mesh (gateway with TLS and a token, sidecars, mTLS)",
                      **over_http(url, manifest.name, seconds, access=access)})
     direct, meshed = float(rows[2]["p50_ms"]), float(rows[3]["p50_ms"])
     # hops that gain Envoy: client->gateway->stage-0 and each stage->stage (outbound + inbound sidecar)
     rows[3]["per_hop_overhead_ms"] = (meshed - direct) / n
     return rows
+
+
+def profile_section(pipeline: Path, requests: int = 100) -> list[dict[str, Any]]:
+    """Where one request's time goes, per stage, directly chained and through the mesh (`request_profile`)."""
+    manifest = load_manifest(pipeline)
+    _log("profile: decode and encode in-process")
+    codec = request_profile.codec_ms(pipeline, manifest)
+    _log(f"profile: {requests} requests, stage processes chained directly")
+    with direct_chain(pipeline) as stages:
+        direct = request_profile.profile(stages[0].url, manifest,
+                                         [request_profile.scraper(url=s.url) for s in stages], requests)
+    _log(f"profile: {requests} requests through the local Envoy mesh")
+    with local_mesh(pipeline) as (url, access, layout):
+        scrapes = [request_profile.scraper(uds=layout.of_stage(s.name)[0].app_socket) for s in manifest.stages]
+        meshed = request_profile.profile(url, manifest, scrapes, requests, access)
+    return [{"stage": stage.name, **codec[k], "direct": direct[k], "mesh": meshed[k]}
+            for k, stage in enumerate(manifest.stages)]
 
 
 def ensure_split(onnx_model: Path, out: Path, stages: int) -> Path:
@@ -200,7 +220,7 @@ def equal_cores_section(onnx_model: Path, work: Path, seconds: float) -> list[di
         _log(f"equal cores: {label}")
         policy = work / f"{label.split(',')[0].replace(' ', '-')}-{len(rows)}.yaml"
         policy.write_text(text)
-        with local_mesh(pipeline, policy) as (url, access):
+        with local_mesh(pipeline, policy) as (url, access, _):
             rows.append({"setup": label, **over_http(url, load_manifest(pipeline).name, seconds, access=access)})
     return rows
 
@@ -271,6 +291,20 @@ def markdown(result: dict[str, Any]) -> str:
         mesh = lat[-1]
         out += ["", f"Envoy mesh overhead over direct chaining: {_f(mesh['per_hop_overhead_ms'])} ms p50 per hop "
                 f"(target at most 1 ms).", ""]
+    prof = result.get("profile")
+    if prof:
+        client = prof[0]["direct"]["client_ms"], prof[0]["mesh"]["client_ms"]
+        out += ["### Where one request's time goes (4 stages, batch 1, mean of 100 sequential requests, ms)", "",
+                f"End to end: {client[0]:.2f} ms directly chained, {client[1]:.2f} ms through the mesh. Hop into a "
+                "stage: its caller's time for the call less the stage's own request time (sockets, the HTTP "
+                "client's and server's I/O; through the mesh also Envoy, TLS at the gateway and mTLS between "
+                "sidecars). Own work: the stage's request time less inference and its call to the next stage "
+                "(decode, encode, HTTP parsing and framing, handing the run to the inference thread). Decode and "
+                "encode: the same functions timed in-process on the same tensors. Method: "
+                "`benchmarks/request_profile.py`.", ""]
+        out += request_profile.markdown([r["stage"] for r in prof], prof, [r["direct"] for r in prof],
+                                        [r["mesh"] for r in prof])
+        out.append("")
     eq = result.get("equal_cores")
     if eq:
         whole = eq[0]["throughput_rps"]
@@ -346,7 +380,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("build/bench"))
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--benchmarks", type=Path, default=Path("BENCHMARKS.md"))
-    parser.add_argument("--only", nargs="*", choices=["latency", "equal_cores", "memory", "batching"])
+    parser.add_argument("--only", nargs="*", choices=["latency", "profile", "equal_cores", "memory", "batching"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     previous = args.out / "bench.json"
@@ -355,6 +389,7 @@ def main() -> int:
     result.update({"machine": describe(), "date": time.strftime("%Y-%m-%d"), "failed": {}})
     sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "latency": lambda: latency_section(args.pipeline, args.seconds),
+        "profile": lambda: profile_section(args.pipeline),
         "equal_cores": lambda: equal_cores_section(args.model, args.out / "equal-cores", args.seconds),
         "memory": lambda: memory_section(args.large, args.large_whole),
         "batching": lambda: batching_section(ensure_split(args.model, args.out / "equal-cores" / "whole", 1),
