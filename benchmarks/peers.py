@@ -29,19 +29,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.peer_servers.common import load_stage_file
 from benchmarks.sections import update_section
-from loadtest import report
+from loadtest import grpc_load, report
 from loadtest.machine import describe
-from loadtest.runner import LoadSettings, run
+from loadtest.runner import LoadSettings, Sample, run
 from loadtest.workload import WorkloadError, build
-from model_export.manifest import ManifestError, load_manifest, write_manifest
+from model_export.manifest import DATATYPE_TO_NUMPY, ManifestError, load_manifest, write_manifest
 from stage_service.launch import HOST, free_port, stage_command, stage_env
 from stage_service.supervisor import Child, ProcessId, Target, http_ready, process_tree, wait_gone, wait_ready
 
@@ -49,8 +52,9 @@ REPO = Path(__file__).resolve().parents[1]
 PEERS_VENV = REPO / ".venv-peers"
 # Each peer by the name of its distribution, which also names its venv, requirements file and module.
 PEERS = ("kserve", "mlserver", "ray")
-# What each server speaks: MLServer's REST has no binary tensor extension.
-ENCODINGS = {"ours": ("binary", "json"), "kserve": ("binary", "json"), "mlserver": ("json",),
+# What each server speaks: MLServer's REST has no binary tensor extension; Ray Serve has no KServe v2 gRPC.
+# grpc: the KServe v2 gRPC protocol, tensors as raw_input_contents (`loadtest.grpc_load`).
+ENCODINGS = {"ours": ("binary", "json", "grpc"), "kserve": ("binary", "json", "grpc"), "mlserver": ("json", "grpc"),
              "ray": ("binary", "json")}
 TITLES = {"ours": "stage service (ours)", "kserve": "KServe ModelServer", "mlserver": "MLServer",
           "ray": "Ray Serve"}
@@ -153,6 +157,7 @@ class Server:
     env: dict[str, str]
     port: int
     log_path: Path
+    grpc_port: int
     stop_signal: int = signal.SIGTERM
     child: Child | None = None
     peak_rss: int = 0
@@ -226,20 +231,36 @@ def git_head() -> str:
 
 
 def make_server(key: str, pipeline: Path, stage: str, out: Path, mlserver_workers: int) -> Server:
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_")}
     env["PYTHONUNBUFFERED"] = "1"
     log = out / "logs" / f"{key}.log"
     if key == "ours":
         env = stage_env(standalone_manifest(pipeline, stage, out / "ours-manifest"), stage, port,
-                        extra={"STAGE_PROVIDERS": "cpu"})
-        return Server(key, stage_command(), env, port, log)
+                        extra={"STAGE_PROVIDERS": "cpu", "STAGE_GRPC_PORT": str(grpc_port)})
+        return Server(key, stage_command(), env, port, log, grpc_port)
     command = [str(peer_python(key)), "-m", f"benchmarks.peer_servers.{key}_peer", "--pipeline", str(pipeline),
                "--stage", stage, "--host", HOST, "--port", str(port), "--threads", "1"]
+    if key in ("kserve", "mlserver"):
+        command += ["--grpc-port", str(grpc_port)]
     if key == "mlserver":
         command += ["--parallel-workers", str(mlserver_workers), "--workdir", str(out / "mlserver-config")]
     env["PYTHONPATH"] = str(REPO)
-    return Server(key, command, env, port, log)
+    return Server(key, command, env, port, log, grpc_port)
+
+
+Load = Callable[[int, float], list[Sample]]
+
+
+def load_for(server: Server, pipeline: Path, stage: str, encoding: str) -> Load:
+    """A closed loop at (concurrency, seconds) against `server` in `encoding`, the same request every time."""
+    if encoding != "grpc":
+        workload = build(server.url, stage, binary=encoding == "binary")
+        return lambda c, duration: _closed(workload, c, duration)
+    rng = np.random.default_rng(0)
+    tensors = {t["name"]: rng.random([1 if d == -1 else d for d in t["shape"]]).astype(DATATYPE_TO_NUMPY[t["datatype"]])
+               for t in load_stage_file(pipeline, stage).inputs}
+    return lambda c, duration: grpc_load.run(f"{HOST}:{server.grpc_port}", stage, tensors, c, duration)
 
 
 # ----------------------------------------------------------------------------------------------------- running
@@ -260,15 +281,14 @@ def bench_server(key: str, args: argparse.Namespace, version: str) -> list[dict[
         server.start()
         startup = server.wait_ready(args.stage, args.ready_timeout)
         for row in rows:
-            binary = row["encoding"] == "binary"
             server.peak_rss = 0  # each encoding's own peak (the sampler keeps raising it from the tree's RSS)
-            workload = build(server.url, args.stage, binary=binary)
-            _closed(workload, 1, args.warmup)
+            load = load_for(server, args.pipeline, args.stage, row["encoding"])
+            load(1, args.warmup)
             runs = []
             for c in args.levels:
                 duration = args.latency_duration if c == 1 else args.sweep_duration
                 err.print(f"  {row['encoding']}: concurrency {c}, {duration:g} s")
-                summary = report.summarize(_closed(workload, c, duration), duration, f"concurrency {c}")
+                summary = report.summarize(load(c, duration), duration, f"concurrency {c}")
                 summary["concurrency"] = c
                 runs.append(summary)
                 failed = summary["requests"] - summary["ok"]
@@ -350,7 +370,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", type=Path, default=Path("BENCHMARKS.md"), help="file whose section to update")
     p.add_argument("--servers", default="ours," + ",".join(PEERS),
                    help="comma list of ours,kserve,mlserver,ray (a peer whose venv is missing is skipped)")
-    p.add_argument("--encodings", default="binary,json", help="comma list of binary,json")
+    p.add_argument("--encodings", default="binary,json,grpc", help="comma list of binary,json,grpc")
     p.add_argument("--levels", type=_levels, default=[1, 4, 8], help="closed-loop concurrency sweep, from 1")
     p.add_argument("--latency-duration", type=float, default=10.0, help="seconds at concurrency 1")
     p.add_argument("--sweep-duration", type=float, default=6.0, help="seconds at each higher concurrency")

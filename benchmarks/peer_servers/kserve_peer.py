@@ -4,7 +4,8 @@
         --stage reference-stage-1 --port 8080
 
 Written as KServe's custom-model docs write one: a synchronous `predict` taking an `InferRequest` and returning
-an `InferResponse` (KServe calls it on its event loop), REST v2 only (gRPC off), one uvicorn worker. KServe's
+an `InferResponse` (KServe calls it on its event loop), REST v2 and, with --grpc-port, KServe's v2 gRPC server,
+one uvicorn worker. KServe's
 REST v2 accepts JSON and the binary tensor extension. Its per-request access log line is turned down to
 WARNING, as the stage service logs no access by default.
 """
@@ -18,7 +19,9 @@ from benchmarks.peer_servers.common import StageFile, create_session, load_stage
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser(__doc__ or "").parse_args(argv)
+    p = parser(__doc__ or "")
+    p.add_argument("--grpc-port", type=int, help="serve KServe's v2 gRPC here too (default: gRPC off)")
+    args = p.parse_args(argv)
     stage = load_stage_file(args.pipeline, args.stage)
 
     import kserve
@@ -58,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model = OnnxStage(stage, args.threads)
     model.load()
-    server = kserve.ModelServer(http_port=args.port, workers=1, enable_grpc=False, enable_docs_url=False,
+    server = kserve.ModelServer(http_port=args.port, grpc_port=args.grpc_port or 8081, workers=1,
+                                enable_grpc=args.grpc_port is not None, enable_docs_url=False,
                                 enable_latency_logging=False)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     server.start([model])
