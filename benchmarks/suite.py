@@ -179,6 +179,22 @@ def latency_section(pipeline: Path, seconds: float) -> list[dict[str, Any]]:
     return rows
 
 
+def envoy_overhead_section(pipeline: Path, seconds: float, runs: int = 5) -> list[dict[str, Any]]:
+    """The Envoy mesh's p50 overhead per hop over direct chaining, `runs` times: the direct chain and the mesh
+    both up, measured one after the other in each run (concurrency 1), so each pair sees the same machine."""
+    manifest = load_manifest(pipeline)
+    n = len(manifest.stages)
+    rows: list[dict[str, Any]] = []
+    with direct_chain(pipeline) as stages, local_mesh(pipeline) as (url, access, _):
+        for run in range(1, runs + 1):
+            _log(f"Envoy overhead, run {run} of {runs}")
+            direct = over_http(stages[0].url, manifest.name, seconds, sweep=(1,))["p50_ms"]
+            meshed = over_http(url, manifest.name, seconds, sweep=(1,), access=access)["p50_ms"]
+            rows.append({"run": run, "direct_p50_ms": direct, "mesh_p50_ms": meshed,
+                         "per_hop_overhead_ms": (meshed - direct) / n})
+    return rows
+
+
 def profile_section(pipeline: Path, requests: int = 100) -> list[dict[str, Any]]:
     """Where one request's time goes, per stage, directly chained and through the mesh (`request_profile`)."""
     manifest = load_manifest(pipeline)
@@ -291,6 +307,17 @@ def markdown(result: dict[str, Any]) -> str:
         mesh = lat[-1]
         out += ["", f"Envoy mesh overhead over direct chaining: {_f(mesh['per_hop_overhead_ms'])} ms p50 per hop "
                 f"(target at most 1 ms).", ""]
+    env = result.get("envoy_overhead")
+    if env:
+        overheads = sorted(r["per_hop_overhead_ms"] for r in env)
+        out += ["### Envoy mesh overhead per hop, five runs", "",
+                "Direct chain and mesh both up; in each run the direct chain, then the mesh, at concurrency 1 "
+                "(p50). Per hop: (mesh - direct) / stages: the gateway hop and each stage-to-stage hop gain Envoy.",
+                "", "| run | direct p50 ms | mesh p50 ms | overhead per hop ms |", "|---|---|---|---|"]
+        out += [f"| {r['run']} | {_f(r['direct_p50_ms'])} | {_f(r['mesh_p50_ms'])} | {_f(r['per_hop_overhead_ms'])} |"
+                for r in env]
+        out += ["", f"Median of the {len(env)} runs: {_f(overheads[len(overheads) // 2])} ms per hop "
+                "(target at most 1 ms).", ""]
     prof = result.get("profile")
     if prof:
         client = prof[0]["direct"]["client_ms"], prof[0]["mesh"]["client_ms"]
@@ -380,7 +407,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("build/bench"))
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--benchmarks", type=Path, default=Path("BENCHMARKS.md"))
-    parser.add_argument("--only", nargs="*", choices=["latency", "profile", "equal_cores", "memory", "batching"])
+    parser.add_argument("--only", nargs="*", choices=["latency", "profile", "envoy_overhead", "equal_cores",
+                                                            "memory", "batching"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     previous = args.out / "bench.json"
@@ -390,6 +418,7 @@ def main() -> int:
     sections: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "latency": lambda: latency_section(args.pipeline, args.seconds),
         "profile": lambda: profile_section(args.pipeline),
+        "envoy_overhead": lambda: envoy_overhead_section(args.pipeline, args.seconds),
         "equal_cores": lambda: equal_cores_section(args.model, args.out / "equal-cores", args.seconds),
         "memory": lambda: memory_section(args.large, args.large_whole),
         "batching": lambda: batching_section(ensure_split(args.model, args.out / "equal-cores" / "whole", 1),

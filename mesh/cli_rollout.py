@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,17 @@ def register(sub: Any) -> None:
     p.add_argument("--pipeline", type=Path, default=None,
                    help="the pipeline holding the new version (as retrain-stage writes it); needed the first time")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the new replicas to be ready")
-    _state_dir(p)
+    state_dir_option(p)
     p.set_defaults(func=_canary)
     for name, text in (("promote", "all requests to the canary; stop the old version's replicas"),
                        ("rollback", "all requests back to the old version; stop the canary's replicas")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--stage", required=True, help="the stage, by name")
-        _state_dir(p)
+        state_dir_option(p)
         p.set_defaults(func=_promote if name == "promote" else _rollback)
 
 
-def _state_dir(p: argparse.ArgumentParser) -> None:
+def state_dir_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=None,
                    help="the mesh's state directory (default: found as `mesh status` finds it)")
 
@@ -47,14 +48,20 @@ def _summary(state: State, stage: str) -> str:
     return ", ".join(f"{v.name} {v.weight}% ({len(state.layout.of_version(stage, v.name))} replicas)" for v in versions)
 
 
-def _run(args: argparse.Namespace, action: Any) -> int:
+def run_change(action: Callable[[], State], routes: Callable[[State], str]) -> int:
+    """Make one change to the running mesh, then print one line of how it routes now (`routes`); an error is
+    one line and exit 2."""
     try:
         state = action()
     except (MeshError, PolicyError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
-    console.print(f"{args.stage}: {_summary(state, args.stage)}", highlight=False, soft_wrap=True)
+    console.print(routes(state), highlight=False, soft_wrap=True)
     return 0
+
+
+def _run(args: argparse.Namespace, action: Callable[[], State]) -> int:
+    return run_change(action, lambda state: f"{args.stage}: {_summary(state, args.stage)}")
 
 
 def _canary(args: argparse.Namespace) -> int:

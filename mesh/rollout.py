@@ -11,10 +11,8 @@ drop its clusters. The mesh's policy, so changed, is kept in the state directory
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -25,24 +23,19 @@ import yaml
 from mesh import procs
 from mesh.layout import LOOPBACK, Layout, Replica, new_replica, subset_name
 from mesh.local import (
-    MARKER_ENV,
     MeshError,
     State,
-    _app_env,
-    _base_id,
-    _envoy_cmd,
-    _envoy_path,
     _load_inputs,
-    _target,
     _write_state,
     read_state,
+    start_replicas,
+    wait_started,
     write_envoy_configs,
 )
 from mesh.plan import Plan
 from mesh.records import read_records, routed_weights
 from model_export.contract import check_contract
 from model_export.manifest import ManifestError, load_manifest, sha256_file, verify_stage_file
-from stage_service.supervisor import NotReady, ProcessExited, wait_ready
 
 POLICY_FILE = "policy.yaml"  # the mesh's own policy, as canary/promote/rollback left it
 DRAIN_S = 3.0  # after the route leaves a side: its requests in flight finish (retries included)
@@ -125,24 +118,10 @@ def _apply(state: State, state_dir: Path, policy_file: Path, resolved: Plan, sta
 
 
 def _start(state: State, state_dir: Path, replicas: list[Replica], timeout_s: float) -> None:
-    envoy = _envoy_path()
     bootstraps = write_envoy_configs(state_dir, state.policy, state.layout, state.pinning, state.split_layouts)
-    manifest_path = Path(state.pipeline_dir) / "pipeline.json"
-    logs = state_dir / "logs"
-    envoy_env = {**os.environ, MARKER_ENV: str(state_dir.resolve())}
-    started = []
-    for r in replicas:
-        started.append(procs.start(r.name, "app", r.stage, [sys.executable, "-m", "stage_service"],
-                                   logs / f"{r.name}.log", env=_app_env(state_dir, manifest_path, state.policy, r)))
-        started.append(procs.start(f"{r.name}-sidecar", "sidecar", r.stage,
-                                   _envoy_cmd(envoy, bootstraps[r.name], _base_id(state_dir, r.inbound_port), 1),
-                                   logs / f"{r.name}-sidecar.log", env=envoy_env))
-    state.procs += started
-    _write_state(state_dir, state)
-    try:
-        wait_ready([_target(state, p) for p in started], timeout_s, interval=0.2)
-    except (ProcessExited, NotReady) as exc:
-        raise MeshError(str(exc)) from exc
+    started = start_replicas(state, state_dir, replicas, Path(state.pipeline_dir) / "pipeline.json", state.policy,
+                             bootstraps)
+    wait_started(state, started, timeout_s)
 
 
 def _wait_seen_healthy(state: State, state_dir: Path, stage: str, version: str, replicas: list[Replica],

@@ -16,9 +16,7 @@ The policy, so changed, is the state directory's `policy.yaml` (`splits:` with a
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -31,24 +29,19 @@ from mesh.envoy_grpc import grpc_cluster_name
 from mesh.layout import LOOPBACK, Layout, Replica, new_replica, subset_name
 from mesh.local import (
     GATEWAY,
-    MARKER_ENV,
     MeshError,
     State,
-    _app_env,
-    _base_id,
-    _envoy_cmd,
-    _envoy_path,
     _load_inputs,
-    _target,
     _write_state,
     load_pinning,
+    start_replicas,
+    wait_started,
     write_state_envoys,
 )
 from mesh.records import read_records
 from mesh.rollout import POLICY_FILE, policy_data, running_state
 from mesh.splits import Pinning, split_path
 from model_export.manifest import ManifestError, load_manifest
-from stage_service.supervisor import NotReady, ProcessExited, wait_ready
 
 DRAIN_TIMEOUT_S = 60.0  # the longest a request already pinned to the leaving split may still take
 ROUTE_TIMEOUT_S = 30.0  # for the gateway to load a rewritten route file
@@ -113,26 +106,12 @@ def _split_layout(state: State, pinning: Pinning, name: str) -> Layout:
 
 def _start(state: State, state_dir: Path, name: str, timeout_s: float) -> None:
     """Start every replica of split `name` (its Envoy files are written) and wait until each is ready."""
-    envoy = _envoy_path()
     bootstraps = write_state_envoys(state_dir, state)
     split = state.pinning.split(name) if state.pinning else None
     assert split is not None
-    manifest_path = Path(split.pipeline_dir) / "pipeline.json"
-    logs = state_dir / "logs"
-    envoy_env = {**os.environ, MARKER_ENV: str(state_dir.resolve())}
-    started = []
-    for r in state.split_layouts[name].replicas:
-        started.append(procs.start(r.name, "app", r.stage, [sys.executable, "-m", "stage_service"],
-                                   logs / f"{r.name}.log", env=_app_env(state_dir, manifest_path, split.plan, r)))
-        started.append(procs.start(f"{r.name}-sidecar", "sidecar", r.stage,
-                                   _envoy_cmd(envoy, bootstraps[r.name], _base_id(state_dir, r.inbound_port), 1),
-                                   logs / f"{r.name}-sidecar.log", env=envoy_env))
-        state.procs += started[-2:]
-        _write_state(state_dir, state)
-    try:
-        wait_ready([_target(state, p) for p in started], timeout_s, interval=0.2)
-    except (ProcessExited, NotReady) as exc:
-        raise MeshError(str(exc)) from exc
+    started = start_replicas(state, state_dir, state.split_layouts[name].replicas,
+                             Path(split.pipeline_dir) / "pipeline.json", split.plan, bootstraps)
+    wait_started(state, started, timeout_s)
 
 
 def expected_callers(layout: Layout, replica: Replica) -> set[str]:

