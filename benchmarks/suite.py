@@ -324,9 +324,10 @@ def markdown(result: dict[str, Any]) -> str:
         out += ["### Where one request's time goes (4 stages, batch 1, mean of 100 sequential requests, ms)", "",
                 f"End to end: {client[0]:.2f} ms directly chained, {client[1]:.2f} ms through the mesh. Hop into a "
                 "stage: its caller's time for the call less the stage's own request time (sockets, the HTTP "
-                "client's and server's I/O; through the mesh also Envoy, TLS at the gateway and mTLS between "
-                "sidecars). Own work: the stage's request time less inference and its call to the next stage "
-                "(decode, encode, HTTP parsing and framing, handing the run to the inference thread). Decode and "
+                "client's and server's I/O up to the request's headers; through the mesh also Envoy, TLS at the "
+                "gateway and mTLS between sidecars). Own work: the stage's request time (from its headers to its "
+                "answer) less inference and its call to the next stage: receiving the body, decode, encode, HTTP "
+                "parsing and framing, handing the run to the inference thread. Decode and "
                 "encode: the same functions timed in-process on the same tensors. Method: "
                 "`benchmarks/request_profile.py`.", ""]
         out += request_profile.markdown([r["stage"] for r in prof], prof, [r["direct"] for r in prof],

@@ -121,9 +121,9 @@ def set_parameters(target: Any, params: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------- request and answer
 
 
-def rest_body(request: Any) -> tuple[bytes, int]:
-    """The binary-extension body and its header's length for a ModelInferRequest; every output binary."""
-    raw = list(request.raw_input_contents)
+def rest_body(request: Any, raw: list[bytes]) -> tuple[bytes, int]:
+    """The binary-extension body and its header's length for a ModelInferRequest whose `raw_input_contents`
+    are `raw` (read once: each read of the field copies every tensor); every output binary."""
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"raw_input_contents holds {len(raw)} tensors but the request has {len(request.inputs)} "
                            "inputs; expected one raw_input_contents entry per input, in order")
@@ -213,13 +213,14 @@ class InferenceServicer:
                                         inputs=tensor_metadata(meta.inputs), outputs=tensor_metadata(meta.outputs))
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        raw_bytes = sum(len(r) for r in request.raw_input_contents)
+        raw = list(request.raw_input_contents)
+        raw_bytes = sum(len(r) for r in raw)
         if raw_bytes > self.max_request_bytes:
             raise PayloadTooLarge(f"the request's raw_input_contents hold {raw_bytes} bytes, over the limit of "
                                   f"{self.max_request_bytes} (STAGE_MAX_REQUEST_BYTES)")
         with self.budget.account() as take:
             take(request.ByteSize())
-            body, header_length = rest_body(request)
+            body, header_length = rest_body(request, raw)
             call = InferCall(model=request.model_name, version=request.model_version or None, body=body,
                              header_length=str(header_length), headers=text_metadata(context),
                              route=INFER_METHOD, path=INFER_METHOD)
