@@ -304,9 +304,12 @@ def markdown(result: dict[str, Any]) -> str:
         out += ["### Latency and throughput: in-process, chained processes, Envoy mesh", "",
                 "| setup | p50 ms | p99 ms | throughput /s (best of concurrency 1, 2, 4, 8) |", "|---|---|---|---|"]
         out += [f"| {r['setup']} | {_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {_f(r['throughput_rps'])} |" for r in lat]
-        mesh = lat[-1]
-        out += ["", f"Envoy mesh overhead over direct chaining: {_f(mesh['per_hop_overhead_ms'])} ms p50 per hop "
-                f"(target at most 1 ms).", ""]
+        mesh, whole = lat[-1], lat[0]["p50_ms"]
+        out += ["", f"Against the whole model in-process (p50): stages chained in-process "
+                f"{lat[1]['p50_ms'] / whole:.2f}x, stage processes chained on loopback {lat[2]['p50_ms'] / whole:.2f}x "
+                f"(target at most 1.10x), through the Envoy mesh {mesh['p50_ms'] / whole:.2f}x (target at most 1.15x). "
+                f"Envoy mesh overhead over direct chaining: {_f(mesh['per_hop_overhead_ms'])} ms p50 per hop "
+                f"(target at most 1 ms; five runs below).", ""]
     env = result.get("envoy_overhead")
     if env:
         overheads = sorted(r["per_hop_overhead_ms"] for r in env)
