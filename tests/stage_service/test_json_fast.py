@@ -45,7 +45,8 @@ CASES: dict[str, dict[str, Any]] = {
     "binary flag not a bool": {"inputs": [tensor("x", "FP32", [1], [1.0], parameters={"binary_data": 1})]},
 }
 TEXTS = {**{k: json.dumps(v).encode() for k, v in CASES.items()},
-         "not JSON": b'{"inputs": [', "NaN": b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [NaN]}]}',
+         "not JSON": b'{"inputs": [',
+         "NaN": b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [NaN]}]}',
          "not an object": b"[1, 2, 3]"}
 
 
