@@ -34,17 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.peer_servers.common import load_stage_file
 from benchmarks.sections import update_section
 from loadtest import grpc_load, report
 from loadtest.machine import describe
 from loadtest.runner import LoadSettings, Sample, run
 from loadtest.workload import WorkloadError, build
-from model_export.manifest import DATATYPE_TO_NUMPY, ManifestError, load_manifest, write_manifest
+from model_export.manifest import ManifestError, load_manifest, write_manifest
+from model_export.samples import random_tensors
 from stage_service.launch import HOST, free_port, stage_command, stage_env
 from stage_service.supervisor import Child, ProcessId, Target, http_ready, process_tree, wait_gone, wait_ready
 
@@ -263,9 +262,7 @@ def load_for(server: Server, pipeline: Path, stage: str, encoding: str) -> Load:
     if encoding != "grpc":
         workload = build(server.url, stage, binary=encoding == "binary")
         return lambda c, duration: _closed(workload, c, duration)
-    rng = np.random.default_rng(0)
-    tensors = {t["name"]: rng.random([1 if d == -1 else d for d in t["shape"]]).astype(DATATYPE_TO_NUMPY[t["datatype"]])
-               for t in load_stage_file(pipeline, stage).inputs}
+    tensors = random_tensors(load_manifest(pipeline).stage(stage).inputs, 1, 0)
     return lambda c, duration: grpc_load.run(f"{HOST}:{server.grpc_port}", stage, tensors, c, duration)
 
 

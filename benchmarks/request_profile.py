@@ -12,7 +12,6 @@ same tensors (the chain's values for the profiled input).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from functools import partial
@@ -21,6 +20,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.workload import Access
 from model_export.manifest import Manifest
@@ -34,13 +34,12 @@ Scrape = Callable[[], str]
 
 
 def metric_totals(text: str) -> dict[str, tuple[float, float]]:
-    """(sum of seconds, count) per metric of `METRICS`, from one /metrics page."""
-    out = {}
-    for key, name in METRICS.items():
-        total = sum(float(v) for v in re.findall(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$", text, re.M))
-        count = sum(float(v) for v in re.findall(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$", text, re.M))
-        out[key] = (total, count)
-    return out
+    """(sum of seconds, count) per metric of `METRICS`, from one /metrics page (every label set added up)."""
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
+    return {key: (samples.get(f"{name}_sum", 0.0), samples.get(f"{name}_count", 0.0)) for key, name in METRICS.items()}
 
 
 def scraper(url: str | None = None, uds: str | None = None) -> Scrape:

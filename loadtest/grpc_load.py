@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import grpc
 import numpy as np
 
-from loadtest.runner import TIMEOUT, Sample
+from loadtest.runner import TIMEOUT, WRONG, Sample
 from stage_service import kserve_grpc, protocol
 
 MAX_MESSAGE_BYTES = 256 << 20
@@ -62,7 +62,7 @@ async def closed_loop(target: str, model: str, tensors: Mapping[str, np.ndarray]
                 start = time.perf_counter()
                 try:
                     response = await infer(request, timeout=timeout_s)
-                    status = "200" if len(response.raw_output_contents) == len(response.outputs) else "wrong-output"
+                    status = "200" if len(response.raw_output_contents) == len(response.outputs) else WRONG
                 except grpc.aio.AioRpcError as exc:
                     status = TIMEOUT if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else exc.code().name
                 samples.append(Sample(start - t0, time.perf_counter() - start, status))

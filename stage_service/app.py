@@ -147,17 +147,17 @@ class InferFastPath:
         self.infer = ErrorBoundary(InferMetricsMiddleware(self._infer, self.plane.metrics))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and INFER_PATH.fullmatch(scope["path"]):
-            scope["app"] = self.app
-            await self.infer(scope, receive, send)
-        else:
+        path = INFER_PATH.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if path is None:
             await self.app(scope, receive, send)
+            return
+        scope["app"], scope["path_params"] = self.app, path.groupdict()
+        await self.infer(scope, receive, send)
 
     async def _infer(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = INFER_PATH.fullmatch(scope["path"])
-        assert path is not None
+        params = scope["path_params"]
         try:
-            response = await serve_infer(Request(scope, receive), self.plane, path["name"], path["version"])
+            response = await serve_infer(Request(scope, receive), self.plane, params["name"], params["version"])
         except StageError as exc:
             response = stage_error_response(exc)
         await response(scope, receive, send)

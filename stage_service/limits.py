@@ -56,16 +56,15 @@ class BodyBudget:
 
         def take(size: int) -> None:
             nonlocal held
-            if self.used + size > self.limit:
+            if not self.reserve(size):
                 raise Overloaded(f"stage {self.stage} holds {self.used} bytes of request bodies "
                                  f"(STAGE_MAX_BUFFERED_BYTES={self.limit}); try again")
-            self.used += size
             held += size
 
         try:
             yield take
         finally:
-            self.used -= held
+            self.release(held)
 
     def reserve(self, size: int) -> bool:
         """Hold `size` bytes for a body read before the app takes it (`release` gives them back); False past the

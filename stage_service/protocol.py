@@ -314,9 +314,10 @@ def _numeric_inputs(header: bytes) -> tuple[dict[str, Any], dict[int, np.ndarray
             entry = {field: _plain(item[field]) for field in item if field != "data"}
             if "data" in item:
                 array = _flat_numbers(item["data"], entry.get("datatype"))
-                entry["data"] = _plain(item["data"]) if array is None else []
-                if array is not None:
-                    arrays[i] = array
+                if array is None:
+                    entry["data"] = _plain(item["data"])
+                else:
+                    entry["data"], arrays[i] = [], array
             inputs.append(entry)
         request["inputs"] = inputs
     return request, arrays

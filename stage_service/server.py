@@ -70,7 +70,6 @@ class StageHttpProtocol(HttpToolsProtocol):
         self._scratch = memoryview(bytearray(READ_CHUNK_BYTES))
         self._direct: bytearray | None = None  # the body being read into its own buffer
         self._direct_at = 0  # bytes of it arrived
-        self._reading_direct = False  # the last get_buffer handed out the body's buffer
         self._held: dict[RequestResponseCycle, int] = {}  # body budget held for direct bodies not yet received
 
     # ------------------------------------------------------------------------------ timers
@@ -136,17 +135,18 @@ class StageHttpProtocol(HttpToolsProtocol):
         self._arm(self.limits.header_timeout_s, self._header_timeout)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        self._reading_direct = self._direct is not None
+        # The loop calls buffer_updated right after the read into this buffer, with nothing in between: `_direct`
+        # there still says which buffer it was.
         if self._direct is not None:
             return memoryview(self._direct)[self._direct_at:]
         return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
-        if not self._reading_direct:
+        if self._direct is None:
             self.data_received(bytes(self._scratch[:nbytes]))
             return
         self._direct_at += nbytes
-        if self._direct is not None and self._direct_at == len(self._direct):
+        if self._direct_at == len(self._direct):
             # httptools never saw these bytes: a fresh parser for the next request on this connection.
             self.parser = httptools.HttpRequestParser(self)
             self.parser.set_dangerous_leniencies(lenient_data_after_close=True)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from loadtest import grpc_load, report
 from model_export.manifest import Manifest
+from model_export.samples import random_tensors
 from tests.stage_service.procs import HOST, free_port, start_stage, stop_all
 
 
@@ -21,7 +21,7 @@ def test_closed_loop_over_grpc_against_a_stage(tiny_pipeline: tuple[Path, Manife
     stage = start_stage(directory / "pipeline.json", last.name, env={"STAGE_GRPC_PORT": str(grpc_port)},
                         log_dir=tmp_path)
     try:
-        tensors = {t.name: np.ones([1 if d == -1 else d for d in t.shape], np.float32) for t in last.inputs}
+        tensors = random_tensors(last.inputs, 1, 0)
         samples = grpc_load.run(f"{HOST}:{grpc_port}", last.name, tensors, concurrency=3, duration_s=1.0)
         summary = report.summarize(samples, 1.0)
         assert summary["requests"] > 10 and summary["ok"] == summary["requests"], summary["errors"]
