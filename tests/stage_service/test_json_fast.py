@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from stage_service import protocol
-from stage_service.errors import InvalidInput, StageError
+from stage_service.errors import InvalidInput, PayloadTooLarge, StageError
 
 RNG = np.random.default_rng(11)
 
@@ -82,3 +82,22 @@ def test_a_large_bad_value_is_refused_as_the_small_path_refuses_it() -> None:
     assert len(body) >= protocol.FAST_JSON_MIN_BYTES
     with pytest.raises(InvalidInput, match="magnitude 1e\\+39 is out of range for FP32"):
         protocol.decode_request(body, None)
+
+
+def test_the_kept_parser_gives_way_while_a_value_of_its_last_document_lives() -> None:
+    """simdjson refuses to reuse a parser whose last document still has a live value (a traceback can hold
+    one): the next request then gets a fresh parser, not an error."""
+    held = protocol._parse(b'{"inputs": [1, 2]}')["inputs"]
+    x = RNG.standard_normal((2, 20_000)).astype(np.float32)
+    body, _ = protocol.request_body({"x": x}, binary=False)
+    for _ in range(2):  # the second request reuses the fresh parser
+        np.testing.assert_array_equal(protocol.decode_request(body, None)[1]["x"], x)
+    assert list(held) == [1, 2]
+
+
+def test_the_json_value_count_refuses_over_the_limit_and_counts_exactly() -> None:
+    body = b'{"inputs": [{"data": [1, 2, [3, 4]], "o": {}}]}'
+    limit = body.count(b",") + body.count(b"[") + body.count(b"{")
+    protocol._count_json_values(body, limit)
+    with pytest.raises(PayloadTooLarge, match=f"about {limit} values, over the limit of {limit - 1}"):
+        protocol._count_json_values(body, limit - 1)
