@@ -30,7 +30,7 @@ from model_export.manifest import (
     load_manifest,
     verify_stage_file,
 )
-from model_export.ort_session import session_options
+from model_export.ort_session import serving_options
 from stage_service.batching import DynamicBatcher
 from stage_service.errors import InferenceFailed, InvalidInput, StartupError
 from stage_service.settings import StageSettings
@@ -168,11 +168,12 @@ def load_stage(settings: StageSettings) -> StageRuntime:
     """Every start-up check, then the session. Raises StartupError naming the setting at fault."""
     place = locate_stage(settings)
     providers = resolve_providers(settings.providers)
-    # the same options the splitter measured the stage's cost with, but for prepacking: off by default where
-    # the weights are memory-mapped external data, so they are never copied (BENCHMARKS.md, memory)
+    # the options the splitter measured the stage's cost with, but for working memory (`serving_options`) and
+    # prepacking: off by default where the weights are memory-mapped external data, so they are never copied
+    # (BENCHMARKS.md, memory)
     prepack = settings.prepack if settings.prepack is not None else not (
         settings.file is None and place.stage.data_file is not None)
-    options = session_options(settings.threads, prepack=prepack)
+    options = serving_options(settings.threads, prepack=prepack)
     if settings.max_batch_size > 1:
         fixed = [t.name for t in place.stage.inputs if not t.shape or t.shape[0] != -1]
         if fixed:
