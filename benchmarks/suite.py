@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -77,14 +78,20 @@ def in_process(run: Callable[[], object], seconds: float, threads: int = 1) -> d
             "throughput_rps": sum(done) / (time.perf_counter() - start)}
 
 
-def over_http(url: str, model: str, seconds: float, sweep: tuple[int, ...] = SWEEP,
-              access: Access | None = None) -> dict[str, Any]:
-    """p50/p99 at concurrency 1 and the best throughput of a closed-loop sweep (through a gateway: with `access`)."""
+def _closed_loops(url: str, model: str, seconds: float, sweep: tuple[int, ...],
+                  access: Access | None) -> dict[int, dict[str, Any]]:
+    """A 1 s warm-up, then one closed loop of `seconds` at each concurrency of `sweep`, summarized."""
     workload = build(url, model, binary=True, access=access)
     base = LoadSettings(concurrency=1, duration_s=seconds, timeout_s=60)
     asyncio.run(closed_loop(workload, replace(base, duration_s=1.0)))  # warm connections and caches
-    runs = {c: report.summarize(asyncio.run(closed_loop(workload, replace(base, concurrency=c))), seconds)
+    return {c: report.summarize(asyncio.run(closed_loop(workload, replace(base, concurrency=c))), seconds)
             for c in sweep}
+
+
+def over_http(url: str, model: str, seconds: float, sweep: tuple[int, ...] = SWEEP,
+              access: Access | None = None) -> dict[str, Any]:
+    """p50/p99 at concurrency 1 and the best throughput of a closed-loop sweep (through a gateway: with `access`)."""
+    runs = _closed_loops(url, model, seconds, sweep, access)
     errors = {c: r["errors"] for c, r in runs.items() if r["errors"]}
     best = max(runs, key=lambda c: runs[c]["throughput_rps"])
     return {"p50_ms": runs[1]["latency_ms"]["p50"], "p99_ms": runs[1]["latency_ms"]["p99"],
@@ -222,23 +229,44 @@ def ensure_split(onnx_model: Path, out: Path, stages: int) -> Path:
     return out
 
 
-def equal_cores_section(onnx_model: Path, work: Path, seconds: float) -> list[dict[str, Any]]:
+EQUAL_CORES_ROUNDS = 3
+
+
+def equal_cores_section(onnx_model: Path, work: Path, seconds: float,
+                        rounds: int = EQUAL_CORES_ROUNDS) -> list[dict[str, Any]]:
     """2 cores: a 2-stage pipeline (2 processes x 1 thread) vs the whole model (1 process x 2 threads) vs
-    two replicas of it (2 x 1 thread) — all through the same local mesh, so each pays the same proxies."""
+    two replicas of it (2 x 1 thread) — all through the same local mesh, so each pays the same proxies.
+
+    Throughput on this shared 2-core box moves by 10-15% from one run to the next (the whole model measured 65.8,
+    76.8 and 67.8 requests/s in three runs of one day), so the setups take turns over `rounds` rounds: the first
+    sweeps concurrency 1-8 (p50 at 1), the later ones repeat each setup's best concurrency, and a setup's
+    throughput is the median of its rounds (every round reported)."""
     two, one = ensure_split(onnx_model, work / "split-2", 2), ensure_split(onnx_model, work / "whole", 1)
     policies: dict[str, tuple[Path, str]] = {
         "whole model, 1 process x 2 threads": (one, "defaults: {threads: 2}\n"),
         "whole model, 2 replicas x 1 thread": (one, "defaults: {replicas: 2, threads: 1}\n"),
         "2-stage pipeline, 2 processes x 1 thread": (two, "defaults: {threads: 1}\n"),
     }
-    rows: list[dict[str, Any]] = []
-    for label, (pipeline, text) in policies.items():
-        _log(f"equal cores: {label}")
-        policy = work / f"{label.split(',')[0].replace(' ', '-')}-{len(rows)}.yaml"
-        policy.write_text(text)
-        with local_mesh(pipeline, policy) as (url, access, _):
-            rows.append({"setup": label, **over_http(url, load_manifest(pipeline).name, seconds, access=access)})
-    return rows
+    rows: dict[str, dict[str, Any]] = {}
+    for round_ in range(1, rounds + 1):
+        for k, (label, (pipeline, text)) in enumerate(policies.items()):
+            _log(f"equal cores, round {round_} of {rounds}: {label}")
+            policy = work / f"{label.split(',')[0].replace(' ', '-')}-{k}.yaml"
+            policy.write_text(text)
+            with local_mesh(pipeline, policy) as (url, access, _):
+                model = load_manifest(pipeline).name
+                if label not in rows:
+                    rows[label] = {"setup": label, **over_http(url, model, seconds, access=access)}
+                    rows[label]["rounds_rps"] = [rows[label]["throughput_rps"]]
+                else:
+                    best = rows[label]["at_concurrency"]
+                    again = _closed_loops(url, model, seconds, (best,), access)[best]
+                    rows[label]["rounds_rps"].append(again["throughput_rps"])
+                    if again["errors"]:
+                        rows[label]["errors"][f"round {round_}"] = again["errors"]
+    for row in rows.values():
+        row["throughput_rps"] = statistics.median(row["rounds_rps"])
+    return list(rows.values())
 
 
 # The memory run's variants: the stage service's defaults, then onnxruntime's prepacking forced on (a private,
@@ -339,9 +367,13 @@ def markdown(result: dict[str, Any]) -> str:
     eq = result.get("equal_cores")
     if eq:
         whole = eq[0]["throughput_rps"]
+        rounds = len(eq[0].get("rounds_rps", [0]))
         out += ["### Equal cores (2): split pipeline against the whole model", "",
-                "| setup | p50 ms | throughput /s | vs whole model |", "|---|---|---|---|"]
-        out += [f"| {r['setup']} | {_f(r['p50_ms'])} | {_f(r['throughput_rps'])} | {r['throughput_rps'] / whole:.2f}x |"
+                f"The three setups take turns, {rounds} rounds; throughput: the median of the rounds, at the "
+                "concurrency the first round's sweep (1, 2, 4, 8) found best; p50: concurrency 1, first round.", "",
+                "| setup | p50 ms | throughput /s (median) | each round /s | vs whole model |", "|---|---|---|---|---|"]
+        out += [f"| {r['setup']} | {_f(r['p50_ms'])} | {_f(r['throughput_rps'])} | "
+                f"{', '.join(_f(x) for x in r.get('rounds_rps', []))} | {r['throughput_rps'] / whole:.2f}x |"
                 for r in eq]
         out += ["", "Target: 2-stage pipeline throughput at least 0.9x the whole model's.", ""]
     mem = result.get("memory")
