@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo render reliability test lint typecheck istio-tools parity cluster-tools image bench bench-split bench-hop bench-peers peers-venv rollout-demo clean
+.PHONY: venv demo render reliability test lint typecheck istio-tools parity cluster-tools image bench bench-split bench-hop bench-peers bench-cpu peers-venv rollout-demo clean
 
 venv: $(STAMP)
 
@@ -132,7 +132,7 @@ reliability: | $(STAMP)
 bench: $(PIPELINE)/pipeline.json $(BUILD)/large/pipeline.json $(BUILD)/large-whole/pipeline.json
 	$(PY) -m benchmarks.suite --pipeline $(PIPELINE) --model $(BUILD)/reference.onnx --large $(BUILD)/large \
 		--large-whole $(BUILD)/large-whole --out $(BUILD)/bench
-	$(MAKE) bench-split bench-hop bench-peers
+	$(MAKE) bench-split bench-hop bench-peers bench-cpu
 
 bench-split: $(BUILD)/reference.onnx
 	$(PY) -m benchmarks.split $(BUILD)/reference.onnx --out $(BUILD)/bench-split
@@ -140,6 +140,11 @@ bench-split: $(BUILD)/reference.onnx
 
 bench-hop: | $(STAMP)
 	$(PY) -m benchmarks.hop --out $(BUILD)/bench-hop
+
+# Where a request's CPU goes in the local mesh: each app's, each Envoy's and the load generator's ms per request.
+bench-cpu: $(PIPELINE)/pipeline.json
+	$(PY) -m benchmarks.cpu_share --pipeline $(PIPELINE) --out $(BUILD)/bench-cpu/cpu-share.json \
+		--benchmarks BENCHMARKS.md
 
 # Peer servers (MLServer, KServe, Ray Serve) for the side-by-side bench: each in its own venv under
 # .venv-peers/ (their pins conflict with each other), never in the product's; pins in benchmarks/peer_servers/requirements/.

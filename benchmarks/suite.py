@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from model_export.manifest import load_manifest
 from model_export.ort_session import create_session
 from model_export.verify import Chain, pipeline_inputs, resolve_source
 from stage_service.launch import StageProcess, start_chain, stop_all
+
+if TYPE_CHECKING:
+    from mesh.local import State
 
 SWEEP = (1, 2, 4, 8)
 
@@ -111,10 +114,10 @@ def direct_chain(pipeline: Path, env: dict[str, str] | None = None) -> Iterator[
 
 
 @contextmanager
-def local_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[tuple[str, Access, Layout]]:
-    """The pipeline behind the local Envoy mesh (its gateway's URL, CA and a token, and its layout), with tracing
-    off as in the direct runs (the mesh writes every span to a file by default), so the two differ only by the
-    proxies."""
+def running_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[tuple[State, Access]]:
+    """The pipeline behind the local Envoy mesh: its state (layout, processes) and the gateway's CA and a token,
+    with tracing off as in the direct runs (the mesh writes every span to a file by default), so the two differ
+    only by the proxies."""
     from mesh import local
 
     saved = os.environ.get("OTEL_SDK_DISABLED")
@@ -124,7 +127,7 @@ def local_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[tuple[str
             st = local.up(pipeline, policy, state_dir=Path(state), gateway_port=0)
             try:
                 gateway = local.gateway_credentials(Path(state), st, "benchmarks-suite")
-                yield st.layout.gateway_url, Access(ca=gateway.ca, token=gateway.token), st.layout
+                yield st, Access(ca=gateway.ca, token=gateway.token)
             finally:
                 local.down(Path(state))
     finally:
@@ -132,6 +135,13 @@ def local_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[tuple[str
             os.environ.pop("OTEL_SDK_DISABLED", None)
         else:
             os.environ["OTEL_SDK_DISABLED"] = saved
+
+
+@contextmanager
+def local_mesh(pipeline: Path, policy: Path | None = None) -> Iterator[tuple[str, Access, Layout]]:
+    """`running_mesh`, as its gateway's URL, the access to it and its layout."""
+    with running_mesh(pipeline, policy) as (st, access):
+        yield st.layout.gateway_url, access, st.layout
 
 
 def rss_mb(pid: int) -> dict[str, float]:
