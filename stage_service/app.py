@@ -239,8 +239,8 @@ def create_app(settings: StageSettings, runtime: StageRuntime, tracing: StageTra
     app = FastAPI(title=f"stage {place.stage.name}", version=SERVICE_VERSION, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
     app.state.settings = settings
-    app.state.body_budget = BodyBudget(place.stage.name, settings.buffered_bytes_limit)
     app.state.plane = DataPlane(settings, runtime, tracing, metrics, SERVICE_VERSION)
+    app.state.body_budget = app.state.plane.body_budget
     install_handlers(app)
     app.add_middleware(InferMetricsMiddleware, metrics=metrics)
     app.add_middleware(ErrorBoundary)  # added last: the outermost of the app's own

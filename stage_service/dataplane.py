@@ -20,7 +20,7 @@ from opentelemetry.trace import Span
 from stage_service import protocol
 from stage_service.chain import PIPELINE_VERSION_HEADER, NextStage, propagated_headers
 from stage_service.errors import InvalidInput, ModelNotFound, ModelNotReady, UpstreamError
-from stage_service.limits import Admission, BatchLimit
+from stage_service.limits import Admission, BatchLimit, BodyBudget
 from stage_service.metrics import StageMetrics
 from stage_service.runtime import StageRuntime
 from stage_service.settings import StageSettings
@@ -75,6 +75,7 @@ class DataPlane:
         self.metrics = metrics
         self.service_version = service_version
         self.admission = Admission(self.place.stage.name, settings.max_inflight)
+        self.body_budget = BodyBudget(self.place.stage.name, settings.buffered_bytes_limit)
         self.batch_limit = BatchLimit.for_stages(self.place.manifest.stages[self.place.index:],
                                                  settings.max_request_bytes, settings.max_request_batch)
         self.max_json_values = settings.max_json_values
@@ -166,6 +167,11 @@ class DataPlane:
             annotate(span, {ATTR_STATUS: 200, ATTR_BODY_OUT: len(answer.content)})
             return answer
 
+    def alone(self, call: InferCall) -> bool:
+        """Whether `call` is the only request in the stage: no other in the data plane, and no other body being
+        received or held (the body budget holds just this one's)."""
+        return self.admission.inflight == 1 and self.body_budget.used <= len(call.body)
+
     def check_split(self, headers: Mapping[str, str]) -> str | None:
         """The split the request is pinned to (`x-pipeline-version`), if any; InvalidInput if it is not this
         stage's: its tensors would not fit (the mesh routes on the header, so only a client's mistake or a
@@ -182,7 +188,7 @@ class DataPlane:
         wanted = self._wanted_outputs(request, call.model)
         with self.tracing.span("inference"):
             self.batch_limit.check(self.runtime.check_inputs(tensors))  # before any work: 400, 413
-            outputs, ms = await self.runtime.infer(tensors)
+            outputs, ms = await self.runtime.infer(tensors, alone=self.alone(call))
         self.metrics.inference.observe(ms / 1000.0)
         # A pinned request's entries name the split that served each stage: one split end to end, or a bug.
         where = f"{self.place.version}@{self.split}" if pinned else self.place.version

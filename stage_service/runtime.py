@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -188,6 +189,21 @@ def load_stage(settings: StageSettings) -> StageRuntime:
                         max_batch_size=settings.max_batch_size, max_queue_delay_ms=settings.max_queue_delay_ms)
 
 
+# The longest run (as measured so far, per sample) that the event loop makes itself for a request that is alone in
+# the stage: handing a run to the inference thread and back costs about 0.45 ms a stage on the 2-core machine (two
+# cross-thread wake-ups; BENCHMARKS.md, "Where one request's time goes"), more than many stages' whole inference.
+# With other requests in flight the run goes to the thread, so their I/O overlaps it; a run this short keeps a
+# request that arrives meanwhile (or a health check) waiting no longer than this.
+INLINE_MAX_MS = 20.0
+EMA_WEIGHT = 0.2  # of the latest run in the running estimate of milliseconds per sample
+
+
+def samples_of(tensors: Mapping[str, np.ndarray]) -> int:
+    """The samples a run carries: the first input's dimension 0 (1 for a scalar input or none)."""
+    first = next(iter(tensors.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
 @dataclass
 class StageRuntime:
     """One stage's onnxruntime session; inference runs one at a time on its own thread."""
@@ -201,6 +217,11 @@ class StageRuntime:
     on_run: Callable[[int], None] | None = None
     _executor: ThreadPoolExecutor = field(init=False)
     batcher: DynamicBatcher | None = field(init=False, default=None)
+    # Milliseconds per sample of the runs so far (None before the first reported one) and the runs under way on
+    # any thread: together they decide whether a lone request's run may stay on the event loop (`infer`).
+    ms_per_sample: float | None = field(init=False, default=None)
+    _running: int = field(init=False, default=0)
+    _running_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         # One worker: each run already uses `threads` intra-op threads; concurrency comes from overlapping I/O.
@@ -241,6 +262,8 @@ class StageRuntime:
     def run(self, tensors: Mapping[str, np.ndarray], report: bool = True) -> tuple[dict[str, np.ndarray], float]:
         """Blocking inference: the outputs by name and the milliseconds onnxruntime took; `report` tells
         `on_run` the run's samples (not for the warm-up)."""
+        with self._running_lock:
+            self._running += 1
         start = time.perf_counter()
         try:
             results = self.session.run(self._output_names, dict(tensors))
@@ -249,20 +272,38 @@ class StageRuntime:
             if name in {"InvalidArgument", "InvalidGraph"}:
                 raise InvalidInput(f"onnxruntime rejected the inputs of {self.place.stage.name}: {exc}") from None
             raise InferenceFailed(f"inference failed in {self.place.stage.name}: {name}: {exc}") from None
+        finally:
+            with self._running_lock:
+                self._running -= 1
         elapsed_ms = (time.perf_counter() - start) * 1000.0
-        if report and self.on_run is not None:
-            first = next(iter(tensors.values()), None)
-            self.on_run(int(first.shape[0]) if first is not None and first.ndim else 1)
+        if report:
+            samples = samples_of(tensors)
+            latest = elapsed_ms / max(samples, 1)
+            last = self.ms_per_sample
+            self.ms_per_sample = latest if last is None else (1 - EMA_WEIGHT) * last + EMA_WEIGHT * latest
+            if self.on_run is not None:
+                self.on_run(samples)
         return dict(zip(self._output_names, results, strict=True)), elapsed_ms
+
+    def runs_inline(self, tensors: Mapping[str, np.ndarray]) -> bool:
+        """Whether a lone request's run stays on the event loop: no run under way, no batcher, and runs of its
+        size measured at most INLINE_MAX_MS (never before the first measured run)."""
+        estimate = self.ms_per_sample
+        return (self.batcher is None and estimate is not None and self._running == 0
+                and estimate * max(samples_of(tensors), 1) <= INLINE_MAX_MS)
 
     async def _run_off_loop(self, tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.run, tensors)
 
-    async def infer(self, tensors: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    async def infer(self, tensors: Mapping[str, np.ndarray],
+                    alone: bool = False) -> tuple[dict[str, np.ndarray], float]:
         """Run inputs that passed `check_inputs` on the inference thread (alone, or merged with others by the
-        batcher), so the event loop keeps answering."""
+        batcher), so the event loop keeps answering; a short run of a request `alone` in the stage on the event
+        loop itself (`runs_inline`), which saves the hand-off and delays no one."""
         if self.batcher is not None:
             return await self.batcher.submit(tensors)
+        if alone and self.runs_inline(tensors):
+            return self.run(tensors)
         return await self._run_off_loop(dict(tensors))
 
     async def warm_up(self) -> float:
