@@ -52,6 +52,9 @@ class InferCall:
     headers: Mapping[str, str]
     route: str = INFER_ROUTE
     path: str = ""
+    # Whether the transport sees every request in the stage from its first byte (HTTP: the body budget is held
+    # from the headers on). gRPC does not: its messages are received out of sight, so its runs never go inline.
+    sees_arrivals: bool = True
 
 
 @dataclass(frozen=True)
@@ -169,8 +172,8 @@ class DataPlane:
 
     def alone(self, call: InferCall) -> bool:
         """Whether `call` is the only request in the stage: no other in the data plane, and no other body being
-        received or held (the body budget holds just this one's)."""
-        return self.admission.inflight == 1 and self.body_budget.used <= len(call.body)
+        received or held (the body budget holds just this one's), as far as its transport lets us see."""
+        return call.sees_arrivals and self.admission.inflight == 1 and self.body_budget.used <= len(call.body)
 
     def check_split(self, headers: Mapping[str, str]) -> str | None:
         """The split the request is pinned to (`x-pipeline-version`), if any; InvalidInput if it is not this

@@ -223,7 +223,7 @@ class InferenceServicer:
             body, header_length = rest_body(request, raw)
             call = InferCall(model=request.model_name, version=request.model_version or None, body=body,
                              header_length=str(header_length), headers=text_metadata(context),
-                             route=INFER_METHOD, path=INFER_METHOD)
+                             route=INFER_METHOD, path=INFER_METHOD, sees_arrivals=False)
             answer = await self.plane.infer(call)
         context.set_trailing_metadata(((TIMING_METADATA, answer.timing),))
         return infer_response(answer.content, answer.header_length)

@@ -84,3 +84,12 @@ def test_a_request_is_alone_only_when_no_other_is_in_the_plane_or_holds_body_byt
         assert not plane.alone(call)
     with plane.admission, plane.admission:  # two requests in the plane
         assert not plane.alone(call)
+
+
+def test_a_grpc_call_is_never_alone(settings: StageSettings, stage: StageRuntime) -> None:
+    """grpcio receives messages out of the app's sight, so a run on the loop could stall requests it cannot see."""
+    plane = DataPlane(settings, stage, StageTracing.disabled(), StageMetrics("tiny", "tiny-stage-2", "v1"), "test")
+    call = InferCall(model="tiny-stage-2", version=None, body=b"x" * 100, header_length=None, headers={},
+                     sees_arrivals=False)
+    with plane.admission:
+        assert not plane.alone(call)
