@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-import time
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,25 +53,37 @@ def render(reading: Reading, width: int) -> RenderableType:
     return Group(*parts)
 
 
+@contextmanager
+def _until_interrupted() -> Iterator[threading.Event]:
+    """An event that Ctrl-C (SIGINT) or SIGTERM sets, so that the reading under way ends cleanly. Not
+    KeyboardInterrupt: raised at any point of a reading (inside the admin client's connection pool, say), it can
+    leave a lock taken that closing the client then waits on: `--watch` once hung on exit that way in the tests."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def watch(state_dir: Path, console: Console, interval_s: float, as_lines_of_json: bool) -> int:
     """Read and show the records every `interval_s` until interrupted (Ctrl-C) or the mesh is gone."""
-    try:
+    with _until_interrupted() as stop:
         if as_lines_of_json:
-            while (state := read_state(state_dir)) is not None:
+            while not stop.is_set() and (state := read_state(state_dir)) is not None:
                 print(json.dumps(as_json(read_records(state, state_dir))), flush=True)
-                time.sleep(interval_s)
+                stop.wait(interval_s)
             return 0
         if not console.is_terminal:  # a pipe or a log: one table per reading
-            while (state := read_state(state_dir)) is not None:
+            while not stop.is_set() and (state := read_state(state_dir)) is not None:
                 console.print(render(read_records(state, state_dir), console.width), soft_wrap=True)
                 console.file.flush()
-                time.sleep(interval_s)
+                stop.wait(interval_s)
             return 0
         with Live(console=console, auto_refresh=False) as live:
-            while (state := read_state(state_dir)) is not None:
+            while not stop.is_set() and (state := read_state(state_dir)) is not None:
                 live.update(render(read_records(state, state_dir), console.width), refresh=True)
-                time.sleep(interval_s)
-    except KeyboardInterrupt:
-        pass
+                stop.wait(interval_s)
     return 0
 
