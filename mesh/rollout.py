@@ -206,6 +206,17 @@ def _beside_pipeline(pipeline_dir: Path, path: Path, sha256: str) -> str:
     return path.name
 
 
+def stop_replicas(state: State, names: set[str], grace_s: float) -> None:
+    """Stop the replicas `names` (each sidecar before its app, so no new request reaches an app going away) and
+    drop their processes from `state`."""
+    gone = [p for p in state.procs if p.name in names or p.name.removesuffix("-sidecar") in names]
+    order = {"sidecar": 0, "app": 1}
+    left = procs.stop(sorted(gone, key=lambda p: order.get(p.role, 2)), grace_s=grace_s)
+    if left:
+        raise MeshError(f"could not stop {[p.name for p in left]}")
+    state.procs = [p for p in state.procs if p not in gone]
+
+
 def _finish(state_dir: Path, stage: str, keep_new: bool, grace_s: float) -> State:
     state = running_state(state_dir)
     versions = _versions(state, stage)
@@ -217,12 +228,7 @@ def _finish(state_dir: Path, stage: str, keep_new: bool, grace_s: float) -> Stat
     _apply(state, state_dir, path, resolved, stage)
     time.sleep(DRAIN_S)
     leaving = {r.name for r in state.layout.of_version(stage, leave["name"])}
-    gone = [p for p in state.procs if p.name in leaving or p.name.removesuffix("-sidecar") in leaving]
-    order = {"sidecar": 0, "app": 1}
-    left = procs.stop(sorted(gone, key=lambda p: order.get(p.role, 2)), grace_s=grace_s)
-    if left:
-        raise MeshError(f"could not stop {[p.name for p in left]}")
-    state.procs = [p for p in state.procs if p not in gone]
+    stop_replicas(state, leaving, grace_s)
     state.layout = state.layout.model_copy(update={
         "replicas": [r for r in state.layout.replicas if r.name not in leaving]})
     path, resolved = _with_versions(state, state_dir, stage, [{**stay, "weight": 100}])

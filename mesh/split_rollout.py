@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from mesh import procs, sockets
+from mesh import sockets
 from mesh.envoy_grpc import grpc_cluster_name
 from mesh.layout import LOOPBACK, Layout, Replica, new_replica, subset_name
 from mesh.local import (
@@ -39,7 +39,7 @@ from mesh.local import (
     write_state_envoys,
 )
 from mesh.records import read_records
-from mesh.rollout import POLICY_FILE, policy_data, running_state
+from mesh.rollout import POLICY_FILE, policy_data, running_state, stop_replicas
 from mesh.splits import Pinning, split_path
 from model_export.manifest import ManifestError, load_manifest
 
@@ -235,16 +235,6 @@ def wait_drained(state: State, layout: Layout, timeout_s: float = DRAIN_TIMEOUT_
         time.sleep(0.2)
 
 
-def _stop(state: State, layout: Layout, grace_s: float) -> None:
-    leaving = {r.name for r in layout.replicas}
-    gone = [p for p in state.procs if p.name in leaving or p.name.removesuffix("-sidecar") in leaving]
-    order = {"sidecar": 0, "app": 1}
-    left = procs.stop(sorted(gone, key=lambda p: order.get(p.role, 2)), grace_s=grace_s)
-    if left:
-        raise MeshError(f"could not stop {[p.name for p in left]}")
-    state.procs = [p for p in state.procs if p not in gone]
-
-
 def _finish(state_dir: Path, keep_new: bool, grace_s: float) -> State:
     state = running_state(state_dir)
     entries = _splits(state)
@@ -256,7 +246,7 @@ def _finish(state_dir: Path, keep_new: bool, grace_s: float) -> State:
     _apply(state, state_dir, *_write_policy(state, state_dir, entries))
     leaving = state.split_layouts[new] if not keep_new else state.layout
     wait_drained(state, leaving)
-    _stop(state, leaving, grace_s)
+    stop_replicas(state, {r.name for r in leaving.replicas}, grace_s)
     if keep_new:
         kept = state.split_layouts.pop(new)
         stages = stay.pop("stages", {})
