@@ -47,6 +47,9 @@ def register(sub: Any) -> None:
                    help="the pipeline directory written by `python -m model_export split` (pipeline.json)")
     p.add_argument("--policy", type=Path, default=None, help="mesh.yaml traffic policy (default: built-in defaults)")
     p.add_argument("--detach", action="store_true", help="return once ready and leave the mesh running")
+    p.add_argument("--no-restart", action="store_true",
+                   help="start no keeper: a process of the mesh that exits stays down (default: started again, "
+                        "with a back-off while it keeps exiting, as kubelet does)")
     p.add_argument("--gateway-port", type=int, default=None,
                    help="override the policy's gateway.port (default: the policy's, 8080); 0: any free port")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every replica to be ready")
@@ -164,7 +167,7 @@ def _up(args: argparse.Namespace) -> int:
     try:
         with err.status("starting the mesh (stage processes, sidecars, gateway)..."):
             state = local.up(args.pipeline, args.policy, where, args.gateway_port, args.timeout,
-                             insecure_gateway=args.insecure_gateway)
+                             insecure_gateway=args.insecure_gateway, restart=not args.no_restart)
     except local.MeshError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
@@ -193,7 +196,7 @@ def _up(args: argparse.Namespace) -> int:
                 f"running detached; `python -m mesh status` / `down` find it from any directory (state in {where})",
                 highlight=False, soft_wrap=True)
             return 0
-        _foreground(state)
+        _foreground(where)
     except KeyboardInterrupt:
         pass
     # Whatever ends the foreground (Ctrl-C, SIGTERM, even one arriving mid-print), the mesh goes with it;
@@ -218,16 +221,24 @@ def _client_hint(state: local.State, ca: Path | None) -> str:
     return "clients need " + " and ".join(needs)
 
 
-def _foreground(state: local.State) -> None:
-    """Stay until Ctrl-C or SIGTERM (both raise KeyboardInterrupt), reporting processes that exit."""
+def _foreground(where: Path) -> None:
+    """Stay until Ctrl-C or SIGTERM (both raise KeyboardInterrupt), reporting processes that exit and start
+    again (the keeper's restarts)."""
     err.print("Ctrl-C stops the mesh")
-    reported: set[str] = set()
-    while True:
-        time.sleep(1.0)
+    reported: dict[str, int] = {}  # name -> the pid reported gone
+    known: dict[str, int] = {}  # name -> its pid last seen
+    while (state := local.read_state(where)) is not None:
+        keeper = any(p.role == local.KEEPER and procs.alive(p) for p in state.procs)
         for p in state.procs:
-            if p.name not in reported and not procs.alive(p):
-                reported.add(p.name)
-                err.print(f"[red]{p.name} (pid {p.pid}) exited[/]; see {p.log}", highlight=False, soft_wrap=True)
+            if known.setdefault(p.name, p.pid) != p.pid:
+                known[p.name] = p.pid
+                err.print(f"{p.name} started again (pid {p.pid}, restart {p.restarts})", highlight=False)
+            if reported.get(p.name) != p.pid and not procs.alive(p):
+                reported[p.name] = p.pid
+                again = "; the keeper starts it again" if keeper and p.role != local.KEEPER else ""
+                err.print(f"[red]{p.name} (pid {p.pid}) exited[/]{again}; see {p.log}", highlight=False,
+                          soft_wrap=True)
+        time.sleep(1.0)
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -277,7 +288,8 @@ def _status(args: argparse.Namespace) -> int:
                      "gateway_auth": state.policy.gateway.auth.enabled, "state_dir": str(where.resolve()),
                      "socket_dir": state.layout.socket_dir,
                      "processes": [{"name": r.proc.name, "role": r.proc.role, "stage": r.proc.stage,
-                                    "pid": r.proc.pid, "alive": r.alive, "ready": r.ready, "log": r.proc.log}
+                                    "pid": r.proc.pid, "alive": r.alive, "ready": r.ready,
+                                    "restarts": r.proc.restarts, "log": r.proc.log}
                                    for r in rows],
                      "discovery": records_view.as_json(reading),
                      "splits": None if state.pinning is None else [
@@ -288,7 +300,12 @@ def _status(args: argparse.Namespace) -> int:
         console.print(records_view.render(reading, console.width), soft_wrap=True)
     dead = [r.proc.name for r in rows if not r.alive]
     if dead:
-        err.print(f"[red]{len(dead)} process(es) not running:[/] {', '.join(dead)}", highlight=False, soft_wrap=True)
+        keeper = any(r.alive and r.proc.role == local.KEEPER for r in rows)
+        then = ("the keeper starts them again (see `python -m mesh logs keeper`)" if keeper else
+                "nothing starts them again (no keeper: `mesh up --no-restart`, or it was stopped); "
+                "`python -m mesh down` and `up` start the mesh afresh")
+        err.print(f"[red]{len(dead)} process(es) not running:[/] {', '.join(dead)}; {then}", highlight=False,
+                  soft_wrap=True)
         return 1
     return 0
 
@@ -301,10 +318,12 @@ def _print_status(state: local.State, rows: list[local.ProcStatus], where: Path)
                       soft_wrap=True)
     labels = {True: "[green]ready[/]", False: "[yellow]running, not ready[/]", None: "[red]crashed or killed[/]"}
     # The log column only where it fits whole; else one line says where every log is.
-    for columns in (("process", "role", "pid", "state", "log"), ("process", "role", "pid", "state")):
-        table = compact_table(*columns, right=("pid",))
+    for columns in (("process", "role", "pid", "restarts", "state", "log"),
+                    ("process", "role", "pid", "restarts", "state")):
+        table = compact_table(*columns, right=("pid", "restarts"))
         for row in rows:
-            cells = [row.proc.name, row.proc.role, str(row.proc.pid), labels[row.ready if row.alive else None]]
+            cells = [row.proc.name, row.proc.role, str(row.proc.pid), str(row.proc.restarts),
+                     labels[row.ready if row.alive else None]]
             table.add_row(*cells, *([row.proc.log] if "log" in columns else []))
         if fits(table, console.width):
             break

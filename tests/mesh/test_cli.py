@@ -61,7 +61,7 @@ def test_the_running_mesh_is_found_from_any_directory(tiny_pipeline: tuple[Path,
         assert status.returncode == 0, status.stderr
         table = [line for line in status.stdout.splitlines() if str(where) not in line]  # a path is as long as it is
         processes = table[:table.index(next(x for x in table if x.startswith("discovery records")))]
-        assert len(processes) == 9 and all(len(line) <= 80 for line in table), status.stdout
+        assert len(processes) == 10 and all(len(line) <= 80 for line in table), status.stdout  # 8 + keeper
         names = [p["name"] for p in json.loads(mesh_cli("status", "--json", cwd=elsewhere).stdout)["processes"]]
         assert "tiny-stage-1-v1-0" in names and "gateway" in names
         applied = mesh_cli("apply", cwd=elsewhere)  # no --policy: the file `up` used, not the defaults
@@ -83,7 +83,7 @@ def test_the_running_mesh_is_found_from_any_directory(tiny_pipeline: tuple[Path,
             "tiny-stage-0", "tiny-stage-1", "tiny-stage-2"]
     finally:
         down = mesh_cli("down", cwd=elsewhere)
-    assert down.returncode == 0 and "stopped 7 processes" in down.stdout, down.stdout + down.stderr
+    assert down.returncode == 0 and "stopped 8 processes" in down.stdout, down.stdout + down.stderr
     assert processes_of(where) == []
     after = mesh_cli("logs", "gateway", cwd=elsewhere)  # the last mesh's logs, after `down`
     assert after.returncode == 0 and "POST /v2/models/tiny/infer" in after.stdout, after.stderr

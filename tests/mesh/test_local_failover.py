@@ -35,7 +35,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[local.State
     pipeline = tmp / "wide"
     write_tiny_pipeline(pipeline, name="wide", widths=(16, WIDTH, 16, 4))
     policy = write_policy(tmp / "mesh.yaml", {"stages": {MIDDLE: {"replicas": 2}}})
-    with running_mesh(pipeline, policy, tmp / ".mesh") as state:
+    # no keeper: what is killed stays down, so only Envoy's retries and outlier detection hide it
+    with running_mesh(pipeline, policy, tmp / ".mesh", "--no-restart") as state:
         yield state, tmp / ".mesh", pipeline
 
 
@@ -137,7 +138,7 @@ def test_an_app_that_dies_behind_its_live_sidecar_loses_no_request(tmp_path: Pat
     pipeline = tmp_path / "crash"
     write_tiny_pipeline(pipeline, name="crash", widths=(16, 4096, 16, 4))
     policy = write_policy(tmp_path / "mesh.yaml", {"stages": {"crash-stage-1": {"replicas": 2}}})
-    with running_mesh(pipeline, policy, tmp_path / ".mesh") as state:
+    with running_mesh(pipeline, policy, tmp_path / ".mesh", "--no-restart") as state:
         victim = state.layout.of_stage("crash-stage-1")[1].name
         app = [p.pid for p in state.procs if p.name == victim]
         sidecar = next(p for p in state.procs if p.name == f"{victim}-sidecar")

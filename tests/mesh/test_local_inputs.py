@@ -143,7 +143,7 @@ def test_foreground_up_tears_down_on_sigterm(tiny_pipeline: tuple[Path, Manifest
             if "Ctrl-C stops the mesh" in line:
                 break
         assert any("gateway: https://127.0.0.1:" in line for line in lines), "".join(lines)
-        assert len(processes_of(state_dir)) == 7  # 3 apps, 3 sidecars, 1 gateway
+        assert len(processes_of(state_dir)) == 8  # 3 apps, 3 sidecars, the gateway and the keeper
         cli.send_signal(signal.SIGTERM)
         rest, _ = cli.communicate(timeout=60)
         left = processes_of(state_dir)
@@ -153,5 +153,5 @@ def test_foreground_up_tears_down_on_sigterm(tiny_pipeline: tuple[Path, Manifest
             cli.wait()
         if processes_of(state_dir):  # never leave a failed test's processes behind
             local.down(state_dir)
-    assert cli.returncode == 0 and "stopped 7 processes" in rest, (cli.returncode, rest)
+    assert cli.returncode == 0 and "stopped 8 processes" in rest, (cli.returncode, rest)
     assert left == []

@@ -189,7 +189,7 @@ def test_second_up_refused_while_running(mesh: tuple[local.State, Path], pipelin
 def test_z_down_leaves_nothing(mesh: tuple[local.State, Path]) -> None:
     """Last in the module: down stops every process; the fixture's own down then finds nothing."""
     state, state_dir = mesh
-    assert len(processes_of(state_dir)) == 9  # 4 apps (stage 1 in two versions), 4 sidecars, 1 gateway
+    assert len(processes_of(state_dir)) == 10  # 4 apps (stage 1 in two versions), 4 sidecars, gateway, keeper
     result = mesh_cli("down", "--state-dir", str(state_dir))
     assert result.returncode == 0, result.stderr
     assert processes_of(state_dir) == []

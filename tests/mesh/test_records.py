@@ -31,7 +31,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[local.State
     tmp = tmp_path_factory.mktemp("mesh-records")
     write_tiny_pipeline(tmp / "rec", name="rec")
     policy = write_policy(tmp / "mesh.yaml", POLICY)
-    with running_mesh(tmp / "rec", policy, tmp / ".mesh") as state:
+    # no keeper: the killed replicas must stay down for their records to show it
+    with running_mesh(tmp / "rec", policy, tmp / ".mesh", "--no-restart") as state:
         yield state, tmp / ".mesh"
 
 

@@ -111,6 +111,9 @@ def test_canary_promote_and_rollback_under_load(mesh: tuple[local.State, Path], 
     before = {p.name: p.pid for p in state.procs if not p.name.startswith(STAGE)}
     after = local.read_state(state_dir)
     assert after is not None and {p.name: p.pid for p in after.procs if not p.name.startswith(STAGE)} == before
+    # and the keeper started none of the replicas the rollouts stopped on purpose again
+    assert not any(p.name.startswith((f"{STAGE}-v1-", f"{STAGE}-v3-")) for p in after.procs)
+    assert "started again" not in (state_dir / "logs" / "keeper.log").read_text()
 
 
 def test_refusals_are_one_message(mesh: tuple[local.State, Path], pipelines: dict[str, Path]) -> None:

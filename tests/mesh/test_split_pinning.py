@@ -129,6 +129,7 @@ def test_split_rollout_under_load_never_mixes(mesh: tuple[local.State, Path], sp
     after = local.read_state(state_dir)
     assert after is not None and after.pinning is not None and after.pinning.names == [two]
     assert len([p for p in after.procs if p.role == "app"]) == 2
+    assert "started again" not in (state_dir / "logs" / "keeper.log").read_text()  # nothing stopped came back
 
 
 def _pinned_by_client(gateway: local.GatewayCredentials, x: np.ndarray, expected: np.ndarray, three: str,

@@ -1,0 +1,114 @@
+"""The local mesh's keeper: what kubelet is to a pod's containers, for the mesh's processes.
+
+`mesh up` starts it last, as one more process of the mesh (role `keeper`, `python -m mesh.keeper STATE_DIR`).
+It watches every other process the state file records; one that exited (crashed, killed, out of memory) is
+started again as it was (`procs.restart`: its command, its own environment, its log, appended to), at once the
+first time and then after a back-off that doubles from 1 s to 30 s while it keeps exiting, as kubelet's
+CrashLoopBackOff does; 60 s of running clear it. A start happens under the mesh's `state_lock`, so nothing
+`down` or a rollout stops on purpose is started again (they hold the lock until the state no longer lists it).
+It ends when the state file no longer lists it: after `down`, or a new mesh in the same directory.
+
+`mesh up --no-restart` starts no keeper: what dies stays dead, as with `restartPolicy: Never`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mesh import local, procs
+
+POLL_S = 0.5
+FIRST_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
+STEADY_S = 60.0  # running this long since its latest start: the next exit is restarted at once again
+
+
+def backoff_s(exits_in_a_row: int) -> float:
+    """How long after the `exits_in_a_row`-th exit in a row (1: the first) a process is started again."""
+    if exits_in_a_row <= 1:
+        return 0.0
+    return min(FIRST_BACKOFF_S * 2 ** (exits_in_a_row - 2), MAX_BACKOFF_S)
+
+
+def _say(text: str) -> None:
+    print(f"{datetime.now(UTC).isoformat(timespec='milliseconds')} {text}", flush=True)
+
+
+class Keeper:
+    """The keeper's memory between readings: when each process was first seen gone, and its exits in a row."""
+
+    def __init__(self, state_dir: Path, pid: int) -> None:
+        self.state_dir, self.pid = state_dir, pid
+        self.gone_since: dict[str, float] = {}
+        self.exits: dict[str, int] = {}
+
+    def listed(self, state: local.State | None) -> bool:
+        return state is not None and any(p.role == local.KEEPER and p.pid == self.pid for p in state.procs)
+
+    def due(self, state: local.State) -> list[procs.Proc]:
+        """The processes gone long enough to be started again now; notes the newly gone and the steady."""
+        now, due = time.monotonic(), []
+        for p in state.procs:
+            if p.role == local.KEEPER:
+                continue
+            if procs.alive(p):
+                if time.time() - p.started_at >= STEADY_S:
+                    self.exits.pop(p.name, None)
+                continue
+            if p.name not in self.gone_since:
+                self.gone_since[p.name] = now
+                self.exits[p.name] = self.exits.get(p.name, 0) + 1
+                _say(f"{p.name} (pid {p.pid}) is not running (exit {self.exits[p.name]} in a row)")
+            if now - self.gone_since[p.name] >= backoff_s(self.exits[p.name]):
+                due.append(p)
+        return due
+
+    def restart(self, names: set[str]) -> bool:
+        """Start `names` again under the lock, if the state still lists them gone; False: the mesh is gone."""
+        with local.state_lock(self.state_dir, wait=False) as held:
+            if not held:
+                return True  # a change is under way: look again next time
+            state = local.read_state(self.state_dir)
+            if not self.listed(state):
+                return False
+            assert state is not None
+            for i, p in enumerate(state.procs):
+                if p.name in names and not procs.alive(p):
+                    state.procs[i] = again = procs.restart(p)
+                    self.gone_since.pop(p.name, None)
+                    _say(f"{p.name} started again: pid {again.pid} (restart {again.restarts})")
+            local.write_state(self.state_dir, state)
+        return True
+
+    def run(self) -> int:
+        _say(f"keeping the processes of the mesh in {self.state_dir}")
+        while True:
+            state = local.read_state(self.state_dir)
+            if not self.listed(state):
+                _say("the mesh no longer lists this keeper: done")
+                return 0
+            assert state is not None
+            due = self.due(state)
+            if due and not self.restart({p.name for p in due}):
+                return 0
+            time.sleep(POLL_S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m mesh.keeper STATE_DIR (started by `python -m mesh up`)", file=sys.stderr)
+        return 2
+    try:
+        return Keeper(Path(args[0]), os.getpid()).run()
+    except local.MeshError as exc:
+        _say(f"stopped: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The local mesh's keeper (mesh.keeper) on a real mesh: a SIGKILLed app, sidecar and gateway are started again
+and the pipeline answers again, with the restarts counted in `mesh status`; a process that keeps exiting waits
+a back-off that grows; `down` stops the keeper with the rest."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from mesh import keeper, local
+from mesh.procs import Proc, alive
+from mesh.v2client import infer
+from tests.mesh.local_mesh import gateway_client, mesh_cli, running_mesh
+from tests.tiny import write_tiny_pipeline
+
+MIDDLE = "keep-stage-1"
+
+
+def test_the_back_off_starts_at_once_then_doubles_to_a_ceiling() -> None:
+    waits = [keeper.backoff_s(n) for n in range(1, 9)]
+    assert waits == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def _procs(state_dir: Path) -> dict[str, Proc]:
+    state = local.read_state(state_dir)
+    assert state is not None
+    return {p.name: p for p in state.procs}
+
+
+def _wait_for(condition, timeout_s: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def _answers(state_dir: Path, url: str) -> bool:
+    try:
+        with gateway_client(state_dir, timeout=10.0) as client:
+            infer(client, url, "keep", {"x": np.ones((1, 16), np.float32)})
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+def _restarts_logged(state_dir: Path, name: str) -> list[float]:
+    """When the keeper's log says `name` was started again, as Unix times."""
+    text = (state_dir / "logs" / "keeper.log").read_text()
+    return [datetime.fromisoformat(m.group(1)).timestamp()
+            for m in re.finditer(rf"^(\S+) {re.escape(name)} started again", text, re.M)]
+
+
+def test_killed_processes_are_started_again_and_the_pipeline_answers(tmp_path: Path) -> None:
+    write_tiny_pipeline(tmp_path / "keep", name="keep")
+    state_dir = tmp_path / ".mesh"
+    with running_mesh(tmp_path / "keep", None, state_dir) as state:
+        url = state.layout.gateway_url
+        assert _answers(state_dir, url)
+        before = _procs(state_dir)
+        assert before["keeper"].role == "keeper" and alive(before["keeper"])
+        victims = [f"{MIDDLE}-v1-0", f"{MIDDLE}-v1-0-sidecar", "gateway"]
+        for name in victims:
+            os.kill(before[name].pid, signal.SIGKILL)
+        _wait_for(lambda: all(_procs(state_dir)[n].restarts == 1 and alive(_procs(state_dir)[n]) for n in victims))
+        _wait_for(lambda: _answers(state_dir, url))
+        after = _procs(state_dir)
+        assert all(after[n].pid != before[n].pid for n in victims)
+        assert all(after[n].pid == before[n].pid and after[n].restarts == 0 for n in before if n not in victims)
+        status = mesh_cli("status", "--json", "--state-dir", str(state_dir))
+        assert status.returncode == 0, status.stderr
+        rows = {p["name"]: p for p in json.loads(status.stdout)["processes"]}
+        assert {n: rows[n]["restarts"] for n in victims} == dict.fromkeys(victims, 1)
+
+        # the same app killed again at once, and again: the second exit in a row waits 1 s, the third 2 s
+        app = f"{MIDDLE}-v1-0"
+        for _ in range(2):
+            current = _procs(state_dir)[app]
+            os.kill(current.pid, signal.SIGKILL)
+            died = time.time()
+            _wait_for(lambda: _procs(state_dir)[app].pid != current.pid)  # noqa: B023
+        times = _restarts_logged(state_dir, app)
+        assert len(times) == 3 and _procs(state_dir)[app].restarts == 3
+        assert times[2] - died >= keeper.backoff_s(3) - 0.05
+        _wait_for(lambda: _answers(state_dir, url))
+        logs = mesh_cli("logs", "keeper", "--state-dir", str(state_dir))
+        assert f"{app} started again" in logs.stdout
+    # running_mesh's `down` left no process of the mesh, the keeper included
+
+
+def test_with_no_restart_what_dies_stays_down(tmp_path: Path) -> None:
+    write_tiny_pipeline(tmp_path / "keep", name="keep")
+    state_dir = tmp_path / ".mesh"
+    with running_mesh(tmp_path / "keep", None, state_dir, "--no-restart"):
+        procs = _procs(state_dir)
+        assert "keeper" not in procs
+        os.kill(procs[f"{MIDDLE}-v1-0"].pid, signal.SIGKILL)
+        time.sleep(3 * keeper.POLL_S + 1.0)
+        status = mesh_cli("status", "--state-dir", str(state_dir))
+        assert status.returncode == 1
+        assert f"{MIDDLE}-v1-0" in status.stderr and "nothing starts them again" in status.stderr
