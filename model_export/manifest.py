@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from model_export.errors import validation_problems
+
 MANIFEST_FILE = "pipeline.json"
 FORMAT_VERSION = 1
 
@@ -258,7 +260,7 @@ def load_manifest(path: Path | str) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        raise ManifestError(f"{path}: invalid manifest:\n{exc}") from exc
+        raise ManifestError(f"{path}: invalid manifest: {validation_problems(exc)}") from None
 
 
 def write_manifest(manifest: Manifest, directory: Path) -> Path:

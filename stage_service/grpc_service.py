@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
+import numpy as np
 import orjson
 
 from model_export.manifest import DATATYPE_TO_NUMPY
@@ -144,6 +146,7 @@ def input_header(tensor: Any, raw: bytes | None) -> dict[str, Any]:
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidInput(f"input {tensor.name}: has both contents and raw_input_contents; send one")
+        _check_raw_size(entry, len(raw))
         entry["parameters"] = {"binary_data_size": len(raw)}
         return entry
     field = CONTENTS_FIELD.get(tensor.datatype)
@@ -153,6 +156,18 @@ def input_header(tensor: Any, raw: bytes | None) -> dict[str, Any]:
                            f"send it in raw_input_contents (typed contents carry {expected})")
     entry["data"] = list(getattr(tensor.contents, field))
     return entry
+
+
+def _check_raw_size(entry: dict[str, Any], size: int) -> None:
+    """A raw tensor's bytes against its shape and datatype, in the gRPC client's own terms (REST's message would
+    name `binary_data_size`, which a gRPC client never set); anything else odd is left to the data plane."""
+    shape, numpy_name = entry["shape"], DATATYPE_TO_NUMPY.get(entry["datatype"])
+    if numpy_name is None or any(d < 0 for d in shape):
+        return
+    expected = math.prod(shape) * np.dtype(numpy_name).itemsize
+    if size != expected:
+        raise InvalidInput(f"input {entry['name']}: raw_input_contents holds {size} bytes but shape {shape} of "
+                           f"{entry['datatype']} needs {expected}")
 
 
 def infer_response(content: bytes, header_length: int | None) -> Any:

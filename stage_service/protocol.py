@@ -13,6 +13,7 @@ with itself (datatype known, data matching the shape). Whether the tensors fit t
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -20,8 +21,9 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 import simdjson
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, ValidationError
 
+from model_export.errors import validation_problems
 from model_export.manifest import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, TensorSpec
 from stage_service.errors import InvalidInput, PayloadTooLarge
 
@@ -51,7 +53,7 @@ class InferTensor(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     name: str
-    shape: list[int]
+    shape: list[StrictInt]  # numbers, as the spec writes it: "1" or true is refused, not read as 1
     datatype: str
     parameters: dict[str, Any] | None = None
     data: list[Any] | None = None
@@ -252,12 +254,7 @@ def _split_header(body: bytes, header_length: str | None) -> tuple[bytes, int]:
     return body[:length], length
 
 
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in err["loc"])
-        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
-    return "; ".join(parts)
+_NON_JSON_NUMBER = re.compile(rb"[\[,:]\s*-?(NaN|Infinity)\b")
 
 
 def _loads(header: bytes, what: str) -> Any:
@@ -265,7 +262,9 @@ def _loads(header: bytes, what: str) -> Any:
     try:
         return orjson.loads(header)
     except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"invalid inference {what}: the body is not valid JSON ({exc})") from None
+        hint = ("; JSON has no NaN or Infinity: send such values in binary (the binary tensor extension)"
+                if _NON_JSON_NUMBER.search(header) else "")
+        raise InvalidInput(f"invalid inference {what}: the body is not valid JSON ({exc}){hint}") from None
 
 
 def _plain(value: Any) -> Any:
@@ -406,7 +405,7 @@ def decode_request(body: bytes, header_length: str | None,
     try:
         request = InferenceRequest.model_validate(document)
     except ValidationError as exc:
-        raise InvalidInput(f"invalid inference request: {_validation_message(exc)}") from None
+        raise InvalidInput(f"invalid inference request: {validation_problems(exc)}") from None
     for index, array in parsed.items():
         request.inputs[index]._parsed = array
     _check_request(request)
@@ -419,7 +418,7 @@ def decode_response(body: bytes, header_length: str | None) -> tuple[InferenceRe
     try:
         response = InferenceResponse.model_validate(_loads(header, "response"))
     except ValidationError as exc:
-        raise InvalidInput(f"invalid inference response: {_validation_message(exc)}") from None
+        raise InvalidInput(f"invalid inference response: {validation_problems(exc)}") from None
     return response, _decode_tensors(response.outputs, body, offset, "response")
 
 

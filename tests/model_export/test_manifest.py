@@ -1,11 +1,16 @@
-"""The one DNS-label rule every name in the manifest, the settings and the policy follows."""
+"""The one DNS-label rule every name in the manifest, the settings and the policy follows; a bad manifest's
+one-line error."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from model_export.manifest import DnsLabel, PipelineName
+from model_export.manifest import DnsLabel, ManifestError, PipelineName, load_manifest
+from tests.tiny import write_tiny_pipeline
 
 LABEL = TypeAdapter(DnsLabel)
 PIPELINE = TypeAdapter(PipelineName)
@@ -26,3 +31,22 @@ def test_pipeline_names_leave_room_for_stage_names() -> None:
     assert PIPELINE.validate_python("a" * 40) == "a" * 40
     with pytest.raises(ValidationError, match="at most 40 characters"):
         PIPELINE.validate_python("a" * 41)
+
+
+def test_a_bad_manifest_is_one_line_naming_the_field_and_the_value(tmp_path: Path) -> None:
+    write_tiny_pipeline(tmp_path / "tiny", name="tiny")
+    path = tmp_path / "tiny" / "pipeline.json"
+    data = json.loads(path.read_text())
+    data["stages"][1]["inputs"][0]["datatype"] = "FP33"
+    data["format_version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path)
+    message = str(info.value)
+    assert "\n" not in message and "errors.pydantic.dev" not in message
+    assert "format_version: Input should be 1 (got 99)" in message
+    assert "stages.1.inputs.0.datatype: Input should be 'BOOL'" in message and "(got 'FP33')" in message
+    path.write_text("[]")
+    with pytest.raises(ManifestError, match=r"invalid manifest: the document: Input should be a valid dictionary "
+                                            r"\(got an array\)$"):
+        load_manifest(path)

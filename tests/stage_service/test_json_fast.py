@@ -101,3 +101,19 @@ def test_the_json_value_count_refuses_over_the_limit_and_counts_exactly() -> Non
     protocol._count_json_values(body, limit)
     with pytest.raises(PayloadTooLarge, match=f"about {limit} values, over the limit of {limit - 1}"):
         protocol._count_json_values(body, limit - 1)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_refusals_name_what_json_cannot_be(fast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(protocol, "FAST_JSON_MIN_BYTES", 0 if fast else 1 << 40)
+    strings = json.dumps({"inputs": [tensor("x", "FP32", ["1", 2], [1.0, 2.0])]}).encode()
+    with pytest.raises(InvalidInput, match=r"^invalid inference request: inputs\.0\.shape\.0: Input should be a "
+                                           r"valid integer \(got '1'\)$"):
+        protocol.decode_request(strings, None)
+    for number in (b"NaN", b"-Infinity"):
+        body = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, ' + number + b"]}]}"
+        with pytest.raises(InvalidInput, match="not valid JSON .*; JSON has no NaN or Infinity: send such values in "
+                                               "binary"):
+            protocol.decode_request(body, None)
+    with pytest.raises(InvalidInput, match=r"the document: Input should be a valid dictionary \(got an array\)$"):
+        protocol.decode_request(b"[]", None)
