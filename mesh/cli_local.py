@@ -245,7 +245,8 @@ def _token(args: argparse.Namespace) -> int:
     if not args.subject.strip():
         return _fail("--subject must not be empty")
     if not 0 < args.expires_in <= MAX_TOKEN_LIFETIME_S:
-        return _fail(f"--expires-in must be between 0 and {MAX_TOKEN_LIFETIME_S:.0f} seconds, got {args.expires_in:g}")
+        return _fail(f"--expires-in must be between 0 and {MAX_TOKEN_LIFETIME_S:.0f} seconds, "
+                     f"got {args.expires_in:.12g}")
     where = _found(args)
     state = local.read_state(where)
     if state is None:
@@ -270,7 +271,12 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
+MIN_INTERVAL_S = 0.1  # `status --watch`: each reading asks every Envoy's admin
+
+
 def _status(args: argparse.Namespace) -> int:
+    if args.watch and not MIN_INTERVAL_S <= args.interval <= 3600:
+        return _fail(f"--interval must be between {MIN_INTERVAL_S:g} and 3600 seconds, got {args.interval:.12g}")
     where = _found(args)
     if local.read_state(where) is None:
         return _fail(_not_found(args, "no mesh is running"))
@@ -334,6 +340,8 @@ def _print_status(state: local.State, rows: list[local.ProcStatus], where: Path)
 
 
 def _logs(args: argparse.Namespace) -> int:
+    if args.lines < 0:
+        return _fail(f"--lines must be 0 (the whole log) or more, got {args.lines}")
     where = _found(args)
     if local.read_last_state(where) is None:
         return _fail(_not_found(args, "no mesh has run here"))
@@ -383,7 +391,11 @@ def _demo_target(args: argparse.Namespace) -> tuple[local.GatewayCredentials, Ma
         gateway = local.gateway_credentials(_found(args), state, "demo-request")
         if args.token:
             gateway = dataclasses.replace(gateway, token=args.token)
-    return gateway, load_manifest(args.pipeline or state.pipeline_dir)  # type: ignore[union-attr]
+    manifest = load_manifest(args.pipeline or state.pipeline_dir)  # type: ignore[union-attr]
+    if args.url is None and state is not None and manifest.name != state.layout.pipeline:
+        raise local.MeshError(f"--pipeline {args.pipeline} holds pipeline {manifest.name!r}, but the running mesh "
+                              f"serves {state.layout.pipeline!r}: leave out --pipeline, or start a mesh of it")
+    return gateway, manifest
 
 
 def _demo_request(args: argparse.Namespace) -> int:
@@ -419,7 +431,7 @@ def _demo_request(args: argparse.Namespace) -> int:
     console.print(f"POST {url}/v2/models/{manifest.name}/infer (binary, batch 1): {response.status_code}, "
                   f"{total_ms:.1f} ms end to end", highlight=False, soft_wrap=True)
     for name, top in top5.items():
-        console.print(f"top-5 of {name}: " + ", ".join(f"class {c} ({p:.4f})" for c, p in top),
+        console.print(f"top-{len(top)} of {name}: " + ", ".join(f"class {c} ({p:.4f})" for c, p in top),
                       highlight=False, soft_wrap=True)
     console.print(f"time per stage ({STAGE_TIMING}):", highlight=False)
     table = compact_table("stage", "version", "ms", right=("ms",))

@@ -209,12 +209,18 @@ def _hcm(stat_prefix: str, dynamic_dir: Path, filters: list[Json], limits: Clien
     }
 
 
-NOT_FOUND = {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "not found\n"}}}
+def not_found(paths: list[str]) -> Json:
+    """The last route: 404 for any path not routed, as JSON naming those that are (`{"error": ...}`, as the
+    stages' own errors), not Envoy's empty body."""
+    body = json.dumps({"error": f"no route for this path here; routed: {', '.join(paths)}"})
+    return {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": body}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
+                                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
 
 
 def _route_config(name: str, action: Json, paths: list[str] | None = None) -> Json:
     """`action` for every path in `paths` (Istio's form), 404 for any other; `paths` None: every path."""
-    routes = ([{"match": _route_match(p), "route": action} for p in paths] + [NOT_FOUND] if paths is not None
+    routes = ([{"match": _route_match(p), "route": action} for p in paths] + [not_found(paths)] if paths is not None
               else [{"match": {"prefix": "/"}, "route": action}])
     return {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]}
 
@@ -352,7 +358,7 @@ def _outbound(res: Resources, name: str, address: Json, hop: Hop, dynamic_dir: P
     })
     route = _route_config(name, route_to(hop), paths)
     if routes is not None:
-        route["virtual_hosts"][0]["routes"] = [*routes, NOT_FOUND]
+        route["virtual_hosts"][0]["routes"] = [*routes, not_found(paths)]
     # As istiod's outbound and gateway virtual hosts: the callee sees x-envoy-attempt-count (1 on a first try).
     route["virtual_hosts"][0]["include_request_attempt_count"] = True
     fault = fault_config(hop)

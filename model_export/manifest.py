@@ -249,9 +249,13 @@ def sha256_file(path: Path) -> str:
 def load_manifest(path: Path | str) -> Manifest:
     """Read `pipeline.json` (or the directory that holds it). Raises ManifestError with the reason."""
     path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST_FILE
-    if not path.is_file():
+    try:
+        if path.is_dir():
+            path = path / MANIFEST_FILE
+        found = path.is_file()
+    except OSError as exc:  # a name too long, say
+        raise ManifestError(f"{str(path)[:200]}: not a path to a manifest ({exc.strerror})") from None
+    if not found:
         raise ManifestError(f"{path}: no manifest here; expected the {MANIFEST_FILE} that `split` writes")
     try:
         data = json.loads(path.read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -12,7 +13,7 @@ from stage_service.app import create_app
 from stage_service.errors import StartupError
 from stage_service.runtime import load_stage
 from stage_service.server import DrainingServer, server_config
-from stage_service.settings import ENV_PREFIX, StageSettings, describe_validation_error
+from stage_service.settings import ENV_PREFIX, StageSettings, describe_validation_error, unknown_settings
 from stage_service.tracing import StageTracing
 
 EXIT_BAD_SETTINGS = 2
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_SETTINGS
         print_settings_help()
         return 0
+    unknown = unknown_settings(os.environ)
+    if unknown:
+        print(f"stage_service: {'; '.join(unknown)}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
     try:
         settings = StageSettings()  # type: ignore[call-arg]  # required fields come from the environment
     except ValidationError as exc:

@@ -7,8 +7,10 @@ file matches) happen in `runtime.load_stage`, which names the setting at fault t
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -61,7 +63,8 @@ class StageSettings(BaseSettings):
         default=None, ge=1, description="samples one request may carry; default: the most whose activations, at "
         "this stage and every later one, fit STAGE_MAX_REQUEST_BYTES (from the manifest)")
     max_json_values: int = Field(default=1 << 21, ge=1024, description="JSON values (numbers, lists, objects) a "
-                                 "request header may hold: parsing takes ~80 bytes of memory each")
+                                 "request's JSON may hold (a JSON body, or a binary body's JSON header): parsing "
+                                 "takes ~80 bytes of memory each")
     max_header_bytes: int = Field(default=32 << 10, ge=1024, le=16 << 20,
                                   description="request line and headers together; past it 431")
     header_timeout_s: float = Field(default=10.0, gt=0, le=3600,
@@ -184,3 +187,15 @@ def describe_validation_error(exc: ValidationError) -> str:
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']}{shown}")
     return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """A line for each STAGE_* variable that is no setting (a misspelt one is otherwise silently ignored, its
+    default used), with the nearest setting's name where one is close."""
+    known = [f"{ENV_PREFIX}{name.upper()}" for name in StageSettings.model_fields]
+    lines = []
+    for variable in sorted(v for v in environ if v.startswith(ENV_PREFIX) and v not in known):
+        close = difflib.get_close_matches(variable, known, n=1, cutoff=0.75)
+        lines.append(f"{variable}: not a setting" + (f"; did you mean {close[0]}?" if close else
+                                                      "; `python -m stage_service --help` lists them"))
+    return lines

@@ -16,6 +16,7 @@ from model_export.manifest import Manifest
 from tests.mesh.local_mesh import mesh_cli, processes_of, write_policy
 from tests.mesh.test_trace import T1_ID, span, write_state
 from tests.model_export.test_cli import options_without_help_or_default
+from tests.tiny import write_tiny_pipeline
 
 
 def test_every_option_has_help_and_shows_its_default() -> None:
@@ -81,6 +82,11 @@ def test_the_running_mesh_is_found_from_any_directory(tiny_pipeline: tuple[Path,
         answer = json.loads(demo.stdout)
         assert answer["status"] == 200 and [s["stage"] for s in answer["stages"]] == [
             "tiny-stage-0", "tiny-stage-1", "tiny-stage-2"]
+        other = tmp_path / "other"
+        write_tiny_pipeline(other, name="other")
+        wrong = mesh_cli("demo-request", "--pipeline", str(other), cwd=elsewhere)  # not what the mesh serves
+        assert wrong.returncode == 2 and f"--pipeline {other} holds pipeline 'other', but the running mesh " \
+            "serves 'tiny'" in wrong.stderr, wrong.stderr
     finally:
         down = mesh_cli("down", cwd=elsewhere)
     assert down.returncode == 0 and "stopped 8 processes" in down.stdout, down.stdout + down.stderr
@@ -159,3 +165,13 @@ def test_a_start_up_failure_shows_why_envoy_aborted(tmp_path: Path) -> None:
     shown = tail(log, 5, critical_first=True).splitlines()
     assert shown[0] == reason and shown[-1].endswith("#39 UNKNOWN") and len(shown) == 7
     assert reason not in tail(log, 5)  # `mesh logs -n 5` stays the last five lines
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["status", "--watch", "--interval", "0"], "--interval must be between 0.1 and 3600 seconds, got 0"),
+    (["logs", "gateway", "-n", "-1"], "--lines must be 0 (the whole log) or more, got -1"),
+    (["token", "--subject", "a", "--expires-in", "99999999"], "got 99999999"),
+])
+def test_out_of_range_options_are_refused_by_name(args: list[str], message: str, tmp_path: Path) -> None:
+    result = mesh_cli(*args, "--state-dir", str(tmp_path / ".mesh"))
+    assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -130,3 +130,5 @@ def test_only_the_pipeline_and_health_reach_the_first_stage(mesh: local.State,
             response = client.get(url + path)
             assert response.status_code == 404, (path, response.status_code, response.text)
             assert "127.0.0.1" not in response.text and "stage" not in response.text, response.text
+            assert response.json() == {"error": "no route for this path here; routed: /v2/models/tiny, "
+                                                "/v2/models/tiny/*, /v2/health/*"}

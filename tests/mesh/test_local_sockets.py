@@ -126,7 +126,9 @@ def test_an_outbound_listener_reaches_only_the_next_stage(mesh: local.State) -> 
         for path in ("/v2/models/tiny-stage-2", "/v2/models/tiny-stage-2/infer", "/v2/models/tiny",
                      "/v2/models/tiny-stage-0", "/v2/health/ready", "/v2", "/metrics", "/"):
             refused = client.get(path)
-            assert refused.status_code == 404 and refused.text == "not found\n", path
+            assert refused.status_code == 404 and refused.headers["content-type"] == "application/json", path
+            assert refused.json() == {"error": "no route for this path here; routed: /v2/models/tiny-stage-1, "
+                                               "/v2/models/tiny-stage-1/*"}, path
     with sockets.client(middle.outbound_socket, timeout=30.0) as client:
         assert client.get("/v2/models/tiny-stage-2").json()["name"] == "tiny-stage-2"
         assert client.get("/v2/models/tiny-stage-1").status_code == 404

@@ -50,3 +50,5 @@ def test_a_bad_manifest_is_one_line_naming_the_field_and_the_value(tmp_path: Pat
     with pytest.raises(ManifestError, match=r"invalid manifest: the document: Input should be a valid dictionary "
                                             r"\(got an array\)$"):
         load_manifest(path)
+    with pytest.raises(ManifestError, match=r"not a path to a manifest \(File name too long\)$"):
+        load_manifest(tmp_path / ("x" * 300))

@@ -111,6 +111,17 @@ def test_invalid_setting_exits_nonzero_naming_it(tiny_pipeline: tuple[Path, Mani
     assert "STAGE_THREADS" in done.stderr
 
 
+def test_a_misspelt_setting_is_refused_with_the_nearest_name(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    """A STAGE_* variable that is no setting would otherwise be ignored in silence, its default used."""
+    env = stage_env(tiny_pipeline[0] / "pipeline.json", "tiny-stage-2", free_port(),
+                    extra={"STAGE_MAX_BATCHSIZE": "8", "STAGE_COLOUR": "blue"})
+    done = run_to_exit(env)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("stage_service: STAGE_COLOUR: not a setting; `python -m stage_service --help` "
+                                   "lists them; STAGE_MAX_BATCHSIZE: not a setting; did you mean "
+                                   "STAGE_MAX_BATCH_SIZE?")
+
+
 @pytest.mark.parametrize(("graph", "words"), [
     (dense_stage_graph(2, "h2", "y", 25, 4, seed=5), "input h2 has shape"),
     (dense_stage_graph(2, "h2", "y", 24, 5, seed=5), "output y has shape"),
