@@ -3,10 +3,12 @@ any working directory.
 
 `up` puts it in `.mesh/` of the project: the nearest directory, from the working directory upwards, that
 already has a `.mesh/`, else the working directory. It also records the directory's absolute path in a
-user-level file (`$XDG_STATE_HOME/meshpipe/state-dir`, default `~/.local/state/...`). Every other command,
-without `--state-dir`, takes the first of these that holds a mesh: the `.mesh/` directories from the working
-directory upwards, then the recorded one. A running mesh (its `state.json`) wins over a stopped one (the
-`last-state.json` that `down` leaves, so `logs` and `trace` still work after it).
+user-level file (`$XDG_STATE_HOME/meshpipe/state-dir`, default `~/.local/state/...`), newest first beside the
+others recorded before it (up to RECORDED_MAX). Every other command, without `--state-dir`, takes the first of
+these that holds a mesh: the `.mesh/` directories from the working directory upwards, then the recorded ones,
+newest first. A running mesh (its `state.json`) wins over a stopped one (the `last-state.json` that `down`
+leaves, so `logs` and `trace` still work after it): with two meshes up, `down` of the newer leaves the older
+found from anywhere, not a record of a stopped one.
 """
 
 from __future__ import annotations
@@ -16,33 +18,37 @@ import os
 from pathlib import Path
 
 DIR_NAME = ".mesh"
+RECORDED_MAX = 8
 RUNNING = "state.json"  # local.STATE_FILE: written by `up`, removed by `down`
 STOPPED = "last-state.json"  # local.LAST_STATE_FILE: the stopped mesh's record
 
 
 def record_file() -> Path:
-    """The user-level file naming the state directory of the last mesh `up` started."""
+    """The user-level file naming the state directories of the meshes `up` started, newest first."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "meshpipe" / "state-dir"
 
 
 def record(state_dir: Path) -> None:
-    """Remember `state_dir` as the last mesh started (best effort: a read-only home only loses the record)."""
+    """Remember `state_dir` as the newest mesh started, before the others still there (best effort: a read-only
+    home only loses the record)."""
     path = record_file()
+    newest = state_dir.resolve()
+    kept = [newest, *(d for d in recorded() if d != newest and d.is_dir())][:RECORDED_MAX]
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(f"{state_dir.resolve()}\n")
+        tmp.write_text("".join(f"{d}\n" for d in kept))
         os.replace(tmp, path)
 
 
-def recorded() -> Path | None:
-    """The state directory of the last mesh `up` started, if the record exists."""
+def recorded() -> list[Path]:
+    """The state directories of the meshes `up` started, newest first (none if there is no record)."""
     try:
-        text = record_file().read_text().strip()
+        text = record_file().read_text()
     except OSError:
-        return None
-    return Path(text) if text else None
+        return []
+    return [Path(line) for line in text.splitlines() if line.strip()]
 
 
 def _upwards(start: Path) -> list[Path]:
@@ -59,11 +65,11 @@ def for_up(explicit: Path | None, cwd: Path | None = None) -> Path:
 
 
 def candidates(cwd: Path | None = None) -> list[Path]:
-    """Where a mesh may be, in the order searched: `.mesh/` upwards from `cwd`, then the recorded one."""
+    """Where a mesh may be, in the order searched: `.mesh/` upwards from `cwd`, then the recorded ones."""
     out = _upwards((cwd or Path.cwd()).resolve())
-    last = recorded()
-    if last is not None and last.resolve() not in [p.resolve() for p in out]:
-        out.append(last)
+    for directory in recorded():
+        if directory.resolve() not in [p.resolve() for p in out]:
+            out.append(directory)
     return out
 
 

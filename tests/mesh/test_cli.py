@@ -45,6 +45,19 @@ def test_state_dir_found_upwards_then_from_the_record(tmp_path: Path, monkeypatc
     assert state_dir.find(None, cwd=elsewhere) == project / ".mesh"
     (project / ".mesh" / local.STATE_FILE).unlink()
     assert state_dir.find(None, cwd=elsewhere) == elsewhere / ".mesh"
+    # two meshes up: the newer is found from anywhere; once it is down, the older still running, not the record
+    # of a stopped one (the record keeps both, newest first)
+    (project / ".mesh" / local.STATE_FILE).write_text("{}")
+    other = tmp_path / "other" / ".mesh"
+    other.mkdir(parents=True)
+    (other / local.STATE_FILE).write_text("{}")
+    state_dir.record(other)
+    assert state_dir.recorded() == [other, project / ".mesh"]
+    nowhere = tmp_path / "nowhere"
+    nowhere.mkdir()
+    assert state_dir.find(None, cwd=nowhere) == other
+    (other / local.STATE_FILE).rename(other / local.LAST_STATE_FILE)  # what `down` does
+    assert state_dir.find(None, cwd=nowhere) == project / ".mesh"
 
 
 def test_the_running_mesh_is_found_from_any_directory(tiny_pipeline: tuple[Path, Manifest], tmp_path: Path) -> None:
