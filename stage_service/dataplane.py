@@ -190,7 +190,7 @@ class DataPlane:
         request, tensors = self._decode(call, span)
         wanted = self._wanted_outputs(request, call.model)
         with self.tracing.span("inference"):
-            self.batch_limit.check(self.runtime.check_inputs(tensors))  # before any work: 400, 413
+            self.batch_limit.check(self.runtime.check_inputs(tensors, call.model))  # before any work: 400, 413
             outputs, ms = await self.runtime.infer(tensors, alone=self.alone(call))
         self.metrics.inference.observe(ms / 1000.0)
         # A pinned request's entries name the split that served each stage: one split end to end, or a bug.

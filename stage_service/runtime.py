@@ -237,18 +237,19 @@ class StageRuntime:
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
 
-    def check_inputs(self, tensors: Mapping[str, np.ndarray]) -> int | None:
+    def check_inputs(self, tensors: Mapping[str, np.ndarray], model: str | None = None) -> int | None:
         """Raise InvalidInput unless the tensors are exactly the stage's inputs, by name, datatype and shape,
         and those with a dynamic batch dimension (0) agree on it; return that batch size (None: no such input)."""
         specs = self.place.stage.inputs
+        model = model or self.place.stage.name  # as the client named it: the pipeline, at the first stage
         expected = [s.name for s in specs]
         for name in tensors:
             if name not in expected:
-                raise InvalidInput(f"tensor {name}: not an input of {self.place.stage.name}; expected {expected}")
+                raise InvalidInput(f"tensor {name}: not an input of {model}; expected {expected}")
         for spec in specs:
             array = tensors.get(spec.name)
             if array is None:
-                raise InvalidInput(f"tensor {spec.name}: missing; {self.place.stage.name} expects inputs {expected}")
+                raise InvalidInput(f"tensor {spec.name}: missing; {model} expects inputs {expected}")
             if array.dtype.name != DATATYPE_TO_NUMPY[spec.datatype]:
                 got = next((k for k, v in DATATYPE_TO_NUMPY.items() if v == array.dtype.name), array.dtype.name)
                 raise InvalidInput(f"tensor {spec.name}: expected datatype {spec.datatype}, got {got}")

@@ -102,6 +102,11 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
                                            "parameters": {"binary_data_output": "yes"}}},
                                  "binary_data_output must be true or false"),
     "FP32 1e39": ({"json": one_input([1, 16], data=[1e39] + [1.0] * 15)}, "out of range for FP32"),
+    # in the client's terms: the model it asked for (the pipeline), not the first stage's own name
+    "a wrong tensor name": ({"json": {"inputs": [{"name": "img", "shape": [1, 16], "datatype": "FP32",
+                                                  "data": [1.0] * 16}]}},
+                            "tensor img: not an input of tiny; expected ['x']"),
+    "shape of strings": ({"json": one_input(["1", 16], data=[1.0] * 16)}, "Input should be a valid integer"),
 }
 
 
