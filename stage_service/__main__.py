@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from stage_service.app import create_app
 from stage_service.errors import StartupError
 from stage_service.runtime import load_stage
-from stage_service.server import DrainingServer, server_config
+from stage_service.server import DrainingServer, ports_in_use, server_config
 from stage_service.settings import ENV_PREFIX, StageSettings, describe_validation_error, unknown_settings
 from stage_service.tracing import StageTracing
 
@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = StageSettings()  # type: ignore[call-arg]  # required fields come from the environment
     except ValidationError as exc:
         print(f"stage_service: {describe_validation_error(exc)}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+    taken = ports_in_use(settings)
+    if taken:
+        print(f"stage_service: cannot start: {'; '.join(taken)}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -11,6 +11,7 @@ app (`app.read_body`: 408 as JSON, counted in the metrics). Every refusal here s
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -323,6 +324,23 @@ class DrainingServer(uvicorn.Server):
         timer = threading.Timer(self.drain_delay_s, super().handle_exit, (sig, frame))
         timer.daemon = True
         timer.start()
+
+
+def ports_in_use(settings: StageSettings) -> list[str]:
+    """The TCP ports the stage would listen on that another process already listens on, as settings name them:
+    checked before the model loads, so a taken port is refused at once, not after loading and warming up."""
+    wanted = ([] if settings.uds else [("STAGE_PORT", settings.port)]) + (
+        [("STAGE_GRPC_PORT", settings.grpc_port)] if settings.grpc_port is not None and not settings.grpc_uds else [])
+    taken = []
+    for variable, port in wanted:
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: only a listener conflicts
+            try:
+                probe.bind((settings.host, port))
+            except OSError as exc:
+                taken.append(f"{variable} {port} on {settings.host}: {exc.strerror}")
+    return taken
 
 
 def server_config(settings: StageSettings, app: FastAPI) -> uvicorn.Config:

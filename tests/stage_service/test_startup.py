@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -109,6 +110,18 @@ def test_invalid_setting_exits_nonzero_naming_it(tiny_pipeline: tuple[Path, Mani
     done = run_to_exit(env)
     assert done.returncode != 0
     assert "STAGE_THREADS" in done.stderr
+
+
+def test_a_taken_port_is_refused_before_the_model_loads(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_to_exit(stage_env(tiny_pipeline[0] / "pipeline.json", "tiny-stage-2", port))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"stage_service: cannot start: STAGE_PORT {port} on 127.0.0.1: Address already "
+                                   "in use")
+    assert "startup complete" not in done.stdout + done.stderr  # refused before loading anything
 
 
 def test_a_misspelt_setting_is_refused_with_the_nearest_name(tiny_pipeline: tuple[Path, Manifest]) -> None:
