@@ -45,13 +45,13 @@ from mesh.policy import (
     Gateway,
     OutlierDetection,
     Policy,
-    PolicyError,
     Resources,
     Retries,
     RetryBudget,
     StagePolicy,
     Tracing,
     Version,
+    problems_error,
 )
 from model_export.manifest import Manifest
 from stage_service.settings import StageSettings
@@ -371,15 +371,16 @@ def resolve(policy: Policy, manifest: Manifest) -> Plan:
     for outer, inner in zip(hops, hops[1:], strict=False):
         if inner.route.timeout_s >= outer.route.timeout_s:
             problems.append(
-                f"timeouts must shrink along the chain: {outer.callee} has {outer.route.timeout_s}s but the later "
-                f"{inner.callee} has {inner.route.timeout_s}s; an outer hop's timeout must cover the hops inside it"
+                f"stages.{inner.callee}.timeout_s: timeouts must shrink along the chain: {outer.callee} has "
+                f"{outer.route.timeout_s}s but the later {inner.callee} has {inner.route.timeout_s}s; an outer hop's "
+                "timeout must cover the hops inside it"
             )
     clients = _client_limits(policy.clients, hops[0].route.timeout_s)
     if clients.stream_idle_timeout_s <= hops[0].route.timeout_s:
-        problems.append(f"clients.stream_idle_timeout_s {clients.stream_idle_timeout_s} must exceed the gateway "
+        problems.append(f"clients.stream_idle_timeout_s: {clients.stream_idle_timeout_s} must exceed the gateway "
                         f"hop's timeout_s {hops[0].route.timeout_s}: a slow answer would be cut before its timeout")
     if problems:
-        raise PolicyError("invalid policy for this pipeline:\n  - " + "\n  - ".join(problems))
+        raise problems_error(policy, problems)
     stages = [s.model_copy(update={"next_timeout_s": hops[s.index + 1].route.timeout_s + APP_TIMEOUT_MARGIN_S})
               if s.index + 1 < n else s for s in stages]
     return Plan(pipeline=manifest.name, namespace=policy.namespace, gateway=policy.gateway,

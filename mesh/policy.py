@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from mesh import policy_errors
 from model_export.manifest import DnsLabel
@@ -315,6 +315,10 @@ class Split(_Strict):
 class Policy(_Strict):
     """`mesh.yaml`."""
 
+    # The file and text it was read from (`load_policy`), so that a problem found later, against a pipeline
+    # (`plan.resolve`), names its line too.
+    _source: tuple[Path, str] | None = PrivateAttr(default=None)
+
     namespace: DnsLabel = "pipeline"
     gateway: Gateway = Field(default_factory=Gateway)
     defaults: StagePolicy = Field(default_factory=StagePolicy)
@@ -362,6 +366,17 @@ def load_policy(path: Path | str | None) -> Policy:
     if not isinstance(data, dict):
         raise PolicyError(f"{path}: expected a mapping at the top (namespace, gateway, defaults, stages)")
     try:
-        return Policy.model_validate(data)
+        policy = Policy.model_validate(data)
     except ValidationError as exc:
         raise PolicyError(policy_errors.explain(exc, path, text, Policy)) from exc
+    policy._source = (path, text)
+    return policy
+
+
+def problems_error(policy: Policy, problems: list[str]) -> PolicyError:
+    """Problems found in applying `policy` to a pipeline, each at the line of its file its leading field path
+    names (`stages.NAME...: what`), as the file's own field errors are."""
+    if policy._source is None:
+        return PolicyError("invalid policy for this pipeline:\n  - " + "\n  - ".join(problems))
+    path, text = policy._source
+    return PolicyError("\n".join(policy_errors.at_line(problem, path, text) for problem in problems))

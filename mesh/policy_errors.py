@@ -123,3 +123,13 @@ def yaml_problem(exc: yaml.YAMLError, path: Path) -> str:
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
     return f"{where}: not valid YAML: {problem}"
+
+
+def at_line(problem: str, path: Path, text: str) -> str:
+    """`problem` (`a.b.c: what`, or text without a field path) as `<file>:<line>: ...`, at the line of the longest
+    leading part of its path the file has; without one, at the file alone."""
+    head = problem.split(":", 1)[0] if ": " in problem else ""
+    parts = tuple(head.split(".")) if head and " " not in head else ()
+    lines = key_lines(text)
+    line = next((lines[parts[:n]] for n in range(len(parts), 0, -1) if parts[:n] in lines), 0)
+    return f"{path}:{line}: {problem}" if line else f"{path}: {problem}"

@@ -116,3 +116,20 @@ gateway:
     both = problems("gateway:\n  auth:\n    jwks_uri: https://a.example/k\n    jwks: '{\"keys\": [{}]}'\n",
                     tmp_path)
     assert both == [f"{path}:2: gateway.auth: set jwks_uri or jwks, not both"]
+
+
+def test_problems_against_the_pipeline_name_their_lines_too(tmp_path: Path) -> None:
+    """What only the pipeline can tell (a stage it lacks, timeouts that grow along its chain) is found by
+    `resolve`, after the file parsed: each still comes at the line of the field it is about."""
+    manifest = write_tiny_pipeline(tmp_path / "tiny", name="tiny")
+    path = tmp_path / "mesh.yaml"
+    path.write_text("namespace: pipeline\nstages:\n  tiny-stage-9:\n    replicas: 2\n  tiny-stage-2:\n"
+                    "    timeout_s: 60\n")
+    with pytest.raises(PolicyError) as info:
+        resolve(load_policy(path), manifest)
+    assert str(info.value).splitlines() == [
+        f"{path}:3: stages.tiny-stage-9: unknown stage; the pipeline 'tiny' has ['tiny-stage-0', 'tiny-stage-1', "
+        "'tiny-stage-2']",
+        f"{path}:6: stages.tiny-stage-2.timeout_s: timeouts must shrink along the chain: tiny-stage-1 has 10.0s but "
+        "the later tiny-stage-2 has 60.0s; an outer hop's timeout must cover the hops inside it",
+    ]

@@ -221,7 +221,7 @@ def test_client_limits_envoyfilters_on_gateway_and_sidecars(tiny_pipeline: tuple
 
 def test_stream_idle_timeout_below_the_gateway_timeout_refused(tiny_pipeline: tuple[Path, Manifest]) -> None:
     _, manifest = tiny_pipeline
-    with pytest.raises(PolicyError, match="clients.stream_idle_timeout_s 5.0 must exceed"):
+    with pytest.raises(PolicyError, match="clients.stream_idle_timeout_s: 5.0 must exceed"):
         render_tree(manifest, _policy(clients={"stream_idle_timeout_s": 5}))
 
 
