@@ -230,9 +230,11 @@ def _foreground(where: Path) -> None:
     while (state := local.read_state(where)) is not None:
         keeper = any(p.role == local.KEEPER and procs.alive(p) for p in state.procs)
         for p in state.procs:
-            if known.setdefault(p.name, p.pid) != p.pid:
+            old = known.setdefault(p.name, p.pid)
+            if old != p.pid:  # the keeper started it again, maybe between two of these readings
                 known[p.name] = p.pid
-                err.print(f"{p.name} started again (pid {p.pid}, restart {p.restarts})", highlight=False)
+                gone = "" if reported.get(p.name) == old else f"{p.name} (pid {old}) exited; "
+                err.print(f"{gone}{p.name} started again (pid {p.pid}, restart {p.restarts})", highlight=False)
             if reported.get(p.name) != p.pid and not procs.alive(p):
                 reported[p.name] = p.pid
                 again = "; the keeper starts it again" if keeper and p.role != local.KEEPER else ""
@@ -348,6 +350,8 @@ def _logs(args: argparse.Namespace) -> int:
     try:
         files = local.log_files(args.name, where, sidecars=not args.no_sidecars)
     except local.MeshError as exc:
+        if args.name == local.KEEPER:
+            return _fail("this mesh runs no keeper (`mesh up --no-restart`): nothing restarts its processes")
         return _fail(str(exc))
     for f in files:
         console.rule(str(f))

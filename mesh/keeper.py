@@ -50,7 +50,12 @@ class Keeper:
         return state is not None and any(p.role == local.KEEPER and p.pid == self.pid for p in state.procs)
 
     def due(self, state: local.State) -> list[procs.Proc]:
-        """The processes gone long enough to be started again now; notes the newly gone and the steady."""
+        """The processes gone long enough to be started again now. Forgets what the state no longer lists (a
+        replica a rollout removed), and the exits in a row of what has run steadily."""
+        listed = {p.name for p in state.procs}
+        for memory in (self.gone_since, self.exits):
+            for name in [n for n in memory if n not in listed]:
+                del memory[name]
         now, due = time.monotonic(), []
         for p in state.procs:
             if p.role == local.KEEPER:
@@ -59,42 +64,56 @@ class Keeper:
                 if time.time() - p.started_at >= STEADY_S:
                     self.exits.pop(p.name, None)
                 continue
-            if p.name not in self.gone_since:
-                self.gone_since[p.name] = now
-                self.exits[p.name] = self.exits.get(p.name, 0) + 1
-                _say(f"{p.name} (pid {p.pid}) is not running (exit {self.exits[p.name]} in a row)")
-            if now - self.gone_since[p.name] >= backoff_s(self.exits[p.name]):
+            first = self.gone_since.setdefault(p.name, now)
+            if now - first >= backoff_s(self.exits.get(p.name, 0) + 1):
                 due.append(p)
         return due
 
     def restart(self, names: set[str]) -> bool:
-        """Start `names` again under the lock, if the state still lists them gone; False: the mesh is gone."""
+        """Start `names` again under the lock, if the state still lists them gone; False: the mesh is gone.
+        Without the lock (a command is changing the mesh) nothing is done: what it stops on purpose it removes
+        from the state before it lets go, and is then forgotten (`due`)."""
         with local.state_lock(self.state_dir, wait=False) as held:
             if not held:
-                return True  # a change is under way: look again next time
+                return True
             state = local.read_state(self.state_dir)
             if not self.listed(state):
                 return False
             assert state is not None
             for i, p in enumerate(state.procs):
                 if p.name in names and not procs.alive(p):
-                    state.procs[i] = again = procs.restart(p)
-                    self.gone_since.pop(p.name, None)
-                    _say(f"{p.name} started again: pid {again.pid} (restart {again.restarts})")
+                    state.procs[i] = self._start_again(p)
             local.write_state(self.state_dir, state)
         return True
 
+    def _start_again(self, p: procs.Proc) -> procs.Proc:
+        """`p` started again, or `p` as it was where that failed (counted as one more exit: the back-off grows)."""
+        self.gone_since.pop(p.name, None)
+        exits = self.exits[p.name] = self.exits.get(p.name, 0) + 1
+        try:
+            again = procs.restart(p)
+        except OSError as exc:  # its command or directory gone, a failed fork: try again after the back-off
+            self.gone_since[p.name] = time.monotonic()
+            _say(f"{p.name} (pid {p.pid}) exited (exit {exits} in a row) and could not be started again: {exc}; "
+                 f"next try in {backoff_s(exits + 1):g} s")
+            return p
+        _say(f"{p.name} (pid {p.pid}) exited (exit {exits} in a row); started again: pid {again.pid} "
+             f"(restart {again.restarts}); if it exits again, the next start waits {backoff_s(exits + 1):g} s")
+        return again
+
     def run(self) -> int:
-        _say(f"keeping the processes of the mesh in {self.state_dir}")
         while True:
-            state = local.read_state(self.state_dir)
-            if not self.listed(state):
-                _say("the mesh no longer lists this keeper: done")
-                return 0
-            assert state is not None
-            due = self.due(state)
-            if due and not self.restart({p.name for p in due}):
-                return 0
+            try:
+                state = local.read_state(self.state_dir)
+                if not self.listed(state):
+                    _say("the mesh no longer lists this keeper: done")
+                    return 0
+                assert state is not None
+                due = self.due(state)
+                if due and not self.restart({p.name for p in due}):
+                    return 0
+            except local.MeshError as exc:  # an unreadable state file: said once a try, tried again
+                _say(f"cannot read the mesh's state: {exc}")
             time.sleep(POLL_S)
 
 
@@ -103,11 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m mesh.keeper STATE_DIR (started by `python -m mesh up`)", file=sys.stderr)
         return 2
+    keeper = Keeper(Path(args[0]), os.getpid())
     try:
-        return Keeper(Path(args[0]), os.getpid()).run()
+        listed = keeper.listed(local.read_state(keeper.state_dir))
     except local.MeshError as exc:
-        _say(f"stopped: {exc}")
-        return 1
+        print(exc, file=sys.stderr)
+        return 2
+    if not listed:
+        print(f"no mesh in {args[0]} lists this keeper; `python -m mesh up` starts one", file=sys.stderr)
+        return 2
+    _say(f"keeping the processes of the mesh in {args[0]}")
+    return keeper.run()
 
 
 if __name__ == "__main__":

@@ -145,11 +145,18 @@ def state_lock(state_dir: Path, wait: bool = True) -> Iterator[bool]:
     key.mkdir(parents=True, exist_ok=True)
     fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
-        yield False
-        return
+        if not wait:
+            os.close(fd)
+            yield False
+            return
+        sys.stderr.write(f"waiting for another command that is changing this mesh (it holds {key / LOCK_FILE})\n")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
     _held[key] = [fd, 1]
     try:
         yield True

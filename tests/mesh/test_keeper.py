@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -55,7 +56,8 @@ def _restarts_logged(state_dir: Path, name: str) -> list[float]:
     """When the keeper's log says `name` was started again, as Unix times."""
     text = (state_dir / "logs" / "keeper.log").read_text()
     return [datetime.fromisoformat(m.group(1)).timestamp()
-            for m in re.finditer(rf"^(\S+) {re.escape(name)} started again", text, re.M)]
+            for m in re.finditer(rf"^(\S+) {re.escape(name)} \(pid \d+\) exited \(exit \d+ in a row\); started again",
+                                 text, re.M)]
 
 
 def test_killed_processes_are_started_again_and_the_pipeline_answers(tmp_path: Path) -> None:
@@ -91,7 +93,8 @@ def test_killed_processes_are_started_again_and_the_pipeline_answers(tmp_path: P
         assert times[2] - died >= keeper.backoff_s(3) - 0.05
         _wait_for(lambda: _answers(state_dir, url))
         logs = mesh_cli("logs", "keeper", "--state-dir", str(state_dir))
-        assert f"{app} started again" in logs.stdout
+        assert f"{app} (pid {current.pid}) exited (exit 3 in a row); started again" in logs.stdout
+        assert "if it exits again, the next start waits 4 s" in logs.stdout
     # running_mesh's `down` left no process of the mesh, the keeper included
 
 
@@ -106,3 +109,31 @@ def test_with_no_restart_what_dies_stays_down(tmp_path: Path) -> None:
         status = mesh_cli("status", "--state-dir", str(state_dir))
         assert status.returncode == 1
         assert f"{MIDDLE}-v1-0" in status.stderr and "nothing starts them again" in status.stderr
+
+
+def test_a_process_that_cannot_be_started_again_waits_the_back_off_and_the_keeper_goes_on(
+        tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    gone = Proc(name="app", role="app", stage="s", pid=1, start_ticks=0, log=str(tmp_path / "app.log"),
+                cmd=[str(tmp_path / "no-such-binary")])
+    kept = keeper.Keeper(tmp_path, os.getpid())
+    assert kept._start_again(gone) is gone  # not a new process, and no exception out of the keeper
+    assert kept.exits["app"] == 1 and "app" in kept.gone_since  # the back-off counts it
+    said = capsys.readouterr().out
+    assert "app (pid 1) exited (exit 1 in a row) and could not be started again: " in said
+    assert "next try in 1 s" in said
+
+
+def test_the_mesh_lock_is_shared_with_other_processes_and_reentrant(tmp_path: Path, capfd) -> None:  # type: ignore[no-untyped-def]
+    lock = tmp_path / local.LOCK_FILE
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "1.5"])
+    try:
+        _wait_for(lock.exists, 10)
+        time.sleep(0.2)
+        with local.state_lock(tmp_path, wait=False) as held:
+            assert held is False  # another process holds it: the keeper's way, try again later
+        started = time.monotonic()
+        with local.state_lock(tmp_path) as held, local.state_lock(tmp_path) as again:  # a command's: wait, once
+            assert held and again and time.monotonic() - started > 0.5
+        assert "waiting for another command that is changing this mesh" in capfd.readouterr().err
+    finally:
+        holder.wait(10)
