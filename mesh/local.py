@@ -412,7 +412,8 @@ def gateway_credentials(state_dir: Path = DEFAULT_STATE_DIR, state: State | None
                               token=token)
 
 
-def _envoy_env(state_dir: Path) -> dict[str, str]:
+def _marker_env(state_dir: Path) -> dict[str, str]:
+    """The own environment of an Envoy and of the keeper: only the mark of this mesh (`down` finds them by it)."""
     return {MARKER_ENV: str(state_dir.resolve())}
 
 
@@ -429,7 +430,7 @@ def start_replicas(state: State, state_dir: Path, replicas: list[Replica], manif
                                    env=_app_env(state_dir, manifest_path, policy, r)))
         started.append(procs.start(f"{r.name}-sidecar", "sidecar", r.stage,
                                    _envoy_cmd(envoy, bootstraps[r.name], _base_id(state_dir, r.slot + 1), 1),
-                                   logs / f"{r.name}-sidecar.log", env=_envoy_env(state_dir)))
+                                   logs / f"{r.name}-sidecar.log", env=_marker_env(state_dir)))
         state.procs += started[-2:]
         write_state(state_dir, state)
     return started
@@ -508,13 +509,13 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
                        bootstraps, app_cmd)
         state.procs.append(procs.start(GATEWAY, "gateway", None,
                                        _envoy_cmd(envoy, bootstraps[GATEWAY], _base_id(state_dir, 0), 2),
-                                       state_dir / "logs" / f"{GATEWAY}.log", env=_envoy_env(state_dir)))
+                                       state_dir / "logs" / f"{GATEWAY}.log", env=_marker_env(state_dir)))
         write_state(state_dir, state)
         _wait_ready(state, state_dir, manifest, ready_timeout_s)
         if restart:
             state.procs.append(procs.start(KEEPER, KEEPER, None, [sys.executable, "-m", "mesh.keeper",
                                                                  str(state_dir.resolve())],
-                                           state_dir / "logs" / f"{KEEPER}.log", env=_envoy_env(state_dir)))
+                                           state_dir / "logs" / f"{KEEPER}.log", env=_marker_env(state_dir)))
             write_state(state_dir, state)
     except BaseException:
         procs.stop(state.procs, grace_s=5.0)

@@ -379,4 +379,5 @@ def problems_error(policy: Policy, problems: list[str]) -> PolicyError:
     if policy._source is None:
         return PolicyError("invalid policy for this pipeline:\n  - " + "\n  - ".join(problems))
     path, text = policy._source
-    return PolicyError("\n".join(policy_errors.at_line(problem, path, text) for problem in problems))
+    lines = policy_errors.key_lines(text)
+    return PolicyError("\n".join(policy_errors.at_line(problem, path, lines) for problem in problems))

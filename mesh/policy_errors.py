@@ -112,7 +112,7 @@ def explain(exc: ValidationError, path: Path, text: str, root: type[BaseModel]) 
     for error in exc.errors():
         loc: Loc = tuple(error["loc"])
         # a problem of a whole block (a model validator) is reported at the block's key
-        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), 0)
+        line = line_of(lines, loc)
         found.append((line, f"{f'{path}:{line}' if line else path}: {dotted(loc)}: {_message(error, root)}"))
     return "\n".join(text for _, text in sorted(found, key=lambda item: item[0]))
 
@@ -125,11 +125,14 @@ def yaml_problem(exc: yaml.YAMLError, path: Path) -> str:
     return f"{where}: not valid YAML: {problem}"
 
 
-def at_line(problem: str, path: Path, text: str) -> str:
-    """`problem` (`a.b.c: what`, or text without a field path) as `<file>:<line>: ...`, at the line of the longest
-    leading part of its path the file has; without one, at the file alone."""
+def line_of(lines: dict[Loc, int], loc: Loc) -> int:
+    """The line of the longest leading part of `loc` the file has (`key_lines`); 0 where none."""
+    return next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), 0)
+
+
+def at_line(problem: str, path: Path, lines: dict[Loc, int]) -> str:
+    """`problem` (`a.b.c: what`, or text without a field path) as `<file>:<line>: ...` (`line_of` its path);
+    without a line, at the file alone."""
     head = problem.split(":", 1)[0] if ": " in problem else ""
-    parts = tuple(head.split(".")) if head and " " not in head else ()
-    lines = key_lines(text)
-    line = next((lines[parts[:n]] for n in range(len(parts), 0, -1) if parts[:n] in lines), 0)
+    line = line_of(lines, tuple(head.split("."))) if head and " " not in head else 0
     return f"{path}:{line}: {problem}" if line else f"{path}: {problem}"

@@ -331,9 +331,9 @@ def ports_in_use(settings: StageSettings) -> list[str]:
     checked before the model loads, so a taken port is refused at once, not after loading and warming up."""
     wanted = ([] if settings.uds else [("STAGE_PORT", settings.port)]) + (
         [("STAGE_GRPC_PORT", settings.grpc_port)] if settings.grpc_port is not None and not settings.grpc_uds else [])
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     taken = []
     for variable, port in wanted:
-        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: only a listener conflicts
             try:
