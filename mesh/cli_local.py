@@ -297,7 +297,7 @@ def _status(args: argparse.Namespace) -> int:
                      "socket_dir": state.layout.socket_dir,
                      "processes": [{"name": r.proc.name, "role": r.proc.role, "stage": r.proc.stage,
                                     "pid": r.proc.pid, "alive": r.alive, "ready": r.ready,
-                                    "restarts": r.proc.restarts, "log": r.proc.log}
+                                    "restarts": r.proc.restarts, "problem": r.problem, "log": r.proc.log}
                                    for r in rows],
                      "discovery": records_view.as_json(reading),
                      "splits": None if state.pinning is None else [
@@ -336,6 +336,9 @@ def _print_status(state: local.State, rows: list[local.ProcStatus], where: Path)
         if fits(table, console.width):
             break
     console.print(table)
+    for row in rows:
+        if row.problem:
+            console.print(f"[yellow]{row.problem}[/]", highlight=False, soft_wrap=True)
     if "log" not in columns:
         console.print(f"logs: {where / 'logs'}/<process>.log, or `python -m mesh logs <process>`",
                       highlight=False, soft_wrap=True)

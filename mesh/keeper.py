@@ -8,6 +8,10 @@ CrashLoopBackOff does; 60 s of running clear it. A start happens under the mesh'
 `down` or a rollout stops on purpose is started again (they hold the lock until the state no longer lists it).
 It ends when the state file no longer lists it: after `down`, or a new mesh in the same directory.
 
+An Envoy it started again is watched until it is ready: one that runs without a listener of its configuration
+(its port was taken while it was down, and Envoy rejects what it cannot bind but runs on) is stopped, so it
+counts as one more exit and is started again after the back-off, until the port is free.
+
 `mesh up --no-restart` starts no keeper: what dies stays dead, as with `restartPolicy: Never`.
 """
 
@@ -45,6 +49,7 @@ class Keeper:
         self.state_dir, self.pid = state_dir, pid
         self.gone_since: dict[str, float] = {}
         self.exits: dict[str, int] = {}
+        self.unproven: set[str] = set()  # Envoys started again, not yet seen ready
 
     def listed(self, state: local.State | None) -> bool:
         return state is not None and any(p.role == local.KEEPER and p.pid == self.pid for p in state.procs)
@@ -56,6 +61,7 @@ class Keeper:
         for memory in (self.gone_since, self.exits):
             for name in [n for n in memory if n not in listed]:
                 del memory[name]
+        self.unproven &= listed
         now, due = time.monotonic(), []
         for p in state.procs:
             if p.role == local.KEEPER:
@@ -86,6 +92,30 @@ class Keeper:
             local.write_state(self.state_dir, state)
         return True
 
+    def broken(self, state: local.State) -> dict[str, str]:
+        """The Envoys started again that run but cannot become ready, with why; forgets those seen ready."""
+        out = {}
+        for p in state.procs:
+            if p.name not in self.unproven or not procs.alive(p):
+                continue
+            if local.is_ready(state, p):
+                self.unproven.discard(p.name)
+            elif (fault := local.listeners_fault(state, p)) is not None:
+                out[p.name] = fault
+        return out
+
+    def stop_broken(self, faults: dict[str, str]) -> None:
+        """Stop the Envoys of `faults` under the lock (as a crash: the back-off then grows), if still listed."""
+        with local.state_lock(self.state_dir, wait=False) as held:
+            state = local.read_state(self.state_dir) if held else None
+            if state is None:
+                return
+            for p in state.procs:
+                if p.name in faults and procs.alive(p):
+                    procs.stop([p], grace_s=5.0)
+                    self.unproven.discard(p.name)
+                    _say(f"{faults[p.name]}; stopped it (pid {p.pid}), to start it again after the back-off")
+
     def _start_again(self, p: procs.Proc) -> procs.Proc:
         """`p` started again, or `p` as it was where that failed (counted as one more exit: the back-off grows)."""
         self.gone_since.pop(p.name, None)
@@ -97,6 +127,8 @@ class Keeper:
             _say(f"{p.name} (pid {p.pid}) exited (exit {exits} in a row) and could not be started again: {exc}; "
                  f"next try in {backoff_s(exits + 1):g} s")
             return p
+        if p.role in ("sidecar", local.GATEWAY):
+            self.unproven.add(p.name)
         _say(f"{p.name} (pid {p.pid}) exited (exit {exits} in a row); started again: pid {again.pid} "
              f"(restart {again.restarts}); if it exits again, the next start waits {backoff_s(exits + 1):g} s")
         return again
@@ -112,6 +144,8 @@ class Keeper:
                 due = self.due(state)
                 if due and not self.restart({p.name for p in due}):
                     return 0
+                if self.unproven and (faults := self.broken(state)):
+                    self.stop_broken(faults)
             except local.MeshError as exc:  # an unreadable state file: said once a try, tried again
                 _say(f"cannot read the mesh's state: {exc}")
             time.sleep(POLL_S)

@@ -93,6 +93,7 @@ class ProcStatus:
     proc: procs.Proc
     alive: bool
     ready: bool | None  # None: not probed (dead)
+    problem: str | None = None  # why it cannot become ready while it runs (`listeners_fault`)
 
 
 def _envoy_path() -> str:
@@ -355,17 +356,65 @@ def sees_app_healthy(admin_socket: str) -> bool:
     return clusters.status_code == 200 and flags == ["healthy"]
 
 
-def _ready(state: State, p: procs.Proc) -> bool:
+def _listener_address(listener: dict[str, Any]) -> str:
+    address = listener.get("address", {})
+    if "pipe" in address:
+        return str(address["pipe"].get("path"))
+    socket_address = address.get("socket_address", {})
+    return f"{socket_address.get('address')}:{socket_address.get('port_value')}"
+
+
+def missing_listeners(state: State, p: procs.Proc) -> list[str]:
+    """The listeners of Envoy `p`'s configuration (its lds.json) that it does not serve, as "name (address)".
+    Envoy rejects a listener it cannot bind (another program took the port while it was down) and runs on
+    without it, answering ready; this is how that shows. Empty for an Envoy not up yet, or not an Envoy."""
+    state_dir = p.env.get(MARKER_ENV)
+    if p.role not in ("sidecar", GATEWAY) or state_dir is None:
+        return []
+    try:
+        served = sockets.get(_ready_probe(state, p)[0], "/listeners", timeout=1.0)
+        configured = json.loads((_dynamic_dir(Path(state_dir), p.name) / envoy_config.LDS_FILE).read_text())
+    except (httpx.HTTPError, OSError, ValueError):
+        return []
+    if served.status_code != 200:
+        return []
+    names = {line.split("::", 1)[0] for line in served.text.splitlines()}
+    return [f"{lst['name']} ({_listener_address(lst)})" for lst in configured.get("resources", [])
+            if lst.get("name") not in names]
+
+
+def is_ready(state: State, p: procs.Proc) -> bool:
+    """What `status` shows as ready: an app's readiness, an Envoy's with all its listeners (a sidecar: and
+    its app seen healthy), a keeper running."""
     if p.role == KEEPER:
         return True  # it answers nothing: running is all it is
     socket, url_path = _ready_probe(state, p)
-    if not _probe(socket, url_path):
+    if not _probe(socket, url_path) or missing_listeners(state, p):
         return False
     return p.role != "sidecar" or sees_app_healthy(socket)
 
 
+def listeners_fault(state: State, p: procs.Proc) -> str | None:
+    """Why Envoy `p` will never be ready, though it runs and answers: listeners it could not bind."""
+    missing = missing_listeners(state, p)
+    if not missing or not _probe(_ready_probe(state, p)[0], "/ready"):
+        return None
+    return (f"{p.name} runs without its listener(s) {', '.join(missing)}: Envoy could not bind them "
+            f"(is another program on that port?)")
+
+
+def _ready_or_failed(state: State, p: procs.Proc) -> bool:
+    """`_ready`, failing at once (MeshError, with the log) for an Envoy that cannot become ready."""
+    if is_ready(state, p):
+        return True
+    fault = listeners_fault(state, p)
+    if fault is not None:
+        raise MeshError(f"{fault}; last lines of {p.log}:\n{procs.tail(p.log, critical_first=True)}")
+    return False
+
+
 def _target(state: State, p: procs.Proc) -> Target:
-    return Target(name=p.name, ready=partial(_ready, state, p), alive=partial(procs.alive, p),
+    return Target(name=p.name, ready=partial(_ready_or_failed, state, p), alive=partial(procs.alive, p),
                   log=lambda: f"last lines of {p.log}:\n{procs.tail(p.log, critical_first=True)}")
 
 
@@ -563,7 +612,8 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> tuple[State, list[ProcStatus]
     out = []
     for p in state.procs:
         live = procs.alive(p)
-        out.append(ProcStatus(p, live, _ready(state, p) if live else None))
+        ready = is_ready(state, p) if live else None
+        out.append(ProcStatus(p, live, ready, listeners_fault(state, p) if ready is False else None))
     return state, out
 
 

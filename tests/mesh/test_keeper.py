@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from datetime import datetime
@@ -17,7 +18,7 @@ import httpx
 import numpy as np
 
 from mesh import keeper, local
-from mesh.procs import Proc, alive
+from mesh.procs import Proc, alive, restart
 from mesh.v2client import infer
 from tests.mesh.local_mesh import gateway_client, mesh_cli, running_mesh
 from tests.tiny import write_tiny_pipeline
@@ -137,3 +138,77 @@ def test_the_mesh_lock_is_shared_with_other_processes_and_reentrant(tmp_path: Pa
         assert "waiting for another command that is changing this mesh" in capfd.readouterr().err
     finally:
         holder.wait(10)
+
+
+def _take_port_of_killed(state_dir: Path, name: str, port: int) -> socket.socket:
+    """SIGKILL process `name` and listen on `port` before anything can start it again (under the mesh's lock,
+    which the keeper needs to start anything): another program taking the port of a crashed sidecar."""
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with local.state_lock(state_dir):
+        victim = _procs(state_dir)[name]
+        os.kill(victim.pid, signal.SIGKILL)
+        _wait_for(lambda: not alive(victim), 10)
+        _wait_for(lambda: _bound(taken, port), 10)  # the dead listener's connections close a moment later
+        taken.listen()
+    return taken
+
+
+def _bound(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+
+
+def _middle_sidecar(state: local.State) -> tuple[str, int]:
+    replica = next(r for r in state.layout.replicas if r.stage == MIDDLE)
+    return f"{replica.name}-sidecar", replica.inbound_port
+
+
+def test_a_sidecar_started_again_without_its_port_is_stopped_until_the_port_is_free(tmp_path: Path) -> None:
+    write_tiny_pipeline(tmp_path / "keep", name="keep")
+    state_dir = tmp_path / ".mesh"
+    with running_mesh(tmp_path / "keep", None, state_dir) as state:
+        sidecar, port = _middle_sidecar(state)
+        taken = _take_port_of_killed(state_dir, sidecar, port)
+        try:
+            fault = f"{sidecar} runs without its listener(s) inbound (127.0.0.1:{port})"
+            log = state_dir / "logs" / "keeper.log"
+            _wait_for(lambda: log.read_text().count(fault) >= 2, 30)  # started again, stopped, again
+            assert f"{fault}: Envoy could not bind them (is another program on that port?); stopped it" \
+                in log.read_text()
+            assert not _answers(state_dir, state.layout.gateway_url)
+        finally:
+            taken.close()
+        _wait_for(lambda: _answers(state_dir, state.layout.gateway_url))
+        status = json.loads(mesh_cli("status", "--json", "--state-dir", str(state_dir)).stdout)
+        row = next(p for p in status["processes"] if p["name"] == sidecar)
+        assert row["ready"] is True and row["problem"] is None and row["restarts"] >= 3
+
+
+def test_status_names_the_listener_an_envoy_runs_without(tmp_path: Path) -> None:
+    write_tiny_pipeline(tmp_path / "keep", name="keep")
+    state_dir = tmp_path / ".mesh"
+    with running_mesh(tmp_path / "keep", None, state_dir, "--no-restart") as state:
+        sidecar, port = _middle_sidecar(state)
+        taken = _take_port_of_killed(state_dir, sidecar, port)
+        try:
+            with local.state_lock(state_dir):  # started again by hand, as `--no-restart` leaves it
+                current = local.read_state(state_dir)
+                assert current is not None
+                current.procs = [restart(p) if p.name == sidecar else p for p in current.procs]
+                local.write_state(state_dir, current)
+            problem = f"{sidecar} runs without its listener(s) inbound (127.0.0.1:{port}): Envoy could not bind them"
+
+            def shown() -> bool:
+                rows = json.loads(mesh_cli("status", "--json", "--state-dir", str(state_dir)).stdout)["processes"]
+                row = next(p for p in rows if p["name"] == sidecar)
+                return row["alive"] and row["ready"] is False and (row["problem"] or "").startswith(problem)
+
+            _wait_for(shown, 30)
+            text = mesh_cli("status", "--state-dir", str(state_dir))
+            assert problem in " ".join(text.stdout.split())
+        finally:
+            taken.close()
