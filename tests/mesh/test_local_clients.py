@@ -1,6 +1,7 @@
 """Slow and oversized clients at the local mesh's gateway (mesh.yaml `clients`): a client that trickles its
-headers is cut off while good requests still get through, headers over the limits get 431; and only the
-pipeline's model paths and health reach the first stage through the gateway."""
+headers is cut off while good requests still get through, headers over the limits get 431; an answer given
+before the body is in reaches an HTTP/2 client whole; and only the pipeline's model paths and health reach the
+first stage through the gateway."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import numpy as np
 import pytest
 
@@ -132,3 +137,52 @@ def test_only_the_pipeline_and_health_reach_the_first_stage(mesh: local.State,
             assert "127.0.0.1" not in response.text and "stage" not in response.text, response.text
             assert response.json() == {"error": "no route for this path here; routed: /v2/models/tiny, "
                                                 "/v2/models/tiny/*, /v2/health/*"}
+
+
+def _h2_early_answer(gateway: local.GatewayCredentials, port: int, headers: list[tuple[str, str]],
+                     declared: int) -> tuple[list[h2.events.Event], bytes]:
+    """POST over HTTP/2 a body that declares `declared` bytes, sending only the first flow-control window of it,
+    and read what the gateway answers until it ends the stream: its events, and the answer's body."""
+    context = gateway.ssl_context()
+    assert context is not None
+    context.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=GIVE_UP_S)
+    events: list[h2.events.Event] = []
+    body = b""
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        assert sock.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "POST"), (":path", "/v2/models/tiny/infer"), (":scheme", "https"),
+                              (":authority", "127.0.0.1"), ("content-type", "application/octet-stream"),
+                              ("content-length", str(declared)), *headers])
+        conn.send_data(1, b"\0" * conn.max_outbound_frame_size)
+        sock.sendall(conn.data_to_send())
+        while not any(isinstance(e, h2.events.StreamReset) for e in events) and (data := sock.recv(65536)):
+            for event in conn.receive_data(data):
+                events.append(event)
+                if isinstance(event, h2.events.DataReceived):
+                    body += event.data
+            sock.sendall(conn.data_to_send())
+    return events, body
+
+
+@pytest.mark.parametrize("token", [False, True])
+def test_early_answers_over_http2_arrive_whole_before_the_upload_is_ended(
+        mesh: local.State, gateway: local.GatewayCredentials, token: bool) -> None:
+    """The gateway answers a request it refuses before the body is in (no token: 401; a valid token and a body
+    over STAGE_MAX_REQUEST_BYTES: the first stage's 413) with the whole answer, then ends the client's upload
+    with RST_STREAM(NO_ERROR), as RFC 9113 section 8.1 provides (the README's note on curl 7.88)."""
+    headers = [("authorization", f"Bearer {gateway.token}")] if token else []
+    events, body = _h2_early_answer(gateway, mesh.layout.gateway_port, headers, 70 * 2**20)
+    kinds = [type(e) for e in events if isinstance(e, (h2.events.ResponseReceived, h2.events.StreamEnded,
+                                                      h2.events.StreamReset))]
+    assert kinds == [h2.events.ResponseReceived, h2.events.StreamEnded, h2.events.StreamReset], events
+    response = next(e for e in events if isinstance(e, h2.events.ResponseReceived))
+    reset = next(e for e in events if isinstance(e, h2.events.StreamReset))
+    assert reset.error_code == h2.errors.ErrorCodes.NO_ERROR
+    status = dict(response.headers)[b":status"]
+    if token:
+        assert status == b"413" and b"STAGE_MAX_REQUEST_BYTES" in body, body
+    else:
+        assert status == b"401" and body == b"Jwt is missing", body
