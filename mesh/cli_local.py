@@ -91,6 +91,11 @@ def register(sub: Any) -> None:
     _state_dir(p)
     p.set_defaults(func=_logs)
 
+    p = sub.add_parser("keep", help="start the running mesh's keeper again (after it was killed, or on a mesh "
+                                    "started with --no-restart): what exits is then started again")
+    _state_dir(p)
+    p.set_defaults(func=_keep)
+
     p = sub.add_parser("apply", help="apply a changed traffic policy to the running mesh, without restarting")
     p.add_argument("--policy", type=Path, default=None,
                    help="mesh.yaml (default: the file `up` used, re-read; the built-in defaults if it used none)")
@@ -309,9 +314,13 @@ def _status(args: argparse.Namespace) -> int:
     dead = [r.proc.name for r in rows if not r.alive]
     if dead:
         keeper = any(r.alive and r.proc.role == local.KEEPER for r in rows)
+        if dead == [local.KEEPER]:
+            err.print("[red]the keeper is not running:[/] nothing starts again what exits; `python -m mesh keep` "
+                      "starts it again", highlight=False, soft_wrap=True)
+            return 1
         then = ("the keeper starts them again (see `python -m mesh logs keeper`)" if keeper else
                 "nothing starts them again (no keeper: `mesh up --no-restart`, or it was stopped); "
-                "`python -m mesh down` and `up` start the mesh afresh")
+                "`python -m mesh keep` starts a keeper, which starts them again")
         err.print(f"[red]{len(dead)} process(es) not running:[/] {', '.join(dead)}; {then}", highlight=False,
                   soft_wrap=True)
         return 1
@@ -360,6 +369,19 @@ def _logs(args: argparse.Namespace) -> int:
         console.rule(str(f))
         text = f.read_text(errors="replace") if args.lines == 0 else procs.tail(f, args.lines)
         sys.stdout.write(text + ("\n" if text else ""))
+    return 0
+
+
+def _keep(args: argparse.Namespace) -> int:
+    where = _found(args)
+    if local.read_state(where) is None:
+        return _fail(_not_found(args, "no mesh is running"))
+    try:
+        keeper = local.keep(where)
+    except local.MeshError as exc:
+        return _fail(str(exc))
+    console.print(f"keeper started (pid {keeper.pid}): what exits is started again; `python -m mesh logs keeper` "
+                  f"says what it does", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -510,6 +510,28 @@ def _wait_ready(state: State, state_dir: Path, manifest: Manifest, timeout_s: fl
                 time.sleep(0.3)
 
 
+def _start_keeper(state_dir: Path) -> procs.Proc:
+    return procs.start(KEEPER, KEEPER, None, [sys.executable, "-m", "mesh.keeper", str(state_dir.resolve())],
+                       state_dir / "logs" / f"{KEEPER}.log", env=_marker_env(state_dir))
+
+
+@changes_mesh
+def keep(state_dir: Path = DEFAULT_STATE_DIR) -> procs.Proc:
+    """Start the running mesh's keeper again (it was killed, or `up --no-restart` started none); MeshError where
+    one runs already. Nothing restarts the keeper itself: this is the way back without `down` and `up`."""
+    state = read_state(state_dir)
+    if state is None:
+        raise MeshError(f"no mesh is running from {state_dir}")
+    running = [p for p in state.procs if p.role == KEEPER and procs.alive(p)]
+    if running:
+        raise MeshError(f"the mesh's keeper already runs (pid {running[0].pid})")
+    restarts = sum(p.restarts + 1 for p in state.procs if p.role == KEEPER)
+    keeper = _start_keeper(state_dir).model_copy(update={"restarts": restarts})
+    state.procs = [*(p for p in state.procs if p.role != KEEPER), keeper]
+    write_state(state_dir, state)
+    return keeper
+
+
 @changes_mesh
 def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DEFAULT_STATE_DIR,
        gateway_port: int | None = None, ready_timeout_s: float = 120.0,
@@ -562,9 +584,7 @@ def up(pipeline_dir: Path, policy_file: Path | None = None, state_dir: Path = DE
         write_state(state_dir, state)
         _wait_ready(state, state_dir, manifest, ready_timeout_s)
         if restart:
-            state.procs.append(procs.start(KEEPER, KEEPER, None, [sys.executable, "-m", "mesh.keeper",
-                                                                 str(state_dir.resolve())],
-                                           state_dir / "logs" / f"{KEEPER}.log", env=_marker_env(state_dir)))
+            state.procs.append(_start_keeper(state_dir))
             write_state(state_dir, state)
     except BaseException:
         procs.stop(state.procs, grace_s=5.0)

@@ -212,3 +212,32 @@ def test_status_names_the_listener_an_envoy_runs_without(tmp_path: Path) -> None
             assert problem in " ".join(text.stdout.split())
         finally:
             taken.close()
+
+
+def test_keep_starts_a_keeper_on_a_mesh_without_one_and_again_after_it_was_killed(tmp_path: Path) -> None:
+    write_tiny_pipeline(tmp_path / "keep", name="keep")
+    state_dir = tmp_path / ".mesh"
+    where = ("--state-dir", str(state_dir))
+    with running_mesh(tmp_path / "keep", None, state_dir, "--no-restart") as state:
+        assert "keeper" not in _procs(state_dir)
+        started = mesh_cli("keep", *where)
+        assert started.returncode == 0 and "keeper started" in started.stdout, started.stderr
+        again = mesh_cli("keep", *where)
+        assert again.returncode == 2 and "the mesh's keeper already runs" in again.stderr
+        app = _procs(state_dir)[f"{MIDDLE}-v1-0"]
+        os.kill(app.pid, signal.SIGKILL)  # what exits is now started again
+        _wait_for(lambda: _procs(state_dir)[app.name].restarts == 1 and alive(_procs(state_dir)[app.name]))
+        _wait_for(lambda: _answers(state_dir, state.layout.gateway_url))
+
+        first = _procs(state_dir)["keeper"]
+        os.kill(first.pid, signal.SIGKILL)
+        _wait_for(lambda: not alive(first), 10)
+        status = mesh_cli("status", *where)
+        assert status.returncode == 1
+        assert "the keeper is not running: nothing starts again what exits; `python -m mesh keep` starts it " \
+               "again" in " ".join(status.stderr.split())
+        assert mesh_cli("keep", *where).returncode == 0
+        second = _procs(state_dir)["keeper"]
+        assert second.pid != first.pid and alive(second) and second.restarts == 1
+        assert [p.name for p in local.read_state(state_dir).procs].count("keeper") == 1  # type: ignore[union-attr]
+        assert mesh_cli("status", *where).returncode == 0
