@@ -3,8 +3,8 @@
 `SERIALIZED_PROTO` is KServe's `grpc_predict_v2.proto` compiled by protoc, taken byte for byte from the
 generated module of the `kserve` wheel 0.21.0 (`kserve/protocol/grpc/grpc_predict_v2_pb2.py`, Apache-2.0,
 Copyright 2023 The KServe Authors). Triton's `grpc_service.proto` (what `tritonclient.grpc` speaks) has the
-same package, services and field numbers for everything here; tests/stage_service/test_grpc.py checks that
-field by field.
+same package, services and field numbers for everything here, and two more choices of InferParameter, added
+here (`_with_tritons_parameter_choices`); tests/stage_service/test_grpc.py checks that field by field.
 
 The messages live in a pool of their own, not protobuf's default one: a process that also imports
 tritonclient's or KServe's generated modules (tests, benchmarks) would otherwise register the same message
@@ -73,8 +73,23 @@ SERIALIZED_PROTO = (
     b'\x06proto3'
 )
 
+
+
+def _with_tritons_parameter_choices(serialized: bytes) -> descriptor_pb2.FileDescriptorProto:
+    """KServe's file with InferParameter's two further choices in Triton's proto, double_param (4) and
+    uint64_param (5): without them a float or uint64 parameter from tritonclient was dropped unseen."""
+    file = descriptor_pb2.FileDescriptorProto.FromString(serialized)
+    parameter = next(m for m in file.message_type if m.name == "InferParameter")
+    field = descriptor_pb2.FieldDescriptorProto
+    for name, number, kind in (("double_param", 4, field.TYPE_DOUBLE), ("uint64_param", 5, field.TYPE_UINT64)):
+        if all(f.number != number for f in parameter.field):
+            parameter.field.add(name=name, number=number, type=kind, label=field.LABEL_OPTIONAL, oneof_index=0,
+                                json_name=name.replace("_p", "P"))
+    return file
+
+
 POOL = descriptor_pool.DescriptorPool()
-FILE = POOL.Add(descriptor_pb2.FileDescriptorProto.FromString(SERIALIZED_PROTO))
+FILE = POOL.Add(_with_tritons_parameter_choices(SERIALIZED_PROTO))
 
 
 def message(name: str) -> Any:

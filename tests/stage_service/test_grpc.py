@@ -112,7 +112,7 @@ def fields_of(message: pb_descriptor.Descriptor) -> dict[str, Any]:
                                     "ModelInfer"])
 def test_messages_match_tritons_proto(method: str) -> None:
     """What tritonclient sends parses here field for field, and what this answers parses there (Triton's
-    InferParameter adds double and uint64 choices; a client sending those finds them left out, not misread)."""
+    InferParameter has two choices more than KServe's, double and uint64: kserve_grpc adds them)."""
     ours = kserve_grpc.POOL.FindServiceByName(kserve_grpc.SERVICE).FindMethodByName(method)
     theirs = triton_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name[method]
     for mine, other in ((ours.input_type, theirs.input_type), (ours.output_type, theirs.output_type)):
@@ -121,19 +121,14 @@ def test_messages_match_tritons_proto(method: str) -> None:
             assert fields_of(mine) == fields_of(other)
     parameter = kserve_grpc.InferParameter.DESCRIPTOR
     triton_parameter = triton_pb2.InferParameter.DESCRIPTOR
-    assert fields_of(parameter).items() <= fields_of(triton_parameter).items()
+    assert fields_of(parameter) == fields_of(triton_parameter)
 
 
-def test_infer_messages_match_tritons_proto_but_parameters() -> None:
-    def without_parameter_choices(fields: dict[str, Any]) -> dict[str, Any]:
-        return {n: (name, kind, rep, None if name == "value" and sub and 1 in sub and sub[1][0] == "bool_param"
-                    else without_parameter_choices(sub) if sub else sub)
-                for n, (name, kind, rep, sub) in fields.items()}
-
+def test_infer_messages_match_tritons_proto() -> None:
     for name in ("ModelInferRequest", "ModelInferResponse"):
         ours = kserve_grpc.POOL.FindMessageTypeByName(f"inference.{name}")
         theirs = triton_pb2.DESCRIPTOR.message_types_by_name[name]
-        assert without_parameter_choices(fields_of(ours)) == without_parameter_choices(fields_of(theirs))
+        assert fields_of(ours) == fields_of(theirs)
 
 
 # --------------------------------------------------------------------------------------- the chain
@@ -230,6 +225,109 @@ def test_raw_contents_must_match_the_inputs(grpc_chain: GrpcStage) -> None:
         typed.inputs.add(name="x", datatype="FP32", shape=[1, 16]).contents.fp32_contents.extend(x.ravel().tolist())
         response = infer(typed)
         assert [o.name for o in response.outputs] == ["y"] and len(response.raw_output_contents[0]) == 16
+    finally:
+        channel.close()
+
+
+def _stub(stage: GrpcStage) -> tuple[Any, Callable[[Any], Any]]:
+    import grpc
+
+    channel = grpc.insecure_channel(stage.address, options=[("grpc.max_send_message_length", -1)])
+    return channel, channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                        request_serializer=kserve_grpc.ModelInferRequest.SerializeToString,
+                                        response_deserializer=kserve_grpc.ModelInferResponse.FromString)
+
+
+def _typed(build: Callable[[Any], None], datatype: str = "FP32") -> Any:
+    request = kserve_grpc.ModelInferRequest(model_name="tiny")
+    build(request.inputs.add(name="x", datatype=datatype, shape=[1, 16]))
+    return request
+
+
+def test_typed_contents_are_the_same_tensors_as_raw_and_refused_in_their_own_terms(grpc_chain: GrpcStage) -> None:
+    import grpc
+
+    channel, infer = _stub(grpc_chain)
+    try:
+        x = RNG.standard_normal((1, 16)).astype(np.float32)
+        x[0, :2] = [np.nan, np.inf]  # raw bytes carry them, so typed contents do too
+        raw = kserve_grpc.ModelInferRequest(model_name="tiny")
+        raw.inputs.add(name="x", datatype="FP32", shape=[1, 16])
+        raw.raw_input_contents.append(x.tobytes())
+        typed = infer(_typed(lambda t: t.contents.fp32_contents.extend(x.ravel().tolist())))
+        assert typed.raw_output_contents[0] == infer(raw).raw_output_contents[0]
+        cases: list[tuple[Any, str]] = [
+            (_typed(lambda t: None), "input x: contents.fp32_contents holds 0 values but shape [1, 16] needs 16; "
+                                     "send its values in contents.fp32_contents or raw_input_contents"),
+            (_typed(lambda t: t.contents.fp64_contents.extend([0.0] * 16)),
+             "input x: FP32 values go in contents.fp32_contents; got contents.fp64_contents"),
+            (_typed(lambda t: t.contents.fp32_contents.extend([0.0] * 10)),
+             "input x: contents.fp32_contents holds 10 values but shape [1, 16] needs 16"),
+            (_typed(lambda t: t.contents.int_contents.extend([300] + [0] * 15), "INT8"),
+             "input x: contents.int_contents holds values outside INT8's range [-128, 127]"),
+            (_typed(lambda t: t.contents.bytes_contents.append(b"a"), "BYTES"),
+             "input x: datatype 'BYTES' is not one a stage takes; expected one of ['BOOL', 'FP16', 'FP32', "
+             "'FP64', 'INT16', 'INT32', 'INT64', 'INT8', 'UINT16', 'UINT32', 'UINT64', 'UINT8']"),
+            (_typed(lambda t: None, "FP16"), "input x: FP16 has no typed contents field; send it in "
+                                             "raw_input_contents"),
+        ]
+        for request, message in cases:
+            with pytest.raises(grpc.RpcError) as info:
+                infer(request)
+            assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+    finally:
+        channel.close()
+
+
+def test_bytes_that_are_not_the_message_are_invalid_argument(grpc_chain: GrpcStage) -> None:
+    import grpc
+
+    channel = grpc.insecure_channel(grpc_chain.address)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\xff\xff\xff\xff\x0f")
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("the request is not a valid inference.ModelInferRequest message")
+    finally:
+        channel.close()
+    assert "Traceback" not in grpc_chain.process.log()
+
+
+def test_float_and_uint64_parameters_come_back(grpc_chain: GrpcStage) -> None:
+    client = grpc_chain.client()
+    try:
+        result = client.infer("tiny", inputs_of({"x": np.zeros((1, 16), np.float32)}),
+                              parameters={"ratio": 0.25, "flag": True, "name": "n", "count": 3})
+        echoed = result.get_response().parameters
+        assert {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in echoed.items()} == \
+            {"ratio": 0.25, "flag": True, "name": "n", "count": 3}
+    finally:
+        client.close()
+
+
+def _rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def test_refused_large_requests_do_not_keep_their_memory(identity_grpc: GrpcStage) -> None:
+    """A refused request's tensors are freed with it, not left for the garbage collector: before, each refused
+    40 MB request kept about three times that (the abort chained the error whose traceback held them)."""
+    import grpc
+
+    channel, infer = _stub(identity_grpc)
+    request = kserve_grpc.ModelInferRequest(model_name="types")
+    request.inputs.add(name="nope", datatype="FP32", shape=[40 << 18])
+    request.raw_input_contents.append(bytes(40 << 20))
+    try:
+        with pytest.raises(grpc.RpcError):
+            infer(request)  # the first: the process's buffers grow once
+        before = _rss_mb(identity_grpc.process.pid)
+        for _ in range(8):
+            with pytest.raises(grpc.RpcError) as info:
+                infer(request)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert _rss_mb(identity_grpc.process.pid) - before < 200, "refused requests kept their memory"
     finally:
         channel.close()
 
