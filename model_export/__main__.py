@@ -141,13 +141,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from model_export.report import plot_stages
 
     manifest = load_manifest(args.dir)
     _print_stages(manifest, args.json)
     if args.plot:
-        (err if args.json else console).print(f"wrote {plot_stages(manifest, args.plot)}")
+        if args.plot.suffix.lower() not in PLOT_SUFFIXES:
+            raise ExportError(f"--plot {args.plot}: expected a file ending in one of {', '.join(PLOT_SUFFIXES)}")
+        try:
+            written = plot_stages(manifest, args.plot)
+        except OSError as exc:
+            raise ExportError(f"--plot {args.plot}: cannot write it ({exc.strerror or exc})") from exc
+        (err if args.json else console).print(f"wrote {written}")
     return 0
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 
 from model_export.dims import BATCH_DIM, UNNAMED, InputSpec, graph_inputs, infer_dims, probe_sizes
 from model_export.errors import ExportError
@@ -68,10 +69,23 @@ def name_input_dims(proto: onnx.ModelProto, inputs: list[KerasInput]) -> None:
                 _set_dim(value, axis, names[(value.name, axis)])
 
 
-def name_output_dims(proto: onnx.ModelProto, specs: list[InputSpec], vocab: dict[str, int]) -> None:
+def converted_session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    """An onnxruntime session of what tf2onnx wrote; ExportError where onnxruntime cannot load it (tf2onnx keeps
+    a TensorFlow op it has no ONNX form for, e.g. Bitcast for keras.ops.argmax, as a node onnxruntime lacks)."""
+    try:
+        return create_session(proto.SerializeToString())
+    except Exception as exc:  # onnxruntime's own types (InvalidGraph, NotImplemented, Fail)
+        unknown = sorted({n.op_type for n in proto.graph.node if not onnx.defs.has(n.op_type, n.domain)})
+        hint = f" (ops that are not ONNX's: {', '.join(unknown)})" if unknown else ""
+        raise ExportError(f"onnxruntime cannot load the converted model{hint}: {str(exc).splitlines()[0]}; "
+                          "expected layers tf2onnx converts to ONNX ops (its 'Unsupported ops' line above names "
+                          "the TensorFlow ops it could not convert): replace or drop those layers") from exc
+
+
+def name_output_dims(proto: onnx.ModelProto, session: ort.InferenceSession, specs: list[InputSpec],
+                     vocab: dict[str, int]) -> None:
     """Name each output's dynamic dims after the input dimension they follow, found by two runs."""
     first, second = probe_sizes(specs)
-    session = create_session(proto.SerializeToString())
     try:
         runs = [session.run(None, feeds_at(specs, sizes, vocab)) for sizes in (first, second)]
     except Exception as exc:  # onnxruntime's own types
@@ -84,8 +98,8 @@ def name_output_dims(proto: onnx.ModelProto, specs: list[InputSpec], vocab: dict
                 _set_dim(value, axis, f"{value.name}_dim{axis}" if dim == UNNAMED else dim)
 
 
-def prove_against_source(source: Source, proto: onnx.ModelProto, cases: list[Case], tolerance: Tolerance) -> Proof:
-    session = create_session(proto.SerializeToString())
+def prove_against_source(source: Source, proto: onnx.ModelProto, session: ort.InferenceSession, cases: list[Case],
+                         tolerance: Tolerance) -> Proof:
     names = [o.name for o in proto.graph.output]
     proof = Proof(tolerance, cases=len(cases))
     for case in cases:
@@ -122,9 +136,10 @@ def export_keras(model_path: Path, out: Path, opset: int = DEFAULT_OPSET, tolera
         raise ExportError(f"{model_path}: tf2onnx could not convert the model ({type(exc).__name__}: {exc})") from exc
     name_input_dims(proto, source.inputs)
     specs, vocab = graph_inputs(proto), vocabularies(proto)
-    name_output_dims(proto, specs, vocab)
+    session = converted_session(proto)
+    name_output_dims(proto, session, specs, vocab)
     cases = load_samples(samples, specs) if samples else proof_cases(specs, vocab)
-    proof = prove_against_source(source, proto, cases, tolerance)
+    proof = prove_against_source(source, proto, session, cases, tolerance)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:

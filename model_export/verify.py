@@ -20,6 +20,7 @@ from model_export.manifest import (
     ManifestError,
     TensorSpec,
     load_manifest,
+    sha256_file,
     verify_stage_file,
 )
 from model_export.onnx_io import load_onnx
@@ -97,12 +98,20 @@ def prove_pipeline(directory: Path, model_path: Path | None = None, samples: Pat
         chain = Chain(directory, manifest)
     except ManifestError as exc:
         raise ExportError(str(exc)) from exc
-    whole_model = load_onnx(resolve_source(directory, manifest, model_path))
+    source = resolve_source(directory, manifest, model_path)
+    whole_model = load_onnx(source)
     cuts = [t for s in manifest.stages[:-1] for t in s.outputs]
     outputs = [t.name for t in manifest.outputs]
     compared = [*outputs, *[t.name for t in cuts]]
-    whole = create_session(with_outputs(whole_model, {t.name: _elem(t) for t in cuts}).SerializeToString(),
-                           manifest.profile.threads)
+    try:
+        whole = create_session(with_outputs(whole_model, {t.name: _elem(t) for t in cuts}).SerializeToString(),
+                               manifest.profile.threads)
+    except Exception as exc:  # onnxruntime's own types: the pipeline's tensors are not this model's
+        same = sha256_file(source) == manifest.source_model.sha256
+        raise ExportError(f"{source} does not have the pipeline's cut tensors and outputs "
+                          f"({str(exc).splitlines()[0]}); expected the model the pipeline was split from "
+                          f"({manifest.source_model.file}, sha256 {manifest.source_model.sha256[:12]}...)"
+                          + ("" if same else ", and this file's sha256 differs")) from exc
     cases = cases_for(manifest, whole_model, samples)
     proof = Proof(tolerance, cases=len(cases))
     for case in track(cases, "verifying chain"):

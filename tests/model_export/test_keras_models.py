@@ -74,6 +74,20 @@ def test_export_fails_when_onnxruntime_disagrees_with_keras(tmp_path: Path) -> N
     assert [p.name for p in tmp_path.iterdir()] == ["r.keras"]
 
 
+def test_export_of_ops_onnxruntime_lacks_is_one_error(tmp_path: Path) -> None:
+    """keras.ops.argmax converts to a TensorFlow Bitcast that tf2onnx leaves as it is: onnxruntime cannot load
+    the result, which is said in one line, not a traceback (found by an odd-models trial)."""
+    import keras
+
+    x = keras.Input((4,), name="x")
+    probs = keras.layers.Dense(3, activation="softmax", name="probs")(x)
+    keras.Model(x, [probs, keras.ops.argmax(probs, axis=-1)]).save(tmp_path / "argmax.keras")
+    r = cli("export", str(tmp_path / "argmax.keras"), "--out", str(tmp_path / "argmax.onnx"))
+    assert r.returncode == 2, r.stderr
+    assert "error: onnxruntime cannot load the converted model (ops that are not ONNX's: Bitcast)" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "argmax.onnx").exists()
+
+
 # ResNet50 goes through every step in the zoo (test_zoo.py); MobileNetV2's inverted residuals are checked here.
 @pytest.mark.parametrize(("arch", "size"), [("MobileNetV2", 96)])
 def test_keras_applications_split_at_clean_cuts(arch: str, size: int, tmp_path: Path) -> None:

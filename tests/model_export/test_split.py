@@ -180,6 +180,19 @@ def test_verify_and_inspect_refuse_a_directory_without_a_manifest(tmp_path: Path
     assert "not a readable JSON manifest" in _error(capsys, ["inspect", str(tmp_path)])
 
 
+def test_verify_against_another_model_and_a_plot_it_cannot_write_are_one_error(
+        whole: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pair"
+    split_model(whole, out, 2, runs=1)
+    other = tmp_path / "other"
+    write_tiny_pipeline(other, widths=(16, 8, 4), seed=5)  # other tensor names: the cut is not there
+    message = _error(capsys, ["verify", str(out), "--model", str(other / "model.onnx")])
+    assert message.startswith(f"error: {other / 'model.onnx'} does not have the pipeline's cut tensors and outputs")
+    assert message.endswith("and this file's sha256 differs")
+    assert "--plot" in _error(capsys, ["inspect", str(out), "--plot", str(tmp_path / "p.txt")])
+    assert "cannot write it" in _error(capsys, ["inspect", str(out), "--plot", str(tmp_path / "no" / "p.png")])
+
+
 def test_one_stage_is_the_whole_model_as_one_servable_stage(whole: Path, tmp_path: Path) -> None:
     result = split_model(whole, tmp_path / "one", 1, runs=1)
     m = result.manifest
