@@ -18,7 +18,9 @@ import onnx
 from onnx import helper
 
 BATCH_DIM = "batch"
-UNNAMED = "?"  # a dynamic dimension that follows no input dimension alone
+UNNAMED = "?"  # a dynamic dimension that follows no input dimension alone, and may change with the batch
+FREE = "*"  # a dynamic dimension that follows no input dimension alone but keeps its size when only the batch
+            # changes (height - 2 after a valid convolution, height / 2 after a pooling)
 Dims = list[int | str]
 # Sizes given to the batch and to the other named dimensions in the two probe runs: all different, so
 # that an axis's pair of sizes says which dimension it follows.
@@ -99,10 +101,36 @@ def infer_dims(first: Sequence[int], second: Sequence[int], sizes: tuple[Mapping
     return dims
 
 
+def batch_only(first: Mapping[str, int], second: Mapping[str, int]) -> dict[str, int] | None:
+    """The sizes of `first` with only the batch's changed to `second`'s: the probe that tells which unnamed
+    dimensions depend on the batch. None where the inputs have no batch."""
+    return {**first, BATCH_DIM: second[BATCH_DIM]} if BATCH_DIM in first else None
+
+
+def checked_against_batch(dims: Dims, first: Sequence[int], batch_changed: Sequence[int]) -> Dims:
+    """`dims` set right by the probe where only the batch changed: an unnamed axis that stays put is FREE, so is
+    one taken for the batch that stays put (its two sizes only happened to be the batch's, as a width of 7 and 9
+    becomes 2 and 3 after a valid 3x3 convolution and a pooling), and a named axis that moves with the batch
+    is UNNAMED."""
+    if len(first) != len(batch_changed):
+        return dims
+    out: Dims = []
+    for d, a, c in zip(dims, first, batch_changed, strict=True):
+        moves = a != c
+        if isinstance(d, int):
+            out.append(d)
+        elif d == BATCH_DIM:
+            out.append(BATCH_DIM if moves else FREE)
+        else:
+            out.append(UNNAMED if moves else FREE if d == UNNAMED else d)
+    return out
+
+
 def batch_axes(dims: Dims) -> list[int]:
     return [i for i, d in enumerate(dims) if d == BATCH_DIM]
 
 
 def batch_first(dims: Dims) -> bool:
-    """True when the batch is axis 0 and no other axis, the layout a stage boundary needs."""
+    """True when the batch is axis 0 and no other axis (none that changes with it either), the layout a stage
+    boundary needs: a stage's requests are batched and split along axis 0 alone."""
     return batch_axes(dims) == [0] and UNNAMED not in dims

@@ -16,7 +16,18 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from model_export.dims import BATCH_DIM, UNNAMED, Dims, graph_inputs, infer_dims, named_dims, probe_sizes
+from model_export.dims import (
+    BATCH_DIM,
+    FREE,
+    UNNAMED,
+    Dims,
+    batch_only,
+    checked_against_batch,
+    graph_inputs,
+    infer_dims,
+    named_dims,
+    probe_sizes,
+)
 from model_export.errors import ExportError
 from model_export.ort_session import create_session
 from model_export.samples import feeds_at, vocabularies
@@ -38,7 +49,7 @@ class Activation:
         return int(self.value.nbytes)
 
     def dim_params(self) -> list[int | str]:
-        return [f"{self.name}_dim{i}" if d == UNNAMED else d for i, d in enumerate(self.dims)]
+        return [f"{self.name}_dim{i}" if d in (UNNAMED, FREE) else d for i, d in enumerate(self.dims)]
 
     def value_info(self) -> onnx.ValueInfoProto:
         elem = helper.np_dtype_to_tensor_dtype(self.value.dtype)
@@ -74,16 +85,21 @@ def activations(model: onnx.ModelProto, tensors: list[str], threads: int = 1) ->
     names = [o.name for o in session.get_outputs()]
     measure = {n: 1 if n == BATCH_DIM else MEASURE_LENGTH for n in named_dims(specs)}
     first, second = probe_sizes(specs)
+    changed = batch_only(first, second)
     runs = []
-    for sizes in (measure, first, second):
+    for sizes in (measure, first, second, *([changed] if changed else [])):
         feeds = feeds_at(specs, sizes, vocab)
         try:
             runs.append((feeds, dict(zip(names, session.run(None, feeds), strict=True))))
         except Exception as exc:  # onnxruntime raises its own types; the message says what failed
             raise ExportError(f"the model fails on inputs {_shapes(feeds)}: {exc}") from exc
-    (feeds, values), (_, a), (_, b) = runs
-    result = {n: Activation(n, np.asarray(values[n]), infer_dims(a[n].shape, b[n].shape, (first, second)))
-              for n in tensors}
+    (feeds, values), (_, a), (_, b) = runs[:3]
+
+    def dims_of(n: str) -> Dims:
+        dims = infer_dims(a[n].shape, b[n].shape, (first, second))
+        return checked_against_batch(dims, a[n].shape, runs[3][1][n].shape) if changed else dims
+
+    result = {n: Activation(n, np.asarray(values[n]), dims_of(n)) for n in tensors}
     result.update({s.name: Activation(s.name, feeds[s.name], list(s.dims)) for s in specs})
     return result
 

@@ -110,12 +110,16 @@ def validate_cuts(c: Candidates, requested: Sequence[str]) -> list[str]:
             )
     for name in requested:
         if name not in c.cuts and name in c.structural:
-            axes = batch_axes(c.values[name].dims)
-            where = f"its batch is axis {axes[0]}" if len(axes) == 1 else "it has no single batch axis"
-            raise ExportError(
-                f"--cut {name!r}: {where} (dims {c.values[name].dims}), as in a recurrent layer's time-major "
-                f"tensors; a stage boundary needs the batch as axis 0. Clean cut points include: {c.cuts[:3]}"
-            )
+            dims = c.values[name].dims
+            axes = batch_axes(dims)
+            if axes == [0]:
+                why = (f"a dynamic dimension of it changes with the batch (dims {dims}; '?': e.g. batch x "
+                       "sequence after a reshape), so its samples cannot be batched and split along axis 0 alone")
+            else:
+                where = f"its batch is axis {axes[0]}" if len(axes) == 1 else "it has no single batch axis"
+                why = f"{where} (dims {dims}), as in a recurrent layer's time-major tensors"
+            raise ExportError(f"--cut {name!r}: {why}; a stage boundary needs the batch as axis 0 alone. Clean cut "
+                              f"points include: {c.cuts[:3]}")
     if len(set(requested)) != len(requested):
         raise ExportError(f"--cut lists a tensor twice: {list(requested)}")
     return sorted(requested, key=c.cuts.index)
