@@ -68,7 +68,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_cuts(args: argparse.Namespace) -> int:
     from model_export.onnx_io import load_onnx
-    from model_export.profile import MEASURE_LENGTH
+    from model_export.profile import MEASURE_LENGTH, MEASURE_SPATIAL
     from model_export.split import find_candidates
 
     c = find_candidates(load_onnx(args.model))
@@ -82,7 +82,8 @@ def cmd_cuts(args: argparse.Namespace) -> int:
             for i, name, dims, shape, size in cuts], "not_offered": left_out}, indent=1))
         return 0
     console.print(f"{len(cuts)} clean cut points in {args.model} (shape and bytes at batch 1, other dynamic dims at "
-                  f"{MEASURE_LENGTH})", soft_wrap=True, highlight=False)
+                  f"{MEASURE_LENGTH}, an image's height and width at {MEASURE_SPATIAL})", soft_wrap=True,
+                  highlight=False)
     _print_cuts(cuts)
     if left_out:
         console.print(f"{left_out} more single-tensor cut(s) not offered: the batch is not their axis 0 alone (e.g. "

@@ -26,6 +26,17 @@ Dims = list[int | str]
 # that an axis's pair of sizes says which dimension it follows.
 PROBE_BATCH = (2, 3)
 PROBE_OTHER = ((5, 6), (7, 9), (10, 11), (12, 13), (14, 15), (17, 19))
+# An image's height and width (as export names them) get sizes a convolutional network takes (strided and
+# pooling layers bring 5 or 7 pixels down to nothing; five stride-2 stages need 32), far enough apart that
+# they still differ after a stride of 64 (40 and 48 are both 2 after a stride of 32: a dynamic axis read as
+# static).
+PROBE_SPATIAL = ((64, 160), (96, 224), (80, 192), (112, 256))
+SPATIAL_DIMS = ("height", "width")
+
+
+def spatial(name: str) -> bool:
+    """An image's height or width, as export names them (`height`, or `<input>_height` where inputs share it)."""
+    return name in SPATIAL_DIMS or name.endswith(tuple(f"_{d}" for d in SPATIAL_DIMS))
 
 
 @dataclass(frozen=True)
@@ -80,9 +91,12 @@ def probe_sizes(inputs: Sequence[InputSpec]) -> tuple[dict[str, int], dict[str, 
     """The two size assignments of the probe runs."""
     first: dict[str, int] = {}
     second: dict[str, int] = {}
-    others = iter(PROBE_OTHER)
+    others, images = iter(PROBE_OTHER), iter(PROBE_SPATIAL)
     for name in named_dims(inputs):
-        a, b = PROBE_BATCH if name == BATCH_DIM else next(others, (20, 23))
+        if name == BATCH_DIM:
+            a, b = PROBE_BATCH
+        else:
+            a, b = next(images, (80, 88)) if spatial(name) else next(others, (20, 23))
         first[name], second[name] = a, b
     return first, second
 
@@ -124,6 +138,15 @@ def checked_against_batch(dims: Dims, first: Sequence[int], batch_changed: Seque
         else:
             out.append(UNNAMED if moves else FREE if d == UNNAMED else d)
     return out
+
+
+def checked_against_measure(dims: Dims, measured: Sequence[int]) -> Dims:
+    """`dims` with an axis the two probes found static but that has another size in the measuring run (at
+    other sizes again) marked FREE: its two probe sizes only happened to come out equal (a stride of 2 takes 5
+    and 6 both to 3). The batch moved between the probes, so such an axis does not follow it."""
+    if len(dims) != len(measured):
+        return dims
+    return [FREE if isinstance(d, int) and d != m else d for d, m in zip(dims, measured, strict=True)]
 
 
 def batch_axes(dims: Dims) -> list[int]:

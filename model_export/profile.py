@@ -23,10 +23,12 @@ from model_export.dims import (
     Dims,
     batch_only,
     checked_against_batch,
+    checked_against_measure,
     graph_inputs,
     infer_dims,
     named_dims,
     probe_sizes,
+    spatial,
 )
 from model_export.errors import ExportError
 from model_export.ort_session import create_session
@@ -34,6 +36,7 @@ from model_export.samples import feeds_at, vocabularies
 
 # Sizes of the named dimensions other than the batch when costs are measured (the batch is 1).
 MEASURE_LENGTH = 16
+MEASURE_SPATIAL = 64  # an image's height and width (dims.spatial): 16 pixels is too few for a strided network
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ def activations(model: onnx.ModelProto, tensors: list[str], threads: int = 1) ->
     specs, vocab = graph_inputs(model), vocabularies(model)
     session = create_session(with_outputs(model, _elem_types(model, tensors)).SerializeToString(), threads)
     names = [o.name for o in session.get_outputs()]
-    measure = {n: 1 if n == BATCH_DIM else MEASURE_LENGTH for n in named_dims(specs)}
+    measure = {n: 1 if n == BATCH_DIM else MEASURE_SPATIAL if spatial(n) else MEASURE_LENGTH
+               for n in named_dims(specs)}
     first, second = probe_sizes(specs)
     changed = batch_only(first, second)
     runs = []
@@ -96,7 +100,7 @@ def activations(model: onnx.ModelProto, tensors: list[str], threads: int = 1) ->
     (feeds, values), (_, a), (_, b) = runs[:3]
 
     def dims_of(n: str) -> Dims:
-        dims = infer_dims(a[n].shape, b[n].shape, (first, second))
+        dims = checked_against_measure(infer_dims(a[n].shape, b[n].shape, (first, second)), values[n].shape)
         return checked_against_batch(dims, a[n].shape, runs[3][1][n].shape) if changed else dims
 
     result = {n: Activation(n, np.asarray(values[n]), dims_of(n)) for n in tensors}

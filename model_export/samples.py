@@ -17,12 +17,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from model_export.dims import BATCH_DIM, InputSpec, named_dims
+from model_export.dims import BATCH_DIM, InputSpec, named_dims, spatial
 from model_export.errors import ExportError
 from model_export.manifest import DATATYPE_TO_NUMPY, TensorSpec
 
 PROOF_BATCHES = (1, 4)
 PROOF_LENGTHS = (1, 5, 12)
+PROOF_SPATIAL = (32, 48, 64)  # an image's height and width, in the same three cases (dims.spatial)
 FLOAT_RANGES = ("0-255", "0-1", "normal")
 # Ops an id passes through unchanged on its way to an embedding lookup.
 _PASS_THROUGH = {"Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose"}
@@ -97,17 +98,19 @@ def _values(spec: InputSpec, shape: list[int], float_range: str, vocab: int | No
 
 
 def proof_cases(inputs: Sequence[InputSpec], vocab: dict[str, int], seed: int = 0) -> list[Case]:
-    """Batches 1 and 4 x each other dynamic dimension at 1, 5 and 12 x each float range."""
+    """Batches 1 and 4 x each other dynamic dimension at 1, 5 and 12 (an image's height and width at 32, 48 and
+    64) x each float range."""
     rng = np.random.default_rng(seed)
     others = [n for n in named_dims(inputs) if n != BATCH_DIM]
     has_float = any(np.issubdtype(s.dtype, np.floating) for s in inputs)
     cases = []
     for batch in PROOF_BATCHES:
-        for length in PROOF_LENGTHS if others else (None,):
+        for k in range(len(PROOF_LENGTHS)) if others else (None,):
             for float_range in FLOAT_RANGES if has_float else ("",):
-                sizes = {BATCH_DIM: batch, **{n: length or 1 for n in others}}
+                lengths = {n: 1 if k is None else (PROOF_SPATIAL if spatial(n) else PROOF_LENGTHS)[k] for n in others}
+                sizes = {BATCH_DIM: batch, **lengths}
                 feeds = {s.name: _values(s, s.shape(sizes), float_range, vocab.get(s.name), rng) for s in inputs}
-                parts = [f"batch {batch}"] + [f"{n} {length}" for n in others] + (
+                parts = [f"batch {batch}"] + [f"{n} {lengths[n]}" for n in others] + (
                     [f"floats {float_range}"] if float_range else [])
                 cases.append(Case(", ".join(parts), feeds))
     return cases

@@ -127,3 +127,14 @@ def test_a_dimension_that_changes_with_the_batch_is_no_cut_and_says_so(tmp_path:
     message = " ".join((capsys.readouterr(), main(["split", str(path), "--cut", "r", "--out",
                                                    str(tmp_path / "s")]), capsys.readouterr().err)[2].split())
     assert "a dynamic dimension of it changes with the batch (dims ['batch', '?']" in message, message
+
+
+def test_an_axis_both_probes_bring_to_one_size_is_still_dynamic(tmp_path: Path) -> None:
+    """A stride of 2 takes a sequence of 5 and of 6 both to 3: the measuring run, at 16, tells it is dynamic."""
+    w = onnx.numpy_helper.from_array(np.ones((4, 4, 1), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], strides=[2]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("ReduceMean", ["r"], ["y"], axes=[2], keepdims=0)]
+    path = _save(tmp_path, nodes, ["batch", 4, "sequence"], ["batch", 4], [w])
+    c = find_candidates(load_onnx(path))
+    assert c.values["c"].dims == ["batch", 4, "*"] and "c" in c.cuts
+    assert split_model(path, tmp_path / "s", None, cuts=["r"], runs=1).proof.max_abs_diff == 0.0

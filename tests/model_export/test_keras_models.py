@@ -88,6 +88,25 @@ def test_export_of_ops_onnxruntime_lacks_is_one_error(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr and not (tmp_path / "argmax.onnx").exists()
 
 
+def test_a_convolutional_network_of_any_image_size_exports_and_splits(tmp_path: Path) -> None:
+    """Input (None, None, 3), two stride-2 poolings: the proof's and the probes' image sizes (32-224 pixels,
+    not the 1-12 of a sequence) are ones such a network takes, and its cuts keep their dynamic sizes."""
+    import keras
+
+    x = keras.Input((None, None, 3), name="image")
+    h = x
+    for width in (8, 16):
+        h = keras.layers.MaxPooling2D()(keras.layers.Conv2D(width, 3, padding="same", activation="relu")(h))
+    y = keras.layers.Dense(3, name="probs")(keras.layers.GlobalAveragePooling2D()(h))
+    keras.Model(x, y).save(tmp_path / "fcn.keras")
+    result = export_keras(tmp_path / "fcn.keras", tmp_path / "fcn.onnx")
+    assert result.proof.cases == 18 and result.proof.max_abs_diff <= 1e-3  # none left out as a size it cannot take
+    split = split_model(tmp_path / "fcn.onnx", tmp_path / "fcn", 3, runs=1)
+    assert split.proof.max_abs_diff <= 1e-5
+    cut_shapes = [t.shape for s in split.manifest.stages[1:] for t in s.inputs]
+    assert any(-1 in shape[1:] for shape in cut_shapes), cut_shapes  # a cut inside the convolutions
+
+
 # ResNet50 goes through every step in the zoo (test_zoo.py); MobileNetV2's inverted residuals are checked here.
 @pytest.mark.parametrize(("arch", "size"), [("MobileNetV2", 96)])
 def test_keras_applications_split_at_clean_cuts(arch: str, size: int, tmp_path: Path) -> None:
