@@ -85,6 +85,11 @@ def as_functional(model: Any) -> Any:
     the functional wrapper over the same layers has it (the last layer's name)."""
     import keras
 
+    if isinstance(getattr(model, "_inputs_struct", None), dict):
+        # Inputs given as a dict: tf2onnx feeds a list, which such a model refuses ("the structure of `inputs`
+        # doesn't match"); the same graph with its inputs as a list, in `model.inputs` order, takes it.
+        outputs = model.outputs
+        return keras.Model(list(model.inputs), outputs if len(outputs) > 1 else outputs[0], name=model.name)
     if isinstance(model, keras.Sequential) or not hasattr(model, "output_names"):
         try:
             inputs, outputs = model.inputs, model.outputs

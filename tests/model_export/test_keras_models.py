@@ -107,6 +107,17 @@ def test_a_convolutional_network_of_any_image_size_exports_and_splits(tmp_path: 
     assert any(-1 in shape[1:] for shape in cut_shapes), cut_shapes  # a cut inside the convolutions
 
 
+def test_a_model_whose_inputs_are_a_dict_exports_with_its_input_names(tmp_path: Path) -> None:
+    import keras
+
+    num, cat = keras.Input((8,), name="num"), keras.Input((4,), name="cat")
+    joined = keras.layers.Concatenate()([keras.layers.Dense(8)(num), cat])
+    keras.Model({"num": num, "cat": cat}, keras.layers.Dense(2, name="score")(joined)).save(tmp_path / "d.keras")
+    result = export_keras(tmp_path / "d.keras", tmp_path / "d.onnx")
+    assert sorted(result.inputs) == ["cat", "num"] and result.outputs == ["score"]
+    assert result.proof.max_abs_diff <= 1e-4
+
+
 # ResNet50 goes through every step in the zoo (test_zoo.py); MobileNetV2's inverted residuals are checked here.
 @pytest.mark.parametrize(("arch", "size"), [("MobileNetV2", 96)])
 def test_keras_applications_split_at_clean_cuts(arch: str, size: int, tmp_path: Path) -> None:
