@@ -60,7 +60,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     with err.status("converting with tf2onnx and comparing with Keras"):
         r = export_keras(args.model, args.out, opset=args.opset, tolerance=Tolerance(args.rtol, args.atol),
-                         samples=args.samples)
+                         samples=args.samples, unsafe=args.unsafe)
     console.print(f"wrote {r.path}: inputs {r.inputs}, outputs {r.outputs}", soft_wrap=True, highlight=False)
     console.print(f"keras vs onnxruntime: {r.proof.summary()}", soft_wrap=True, highlight=False)
     return 0
@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="the Keras model: .keras, .h5, or a SavedModel directory")
     p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset to convert to")
+    p.add_argument("--unsafe", action="store_true",
+                   help="load with Keras's safe mode off, as a Lambda layer needs: runs the file's Python code, so "
+                        "only for files you trust")
     add_proof_options(p, EXPORT_TOLERANCE, "Keras; beyond it nothing is written")
     p.set_defaults(func=cmd_export)
 

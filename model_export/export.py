@@ -121,13 +121,13 @@ def prove_against_source(source: Source, proto: onnx.ModelProto, session: ort.In
 
 
 def export_keras(model_path: Path, out: Path, opset: int = DEFAULT_OPSET, tolerance: Tolerance = EXPORT_TOLERANCE,
-                 samples: Path | None = None) -> ExportResult:
+                 samples: Path | None = None, unsafe: bool = False) -> ExportResult:
     """Convert, name the dynamic dims, then prove onnxruntime equals the source on realistic inputs."""
     if out.suffix != ".onnx":
         raise ExportError(f"--out must end in .onnx, got {out}")
     if not 7 <= opset <= 21:
         raise ExportError(f"--opset must be between 7 and 21 (what tf2onnx and onnxruntime share), got {opset}")
-    source = load_source(model_path)
+    source = load_source(model_path, unsafe)
     try:
         proto = source.convert(opset)
     except ExportError:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,8 +56,9 @@ def quiet_tf2onnx() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def load_source(path: Path) -> Source:
-    """The model at `path`, or ExportError saying which formats are accepted and how to make one."""
+def load_source(path: Path, unsafe: bool = False) -> Source:
+    """The model at `path`, or ExportError saying which formats are accepted and how to make one. `unsafe`
+    loads a Keras file with Keras's safe mode off (a Lambda layer's Python code is run)."""
     if path.is_dir():
         if not (path / "saved_model.pb").is_file():
             raise ExportError(f"{path}: a directory without saved_model.pb, so not a SavedModel; expected {FORMATS}")
@@ -64,18 +67,36 @@ def load_source(path: Path) -> Source:
         raise ExportError(f"{path}: no such file or directory; expected {FORMATS}")
     if path.suffix not in {".keras", ".h5"}:
         raise ExportError(f"{path}: {path.suffix or 'no suffix'!r} is not a format read here; expected {FORMATS}")
-    return keras_source(load_keras(path))
+    return keras_source(load_keras(path, unsafe))
 
 
-def load_keras(path: Path) -> Any:
+def load_keras(path: Path, unsafe: bool = False) -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
+    if path.suffix == ".keras" and path.is_file() and not zipfile.is_zipfile(path):
+        raise ExportError(f"{path}: not a .keras archive (a .keras file is a zip archive, this one is not); "
+                          f"expected {FORMATS}")
     try:
-        return keras.models.load_model(path, compile=False)
+        return keras.models.load_model(path, compile=False, safe_mode=not unsafe)
     except Exception as exc:  # Keras raises many types for a bad file; all mean the same to the user
-        problem = f"{type(exc).__name__}: {exc}"
-        raise ExportError(f"{path}: not a loadable Keras model ({problem}); expected {FORMATS}") from exc
+        raise ExportError(_load_failure(path, exc)) from exc
+
+
+def _load_failure(path: Path, exc: Exception) -> str:
+    """What to tell the user for a Keras file Keras would not load: the two usual causes in a few words."""
+    text = str(exc)
+    if "deserialization of a `Lambda` layer" in text:
+        return (f"{path}: holds a Lambda layer whose function is Python code, which Keras loads only with its safe "
+                "mode off; pass --unsafe if you trust the file (its code is run), or replace the Lambda with a "
+                "layer class")
+    missing = re.search(r"Could not locate (?:class|function) '([^']+)'", text)
+    if missing:
+        return (f"{path}: uses {missing.group(1)!r}, a custom class or function this process cannot import; from "
+                "the code that defines it, export a SavedModel (model.export('saved_model_dir')) and pass that "
+                "directory")
+    return f"{path}: not a loadable Keras model ({type(exc).__name__}: {text.splitlines()[0] if text else ''}); " \
+           f"expected {FORMATS}"
 
 
 def as_functional(model: Any) -> Any:

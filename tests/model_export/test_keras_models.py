@@ -51,7 +51,7 @@ def test_export_refuses_what_is_not_a_keras_model(tmp_path: Path) -> None:
     fake = tmp_path / "fake.keras"
     fake.write_text("not a zip")
     r = cli("export", str(fake), "--out", str(tmp_path / "x.onnx"))
-    assert r.returncode == 2 and "not a loadable Keras model" in r.stderr
+    assert r.returncode == 2 and "not a .keras archive (a .keras file is a zip archive, this one is not)" in r.stderr
     r = cli("export", str(tmp_path / "model.txt"), "--out", str(tmp_path / "x.onnx"))
     assert r.returncode == 2 and "no such file or directory; expected a Keras model file (.keras" in r.stderr
     torch_file = tmp_path / "model.pt"
@@ -116,6 +116,27 @@ def test_a_model_whose_inputs_are_a_dict_exports_with_its_input_names(tmp_path: 
     result = export_keras(tmp_path / "d.keras", tmp_path / "d.onnx")
     assert sorted(result.inputs) == ["cat", "num"] and result.outputs == ["score"]
     assert result.proof.max_abs_diff <= 1e-4
+
+
+def test_a_lambda_layer_needs_unsafe_and_a_custom_class_is_named(tmp_path: Path) -> None:
+    import keras
+
+    x = keras.Input((4,), name="x")
+    keras.Model(x, keras.layers.Lambda(lambda t: t * 2.0, name="double")(x)).save(tmp_path / "lambda.keras")
+    with pytest.raises(ExportError, match="holds a Lambda layer whose function is Python code.*pass --unsafe"):
+        export_keras(tmp_path / "lambda.keras", tmp_path / "lambda.onnx")
+    assert export_keras(tmp_path / "lambda.keras", tmp_path / "lambda.onnx", unsafe=True).proof.max_abs_diff == 0
+
+    @keras.saving.register_keras_serializable(package="trial")
+    class Scale(keras.layers.Layer):
+        def call(self, t):  # type: ignore[no-untyped-def]
+            return t * 3.0
+
+    keras.Model(x, Scale(name="scale")(x)).save(tmp_path / "custom.keras")
+    keras.saving.get_custom_objects().pop("trial>Scale")  # as in a process that never imported its code
+    with pytest.raises(ExportError, match="uses 'Scale', a custom class or function this process cannot "
+                                          "import; from the code that defines it, export a SavedModel"):
+        export_keras(tmp_path / "custom.keras", tmp_path / "custom.onnx")
 
 
 # ResNet50 goes through every step in the zoo (test_zoo.py); MobileNetV2's inverted residuals are checked here.
