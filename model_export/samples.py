@@ -137,6 +137,10 @@ def load_samples(path: Path, inputs: Sequence[InputSpec]) -> list[Case]:
             if not np.can_cast(a.dtype, spec.dtype, casting="same_kind"):
                 raise ExportError(f"--samples {path}: {spec.name} is {a.dtype}; expected {spec.dtype}")
             arrays[spec.name] = a.astype(spec.dtype)
+    batches = {spec.name: arrays[spec.name].shape[0] for spec in inputs if spec.dims and spec.dims[0] == BATCH_DIM}
+    if len(set(batches.values())) > 1:
+        raise ExportError(f"--samples {path}: the inputs hold different numbers of samples {batches}; expected the "
+                          "same batch (axis 0) in every input")
     return [Case(f"{path.name}", arrays)]
 
 

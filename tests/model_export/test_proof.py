@@ -122,6 +122,10 @@ def test_samples_from_the_user(relu_of_negative: Path, tmp_path: Path, capsys: p
     np.savez(wrong, x=np.ones((3, 5), np.float32))
     with pytest.raises(ExportError, match=r"x has shape \[3, 5\]; expected \['batch', 4\]"):
         load_samples(wrong, spec)
+    pair = [*spec, InputSpec("z", ["batch", 2], np.dtype("float32"))]
+    np.savez(wrong, x=np.ones((3, 4), np.float32), z=np.ones((2, 2), np.float32))
+    with pytest.raises(ExportError, match=r"different numbers of samples \{'x': 3, 'z': 2\}; expected the same"):
+        load_samples(wrong, pair)
     out = tmp_path / "pipe"
     assert main(["split", str(relu_of_negative), "--cut", "h", "--out", str(out), "--runs", "1",
                  "--samples", str(good)]) == 0
