@@ -222,6 +222,9 @@ def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[
     elif n_stages == 1:
         chosen = []  # the whole model as one servable stage: nothing to balance
     else:
+        if not c.cuts and not set(c.index.producer) - set(c.index.outputs):
+            raise ExportError(f"{model_path}: no tensor lies between the inputs and the outputs (the model is one "
+                              "step), so there is nothing to cut at; serve it whole with --stages 1")
         if not c.cuts:
             raise ExportError(
                 f"{model_path}: no usable cut point: every tensor between the inputs and the outputs is crossed by "

@@ -138,3 +138,11 @@ def test_an_axis_both_probes_bring_to_one_size_is_still_dynamic(tmp_path: Path) 
     c = find_candidates(load_onnx(path))
     assert c.values["c"].dims == ["batch", 4, "*"] and "c" in c.cuts
     assert split_model(path, tmp_path / "s", None, cuts=["r"], runs=1).proof.max_abs_diff == 0.0
+
+
+def test_a_one_step_model_says_there_is_nothing_between_to_cut(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    path = _save(tmp_path, [helper.make_node("Relu", ["x"], ["y"])], ["batch", 4], ["batch", 4], [])
+    assert main(["split", str(path), "--stages", "2", "--out", str(tmp_path / "s")]) == 2
+    message = " ".join(capsys.readouterr().err.split())
+    assert "no tensor lies between the inputs and the outputs (the model is one step)" in message
