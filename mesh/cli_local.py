@@ -314,13 +314,14 @@ def _status(args: argparse.Namespace) -> int:
     dead = [r.proc.name for r in rows if not r.alive]
     if dead:
         keeper = any(r.alive and r.proc.role == local.KEEPER for r in rows)
+        keep = "python -m mesh keep" + (f" --state-dir {args.state_dir}" if args.state_dir else "")
         if dead == [local.KEEPER]:
-            err.print("[red]the keeper is not running:[/] nothing starts again what exits; `python -m mesh keep` "
-                      "starts it again", highlight=False, soft_wrap=True)
+            err.print(f"[red]the keeper is not running:[/] nothing starts again what exits; `{keep}` starts it "
+                      "again", highlight=False, soft_wrap=True)
             return 1
         then = ("the keeper starts them again (see `python -m mesh logs keeper`)" if keeper else
                 "nothing starts them again (no keeper: `mesh up --no-restart`, or it was stopped); "
-                "`python -m mesh keep` starts a keeper, which starts them again")
+                f"`{keep}` starts a keeper, which starts them again")
         err.print(f"[red]{len(dead)} process(es) not running:[/] {', '.join(dead)}; {then}", highlight=False,
                   soft_wrap=True)
         return 1

@@ -38,8 +38,12 @@ def backoff_s(exits_in_a_row: int) -> float:
     return min(FIRST_BACKOFF_S * 2 ** (exits_in_a_row - 2), MAX_BACKOFF_S)
 
 
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
 def _say(text: str) -> None:
-    print(f"{datetime.now(UTC).isoformat(timespec='milliseconds')} {text}", flush=True)
+    print(f"{_now()} {text}", flush=True)
 
 
 class Keeper:
@@ -50,6 +54,7 @@ class Keeper:
         self.gone_since: dict[str, float] = {}
         self.exits: dict[str, int] = {}
         self.unproven: set[str] = set()  # Envoys started again, not yet seen ready
+        self.noted: set[str] = set()  # processes whose note (why they were stopped) is to be cleared: seen ready
 
     def listed(self, state: local.State | None) -> bool:
         return state is not None and any(p.role == local.KEEPER and p.pid == self.pid for p in state.procs)
@@ -100,6 +105,8 @@ class Keeper:
                 continue
             if local.is_ready(state, p):
                 self.unproven.discard(p.name)
+                if p.note:
+                    self.noted.add(p.name)
             elif (fault := local.listeners_fault(state, p)) is not None:
                 out[p.name] = fault
         return out
@@ -110,11 +117,24 @@ class Keeper:
             state = local.read_state(self.state_dir) if held else None
             if state is None:
                 return
-            for p in state.procs:
+            for i, p in enumerate(state.procs):
                 if p.name in faults and procs.alive(p):
                     procs.stop([p], grace_s=5.0)
                     self.unproven.discard(p.name)
-                    _say(f"{faults[p.name]}; stopped it (pid {p.pid}), to start it again after the back-off")
+                    said = f"{faults[p.name]}; stopped it (pid {p.pid}), to start it again after the back-off"
+                    _say(said)
+                    state.procs[i] = p.model_copy(update={"note": f"{_now()} {said}"})
+            local.write_state(self.state_dir, state)
+
+    def clear_notes(self) -> None:
+        """Forget why the processes seen ready again were stopped (under the lock; next time if it is held)."""
+        with local.state_lock(self.state_dir, wait=False) as held:
+            state = local.read_state(self.state_dir) if held else None
+            if state is None:
+                return
+            state.procs = [p.model_copy(update={"note": ""}) if p.name in self.noted else p for p in state.procs]
+            local.write_state(self.state_dir, state)
+            self.noted.clear()
 
     def _start_again(self, p: procs.Proc) -> procs.Proc:
         """`p` started again, or `p` as it was where that failed (counted as one more exit: the back-off grows)."""
@@ -146,6 +166,8 @@ class Keeper:
                     return 0
                 if self.unproven and (faults := self.broken(state)):
                     self.stop_broken(faults)
+                if self.noted:
+                    self.clear_notes()
             except local.MeshError as exc:  # an unreadable state file: said once a try, tried again
                 _say(f"cannot read the mesh's state: {exc}")
             time.sleep(POLL_S)
@@ -163,7 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     if not listed:
-        print(f"no mesh in {args[0]} lists this keeper; `python -m mesh up` starts one", file=sys.stderr)
+        state = local.read_state(keeper.state_dir)
+        running = [p for p in state.procs if p.role == local.KEEPER and procs.alive(p)] if state else []
+        if running:
+            print(f"the mesh in {args[0]} has its keeper already (pid {running[0].pid})", file=sys.stderr)
+        else:
+            print(f"no mesh in {args[0]} lists this keeper: `python -m mesh keep --state-dir {args[0]}` starts one "
+                  "for a running mesh, `python -m mesh up` a mesh with one", file=sys.stderr)
         return 2
     _say(f"keeping the processes of the mesh in {args[0]}")
     return keeper.run()

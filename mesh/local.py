@@ -93,7 +93,8 @@ class ProcStatus:
     proc: procs.Proc
     alive: bool
     ready: bool | None  # None: not probed (dead)
-    problem: str | None = None  # why it cannot become ready while it runs (`listeners_fault`)
+    problem: str | None = None  # why it cannot become ready while it runs (`listeners_fault`), or why the keeper
+    #                             last stopped it (its note) while it is down
 
 
 def _envoy_path() -> str:
@@ -633,7 +634,8 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> tuple[State, list[ProcStatus]
     for p in state.procs:
         live = procs.alive(p)
         ready = is_ready(state, p) if live else None
-        out.append(ProcStatus(p, live, ready, listeners_fault(state, p) if ready is False else None))
+        problem = listeners_fault(state, p) if ready is False else None
+        out.append(ProcStatus(p, live, ready, problem or (p.note if not ready and p.note else None)))
     return state, out
 
 

@@ -34,6 +34,7 @@ class Proc(BaseModel):
     restarts: int = 0  # times the keeper started it again after it exited
     started_at: float = 0.0  # time.time() of its (latest) start
     cwd: str = ""  # the directory it started in (its command and settings may name paths relative to it)
+    note: str = ""  # why the keeper last stopped it, until it is seen ready again (`status` shows it)
 
 
 def _id(proc: Proc) -> ProcessId:
@@ -58,8 +59,9 @@ def start(name: str, role: str, stage: str | None, cmd: list[str], log: Path, en
 
 def restart(proc: Proc) -> Proc:
     """`proc` started again as it was (its command, own environment, directory and log), one restart more."""
-    return start(proc.name, proc.role, proc.stage, proc.cmd, Path(proc.log), proc.env, restarts=proc.restarts + 1,
-                 cwd=proc.cwd or None)
+    again = start(proc.name, proc.role, proc.stage, proc.cmd, Path(proc.log), proc.env, restarts=proc.restarts + 1,
+                  cwd=proc.cwd or None)
+    return again.model_copy(update={"note": proc.note})
 
 
 def alive(proc: Proc) -> bool:

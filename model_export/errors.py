@@ -18,7 +18,11 @@ def validation_problems(exc: ValidationError, most: int = 3) -> str:
     for error in exc.errors()[:most]:
         where = ".".join(str(part) for part in error["loc"])
         message = re.sub(r" or instance of \w+", "", error["msg"])
-        given = "" if error["type"] == "missing" else f" (got {_given(error['input'])})"
+        if error["type"] == "too_short":  # pydantic's "List should have at least 1 item after validation, not 0"
+            context = error.get("ctx") or {}
+            message = (f"expected at least {context.get('min_length', 1)} item(s), got "
+                       f"{context.get('actual_length', 'fewer')}")
+        given = "" if error["type"] in ("missing", "too_short") else f" (got {_given(error['input'])})"
         problems.append(f"{where or 'the document'}: {message}{given}")
     more = exc.error_count() - len(problems)
     return "; ".join(problems) + (f"; and {more} more" if more > 0 else "")

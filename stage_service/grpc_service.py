@@ -181,7 +181,7 @@ def input_header(tensor: Any, section: bytes, typed: bool) -> dict[str, Any]:
                              "parameters": {"binary_data_size": len(section)}}
     if not typed:
         if tensor.HasField("contents"):
-            raise InvalidInput(f"input {tensor.name}: has both contents and raw_input_contents; send one")
+            raise InvalidInput(f"tensor {tensor.name}: has both contents and raw_input_contents; send one")
         _check_raw_size(entry, len(section))
     return entry
 
@@ -191,21 +191,21 @@ def typed_values(tensor: Any) -> np.ndarray:
     contents field its datatype takes, as many values as its shape holds, each in the datatype's range."""
     name, datatype, shape = tensor.name, tensor.datatype, list(tensor.shape)
     if datatype not in DATATYPE_TO_NUMPY:
-        raise InvalidInput(f"input {name}: datatype {datatype!r} is not one a stage takes; expected one of "
+        raise InvalidInput(f"tensor {name}: datatype {datatype!r} is not one a stage takes; expected one of "
                            f"{sorted(DATATYPE_TO_NUMPY)}")
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise InvalidInput(f"input {name}: {datatype} has no typed contents field; send it in raw_input_contents")
+        raise InvalidInput(f"tensor {name}: {datatype} has no typed contents field; send it in raw_input_contents")
     given = [f.name for f, _ in tensor.contents.ListFields()]
     if given and given != [field]:
-        raise InvalidInput(f"input {name}: {datatype} values go in contents.{field}; got "
+        raise InvalidInput(f"tensor {name}: {datatype} values go in contents.{field}; got "
                            f"{', '.join(f'contents.{g}' for g in given)}")
     values = getattr(tensor.contents, field)
     needed = math.prod(shape) if all(d >= 0 for d in shape) else None
     if not given and not needed:
         return np.empty(0, DATATYPE_TO_NUMPY[datatype])  # nothing to check here: the shape is the data plane's
     if needed is not None and len(values) != needed:
-        raise InvalidInput(f"input {name}: contents.{field} holds {len(values)} values but shape {shape} needs "
+        raise InvalidInput(f"tensor {name}: contents.{field} holds {len(values)} values but shape {shape} needs "
                            f"{needed}" + ("" if given else f"; send its values in contents.{field} or "
                                                           "raw_input_contents"))
     dtype = np.dtype(DATATYPE_TO_NUMPY[datatype])
@@ -214,7 +214,7 @@ def typed_values(tensor: Any) -> np.ndarray:
     wide = np.array(values, dtype=np.uint64 if dtype == np.uint64 else np.int64)
     info = np.iinfo(dtype)
     if wide.size and (int(wide.min()) < info.min or int(wide.max()) > info.max):
-        raise InvalidInput(f"input {name}: contents.{field} holds values outside {datatype}'s range "
+        raise InvalidInput(f"tensor {name}: contents.{field} holds values outside {datatype}'s range "
                            f"[{info.min}, {info.max}]")
     return wide.astype(dtype)
 
@@ -227,7 +227,7 @@ def _check_raw_size(entry: dict[str, Any], size: int) -> None:
         return
     expected = math.prod(shape) * np.dtype(numpy_name).itemsize
     if size != expected:
-        raise InvalidInput(f"input {entry['name']}: raw_input_contents holds {size} bytes but shape {shape} of "
+        raise InvalidInput(f"tensor {entry['name']}: raw_input_contents holds {size} bytes but shape {shape} of "
                            f"{entry['datatype']} needs {expected}")
 
 
@@ -302,7 +302,13 @@ class InferenceServicer:
                              route=INFER_METHOD, path=INFER_METHOD, sees_arrivals=False)
             answer = await self.plane.infer(call)
         context.set_trailing_metadata(((TIMING_METADATA, answer.timing),))
-        return infer_response(answer.content, answer.header_length)
+        response = infer_response(answer.content, answer.header_length)
+        # The request's own parameters as sent: through the data plane's JSON a NaN double became null and a
+        # small uint64 an int64.
+        for key, value in request.parameters.items():
+            if key in response.parameters:
+                response.parameters[key].CopyFrom(value)
+        return response
 
 
 MESSAGES = {

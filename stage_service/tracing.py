@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -260,6 +261,9 @@ class StageTracing:
         length = None if "OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT" in os.environ else ATTRIBUTE_LENGTH_LIMIT
         # the sampler comes from OTEL_TRACES_SAMPLER(_ARG)
         provider = TracerProvider(resource=resource, span_limits=SpanLimits(max_attribute_length=length))
+        # The limit is ours, so its truncations (a long error message, an exception's stack) are expected: the
+        # SDK's warning for each one only filled the stage's log.
+        logging.getLogger("opentelemetry.attributes").setLevel(logging.ERROR)
         for processor in processors:
             provider.add_span_processor(processor)
         return cls(provider, {ATTR_PIPELINE: pipeline, ATTR_STAGE: stage, ATTR_VERSION: version,

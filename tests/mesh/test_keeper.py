@@ -13,6 +13,7 @@ import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -180,12 +181,19 @@ def test_a_sidecar_started_again_without_its_port_is_stopped_until_the_port_is_f
             assert f"{fault}: Envoy could not bind them (is another program on that port?); stopped it" \
                 in log.read_text()
             assert not _answers(state_dir, state.layout.gateway_url)
+            # between its tries too, down in the back-off, status says why
+            assert fault in (_status_row(state_dir, sidecar)["problem"] or "")
         finally:
             taken.close()
         _wait_for(lambda: _answers(state_dir, state.layout.gateway_url))
-        status = json.loads(mesh_cli("status", "--json", "--state-dir", str(state_dir)).stdout)
-        row = next(p for p in status["processes"] if p["name"] == sidecar)
-        assert row["ready"] is True and row["problem"] is None and row["restarts"] >= 3
+        _wait_for(lambda: _status_row(state_dir, sidecar)["problem"] is None, 10)  # the keeper forgets it
+        row = _status_row(state_dir, sidecar)
+        assert row["ready"] is True and row["restarts"] >= 3
+
+
+def _status_row(state_dir: Path, name: str) -> dict[str, Any]:
+    status = json.loads(mesh_cli("status", "--json", "--state-dir", str(state_dir)).stdout)
+    return next(p for p in status["processes"] if p["name"] == name)
 
 
 def test_status_names_the_listener_an_envoy_runs_without(tmp_path: Path) -> None:
@@ -234,8 +242,8 @@ def test_keep_starts_a_keeper_on_a_mesh_without_one_and_again_after_it_was_kille
         _wait_for(lambda: not alive(first), 10)
         status = mesh_cli("status", *where)
         assert status.returncode == 1
-        assert "the keeper is not running: nothing starts again what exits; `python -m mesh keep` starts it " \
-               "again" in " ".join(status.stderr.split())
+        assert f"the keeper is not running: nothing starts again what exits; `python -m mesh keep --state-dir " \
+               f"{state_dir}` starts it again" in " ".join(status.stderr.split())
         assert mesh_cli("keep", *where).returncode == 0
         second = _procs(state_dir)["keeper"]
         assert second.pid != first.pid and alive(second) and second.restarts == 1

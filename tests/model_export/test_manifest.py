@@ -46,6 +46,12 @@ def test_a_bad_manifest_is_one_line_naming_the_field_and_the_value(tmp_path: Pat
     assert "\n" not in message and "errors.pydantic.dev" not in message
     assert "format_version: Input should be 1 (got 99)" in message
     assert "stages.1.inputs.0.datatype: Input should be 'BOOL'" in message and "(got 'FP33')" in message
+    data["format_version"] = 1
+    data["stages"][1]["inputs"][0]["datatype"] = "FP32"
+    data["stages"] = []
+    path.write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=r"stages: expected at least 1 item\(s\), got 0$"):
+        load_manifest(path)
     path.write_text("[]")
     with pytest.raises(ManifestError, match=r"invalid manifest: the document: Input should be a valid dictionary "
                                             r"\(got an array\)$"):

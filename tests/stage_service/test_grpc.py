@@ -217,7 +217,7 @@ def test_raw_contents_must_match_the_inputs(grpc_chain: GrpcStage) -> None:
             infer(request)
         # in the gRPC client's terms: REST's `binary_data_size` is nothing it ever set
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert info.value.details() == ("input x: raw_input_contents holds 60 bytes but shape [1, 16] of FP32 "
+        assert info.value.details() == ("tensor x: raw_input_contents holds 60 bytes but shape [1, 16] of FP32 "
                                         "needs 64")
         # typed contents (no raw) are served too
         x = RNG.standard_normal((1, 16)).astype(np.float32)
@@ -257,18 +257,18 @@ def test_typed_contents_are_the_same_tensors_as_raw_and_refused_in_their_own_ter
         typed = infer(_typed(lambda t: t.contents.fp32_contents.extend(x.ravel().tolist())))
         assert typed.raw_output_contents[0] == infer(raw).raw_output_contents[0]
         cases: list[tuple[Any, str]] = [
-            (_typed(lambda t: None), "input x: contents.fp32_contents holds 0 values but shape [1, 16] needs 16; "
+            (_typed(lambda t: None), "tensor x: contents.fp32_contents holds 0 values but shape [1, 16] needs 16; "
                                      "send its values in contents.fp32_contents or raw_input_contents"),
             (_typed(lambda t: t.contents.fp64_contents.extend([0.0] * 16)),
-             "input x: FP32 values go in contents.fp32_contents; got contents.fp64_contents"),
+             "tensor x: FP32 values go in contents.fp32_contents; got contents.fp64_contents"),
             (_typed(lambda t: t.contents.fp32_contents.extend([0.0] * 10)),
-             "input x: contents.fp32_contents holds 10 values but shape [1, 16] needs 16"),
+             "tensor x: contents.fp32_contents holds 10 values but shape [1, 16] needs 16"),
             (_typed(lambda t: t.contents.int_contents.extend([300] + [0] * 15), "INT8"),
-             "input x: contents.int_contents holds values outside INT8's range [-128, 127]"),
+             "tensor x: contents.int_contents holds values outside INT8's range [-128, 127]"),
             (_typed(lambda t: t.contents.bytes_contents.append(b"a"), "BYTES"),
-             "input x: datatype 'BYTES' is not one a stage takes; expected one of ['BOOL', 'FP16', 'FP32', "
+             "tensor x: datatype 'BYTES' is not one a stage takes; expected one of ['BOOL', 'FP16', 'FP32', "
              "'FP64', 'INT16', 'INT32', 'INT64', 'INT8', 'UINT16', 'UINT32', 'UINT64', 'UINT8']"),
-            (_typed(lambda t: None, "FP16"), "input x: FP16 has no typed contents field; send it in "
+            (_typed(lambda t: None, "FP16"), "tensor x: FP16 has no typed contents field; send it in "
                                              "raw_input_contents"),
         ]
         for request, message in cases:
@@ -303,6 +303,21 @@ def test_float_and_uint64_parameters_come_back(grpc_chain: GrpcStage) -> None:
             {"ratio": 0.25, "flag": True, "name": "n", "count": 3}
     finally:
         client.close()
+
+
+def test_parameters_come_back_as_sent(grpc_chain: GrpcStage) -> None:
+    """A NaN double and a small uint64 keep their type and value (the data plane's JSON would make them null
+    and an int64)."""
+    channel, infer = _stub(grpc_chain)
+    try:
+        request = _typed(lambda t: t.contents.fp32_contents.extend([0.0] * 16))
+        request.parameters["nan"].double_param = float("nan")
+        request.parameters["small"].uint64_param = 5
+        echoed = infer(request).parameters
+        assert echoed["nan"].WhichOneof("parameter_choice") == "double_param" and np.isnan(echoed["nan"].double_param)
+        assert echoed["small"].WhichOneof("parameter_choice") == "uint64_param" and echoed["small"].uint64_param == 5
+    finally:
+        channel.close()
 
 
 def _rss_mb(pid: int) -> float:
