@@ -395,10 +395,11 @@ def _check_request(request: InferenceRequest) -> None:
         _check_parameters(f"output {out.name}: ", out.parameters, ["binary_data"])
 
 
-def decode_request(body: bytes, header_length: str | None,
-                   max_json_values: int | None = None) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
+def decode_request(body: bytes, header_length: str | None, max_json_values: int | None = None,
+                   sections: Sequence[bytes] | None = None) -> tuple[InferenceRequest, dict[str, np.ndarray]]:
     """Parse a JSON or binary-extension request body into the request and its input arrays; refuse (413)
-    a JSON header of more than `max_json_values` values before parsing it."""
+    a JSON header of more than `max_json_values` values before parsing it. `sections`: the binary tensors
+    apart from `body` (then the header alone), in order, as if they followed it."""
     header, offset = _split_header(body, header_length)
     _count_json_values(header, max_json_values)
     document, parsed = _loads_request(header)
@@ -409,7 +410,24 @@ def decode_request(body: bytes, header_length: str | None,
     for index, array in parsed.items():
         request.inputs[index]._parsed = array
     _check_request(request)
+    if sections is not None:
+        return request, _decode_sections(request.inputs, sections)
     return request, _decode_tensors(request.inputs, body, offset, "request")
+
+
+def _decode_sections(tensors: Sequence[InferTensor], sections: Sequence[bytes]) -> dict[str, np.ndarray]:
+    """Arrays for binary tensors whose bytes come as one section each, in order (`decode_request`): the checks
+    of `_decode_tensors`, each section standing for its stretch of a body."""
+    binary = [t for t in tensors if (t.parameters or {}).get("binary_data_size") is not None]
+    if len(binary) != len(sections) or len(binary) != len(tensors):
+        raise InvalidInput(f"{len(sections)} binary sections for {len(tensors)} tensors, {len(binary)} of them "
+                           "binary; expected one section per tensor")
+    arrays: dict[str, np.ndarray] = {}
+    for tensor, section in zip(tensors, sections, strict=True):
+        arrays.update(_decode_tensors([tensor], section, 0, "request"))
+    if len(arrays) != len(tensors):
+        raise InvalidInput("a tensor appears twice in the request")
+    return arrays
 
 
 def decode_response(body: bytes, header_length: str | None) -> tuple[InferenceResponse, dict[str, np.ndarray]]:

@@ -92,3 +92,18 @@ def test_every_datatype_served_binary_and_json(identity_stage: StageProcess) -> 
         for got in (binary[f"{name}_out"], from_json[f"{name}_out"]):
             assert got.dtype == array.dtype, name
             np.testing.assert_array_equal(got, array)
+
+
+def test_binary_sections_apart_from_the_header_decode_as_a_joined_body_would() -> None:
+    """gRPC hands the data plane its raw tensors apart from the JSON header (`InferCall.sections`)."""
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.array([[1, 2]], np.int64)
+    head = json.dumps({"inputs": [
+        {"name": "a", "shape": [2, 3], "datatype": "FP32", "parameters": {"binary_data_size": a.nbytes}},
+        {"name": "b", "shape": [1, 2], "datatype": "INT64", "parameters": {"binary_data_size": b.nbytes}}]}).encode()
+    joined = decode_request(head + a.tobytes() + b.tobytes(), str(len(head)))[1]
+    apart = decode_request(head, str(len(head)), sections=[a.tobytes(), b.tobytes()])[1]
+    assert all(np.array_equal(joined[n], apart[n]) for n in ("a", "b"))
+    with pytest.raises(InvalidInput, match="1 binary sections for 2 tensors"):
+        decode_request(head, str(len(head)), sections=[a.tobytes()])
+    with pytest.raises(InvalidInput, match="tensor b: the binary body is shorter than its header says: 16 bytes"):
+        decode_request(head, str(len(head)), sections=[a.tobytes(), b.tobytes()[:8]])
