@@ -233,7 +233,7 @@ def _foreground(where: Path) -> None:
     reported: dict[str, int] = {}  # name -> the pid reported gone
     known: dict[str, int] = {}  # name -> its pid last seen
     while (state := local.read_state(where)) is not None:
-        keeper = any(p.role == local.KEEPER and procs.alive(p) for p in state.procs)
+        keeper = local.running_keeper(state) is not None
         for p in state.procs:
             old = known.setdefault(p.name, p.pid)
             if old != p.pid:  # the keeper started it again, maybe between two of these readings

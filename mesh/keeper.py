@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -103,18 +105,28 @@ class Keeper:
         for p in state.procs:
             if p.name not in self.unproven or not procs.alive(p):
                 continue
-            if local.is_ready(state, p):
+            ready, fault = local.readiness(state, p)
+            if ready:
                 self.unproven.discard(p.name)
                 if p.note:
                     self.noted.add(p.name)
-            elif (fault := local.listeners_fault(state, p)) is not None:
+            elif fault is not None:
                 out[p.name] = fault
         return out
 
-    def stop_broken(self, faults: dict[str, str]) -> None:
-        """Stop the Envoys of `faults` under the lock (as a crash: the back-off then grows), if still listed."""
+    @contextmanager
+    def _changing_state(self) -> Iterator[local.State | None]:
+        """The state under the mesh's lock, written back after the block; None, and nothing to do this reading,
+        where a command holds the lock or no mesh is left."""
         with local.state_lock(self.state_dir, wait=False) as held:
             state = local.read_state(self.state_dir) if held else None
+            yield state
+            if state is not None:
+                local.write_state(self.state_dir, state)
+
+    def stop_broken(self, faults: dict[str, str]) -> None:
+        """Stop the Envoys of `faults` under the lock (as a crash: the back-off then grows), if still listed."""
+        with self._changing_state() as state:
             if state is None:
                 return
             for i, p in enumerate(state.procs):
@@ -124,16 +136,13 @@ class Keeper:
                     said = f"{faults[p.name]}; stopped it (pid {p.pid}), to start it again after the back-off"
                     _say(said)
                     state.procs[i] = p.model_copy(update={"note": f"{_now()} {said}"})
-            local.write_state(self.state_dir, state)
 
     def clear_notes(self) -> None:
         """Forget why the processes seen ready again were stopped (under the lock; next time if it is held)."""
-        with local.state_lock(self.state_dir, wait=False) as held:
-            state = local.read_state(self.state_dir) if held else None
+        with self._changing_state() as state:
             if state is None:
                 return
             state.procs = [p.model_copy(update={"note": ""}) if p.name in self.noted else p for p in state.procs]
-            local.write_state(self.state_dir, state)
             self.noted.clear()
 
     def _start_again(self, p: procs.Proc) -> procs.Proc:
@@ -186,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not listed:
         state = local.read_state(keeper.state_dir)
-        running = [p for p in state.procs if p.role == local.KEEPER and procs.alive(p)] if state else []
-        if running:
-            print(f"the mesh in {args[0]} has its keeper already (pid {running[0].pid})", file=sys.stderr)
+        running = local.running_keeper(state) if state else None
+        if running is not None:
+            print(f"the mesh in {args[0]} has its keeper already (pid {running.pid})", file=sys.stderr)
         else:
             print(f"no mesh in {args[0]} lists this keeper: `python -m mesh keep --state-dir {args[0]}` starts one "
                   "for a running mesh, `python -m mesh up` a mesh with one", file=sys.stderr)

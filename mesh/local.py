@@ -93,7 +93,7 @@ class ProcStatus:
     proc: procs.Proc
     alive: bool
     ready: bool | None  # None: not probed (dead)
-    problem: str | None = None  # why it cannot become ready while it runs (`listeners_fault`), or why the keeper
+    problem: str | None = None  # why it cannot become ready while it runs (`readiness`), or why the keeper
     #                             last stopped it (its note) while it is down
 
 
@@ -365,15 +365,12 @@ def _listener_address(listener: dict[str, Any]) -> str:
     return f"{socket_address.get('address')}:{socket_address.get('port_value')}"
 
 
-def missing_listeners(state: State, p: procs.Proc) -> list[str]:
+def _missing_listeners(state_dir: str, p: procs.Proc, admin_socket: str) -> list[str]:
     """The listeners of Envoy `p`'s configuration (its lds.json) that it does not serve, as "name (address)".
     Envoy rejects a listener it cannot bind (another program took the port while it was down) and runs on
-    without it, answering ready; this is how that shows. Empty for an Envoy not up yet, or not an Envoy."""
-    state_dir = p.env.get(MARKER_ENV)
-    if p.role not in ("sidecar", GATEWAY) or state_dir is None:
-        return []
+    without it, answering ready; this is how that shows."""
     try:
-        served = sockets.get(_ready_probe(state, p)[0], "/listeners", timeout=1.0)
+        served = sockets.get(admin_socket, "/listeners", timeout=1.0)
         configured = json.loads((_dynamic_dir(Path(state_dir), p.name) / envoy_config.LDS_FILE).read_text())
     except (httpx.HTTPError, OSError, ValueError):
         return []
@@ -384,34 +381,34 @@ def missing_listeners(state: State, p: procs.Proc) -> list[str]:
             if lst.get("name") not in names]
 
 
-def is_ready(state: State, p: procs.Proc) -> bool:
-    """What `status` shows as ready: an app's readiness, an Envoy's with all its listeners (a sidecar: and
-    its app seen healthy), a keeper running."""
+def readiness(state: State, p: procs.Proc) -> tuple[bool, str | None]:
+    """Whether `p` is ready, as `status` shows it (an app's readiness; an Envoy's with every listener of its
+    configuration, and a sidecar's once it sees its app healthy; a keeper running), and for an Envoy that answers
+    but never will be, why: listeners it could not bind."""
     if p.role == KEEPER:
-        return True  # it answers nothing: running is all it is
+        return True, None  # it answers nothing: running is all it is
     socket, url_path = _ready_probe(state, p)
-    if not _probe(socket, url_path) or missing_listeners(state, p):
-        return False
-    return p.role != "sidecar" or sees_app_healthy(socket)
-
-
-def listeners_fault(state: State, p: procs.Proc) -> str | None:
-    """Why Envoy `p` will never be ready, though it runs and answers: listeners it could not bind."""
-    missing = missing_listeners(state, p)
-    if not missing or not _probe(_ready_probe(state, p)[0], "/ready"):
-        return None
-    return (f"{p.name} runs without its listener(s) {', '.join(missing)}: Envoy could not bind them "
-            f"(is another program on that port?)")
+    if not _probe(socket, url_path):
+        return False, None
+    state_dir = p.env.get(MARKER_ENV)
+    missing = _missing_listeners(state_dir, p, socket) if p.role != "app" and state_dir else []
+    if missing:
+        return False, (f"{p.name} runs without its listener(s) {', '.join(missing)}: Envoy could not bind them "
+                       f"(is another program on that port?)")
+    return p.role != "sidecar" or sees_app_healthy(socket), None
 
 
 def _ready_or_failed(state: State, p: procs.Proc) -> bool:
-    """`_ready`, failing at once (MeshError, with the log) for an Envoy that cannot become ready."""
-    if is_ready(state, p):
-        return True
-    fault = listeners_fault(state, p)
+    """`readiness`, failing at once (MeshError, with the log) for an Envoy that cannot become ready."""
+    ready, fault = readiness(state, p)
     if fault is not None:
         raise MeshError(f"{fault}; last lines of {p.log}:\n{procs.tail(p.log, critical_first=True)}")
-    return False
+    return ready
+
+
+def running_keeper(state: State) -> procs.Proc | None:
+    """The mesh's keeper where one runs."""
+    return next((p for p in state.procs if p.role == KEEPER and procs.alive(p)), None)
 
 
 def _target(state: State, p: procs.Proc) -> Target:
@@ -523,9 +520,8 @@ def keep(state_dir: Path = DEFAULT_STATE_DIR) -> procs.Proc:
     state = read_state(state_dir)
     if state is None:
         raise MeshError(f"no mesh is running from {state_dir}")
-    running = [p for p in state.procs if p.role == KEEPER and procs.alive(p)]
-    if running:
-        raise MeshError(f"the mesh's keeper already runs (pid {running[0].pid})")
+    if (running := running_keeper(state)) is not None:
+        raise MeshError(f"the mesh's keeper already runs (pid {running.pid})")
     restarts = sum(p.restarts + 1 for p in state.procs if p.role == KEEPER)
     keeper = _start_keeper(state_dir).model_copy(update={"restarts": restarts})
     state.procs = [*(p for p in state.procs if p.role != KEEPER), keeper]
@@ -633,8 +629,7 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> tuple[State, list[ProcStatus]
     out = []
     for p in state.procs:
         live = procs.alive(p)
-        ready = is_ready(state, p) if live else None
-        problem = listeners_fault(state, p) if ready is False else None
+        ready, problem = readiness(state, p) if live else (None, None)
         out.append(ProcStatus(p, live, ready, problem or (p.note if not ready and p.note else None)))
     return state, out
 
