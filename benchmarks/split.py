@@ -24,9 +24,9 @@ from rich.table import Table
 from benchmarks.sections import update_section
 from loadtest.machine import describe
 from model_export.onnx_io import load_onnx
-from model_export.partition import choose_cuts, exhaustive
+from model_export.partition import exhaustive, moved_bytes
 from model_export.profile import time_model
-from model_export.split import DEFAULT_TRANSFER_MS_PER_MB, MB, find_candidates, segment_costs
+from model_export.split import DEFAULT_TRANSFER_MS_PER_MB, MB, find_candidates, pick_cuts, segment_costs
 
 T = TypeVar("T")
 err = Console(stderr=True)
@@ -59,8 +59,14 @@ def run(model_path: Path, stage_counts: list[int], threads: int, runs: int) -> d
         measured[(a, b)] = time_model(sub, c.feeds(bounds[a]), threads, runs)
     whole = measured[(0, n)] if (0, n) in measured else time_model(c.model, c.feeds(bounds[0]), threads, runs)
     results = []
+    per_byte = DEFAULT_TRANSFER_MS_PER_MB / MB
+
+    def timed(a: int, b: int) -> float:  # as split's StageTimer counts a stage: measured, plus its cuts' transfer
+        return measured[(a, b)] + per_byte * moved_bytes(cut_bytes, a, b)
+
     for stages in stage_counts:
-        chosen = choose_cuts(costs, cut_bytes, stages, transfer_per_byte=DEFAULT_TRANSFER_MS_PER_MB / MB)
+        # the cuts `split` chooses, with the stage measurements above standing in for its own stage timings
+        chosen = pick_cuts(costs, cut_bytes, stages, per_byte, timed)
         edges = [0, *[i + 1 for i in chosen], n]
         stage_ms = [measured[(a, b)] for a, b in zip(edges, edges[1:], strict=False)]
         best, best_cuts = exhaustive(n, stages, lambda a, b: measured[(a, b)])

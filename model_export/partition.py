@@ -15,15 +15,18 @@ import math
 from collections.abc import Callable, Sequence
 
 
+def moved_bytes(cut_bytes: Sequence[int], i: int, j: int) -> int:
+    """The bytes the stage of segments i..j-1 receives and sends at its cuts (cut k follows segment k)."""
+    return (cut_bytes[i - 1] if i > 0 else 0) + (cut_bytes[j - 1] if j <= len(cut_bytes) else 0)
+
+
 def stage_costs(costs: Sequence[float], cut_bytes: Sequence[int],
                 transfer_per_byte: float) -> Callable[[int, int], float]:
     """cost(i, j) of the stage made of segments i..j-1, including its boundary transfers."""
     prefix = [0.0, *itertools.accumulate(costs)]
-    n = len(costs)
 
     def cost(i: int, j: int) -> float:
-        moved = (cut_bytes[i - 1] if i > 0 else 0) + (cut_bytes[j - 1] if j < n else 0)
-        return prefix[j] - prefix[i] + transfer_per_byte * moved
+        return prefix[j] - prefix[i] + transfer_per_byte * moved_bytes(cut_bytes, i, j)
 
     return cost
 

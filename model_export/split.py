@@ -28,7 +28,7 @@ from model_export.manifest import (
     stage_name,
 )
 from model_export.onnx_io import load_onnx
-from model_export.partition import choose_cuts
+from model_export.partition import choose_cuts, moved_bytes
 from model_export.pipeline_writer import StageModel, write_pipeline
 from model_export.profile import Activation, activations, param_bytes, time_model
 from model_export.proof import CHAIN_TOLERANCE, Proof, Tolerance
@@ -95,11 +95,11 @@ def segment_costs(c: Candidates, balance: Balance, threads: int, runs: int, trac
 
 
 class StageTimer:
-    """The time of a stage spanning boundaries a..b of `c.boundaries()`, timed as one stage (not its segments
-    summed), plus its cuts' transfer; each span timed once."""
+    """The time of the stage of segments a..b-1, timed as one stage (not its segments summed), plus its cuts'
+    transfer as `partition.stage_costs` counts it; each span timed once."""
 
-    def __init__(self, c: Candidates, threads: int, runs: int, per_byte: float) -> None:
-        self.c, self.threads, self.runs, self.per_byte = c, threads, runs, per_byte
+    def __init__(self, c: Candidates, cut_bytes: Sequence[int], threads: int, runs: int, per_byte: float) -> None:
+        self.c, self.cut_bytes, self.threads, self.runs, self.per_byte = c, cut_bytes, threads, runs, per_byte
         self.bounds = c.boundaries()
         self.seen: dict[tuple[int, int], float] = {}
 
@@ -107,8 +107,7 @@ class StageTimer:
         if (a, b) not in self.seen:
             stage = self.c.extract(self.bounds[a], self.bounds[b], f"span{a}_{b}")
             ms = time_model(stage, self.c.feeds(self.bounds[a]), self.threads, self.runs)
-            moved = sum(self.c.values[self.c.cuts[p - 1]].nbytes for p in (a, b) if 0 < p < len(self.bounds) - 1)
-            self.seen[(a, b)] = ms + self.per_byte * moved
+            self.seen[(a, b)] = ms + self.per_byte * moved_bytes(self.cut_bytes, a, b)
         return self.seen[(a, b)]
 
 
@@ -137,6 +136,14 @@ def refine_with_stage_times(picked: list[int], segments: int, timed: Callable[[i
         if not moved:
             break
     return [e - 1 for e in edges[1:-1]]
+
+
+def pick_cuts(costs: Sequence[float], cut_bytes: Sequence[int], stages: int, per_byte: float,
+              timed: Callable[[int, int], float] | None, track: Track = no_progress) -> list[int]:
+    """The cuts (indices into the clean cuts) for `stages` stages: the partitioner's choice from the segments'
+    costs, then, where `timed` gives a stage's time as a stage (latency balance), refined with it."""
+    picked = choose_cuts(costs, cut_bytes, stages, transfer_per_byte=per_byte)
+    return picked if timed is None else refine_with_stage_times(picked, len(costs), timed, track)
 
 
 def _even_point(left: int, right: int, timed: Callable[[int, int], float]) -> int:
@@ -239,10 +246,8 @@ def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[
         costs = segment_costs(c, balance, threads, runs, track)
         cut_bytes = [c.values[t].nbytes for t in c.cuts]
         per_byte = transfer_ms_per_mb / MB if balance == "latency" else 0.0
-        picked = choose_cuts(costs, cut_bytes, n_stages, transfer_per_byte=per_byte)
-        if balance == "latency":
-            picked = refine_with_stage_times(picked, len(costs), StageTimer(c, threads, runs, per_byte), track)
-        chosen = [c.cuts[i] for i in picked]
+        timer = StageTimer(c, cut_bytes, threads, runs, per_byte) if balance == "latency" else None
+        chosen = [c.cuts[i] for i in pick_cuts(costs, cut_bytes, n_stages, per_byte, timer, track)]
 
     # 2. build in a temporary directory beside the output
     out.parent.mkdir(parents=True, exist_ok=True)
