@@ -424,9 +424,9 @@ def _decode_sections(tensors: Sequence[InferTensor], sections: Sequence[bytes]) 
                            "binary; expected one section per tensor")
     arrays: dict[str, np.ndarray] = {}
     for tensor, section in zip(tensors, sections, strict=True):
+        if tensor.name in arrays:
+            raise InvalidInput(f"tensor {tensor.name}: appears twice in the request")
         arrays.update(_decode_tensors([tensor], section, 0, "request"))
-    if len(arrays) != len(tensors):
-        raise InvalidInput("a tensor appears twice in the request")
     return arrays
 
 
