@@ -187,6 +187,8 @@ class StageHttpProtocol(HttpToolsProtocol):
         self._in_headers = self._partial = False
         self._arm(self.limits.body_guard_s, self._body_guard)
         super().on_headers_complete()
+        if self.cycle is not None and not isinstance(self.cycle.transport, HeadWithBody):
+            self.cycle.transport = HeadWithBody(self.cycle.transport)  # type: ignore[assignment]
         size = self._direct_body_size()
         if size is not None and (self.budget is None or self.budget.reserve(size)):
             cycle = self.cycle
@@ -239,6 +241,40 @@ class StageHttpProtocol(HttpToolsProtocol):
             self._release(cycle)
         self._disarm()
         super().connection_lost(exc)
+
+
+class HeadWithBody:
+    """The connection's transport as one response sees it: a write waits for the next one, and both leave in one
+    `writelines` (one writev). uvicorn writes a response's head and its body apart; sent together they are one
+    system call and one segment, and the caller wakes once for the whole answer instead of twice (on every
+    stage's answer, up the whole chain). Whatever is held leaves at the latest on the event loop's next turn,
+    or before a close."""
+
+    __slots__ = ("_transport", "_held")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._transport.writelines([held, data])
+            return
+        self._held = data
+        asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
 
 
 def _whole_body_receiver(cycle: RequestResponseCycle, release: Callable[[], None]

@@ -6,6 +6,7 @@ next request on the connection is parsed from the right byte."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 import threading
@@ -18,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 
 from stage_service.errors import ErrorBoundary, InvalidInput, install_handlers
-from stage_service.server import DIRECT_BODY_MIN_BYTES, protocol_factory
+from stage_service.server import DIRECT_BODY_MIN_BYTES, HeadWithBody, protocol_factory
 from stage_service.settings import StageSettings
 from tests.stage_service.procs import HOST, free_port
 from tests.stage_service.wire import Wire
@@ -76,6 +77,72 @@ def test_an_unexpected_error_is_a_500_on_a_connection_that_stays_usable(url: str
             reply = wire.request("GET", "/bad")
             assert reply.status == 400 and reply.json() == {"error": "tensor x: wrong"}
             assert wire.request("GET", "/ok").status == 200
+
+
+def test_every_answer_leaves_through_head_with_body(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The protocol hands each response cycle a HeadWithBody (whose pairing the next test checks): the head is
+    held and leaves with the body in one writelines."""
+    sent: list[list[bytes]] = []
+    real = HeadWithBody.write
+
+    def recording(self: HeadWithBody, data: bytes) -> None:
+        sent.append([data])
+        real(self, data)
+
+    monkeypatch.setattr(HeadWithBody, "write", recording)
+    with Wire(url) as wire:
+        assert wire.request("GET", "/ok").json() == {"ok": True}
+        assert wire.request("GET", "/bad").status == 400
+    assert len(sent) == 4 and sent[0][0].startswith(b"HTTP/1.1 200") and sent[1] == [b'{"ok":true}']
+    assert sent[2][0].startswith(b"HTTP/1.1 400")
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[bytes]]] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", [data]))
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.calls.append(("writelines", list(parts)))
+
+    def close(self) -> None:
+        self.closing = True
+        self.calls.append(("close", []))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def test_a_held_write_leaves_with_the_next_on_the_next_turn_or_before_a_close() -> None:
+    async def scenario() -> list[list[tuple[str, list[bytes]]]]:
+        seen = []
+        paired, alone, closed = RecordingTransport(), RecordingTransport(), RecordingTransport()
+        held = HeadWithBody(paired)  # type: ignore[arg-type]
+        held.write(b"head")
+        held.write(b"body")
+        held.write(b"more")
+        seen.append(list(paired.calls))
+        await asyncio.sleep(0)
+        seen.append(list(paired.calls))
+        HeadWithBody(alone).write(b"100 continue")  # type: ignore[arg-type]
+        seen.append(list(alone.calls))
+        await asyncio.sleep(0)
+        seen.append(list(alone.calls))
+        last = HeadWithBody(closed)  # type: ignore[arg-type]
+        last.write(b"head")
+        last.close()
+        await asyncio.sleep(0)
+        seen.append(list(closed.calls))
+        return seen
+
+    paired_now, paired_later, alone_now, alone_later, closed = asyncio.run(scenario())
+    assert paired_now == [("writelines", [b"head", b"body"])]
+    assert paired_later == [("writelines", [b"head", b"body"]), ("write", [b"more"])]
+    assert alone_now == [] and alone_later == [("write", [b"100 continue"])]
+    assert closed == [("write", [b"head"]), ("close", [])]
 
 
 def _body(size: int, seed: int) -> bytes:
