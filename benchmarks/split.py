@@ -26,7 +26,15 @@ from loadtest.machine import describe
 from model_export.onnx_io import load_onnx
 from model_export.partition import exhaustive, moved_bytes
 from model_export.profile import time_model
-from model_export.split import DEFAULT_TRANSFER_MS_PER_MB, MB, find_candidates, pick_cuts, segment_costs
+from model_export.split import (
+    DEFAULT_TRANSFER_MS_PER_MB,
+    MB,
+    Candidates,
+    StageTimer,
+    find_candidates,
+    pick_cuts,
+    segment_costs,
+)
 
 T = TypeVar("T")
 err = Console(stderr=True)
@@ -45,7 +53,23 @@ def stage_ranges(n: int, stage_counts: list[int]) -> set[tuple[int, int]]:
     return {(0, b) for b in range(1, n + 1)} | {(a, n) for a in range(n)}
 
 
-def run(model_path: Path, stage_counts: list[int], threads: int, runs: int) -> dict:
+def own_choices(c: Candidates, stage_counts: list[int], threads: int, runs: int,
+                repeat: int) -> dict[int, list[list[str]]]:
+    """`split`'s own choice of cuts for each N, made `repeat` times from scratch (its segment costs and its stage
+    timings measured again each time): on a machine whose speed moves, the same model should still get the same
+    cuts."""
+    cut_bytes = [c.values[t].nbytes for t in c.cuts]
+    per_byte = DEFAULT_TRANSFER_MS_PER_MB / MB
+    choices: dict[int, list[list[str]]] = {n: [] for n in stage_counts}
+    for _ in track(range(repeat), f"split's own choice, {repeat} times from scratch"):
+        costs = segment_costs(c, "latency", threads, runs, lambda items, _: items)
+        timer = StageTimer(c, cut_bytes, threads, runs, per_byte)
+        for n in stage_counts:
+            choices[n].append([c.cuts[i] for i in pick_cuts(costs, cut_bytes, n, per_byte, timer)])
+    return choices
+
+
+def run(model_path: Path, stage_counts: list[int], threads: int, runs: int, repeat: int = 3) -> dict:
     c = find_candidates(load_onnx(model_path), threads)
     bounds = c.boundaries()
     n = len(bounds) - 1
@@ -58,6 +82,7 @@ def run(model_path: Path, stage_counts: list[int], threads: int, runs: int) -> d
         sub = c.extract(bounds[a], bounds[b], f"r{a}_{b}")
         measured[(a, b)] = time_model(sub, c.feeds(bounds[a]), threads, runs)
     whole = measured[(0, n)] if (0, n) in measured else time_model(c.model, c.feeds(bounds[0]), threads, runs)
+    again = own_choices(c, stage_counts, threads, runs, repeat) if repeat else {}
     results = []
     per_byte = DEFAULT_TRANSFER_MS_PER_MB / MB
 
@@ -82,6 +107,7 @@ def run(model_path: Path, stage_counts: list[int], threads: int, runs: int) -> d
             "whole_ms": whole,
             "overhead_ratio": sum(stage_ms) / whole,
             "bytes_crossing": sum(cut_bytes[i] for i in chosen),
+            "repeated_choices": again.get(stages, []),
         })
     return {"model": str(model_path), "machine": describe(), "threads": threads, "runs": runs,
             "clean_cuts": len(c.cuts), "results": results}
@@ -91,12 +117,13 @@ def table(report: dict) -> Table:
     t = Table(title=f"bench-split: {report['model']} ({report['clean_cuts']} clean cuts; {report['machine']}; "
                     f"{report['threads']} thread(s), median of {report['runs']} runs)")
     for col in ("N", "stage ms", "bottleneck ms", "exhaustive best ms", "ratio (<=1.05)", "sum of stages ms",
-                "whole ms", "ratio (<=1.10)", "MB crossing"):
+                "whole ms", "ratio (<=1.10)", "MB crossing", "same cuts again"):
         t.add_column(col, justify="right")
     for r in report["results"]:
         t.add_row(str(r["stages"]), " / ".join(f"{x:.2f}" for x in r["stage_ms"]), f"{r['bottleneck_ms']:.2f}",
                   f"{r['exhaustive_best_ms']:.2f}", f"{r['bottleneck_ratio']:.3f}", f"{r['sum_of_stages_ms']:.2f}",
-                  f"{r['whole_ms']:.2f}", f"{r['overhead_ratio']:.3f}", f"{r['bytes_crossing'] / MB:.2f}")
+                  f"{r['whole_ms']:.2f}", f"{r['overhead_ratio']:.3f}", f"{r['bytes_crossing'] / MB:.2f}",
+                  sameness(r))
     return t
 
 
@@ -104,15 +131,24 @@ def markdown(report: dict) -> str:
     lines = ["## Split quality (make bench-split)", "",
              f"`{report['model']}`, {report['clean_cuts']} clean cuts; {report['machine']}; {report['threads']} "
              f"thread(s) per stage, median of {report['runs']} runs. Every possible stage (each run of consecutive "
-             "segments) is measured as a stage; the exhaustive search picks the best cuts from those measurements.",
+             "segments) is measured as a stage; the exhaustive search picks the best cuts from those measurements. "
+             "Same cuts again: `split`'s own choice made again from scratch (its segment costs and stage timings "
+             "measured anew), how many times of how many it chose the cuts of its first choice.",
              "", "| N | stage ms | bottleneck ms | exhaustive best ms | ratio (target <= 1.05) | sum of stages ms "
-             "| whole ms | ratio (target <= 1.10) | MB crossing |", "|---|---|---|---|---|---|---|---|---|"]
+             "| whole ms | ratio (target <= 1.10) | MB crossing | same cuts again |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         lines.append(
             f"| {r['stages']} | {' / '.join(f'{x:.2f}' for x in r['stage_ms'])} | {r['bottleneck_ms']:.2f} | "
             f"{r['exhaustive_best_ms']:.2f} | {r['bottleneck_ratio']:.3f} | {r['sum_of_stages_ms']:.2f} | "
-            f"{r['whole_ms']:.2f} | {r['overhead_ratio']:.3f} | {r['bytes_crossing'] / MB:.2f} |")
+            f"{r['whole_ms']:.2f} | {r['overhead_ratio']:.3f} | {r['bytes_crossing'] / MB:.2f} | {sameness(r)} |")
     return "\n".join(lines)
+
+
+def sameness(result: dict) -> str:
+    """How many of the repeated choices are the first one's cuts: "3 of 3", or "-" where none were made."""
+    choices = result.get("repeated_choices") or []
+    return f"{sum(ch == choices[0] for ch in choices)} of {len(choices)}" if choices else "-"
 
 
 def plot(report: dict, out: Path) -> None:
@@ -150,8 +186,10 @@ def main() -> int:
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="how many times split's own choice is made again from scratch (0: not at all)")
     args = parser.parse_args()
-    report = run(args.model, args.stages, args.threads, args.runs)
+    report = run(args.model, args.stages, args.threads, args.runs, args.repeat)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-split.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out / "bench-split.png")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from model_export.dims import (
     BATCH_DIM,
@@ -112,18 +112,80 @@ def _shapes(feeds: dict[str, np.ndarray]) -> str:
     return ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
 
 
+class Metronome:
+    """A fixed workload (two 512-wide MatMul+Relu layers on 32 rows, about 0.5 ms on one core) timed right after
+    every measured run, so a run's time can be read at one speed of the machine: on a shared machine that speed
+    moves in phases (a 2-core VM here: the same loop took 26 ms, then 48 ms, in phases of about half a second), and
+    two stages timed a second apart compare as the phases fell. The run's time divided by the beat beside it does
+    not move with the phases; times the beat's reference (its median over beats a few milliseconds apart at the
+    start) it is milliseconds again."""
+
+    ROWS, WIDTH, LAYERS = 32, 512, 2
+    REFERENCE_BEATS = 30
+
+    def __init__(self, threads: int) -> None:
+        self.session = create_session(_metronome_model(self.ROWS, self.WIDTH, self.LAYERS).SerializeToString(),
+                                      threads)
+        self.feeds = {"x": np.ones((self.ROWS, self.WIDTH), np.float32)}
+        self.beat()
+        samples = []
+        for _ in range(self.REFERENCE_BEATS):
+            samples.append(self.beat())
+            time.sleep(0.01)  # spread over ~0.3 s, across more than one phase
+        self.reference_ms = statistics.median(samples)
+
+    def beat(self) -> float:
+        start = time.perf_counter()
+        self.session.run(None, self.feeds)
+        return (time.perf_counter() - start) * 1000
+
+
+def _metronome_model(rows: int, width: int, layers: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    nodes, weights, last = [], [], "x"
+    for i in range(layers):
+        weights.append(numpy_helper.from_array(
+            (rng.standard_normal((width, width)) / width ** 0.5).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("MatMul", [last, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
+        last = f"r{i}"
+    shape = [rows, width]
+    graph = helper.make_graph(nodes, "metronome", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(last, onnx.TensorProto.FLOAT, shape)], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what every onnxruntime this project supports reads
+    return model
+
+
+_metronomes: dict[int, Metronome] = {}
+
+
+def metronome(threads: int) -> Metronome:
+    """The process's metronome for `threads` intra-op threads, made on first use."""
+    if threads not in _metronomes:
+        _metronomes[threads] = Metronome(threads)
+    return _metronomes[threads]
+
+
+def calibrated_ms(run_ms: list[float], beat_ms: list[float], reference_ms: float) -> float:
+    """The median run at the metronome's reference speed: each run over the beat timed right after it."""
+    return statistics.median(r / b for r, b in zip(run_ms, beat_ms, strict=True)) * reference_ms
+
+
 def time_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int, runs: int,
                warmup: int = 2) -> float:
-    """Median wall time of one run, in milliseconds."""
+    """Median time of one run, in milliseconds at the machine's reference speed (`Metronome`)."""
     session = create_session(model.SerializeToString(), threads)
+    beats = metronome(threads)
     for _ in range(warmup):
         session.run(None, feeds)
-    times = []
+    times, beat_times = [], []
     for _ in range(runs):
         start = time.perf_counter()
         session.run(None, feeds)
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        beat_times.append(beats.beat())
+    return calibrated_ms(times, beat_times, beats.reference_ms)
 
 
 def param_bytes(model: onnx.ModelProto) -> int:
