@@ -133,7 +133,7 @@ def markdown(report: dict) -> str:
              f"thread(s) per stage, median of {report['runs']} runs. Every possible stage (each run of consecutive "
              "segments) is measured as a stage; the exhaustive search picks the best cuts from those measurements. "
              "Same cuts again: `split`'s own choice made again from scratch (its segment costs and stage timings "
-             "measured anew), how many times of how many it chose the cuts of its first choice.",
+             "measured anew), how many times of how many it made its most frequent choice.",
              "", "| N | stage ms | bottleneck ms | exhaustive best ms | ratio (target <= 1.05) | sum of stages ms "
              "| whole ms | ratio (target <= 1.10) | MB crossing | same cuts again |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -146,9 +146,9 @@ def markdown(report: dict) -> str:
 
 
 def sameness(result: dict) -> str:
-    """How many of the repeated choices are the first one's cuts: "3 of 3", or "-" where none were made."""
+    """How many of the repeated choices are the most frequent one: "3 of 3", or "-" where none were made."""
     choices = result.get("repeated_choices") or []
-    return f"{sum(ch == choices[0] for ch in choices)} of {len(choices)}" if choices else "-"
+    return f"{max(choices.count(ch) for ch in choices)} of {len(choices)}" if choices else "-"
 
 
 def plot(report: dict, out: Path) -> None:

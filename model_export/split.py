@@ -112,7 +112,8 @@ class StageTimer:
 
 
 def refine_with_stage_times(picked: list[int], segments: int, timed: Callable[[int, int], float],
-                            track: Track = no_progress, passes: int = 3, slack: float = 0.02) -> list[int]:
+                            track: Track = no_progress, passes: int = 3, slack: float = 0.02,
+                            cut_bytes: Sequence[int] | None = None, per_byte: float = 0.0) -> list[int]:
     """The cuts `picked` (cut i follows segment i) from the segments' summed times, moved where that makes the
     slowest stage, timed as a stage, faster by more than `slack`. Summed segments overstate a stage of many
     small ones: each segment timed apart pays a run's fixed cost and converts its activations to and from
@@ -120,22 +121,66 @@ def refine_with_stage_times(picked: list[int], segments: int, timed: Callable[[i
     0.44 ms timed 0.26 / 0.47 ms as stages). Only a cut beside the slowest stage moves, to where its two stages
     are most even (found by a binary search: one grows as the cut moves later, the other shrinks), and only for
     a real gain, so a cut chosen for its fewer bytes stays where the time is the same; passes repeat until
-    none moves. `timed(a, b)`: the time of the stage of segments a .. b - 1."""
+    none moves. `timed(a, b)`: the time of the stage of segments a .. b - 1; `cut_bytes` (what crosses after each
+    segment) and `per_byte` (ms a byte costs a stage), where given, let a cut also move to another stage for fewer
+    bytes at the same bottleneck (`_reseated`)."""
     edges = [0, *[i + 1 for i in picked], segments]
     for _ in track(list(range(passes)), "timing candidate stages"):
         moved = False
         for j in range(1, len(edges) - 1):
             left, cut, right = edges[j - 1], edges[j], edges[j + 1]
             pair = max(timed(left, cut), timed(cut, right))
-            slowest = max(timed(a, b) for a, b in zip(edges, edges[1:], strict=False))
-            if pair < slowest * (1 - slack):
+            if pair < _bottleneck(edges, timed) * (1 - slack):
                 continue  # neither of its stages is the slowest: moving it gains nothing
             best = _even_point(left, right, timed)
             if max(timed(left, best), timed(best, right)) < pair * (1 - slack):
                 edges[j], moved = best, True
+        reseated = _reseated(edges, timed, slack, cut_bytes, per_byte)
+        if reseated is not None:
+            edges, moved = reseated, True
         if not moved:
             break
     return [e - 1 for e in edges[1:-1]]
+
+
+def _bottleneck(edges: Sequence[int], timed: Callable[[int, int], float]) -> float:
+    return max(timed(a, b) for a, b in zip(edges, edges[1:], strict=False))
+
+
+def _reseated(edges: list[int], timed: Callable[[int, int], float], slack: float,
+              cut_bytes: Sequence[int] | None, per_byte: float) -> list[int] | None:
+    """The cuts with one cut taken out (its two stages merged) and one put into a stage at (or within two segments
+    of) its even point, where that moves fewer bytes and leaves the slowest stage no slower than `slack` more (the
+    fewest such bytes); None where no move does, or the bytes are not known. The bytes saved must be worth more
+    than the slack allows the bottleneck to grow (at `per_byte`), else timing noise decides: a small model's stages
+    of microseconds are all within 2% of each other, whatever they hold. Moving one cut at a time cannot do
+    this: summed segments can give a segment that costs nothing inside a stage (a pooling fused into its
+    convolution's layout) a stage of its own, moving its large input across a cut for nothing, and every single move
+    from there leaves the bottleneck where it is (the reference model in 4 stages: 11.2 MB crossing where 4.8 MB do,
+    at the same bottleneck). Only bytes make such a move, never time alone: among the many candidates, the one
+    timed fastest is as often the one whose timing erred lowest (microsecond stages of a small model went that
+    way, into a stage of one ReLU)."""
+    if cut_bytes is None or per_byte <= 0:
+        return None
+
+    def crossing(e: Sequence[int]) -> int:
+        return sum(cut_bytes[x - 1] for x in e[1:-1])
+
+    now, moved_now = _bottleneck(edges, timed), crossing(edges)
+    best: tuple[int, list[int]] | None = None
+    for j in range(1, len(edges) - 1):
+        merged = edges[:j] + edges[j + 1:]
+        for a, b in zip(merged, merged[1:], strict=False):
+            if b - a < 2:
+                continue  # one segment: no cut inside it
+            even = _even_point(a, b, timed)
+            for cut in range(max(a + 1, even - 2), min(b - 1, even + 2) + 1):
+                candidate = sorted([*merged, cut])
+                moved = crossing(candidate)
+                if (moved_now - moved) * per_byte > slack * now and (best is None or moved < best[0]) \
+                        and _bottleneck(candidate, timed) <= now * (1 + slack):
+                    best = (moved, candidate)
+    return None if best is None else best[1]
 
 
 def pick_cuts(costs: Sequence[float], cut_bytes: Sequence[int], stages: int, per_byte: float,
@@ -143,7 +188,8 @@ def pick_cuts(costs: Sequence[float], cut_bytes: Sequence[int], stages: int, per
     """The cuts (indices into the clean cuts) for `stages` stages: the partitioner's choice from the segments'
     costs, then, where `timed` gives a stage's time as a stage (latency balance), refined with it."""
     picked = choose_cuts(costs, cut_bytes, stages, transfer_per_byte=per_byte)
-    return picked if timed is None else refine_with_stage_times(picked, len(costs), timed, track)
+    return picked if timed is None else refine_with_stage_times(picked, len(costs), timed, track,
+                                                                 cut_bytes=cut_bytes, per_byte=per_byte)
 
 
 def _even_point(left: int, right: int, timed: Callable[[int, int], float]) -> int:

@@ -63,3 +63,33 @@ def test_only_a_cut_beside_the_slowest_stage_moves() -> None:
     # a gain within the slack (2%: 1.02 -> 1.015 ms here) is noise: the cut the bytes chose stays
     assert refine_with_stage_times([0], 3, _span_time([0.995, 0.02, 1.0])) == [0]
     assert refine_with_stage_times([0], 3, _span_time([0.5, 0.2, 1.0])) == [1]  # a real gain moves it
+
+
+def test_a_stage_the_summed_segments_made_for_nothing_is_merged_and_its_cut_put_where_it_pays() -> None:
+    """The reference model in 4 stages: block 1 | block 2's convolution | block 2's pooling | block 3 and the head.
+    The pooling timed alone pays its layout conversions (3.6 ms) and costs nothing inside block 2's stage; a stage
+    also pays 0.3 ms per MB across its cuts (3.2, 6.4, 1.6 and 0.001 MB after each segment). No single cut move
+    gains anything; taking out the cut after the convolution and cutting block 3 from the head does."""
+    costs, mb = [9.0, 41.0, 0.0, 39.5, 0.05], [3.2, 6.4, 1.6, 0.001]
+
+    def timed(a: int, b: int) -> float:
+        alone = 3.6 if (a, b) == (2, 3) else 0.0
+        crossing = (mb[a - 1] if a > 0 else 0.0) + (mb[b - 1] if b < len(costs) else 0.0)
+        return sum(costs[a:b]) + alone + 0.3 * crossing
+
+    assert refine_with_stage_times([0, 1, 2], 5, timed, cut_bytes=[int(x * 1e6) for x in mb],
+                                   per_byte=0.3e-6) == [0, 2, 3]
+    assert refine_with_stage_times([0, 1, 2], 5, timed) == [0, 1, 2]  # bytes unknown: nothing moves between stages
+
+
+def test_at_the_same_bottleneck_a_cut_moves_to_where_fewer_bytes_cross() -> None:
+    """Block 1's convolution cut from its pooling (12.8 MB across) costs the bottleneck nothing, block 2's stage being
+    the slowest either way; with the bytes known, that cut goes where 1 KB crosses (between block 3 and the head)."""
+    costs, mb = [1.0, 8.0, 41.0, 39.5, 0.05], [12.8, 3.2, 1.6, 0.001]
+    picked = [0, 1, 2]  # block 1's convolution | its pooling | block 2 | block 3 and the head
+    timed = _span_time(costs)
+    assert refine_with_stage_times(picked, 5, timed) == picked  # by time alone, no move gains
+    in_bytes = [int(x * 1e6) for x in mb]
+    assert refine_with_stage_times(picked, 5, timed, cut_bytes=in_bytes, per_byte=0.3e-6) == [1, 2, 3]
+    # bytes worth less than the 2% the bottleneck may grow (0.8 ms of 41): timing noise would decide, so no move
+    assert refine_with_stage_times(picked, 5, timed, cut_bytes=in_bytes, per_byte=0.01e-6) == picked
