@@ -46,7 +46,9 @@ except PackageNotFoundError:  # running from a source tree without installation
     SERVICE_VERSION = "0.0.0"
 
 
-def get_plane(request: Request) -> DataPlane:
+async def get_plane(request: Request) -> DataPlane:
+    """Async, so FastAPI calls it on the event loop: a plain function dependency is run on a worker thread, a thread
+    hop on every health check and metadata request."""
     plane: DataPlane = request.app.state.plane
     return plane
 

@@ -11,6 +11,7 @@ app (`app.read_body`: 408 as JSON, counted in the metrics). Every refusal here s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import Awaitable, Callable
@@ -65,6 +66,7 @@ class StageHttpProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._in_headers = True  # waiting for a request's headers (or between requests)
         self._began = False  # a request began in the chunk being parsed
+        self._completed_here = False  # a request ended in the chunk being parsed
         self._partial = False  # a request has begun and its headers have not all arrived
         self._header_bytes = 0  # of the request whose headers are arriving
         self._refusal: tuple[int, str] | None = None
@@ -132,8 +134,13 @@ class StageHttpProtocol(HttpToolsProtocol):
     # ------------------------------------------------------------------- connection and parser
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(cast(asyncio.Transport, HeadWithBody(transport)))
         self._arm(self.limits.header_timeout_s, self._header_timeout)
+
+    def eof_received(self) -> None:
+        # The transport closes itself once this returns: a response's write still held must leave before that.
+        cast(HeadWithBody, self.transport).flush()
+        super().eof_received()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # The loop calls buffer_updated right after the read into this buffer, with nothing in between: `_direct`
@@ -154,15 +161,22 @@ class StageHttpProtocol(HttpToolsProtocol):
             self.on_message_complete()
 
     def data_received(self, data: bytes) -> None:
-        self._began = False
+        self._began = self._completed_here = False
         waiting = self._in_headers
         super().data_received(data)
+        if not self._partial or self.transport.is_closing():
+            return
         # Bytes of a chunk that began and ended inside one request's headers are all header bytes; headers
-        # that end in this chunk are counted by on_url/on_header instead.
-        if waiting and self._in_headers and not self._began and not self.transport.is_closing():
+        # that end in this chunk are counted by on_url/on_header instead. A request that began in this chunk and
+        # whose headers go on past it: where no earlier request ended in the chunk, the chunk began with it, and all
+        # of it is this request's (a header line still unfinished is in no callback: 70 KB of one used to wait for
+        # the header timeout's 408).
+        if waiting and not self._began:
             self._header_bytes += len(data)
-            if self._header_bytes > self.limits.max_header_bytes:
-                self._refuse(*self._headers_too_large(self._header_bytes))
+        elif self._began and not self._completed_here:
+            self._header_bytes = max(self._header_bytes, len(data))
+        if self._header_bytes > self.limits.max_header_bytes:
+            self._refuse(*self._headers_too_large(self._header_bytes))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -187,8 +201,6 @@ class StageHttpProtocol(HttpToolsProtocol):
         self._in_headers = self._partial = False
         self._arm(self.limits.body_guard_s, self._body_guard)
         super().on_headers_complete()
-        if self.cycle is not None and not isinstance(self.cycle.transport, HeadWithBody):
-            self.cycle.transport = HeadWithBody(self.cycle.transport)  # type: ignore[assignment]
         size = self._direct_body_size()
         if size is not None and (self.budget is None or self.budget.reserve(size)):
             cycle = self.cycle
@@ -229,7 +241,7 @@ class StageHttpProtocol(HttpToolsProtocol):
         self._direct_at = end
 
     def on_message_complete(self) -> None:
-        self._in_headers = True
+        self._in_headers, self._completed_here = True, True
         self._disarm()
         if self._direct is not None:
             self.cycle.body, self._direct = self._direct, None
@@ -244,11 +256,13 @@ class StageHttpProtocol(HttpToolsProtocol):
 
 
 class HeadWithBody:
-    """The connection's transport as one response sees it: a write waits for the next one, and both leave in one
-    `writelines` (one writev). uvicorn writes a response's head and its body apart; sent together they are one
-    system call and one segment, and the caller wakes once for the whole answer instead of twice (on every
-    stage's answer, up the whole chain). Whatever is held leaves at the latest on the event loop's next turn,
-    or before a close."""
+    """The connection's transport as the protocol and its responses see it: a write waits for the next one, and
+    both leave in one `writelines` (one writev). uvicorn writes a response's head and its body apart; sent together
+    they are one system call and one segment, and the caller wakes once for the whole answer instead of twice (on
+    every stage's answer, up the whole chain). Whatever is held leaves at the latest on the event loop's next turn,
+    before a close, and before the transport closes itself on the peer's end of stream (`eof_received`). A write to
+    a transport already gone is dropped, as asyncio's own transports drop it (uvloop's raise instead: a pipelined
+    request answered after its client went away used to log a traceback)."""
 
     __slots__ = ("_transport", "_held")
 
@@ -259,22 +273,38 @@ class HeadWithBody:
     def write(self, data: bytes) -> None:
         held, self._held = self._held, None
         if held is not None:
-            self._transport.writelines([held, data])
+            self._send([held, data])
             return
         self._held = data
         asyncio.get_running_loop().call_soon(self.flush)
 
+    def writelines(self, parts: list[bytes]) -> None:
+        held, self._held = self._held, None
+        self._send([held, *parts] if held is not None else parts)
+
     def flush(self) -> None:
         held, self._held = self._held, None
-        if held is not None and not self._transport.is_closing():
-            self._transport.write(held)
+        if held is not None:
+            self._send([held])
+
+    def _send(self, parts: list[bytes]) -> None:
+        # uvloop: "unable to perform operation on <TCPTransport closed=True>": the peer is gone
+        with contextlib.suppress(RuntimeError):
+            self._transport.writelines(parts)
 
     def close(self) -> None:
         self.flush()
         self._transport.close()
 
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
     def is_closing(self) -> bool:
         return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:  # pause_reading, get_extra_info, set_protocol, ...
+        return getattr(self._transport, name)
 
 
 def _whole_body_receiver(cycle: RequestResponseCycle, release: Callable[[], None]
