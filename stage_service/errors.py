@@ -142,7 +142,9 @@ def install_handlers(app: FastAPI) -> None:
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return error_response(exc.status_code, str(exc.detail))
+        response = error_response(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110: it must name the methods)
+        return response
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(400, f"invalid request: {exc}")

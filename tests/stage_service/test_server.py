@@ -168,6 +168,13 @@ def test_a_head_answered_as_the_client_ends_its_stream_still_arrives(url: str) -
             assert received.startswith(b"HTTP/1.1 ") and received.endswith(b"\r\n\r\n"), received
 
 
+def test_a_method_the_route_does_not_take_is_405_naming_those_it_does(url: str) -> None:
+    with Wire(url) as wire:
+        reply = wire.request("DELETE", "/ok")
+        assert reply.status == 405 and reply.json() == {"error": "Method Not Allowed"}
+        assert reply.headers.get("allow") == "GET"  # RFC 9110: a 405 names the allowed methods
+
+
 def _body(size: int, seed: int) -> bytes:
     return (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
 
