@@ -67,6 +67,7 @@ class StageHttpProtocol(HttpToolsProtocol):
         self._in_headers = True  # waiting for a request's headers (or between requests)
         self._began = False  # a request began in the chunk being parsed
         self._completed_here = False  # a request ended in the chunk being parsed
+        self._client_done = False  # the client half-closed with answers still owed
         self._partial = False  # a request has begun and its headers have not all arrived
         self._header_bytes = 0  # of the request whose headers are arriving
         self._refusal: tuple[int, str] | None = None
@@ -137,10 +138,16 @@ class StageHttpProtocol(HttpToolsProtocol):
         super().connection_made(cast(asyncio.Transport, HeadWithBody(transport)))
         self._arm(self.limits.header_timeout_s, self._header_timeout)
 
-    def eof_received(self) -> None:
-        # The transport closes itself once this returns: a response's write still held must leave before that.
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio: True keeps the transport open
+        """The client half-closed: requests it sent whole are still answered (RFC 9112 allows a client to end its
+        side after its requests), then the connection closes; with none, or one cut short, it closes now (the
+        transport closes itself when this returns None), what is held sent first."""
         cast(HeadWithBody, self.transport).flush()
-        super().eof_received()
+        cycle = self.cycle
+        if self.pipeline or (cycle is not None and not cycle.response_complete and not cycle.more_body):
+            self._client_done = True
+            return True
+        return None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         # The loop calls buffer_updated right after the read into this buffer, with nothing in between: `_direct`
@@ -231,6 +238,8 @@ class StageHttpProtocol(HttpToolsProtocol):
         for cycle in [c for c in self._held if c.response_complete]:  # answered without reading its body
             self._release(cycle)
         super().on_response_complete()
+        if self._client_done and not self.pipeline and (self.cycle is None or self.cycle.response_complete):
+            self.transport.close()  # the last answer a half-closed client was owed
 
     def on_body(self, body: bytes) -> None:
         if self._direct is None:
@@ -346,8 +355,8 @@ class BufferedConnection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self.http.resume_writing()
 
-    def eof_received(self) -> None:
-        self.http.eof_received()
+    def eof_received(self) -> bool | None:
+        return self.http.eof_received()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.http.get_buffer(sizehint)

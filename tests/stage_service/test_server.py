@@ -168,6 +168,38 @@ def test_a_head_answered_as_the_client_ends_its_stream_still_arrives(url: str) -
             assert received.startswith(b"HTTP/1.1 ") and received.endswith(b"\r\n\r\n"), received
 
 
+def _all_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(1 << 20):
+        received += chunk
+    return received
+
+
+def test_a_client_that_half_closes_after_its_requests_still_gets_every_answer(url: str) -> None:
+    """RFC 9112 lets a client end its side once its requests are sent: a large body's answer (it used to be lost:
+    uvicorn closed on the FIN before answering) and every pipelined answer arrive, then the server closes."""
+    port = int(url.rsplit(":", 1)[1])
+    body = _body(3_200_000, 1)
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(b"POST /digest HTTP/1.1\r\nhost: stage\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        sock.shutdown(socket.SHUT_WR)
+        received = _all_until_closed(sock)
+        assert received.startswith(b"HTTP/1.1 200") and hashlib.sha256(body).hexdigest().encode() in received
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(b"GET /ok HTTP/1.1\r\nhost: stage\r\n\r\n" * 3 + b"GET /bad HTTP/1.1\r\nhost: stage\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        received = _all_until_closed(sock)
+        assert received.count(b"HTTP/1.1 200") == 3 and received.count(b"HTTP/1.1 400") == 1, received
+
+
+def test_a_request_cut_short_by_the_fin_closes_at_once(url: str) -> None:
+    with socket.create_connection((HOST, int(url.rsplit(":", 1)[1])), timeout=5) as sock:
+        sock.sendall(b"POST /digest HTTP/1.1\r\nhost: stage\r\ncontent-length: 1000\r\n\r\n" + b"x" * 10)
+        sock.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        assert _all_until_closed(sock) == b"" and time.monotonic() - started < 2  # not the body timeout
+
+
 def test_a_method_the_route_does_not_take_is_405_naming_those_it_does(url: str) -> None:
     with Wire(url) as wire:
         reply = wire.request("DELETE", "/ok")
