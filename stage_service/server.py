@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import threading
 from collections.abc import Awaitable, Callable
@@ -68,6 +69,7 @@ class StageHttpProtocol(HttpToolsProtocol):
         self._began = False  # a request began in the chunk being parsed
         self._completed_here = False  # a request ended in the chunk being parsed
         self._client_done = False  # the client half-closed with answers still owed
+        self._last_word: Callable[[], None] | None = None  # a refusal waiting for the answers owed before it
         self._partial = False  # a request has begun and its headers have not all arrived
         self._header_bytes = 0  # of the request whose headers are arriving
         self._refusal: tuple[int, str] | None = None
@@ -110,9 +112,27 @@ class StageHttpProtocol(HttpToolsProtocol):
 
     # ---------------------------------------------------------------------------- refusals
 
+    def _answers_owed(self) -> bool:
+        """Whether requests that arrived whole are still to be answered on this connection."""
+        cycle = self.cycle
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete and not cycle.disconnected)
+
+    def _last(self, word: Callable[[], None]) -> None:
+        """`word` (a refusal that closes the connection) now, or once the answers still owed have left: the requests
+        before a bad one were whole, and their answers come first (uvicorn wrote its 400 and closed at once, so a
+        pipelining client read the 400 as the answer to its valid request before it)."""
+        if not self._answers_owed():
+            word()
+            return
+        self._last_word = word
+        self.flow.pause_reading()
+
     def _refuse(self, status: int, message: str) -> None:
-        """Answer `{"error": message}` with `Connection: close`, then close."""
+        """Answer `{"error": message}` with `Connection: close`, then close (after the answers still owed)."""
         self._disarm()
+        self._last(functools.partial(self._refuse_now, status, message))
+
+    def _refuse_now(self, status: int, message: str) -> None:
         body = orjson.dumps({"error": message})
         head = [STATUS_LINE[status]]
         head.extend(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers)
@@ -123,7 +143,7 @@ class StageHttpProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parser error; a callback that refused the request made that error."""
         if self._refusal is None:
-            super().send_400_response(msg)
+            self._last(functools.partial(super().send_400_response, msg))
         else:
             self._refuse(*self._refusal)
 
@@ -144,7 +164,8 @@ class StageHttpProtocol(HttpToolsProtocol):
         transport closes itself when this returns None), what is held sent first."""
         cast(HeadWithBody, self.transport).flush()
         cycle = self.cycle
-        if self.pipeline or (cycle is not None and not cycle.response_complete and not cycle.more_body):
+        if self.pipeline or (cycle is not None and not cycle.response_complete and not cycle.more_body) \
+                or self._last_word is not None:
             self._client_done = True
             return True
         return None
@@ -238,7 +259,12 @@ class StageHttpProtocol(HttpToolsProtocol):
         for cycle in [c for c in self._held if c.response_complete]:  # answered without reading its body
             self._release(cycle)
         super().on_response_complete()
-        if self._client_done and not self.pipeline and (self.cycle is None or self.cycle.response_complete):
+        if self._answers_owed():
+            return
+        word, self._last_word = self._last_word, None
+        if word is not None:
+            word()
+        elif self._client_done:
             self.transport.close()  # the last answer a half-closed client was owed
 
     def on_body(self, body: bytes) -> None:

@@ -192,6 +192,21 @@ def test_a_client_that_half_closes_after_its_requests_still_gets_every_answer(ur
         assert received.count(b"HTTP/1.1 200") == 3 and received.count(b"HTTP/1.1 400") == 1, received
 
 
+def test_requests_before_a_bad_one_are_answered_before_its_400(url: str) -> None:
+    """A pipelining client's whole requests come first; the refusal of the bad one after them is the last word
+    (uvicorn wrote its 400 and closed at once: the client read it as the answer to its valid request)."""
+    port = int(url.rsplit(":", 1)[1])
+    body = _body(100_000, 2)
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(b"POST /digest HTTP/1.1\r\nhost: stage\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+                     + b"GET /ok HTTP/1.1\r\nhost: stage\r\n\r\nGARBAGE\r\n\r\n")
+        received = _all_until_closed(sock)
+    answers = received.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"200", b"200", b"400"], received
+    assert hashlib.sha256(body).hexdigest().encode() in answers[0] and b'{"ok":true}' in answers[1]
+    assert b"connection: close" in answers[2].lower()
+
+
 def test_a_request_cut_short_by_the_fin_closes_at_once(url: str) -> None:
     with socket.create_connection((HOST, int(url.rsplit(":", 1)[1])), timeout=5) as sock:
         sock.sendall(b"POST /digest HTTP/1.1\r\nhost: stage\r\ncontent-length: 1000\r\n\r\n" + b"x" * 10)
