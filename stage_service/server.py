@@ -113,14 +113,18 @@ class StageHttpProtocol(HttpToolsProtocol):
     # ---------------------------------------------------------------------------- refusals
 
     def _answers_owed(self) -> bool:
-        """Whether requests that arrived whole are still to be answered on this connection."""
-        cycle = self.cycle
-        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete and not cycle.disconnected)
+        """Whether requests that arrived whole are still to be answered on this connection (one whose body is cut
+        short by the bad bytes never will be: it is not waited for)."""
+        cycles = [self.cycle, *(c for c, _ in self.pipeline)]
+        return any(c is not None and not c.response_complete and not c.disconnected and not c.more_body
+                   for c in cycles)
 
     def _last(self, word: Callable[[], None]) -> None:
         """`word` (a refusal that closes the connection) now, or once the answers still owed have left: the requests
         before a bad one were whole, and their answers come first (uvicorn wrote its 400 and closed at once, so a
         pipelining client read the 400 as the answer to its valid request before it)."""
+        if self._last_word is not None:
+            return  # the first refusal says why; bytes after it only add errors of their own
         if not self._answers_owed():
             word()
             return

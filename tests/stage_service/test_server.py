@@ -207,6 +207,15 @@ def test_requests_before_a_bad_one_are_answered_before_its_400(url: str) -> None
     assert b"connection: close" in answers[2].lower()
 
 
+def test_a_body_broken_by_bad_bytes_is_400_at_once_not_a_wait_for_its_end(url: str) -> None:
+    with socket.create_connection((HOST, int(url.rsplit(":", 1)[1])), timeout=5) as sock:
+        sock.sendall(b"POST /digest HTTP/1.1\r\nhost: stage\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"5\r\n{\"inp\r\nZZZ\r\n")  # a chunk size that is not hex
+        started = time.monotonic()
+        received = _all_until_closed(sock)
+        assert received.startswith(b"HTTP/1.1 400") and time.monotonic() - started < 2, received
+
+
 def test_a_request_cut_short_by_the_fin_closes_at_once(url: str) -> None:
     with socket.create_connection((HOST, int(url.rsplit(":", 1)[1])), timeout=5) as sock:
         sock.sendall(b"POST /digest HTTP/1.1\r\nhost: stage\r\ncontent-length: 1000\r\n\r\n" + b"x" * 10)
