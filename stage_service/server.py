@@ -167,9 +167,7 @@ class StageHttpProtocol(HttpToolsProtocol):
         side after its requests), then the connection closes; with none, or one cut short, it closes now (the
         transport closes itself when this returns None), what is held sent first."""
         cast(HeadWithBody, self.transport).flush()
-        cycle = self.cycle
-        if self.pipeline or (cycle is not None and not cycle.response_complete and not cycle.more_body) \
-                or self._last_word is not None:
+        if self._answers_owed() or self._last_word is not None:
             self._client_done = True
             return True
         return None
