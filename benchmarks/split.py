@@ -32,6 +32,7 @@ from model_export.split import (
     Candidates,
     StageTimer,
     find_candidates,
+    no_progress,
     pick_cuts,
     segment_costs,
 )
@@ -62,7 +63,7 @@ def own_choices(c: Candidates, stage_counts: list[int], threads: int, runs: int,
     per_byte = DEFAULT_TRANSFER_MS_PER_MB / MB
     choices: dict[int, list[list[str]]] = {n: [] for n in stage_counts}
     for _ in track(range(repeat), f"split's own choice, {repeat} times from scratch"):
-        costs = segment_costs(c, "latency", threads, runs, lambda items, _: items)
+        costs = segment_costs(c, "latency", threads, runs, no_progress)
         timer = StageTimer(c, cut_bytes, threads, runs, per_byte)
         for n in stage_counts:
             choices[n].append([c.cuts[i] for i in pick_cuts(costs, cut_bytes, n, per_byte, timer)])

@@ -173,6 +173,8 @@ def _reseated(edges: list[int], timed: Callable[[int, int], float], slack: float
         for a, b in zip(merged, merged[1:], strict=False):
             if b - a < 2:
                 continue  # one segment: no cut inside it
+            if (moved_now - crossing(merged) - min(cut_bytes[a:b - 1])) * per_byte <= slack * now:
+                continue  # no cut in this stage saves enough bytes: not worth timing its even point
             even = _even_point(a, b, timed)
             for cut in range(max(a + 1, even - 2), min(b - 1, even + 2) + 1):
                 candidate = sorted([*merged, cut])
