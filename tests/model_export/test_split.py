@@ -8,8 +8,10 @@ import stat
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from model_export.__main__ import main
 from model_export.errors import ExportError
@@ -40,8 +42,12 @@ def test_split_writes_a_manifest_that_describes_the_stages(whole: Path, tmp_path
     assert (out / m.source_model.file).resolve() == whole.resolve()
     for s in m.stages:
         assert sha256_file(out / s.file) == s.sha256
-        assert s.cost.latency_ms > 0 and s.cost.param_bytes > 0
+        weights = onnx.load(out / s.file).graph.initializer
+        assert s.cost.latency_ms > 0 and s.cost.param_bytes == sum(numpy_helper.to_array(w).nbytes for w in weights)
         assert s.cost.bytes_out == sum(4 * t.shape[1] for t in s.outputs)
+    # the stages share the whole model's weights between them, whichever cuts the (microsecond, noisy) timing chose
+    layers = [(16, 32), (32, 24), (24, 12), (12, 4)]
+    assert sum(s.cost.param_bytes for s in m.stages) == 4 * sum((a + 1) * b for a, b in layers)
     assert result.proof.passed and result.proof.max_abs_diff <= 1e-5
     assert len(result.segment_costs) == 12  # 11 clean cuts in a 4-layer MatMul/Add/Relu chain
     # the chain equals the whole model on a fresh input
