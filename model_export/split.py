@@ -149,17 +149,16 @@ def _bottleneck(edges: Sequence[int], timed: Callable[[int, int], float]) -> flo
 
 def _reseated(edges: list[int], timed: Callable[[int, int], float], slack: float,
               cut_bytes: Sequence[int] | None, per_byte: float) -> list[int] | None:
-    """The cuts with one cut taken out (its two stages merged) and one put into a stage at (or within two segments
-    of) its even point, where that moves fewer bytes and leaves the slowest stage no slower than `slack` more (the
-    fewest such bytes); None where no move does, or the bytes are not known. The bytes saved must be worth more
-    than the slack allows the bottleneck to grow (at `per_byte`), else timing noise decides: a small model's stages
-    of microseconds are all within 2% of each other, whatever they hold. Moving one cut at a time cannot do
-    this: summed segments can give a segment that costs nothing inside a stage (a pooling fused into its
-    convolution's layout) a stage of its own, moving its large input across a cut for nothing, and every single move
-    from there leaves the bottleneck where it is (the reference model in 4 stages: 11.2 MB crossing where 4.8 MB do,
-    at the same bottleneck). Only bytes make such a move, never time alone: among the many candidates, the one
-    timed fastest is as often the one whose timing erred lowest (microsecond stages of a small model went that
-    way, into a stage of one ReLU)."""
+    """The cuts with one cut taken out (its two stages merged) and one put into a stage where that moves fewer bytes
+    and leaves the slowest stage no slower than `slack` more (the fewest such bytes); None where no move does, or the
+    bytes are not known. The bytes saved must be worth more than the slack allows the bottleneck to grow (at
+    `per_byte`), else timing noise decides: a small model's stages of microseconds are all within 2% of each other,
+    whatever they hold. Moving one cut at a time cannot do this: summed segments can give a segment that costs
+    nothing inside a stage (a pooling fused into its convolution's layout) a stage of its own, moving its large input
+    across a cut for nothing, and every single move from there leaves the bottleneck where it is (the reference model
+    in 4 stages: 11.2 MB crossing where 4.8 MB do, at the same bottleneck). Only bytes make such a move, never time
+    alone: among the many candidates, the one timed fastest is as often the one whose timing erred lowest
+    (microsecond stages of a small model went that way, into a stage of one ReLU)."""
     if cut_bytes is None or per_byte <= 0:
         return None
 
@@ -171,18 +170,32 @@ def _reseated(edges: list[int], timed: Callable[[int, int], float], slack: float
     for j in range(1, len(edges) - 1):
         merged = edges[:j] + edges[j + 1:]
         for a, b in zip(merged, merged[1:], strict=False):
-            if b - a < 2:
-                continue  # one segment: no cut inside it
-            if (moved_now - crossing(merged) - min(cut_bytes[a:b - 1])) * per_byte <= slack * now:
-                continue  # no cut in this stage saves enough bytes: not worth timing its even point
-            even = _even_point(a, b, timed)
-            for cut in range(max(a + 1, even - 2), min(b - 1, even + 2) + 1):
+            for cut in _cuts_worth_trying(a, b, cut_bytes, (moved_now - crossing(merged)) * per_byte - slack * now,
+                                          per_byte, timed):
                 candidate = sorted([*merged, cut])
                 moved = crossing(candidate)
-                if (moved_now - moved) * per_byte > slack * now and (best is None or moved < best[0]) \
-                        and _bottleneck(candidate, timed) <= now * (1 + slack):
+                if best is not None and moved >= best[0]:
+                    break  # the rest of this stage's cuts move more bytes still
+                if _bottleneck(candidate, timed) <= now * (1 + slack):
                     best = (moved, candidate)
+                    break  # this stage's fewest bytes that keep the bottleneck
     return None if best is None else best[1]
+
+
+def _cuts_worth_trying(a: int, b: int, cut_bytes: Sequence[int], worth_ms: float, per_byte: float,
+                       timed: Callable[[int, int], float], cheapest: int = 6) -> list[int]:
+    """The boundaries inside the stage of segments a .. b - 1 whose cut saves more than `worth_ms` (the bytes of the
+    merged cut, less the slack, in ms) fewest bytes first: the `cheapest` few in bytes and those within two segments
+    of the stage's even point, each timed only when tried. The fewest bytes often lie far from the even point (the
+    1 KB between block 3 and the head, three small segments past block 3's convolution); the even point's
+    neighbours keep a stage with only large cuts near its balance."""
+    inside = [cut for cut in range(a + 1, b) if cut_bytes[cut - 1] * per_byte < worth_ms]
+    if not inside:
+        return []  # no cut in this stage saves enough bytes: not worth timing its even point
+    by_bytes = sorted(inside, key=lambda cut: (cut_bytes[cut - 1], cut))
+    even = _even_point(a, b, timed)
+    near_even = [cut for cut in inside if abs(cut - even) <= 2]
+    return sorted(set(by_bytes[:cheapest]) | set(near_even), key=lambda cut: (cut_bytes[cut - 1], cut))
 
 
 def pick_cuts(costs: Sequence[float], cut_bytes: Sequence[int], stages: int, per_byte: float,

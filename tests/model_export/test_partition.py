@@ -93,3 +93,21 @@ def test_at_the_same_bottleneck_a_cut_moves_to_where_fewer_bytes_cross() -> None
     assert refine_with_stage_times(picked, 5, timed, cut_bytes=in_bytes, per_byte=0.3e-6) == [1, 2, 3]
     # bytes worth less than the 2% the bottleneck may grow (0.8 ms of 41): timing noise would decide, so no move
     assert refine_with_stage_times(picked, 5, timed, cut_bytes=in_bytes, per_byte=0.01e-6) == picked
+
+
+def test_a_cut_moves_to_the_fewest_bytes_in_a_stage_however_far_from_its_even_point() -> None:
+    """The reference model's 14 segments in 4 stages, as the summed segments pick them (block 1 | block 2's
+    convolution | its ReLU and pooling | block 3 and the head: 11.2 MB across). The 1 KB between block 3's pooled mean
+    and the head lies four segments past block 3's convolution, the even point of block 3 and the head; the cut goes
+    there (4.8 MB), not to the input's transpose (0.6 MB, 5.4 MB in all) that lies near an even point."""
+    costs = [0.2, 8.7, 0.0, 0.0, 41.0, 0.0, 0.0, 41.3, 0.0, 0.0, 0.3, 0.05, 0.12, 0.06]
+    mb = [0.6, 12.8, 12.8, 3.2, 6.4, 6.4, 1.6, 3.2, 3.2, 0.8, 0.001, 0.001, 0.004]
+    fused = {2, 3, 5, 6, 8, 9}  # ReLU and pooling: free beside their convolution, 1.8 ms each in a stage without it
+
+    def timed(a: int, b: int) -> float:
+        alone = 1.8 * len(fused & set(range(a, b))) if set(range(a, b)) <= fused else 0.0
+        crossing = (mb[a - 1] if a > 0 else 0.0) + (mb[b - 1] if b < len(costs) else 0.0)
+        return sum(costs[a:b]) + alone + 0.3 * crossing
+
+    assert refine_with_stage_times([3, 4, 6], 14, timed, cut_bytes=[int(x * 1e6) for x in mb],
+                                   per_byte=0.3e-6) == [3, 6, 10]
