@@ -53,16 +53,19 @@ def _log(text: str) -> None:
 # ------------------------------------------------------------------------------------------ measuring
 
 
-def in_process(run: Callable[[], object], seconds: float, threads: int = 1) -> dict[str, float]:
-    """p50/p99 of sequential calls, then throughput with `threads` callers at once (onnxruntime frees the GIL)."""
-    for _ in range(3):
-        run()
+def sequential_ms(run: Callable[[], object], seconds: float) -> list[float]:
+    """The milliseconds of each of the sequential calls of `run` that fit in `seconds`."""
     lat: list[float] = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         begin = time.perf_counter()
         run()
         lat.append((time.perf_counter() - begin) * 1000)
+    return lat
+
+
+def threaded_rps(run: Callable[[], object], seconds: float, threads: int) -> float:
+    """Calls of `run` a second with `threads` callers at once (onnxruntime frees the GIL)."""
     done = [0] * threads
     stop = time.perf_counter() + seconds
 
@@ -77,8 +80,31 @@ def in_process(run: Callable[[], object], seconds: float, threads: int = 1) -> d
         thread.start()
     for thread in pool:
         thread.join()
-    return {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-            "throughput_rps": sum(done) / (time.perf_counter() - start)}
+    return sum(done) / (time.perf_counter() - start)
+
+
+def http_ms(url: str, model: str, seconds: float, access: Access | None = None) -> list[float]:
+    """The milliseconds of each sequential binary request in `seconds`, less the first (a new connection: its TCP
+    and TLS handshakes); a request not answered 200 fails the measurement."""
+    samples = asyncio.run(closed_loop(build(url, model, binary=True, access=access),
+                                      LoadSettings(concurrency=1, duration_s=seconds, timeout_s=60)))
+    failed = sorted({s.status for s in samples if s.status != "200"})
+    if failed:
+        raise RuntimeError(f"{url}: requests answered {', '.join(failed)}; expected 200")
+    return [s.latency_s * 1000 for s in samples[1:]]
+
+
+def interleaved_ms(windows: dict[str, Callable[[float], list[float]]], seconds: float,
+                   rounds: int) -> dict[str, list[float]]:
+    """Each setup's latencies from `rounds` windows of seconds / rounds, the setups taking turns (the first of each
+    round moving on by one): a machine whose speed moves in phases (this VM's, about half a second each) then
+    slows every setup alike, where back-to-back windows of `seconds` compared one phase with another."""
+    names = list(windows)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            out[name] += windows[name](seconds / rounds)
+    return out
 
 
 def _closed_loops(url: str, model: str, seconds: float, sweep: tuple[int, ...],
@@ -170,26 +196,36 @@ def imports_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------- sections
 
 
-def latency_section(pipeline: Path, seconds: float) -> list[dict[str, Any]]:
+def latency_section(pipeline: Path, seconds: float, rounds: int = 10) -> list[dict[str, Any]]:
+    """p50/p99 at concurrency 1 of the four setups measured interleaved (`interleaved_ms`), all four up at once;
+    then each setup's best throughput, one after the other."""
     manifest = load_manifest(pipeline)
     feeds = pipeline_inputs(manifest, 1, 0)
     whole = create_session(str(resolve_source(pipeline, manifest, None)), 1)
     chain = Chain(pipeline, manifest, threads=1)
     n = len(manifest.stages)
-    rows: list[dict[str, Any]] = []
-    _log("whole model in-process")
-    rows.append({"setup": "whole model, in-process (1 thread/call, 2 callers for throughput)",
-                 **in_process(lambda: whole.run(None, feeds), seconds, threads=2)})
-    _log("stages chained in-process")
-    rows.append({"setup": f"{n} stages chained in-process", **in_process(lambda: chain.run(feeds), seconds, 2)})
-    _log("stage processes chained directly on loopback")
-    with direct_chain(pipeline) as stages:
-        rows.append({"setup": f"{n} stage processes chained on loopback (binary)",
-                     **over_http(stages[0].url, manifest.name, seconds)})
-    _log("through the local Envoy mesh with mTLS")
-    with local_mesh(pipeline) as (url, access, _):
-        rows.append({"setup": f"{n} stages through the Envoy mesh (gateway with TLS and a token, sidecars, mTLS)",
-                     **over_http(url, manifest.name, seconds, access=access)})
+    setups = ["whole model, in-process (1 thread/call, 2 callers for throughput)", f"{n} stages chained in-process",
+              f"{n} stage processes chained on loopback (binary)",
+              f"{n} stages through the Envoy mesh (gateway with TLS and a token, sidecars, mTLS)"]
+    with direct_chain(pipeline) as stages, local_mesh(pipeline) as (url, access, _):
+        for warm in (lambda: whole.run(None, feeds), lambda: chain.run(feeds)):
+            for _ in range(3):
+                warm()
+        _log(f"latency of the four setups, interleaved: {rounds} rounds of {2 * seconds / rounds:.1f} s each")
+        lat = interleaved_ms({
+            setups[0]: lambda s: sequential_ms(lambda: whole.run(None, feeds), s),
+            setups[1]: lambda s: sequential_ms(lambda: chain.run(feeds), s),
+            setups[2]: lambda s: http_ms(stages[0].url, manifest.name, s),
+            setups[3]: lambda s: http_ms(url, manifest.name, s, access),
+        }, seconds * 2, rounds)
+        _log("throughput: whole model, stages in-process, stage processes, mesh")
+        rps = [threaded_rps(lambda: whole.run(None, feeds), seconds, 2),
+               threaded_rps(lambda: chain.run(feeds), seconds, 2),
+               over_http(stages[0].url, manifest.name, seconds)["throughput_rps"],
+               over_http(url, manifest.name, seconds, access=access)["throughput_rps"]]
+    rows: list[dict[str, Any]] = [
+        {"setup": setup, "p50_ms": float(np.percentile(lat[setup], 50)), "p99_ms": float(np.percentile(lat[setup], 99)),
+         "requests": len(lat[setup]), "throughput_rps": rps[k]} for k, setup in enumerate(setups)]
     direct, meshed = float(rows[2]["p50_ms"]), float(rows[3]["p50_ms"])
     # hops that gain Envoy: client->gateway->stage-0 and each stage->stage (outbound + inbound sidecar)
     rows[3]["per_hop_overhead_ms"] = (meshed - direct) / n
@@ -340,6 +376,9 @@ def markdown(result: dict[str, Any]) -> str:
     lat = result.get("latency")
     if lat:
         out += ["### Latency and throughput: in-process, chained processes, Envoy mesh", "",
+                "p50 and p99: concurrency 1, the four setups up at once and measured in turns (windows of about a "
+                "second, each setup first in turn), so a machine whose speed moves slows them alike; throughput: "
+                "each setup after the other.", "",
                 "| setup | p50 ms | p99 ms | throughput /s (best of concurrency 1, 2, 4, 8) |", "|---|---|---|---|"]
         out += [f"| {r['setup']} | {_f(r['p50_ms'])} | {_f(r['p99_ms'])} | {_f(r['throughput_rps'])} |" for r in lat]
         mesh, whole = lat[-1], lat[0]["p50_ms"]
