@@ -124,11 +124,15 @@ def cmd_split(args: argparse.Namespace) -> int:
         raise ExportError("give --stages N, or --cut TENSOR for each cut")
     r = split_model(args.model, args.out, args.stages, cuts=args.cut or (), balance=args.balance,
                     threads=args.threads, runs=args.runs, name=args.name, samples=args.samples,
-                    tolerance=Tolerance(args.rtol, args.atol), track=track, external_data=args.external_data)
+                    tolerance=Tolerance(args.rtol, args.atol), track=track, external_data=args.external_data,
+                    per_mb_ms=args.transfer_ms_per_mb)
     _print_stages(r.manifest, args.json)
     (err if args.json else console).print(
         f"wrote {r.directory}/pipeline.json and {len(r.manifest.stages)} stages; chained stages vs whole "
         f"model: {r.proof.summary()}", soft_wrap=True, highlight=False)
+    if r.per_mb_ms is not None:
+        (err if args.json else console).print(
+            f"balanced counting {r.per_mb_ms:.2f} ms per MB a stage receives or sends", highlight=False)
     return 0
 
 
@@ -282,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the stages are balanced on: measured latency or parameter bytes")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per stage, as the service runs it")
     p.add_argument("--runs", type=int, default=10, help="timed runs per measurement (the median is used)")
+    p.add_argument("--transfer-ms-per-mb", type=float, metavar="MS",
+                   help="what a MB a stage receives or sends costs it, for --balance latency (default 0.3; `make "
+                        "bench-hop` measures an added stage's cost per MB on your machine, and a mesh's sidecars "
+                        "add to it): more makes the cuts favour small activations")
     p.add_argument("--name", help="pipeline name (default: the --out directory's name)")
     p.add_argument("--external-data", action="store_true",
                    help="write each stage's weights into stage-<i>.onnx.data beside it: the stage service then maps "

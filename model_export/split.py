@@ -7,6 +7,7 @@ to the whole model, so a failure never leaves a half-written pipeline.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -256,12 +257,13 @@ class SplitResult:
     directory: Path
     proof: Proof
     segment_costs: list[float]
+    per_mb_ms: float | None = None  # what a MB across a cut was counted as costing a stage (latency balance)
 
 
 def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[str] = (),
                 balance: Balance = "latency", threads: int = 1, runs: int = 10, name: str | None = None,
                 tolerance: Tolerance = CHAIN_TOLERANCE, samples: Path | None = None,
-                transfer_ms_per_mb: float = DEFAULT_TRANSFER_MS_PER_MB,
+                per_mb_ms: float | None = None,
                 track: Track = no_progress, external_data: bool = False) -> SplitResult:
     # 1. validate the arguments, before any heavy work
     if out.exists():
@@ -279,12 +281,15 @@ def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[
         raise ExportError(f"--balance must be latency or params, got {balance!r}")
     if threads < 1 or runs < 1:
         raise ExportError("--threads and --runs must be at least 1")
+    if per_mb_ms is not None and not (math.isfinite(per_mb_ms) and per_mb_ms >= 0):
+        raise ExportError(f"--transfer-ms-per-mb must be a number of milliseconds, 0 or more; got {per_mb_ms}")
     if samples is not None and not samples.is_file():
         raise ExportError(f"--samples {samples}: no such file; expected an .npz with one array per model input")
     model = load_onnx(model_path)
     c = find_candidates(model, threads)
     n_stages = stages if stages is not None else len(cuts) + 1
     costs: list[float] = []
+    counted_per_mb: float | None = None
     if cuts:
         chosen = validate_cuts(c, cuts)
     elif n_stages == 1:
@@ -306,7 +311,9 @@ def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[
             )
         costs = segment_costs(c, balance, threads, runs, track)
         cut_bytes = [c.values[t].nbytes for t in c.cuts]
-        per_byte = transfer_ms_per_mb / MB if balance == "latency" else 0.0
+        if balance == "latency":
+            counted_per_mb = per_mb_ms if per_mb_ms is not None else DEFAULT_TRANSFER_MS_PER_MB
+        per_byte = (counted_per_mb or 0.0) / MB
         timer = StageTimer(c, cut_bytes, threads, runs, per_byte) if balance == "latency" else None
         chosen = [c.cuts[i] for i in pick_cuts(costs, cut_bytes, n_stages, per_byte, timer, track)]
 
@@ -323,7 +330,7 @@ def split_model(model_path: Path, out: Path, stages: int | None, cuts: Sequence[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return SplitResult(manifest, out, proof, costs)
+    return SplitResult(manifest, out, proof, costs, counted_per_mb)
 
 
 DIRECTORY_MODE = 0o755

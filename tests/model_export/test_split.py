@@ -107,6 +107,20 @@ def test_cli_split_verify_inspect_merge(whole: Path, tmp_path: Path, capsys: pyt
     np.testing.assert_allclose(merged, ort.InferenceSession(str(whole)).run(None, {"x": x})[0], atol=1e-5)
 
 
+def test_what_a_megabyte_costs_is_a_setting_checked_before_any_work(whole: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("-1", "nan", "inf"):
+        msg = _error(capsys, ["split", str(whole), "--stages", "2", "--out", str(tmp_path / "p"),
+                              "--transfer-ms-per-mb", bad])
+        assert "--transfer-ms-per-mb must be a number of milliseconds, 0 or more" in msg and bad in msg
+    assert not (tmp_path / "p").exists()
+    assert main(["split", str(whole), "--stages", "2", "--out", str(tmp_path / "p"), "--runs", "1",
+                 "--transfer-ms-per-mb", "2.5"]) == 0
+    assert "balanced counting 2.50 ms per MB a stage receives or sends" in capsys.readouterr().out
+    assert split_model(whole, tmp_path / "q", 2, runs=1).per_mb_ms == 0.3  # the default
+    assert split_model(whole, tmp_path / "r", 2, runs=1, balance="params").per_mb_ms is None
+
+
 def test_verify_catches_a_stage_that_no_longer_fits(whole: Path, tmp_path: Path) -> None:
     out = tmp_path / "tampered"
     split_model(whole, out, 2, runs=1)
