@@ -1,6 +1,6 @@
 """`python -m benchmarks.peers`: our stage service against MLServer, KServe and Ray Serve on the same stage.
 
-    python -m benchmarks.peers --pipeline build/reference --stage reference-stage-1 --out build/bench-peers
+    python -m benchmarks.peers --pipeline build/peers-block1 --stage peers-block1-stage-1 --out build/bench-peers
 
 Every server serves the same stage ONNX file in an onnxruntime session with the same options (1 intra-op
 thread, 1 inter-op, sequential, every graph optimization) over KServe v2 REST, on a free 127.0.0.1 port. The
@@ -368,7 +368,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipeline", type=Path, required=True, help="pipeline directory (pipeline.json + stages)")
-    p.add_argument("--stage", required=True, help="the stage every server serves, e.g. reference-stage-1")
+    p.add_argument("--stage", required=True, help="the stage every server serves, e.g. peers-block1-stage-1")
     p.add_argument("--out", type=Path, default=Path("build/bench-peers"))
     p.add_argument("--benchmarks", type=Path, default=Path("BENCHMARKS.md"), help="file whose section to update")
     p.add_argument("--servers", default="ours," + ",".join(PEERS),

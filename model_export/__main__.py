@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per stage, as the service runs it")
     p.add_argument("--runs", type=int, default=10, help="timed runs per measurement (the median is used)")
     p.add_argument("--transfer-ms-per-mb", type=float, metavar="MS",
-                   help="what a MB a stage receives or sends costs it, for --balance latency (default 0.3; `make "
+                   help="what a MB a stage receives or sends costs it, for --balance latency (default 0.7; `make "
                         "bench-hop` measures an added stage's cost per MB on your machine, and a mesh's sidecars "
                         "add to it): more makes the cuts favour small activations")
     p.add_argument("--name", help="pipeline name (default: the --out directory's name)")

@@ -37,9 +37,11 @@ from model_export.verify import prove_pipeline
 
 Balance = Literal["latency", "params"]
 MB = 1_000_000
-# What moving one MB of activation costs a stage (decode in + encode out on loopback, binary), in ms;
-# see BENCHMARKS / `make bench-hop`. Only a tie-breaker in size: it steers cuts towards small activations.
-DEFAULT_TRANSFER_MS_PER_MB = 0.3
+# What one MB a stage receives or sends costs it, in ms: `make bench-hop`'s added stage (binary, loopback, no mesh)
+# costs 0.73 ms a MB on the 2-core AMD VM and 0.44 on the Xeon; each Envoy sidecar adds about 0.6. At 0.3 the
+# reference model's block 2 convolution as a stage alone (9.6 MB across) and with its pooling (4.8 MB) came out
+# within the timing noise of each other, and 4-stage splits chose either (`--transfer-ms-per-mb` sets it).
+DEFAULT_TRANSFER_MS_PER_MB = 0.7
 T = TypeVar("T")
 Track = Callable[[Iterable[T], str], Iterable[T]]
 

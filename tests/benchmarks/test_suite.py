@@ -46,7 +46,7 @@ def test_latency_section_runs_every_setup_on_a_real_chain_and_mesh(tiny_pipeline
         "whole model", "3 stages chained in-process", "3 stage processes chained on loopback",
         "3 stages through the Envoy mesh"]
     for row in rows:
-        assert row["p50_ms"] > 0 and row["throughput_rps"] > 0 and row["requests"] > 10
+        assert row["p50_ms"] > 0 and row["throughput_rps"] > 0 and row["requests"] > 0
     assert "per_hop_overhead_ms" in rows[-1]
     text = markdown({"machine": "m", "date": "d", "latency": rows, "failed": {}})
     assert "Envoy mesh overhead over direct chaining" in text and text.count("\n| ") >= 5

@@ -147,3 +147,10 @@ class PhasedLoad:
         with self.lock:
             self.phase = None
             return Counter(self.served.get(phase, Counter()))
+
+
+def assert_share(served: Counter[str], split: str, weight: int, everything: object) -> None:
+    """`split`'s share of `served` is its weight, within 5 standard deviations of the binomial count (each
+    unassigned request is assigned independently: a tighter bound would fail by chance now and then)."""
+    n, p = sum(served.values()), weight / 100
+    assert abs(served[split] - n * p) <= 5 * (n * p * (1 - p)) ** 0.5, everything

@@ -127,7 +127,7 @@ def test_a_process_that_cannot_be_started_again_waits_the_back_off_and_the_keepe
 
 def test_the_mesh_lock_is_shared_with_other_processes_and_reentrant(tmp_path: Path, capfd) -> None:  # type: ignore[no-untyped-def]
     lock = tmp_path / local.LOCK_FILE
-    holder = subprocess.Popen(["flock", str(lock), "sleep", "1.5"])
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "3"])  # long past any stall of this process
     try:
         _wait_for(lock.exists, 10)
         time.sleep(0.2)

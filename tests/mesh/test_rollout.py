@@ -5,7 +5,6 @@ request fails through any of it."""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from mesh.render import render_tree
 from mesh.v2client import STAGE_TIMING, infer, stage_timing
 from model_export.manifest import load_manifest
 from model_export.stage_version import write_stage_version
-from tests.mesh.local_mesh import Check, PhasedLoad, mesh_cli, running_mesh
+from tests.mesh.local_mesh import Check, PhasedLoad, assert_share, mesh_cli, running_mesh
 from tests.tiny import dense_stage_graph, write_tiny_pipeline
 
 STAGE = "roll-stage-1"
@@ -66,10 +65,6 @@ def mesh(pipelines: dict[str, Path]) -> Iterator[tuple[local.State, Path]]:
         yield state, state_dir
 
 
-def share(served: Counter[str], version: str) -> float:
-    return 100 * served[version] / sum(served.values())
-
-
 def test_canary_promote_and_rollback_under_load(mesh: tuple[local.State, Path], pipelines: dict[str, Path]) -> None:
     state, state_dir = mesh
     x = np.linspace(-1, 1, 16, dtype=np.float32).reshape(1, 16)
@@ -84,9 +79,9 @@ def test_canary_promote_and_rollback_under_load(mesh: tuple[local.State, Path], 
                           str(pipelines["v2"]), *where)
         assert canary.returncode == 0, canary.stderr
         assert "v1 90% (1 replicas), v2 10% (1 replicas)" in canary.stdout
-        assert abs(share(load.count("10%", 600), "v2") - 10) <= 5, load.served
+        assert_share(load.count("10%", 600), "v2", 10, load.served)
         assert mesh_cli("canary", "--stage", STAGE, "--version", "v2", "--weight", "50", *where).returncode == 0
-        assert abs(share(load.count("50%", 800), "v2") - 50) <= 5, load.served
+        assert_share(load.count("50%", 800), "v2", 50, load.served)
         # the same policy renders the Kubernetes tree: a Deployment of v2 reading the file from the image's copy
         tree = render_tree(load_manifest(pipelines["v1"]), load_policy(state_dir / "policy.yaml"))
         v2 = tree["overlays/canary/deployment-roll-stage-1-v2.yaml"]
@@ -100,7 +95,7 @@ def test_canary_promote_and_rollback_under_load(mesh: tuple[local.State, Path], 
 
         assert mesh_cli("canary", "--stage", STAGE, "--version", "v3", "--weight", "50", "--pipeline",
                         str(pipelines["v3"]), *where).returncode == 0
-        assert abs(share(load.count("v3 50%", 800), "v3") - 50) <= 5, load.served
+        assert_share(load.count("v3 50%", 800), "v3", 50, load.served)
         v3_procs = [p for p in local.read_state(state_dir).procs if p.name.startswith(f"{STAGE}-v3-")]  # type: ignore[union-attr]
         rolled = mesh_cli("rollback", "--stage", STAGE, *where)
         assert rolled.returncode == 0, rolled.stderr

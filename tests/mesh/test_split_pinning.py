@@ -8,7 +8,6 @@ name one split on every stage, with as many stages as that split has."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from mesh.procs import alive
 from mesh.v2client import STAGE_TIMING, infer, timing_splits
 from model_export.manifest import load_manifest
 from model_export.split import split_model
-from tests.mesh.local_mesh import Check, PhasedLoad, mesh_cli, running_mesh
+from tests.mesh.local_mesh import Check, PhasedLoad, assert_share, mesh_cli, running_mesh
 from tests.tiny import write_tiny_pipeline
 
 CLIENTS = 2
@@ -64,13 +63,6 @@ def mesh(splits: dict[str, Path]) -> Iterator[tuple[local.State, Path]]:
     state_dir = splits["3"].parent / ".mesh"
     with running_mesh(splits["3"], None, state_dir) as state:
         yield state, state_dir
-
-
-def assert_share(served: Counter[str], split: str, weight: int, everything: object) -> None:
-    """`split`'s share of `served` is its weight, within 5 standard deviations of the binomial count (each
-    unassigned request is assigned independently: a tighter bound would fail by chance now and then)."""
-    n, p = sum(served.values()), weight / 100
-    assert abs(served[split] - n * p) <= 5 * (n * p * (1 - p)) ** 0.5, everything
 
 
 def whole_model(directory: Path, x: np.ndarray) -> np.ndarray:

@@ -117,7 +117,7 @@ def test_what_a_megabyte_costs_is_a_setting_checked_before_any_work(whole: Path,
     assert main(["split", str(whole), "--stages", "2", "--out", str(tmp_path / "p"), "--runs", "1",
                  "--transfer-ms-per-mb", "2.5"]) == 0
     assert "balanced counting 2.50 ms per MB a stage receives or sends" in capsys.readouterr().out
-    assert split_model(whole, tmp_path / "q", 2, runs=1).per_mb_ms == 0.3  # the default
+    assert split_model(whole, tmp_path / "q", 2, runs=1).per_mb_ms == 0.7  # the default
     assert split_model(whole, tmp_path / "r", 2, runs=1, balance="params").per_mb_ms is None
 
 
