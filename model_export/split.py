@@ -190,7 +190,7 @@ def _cuts_worth_trying(a: int, b: int, cut_bytes: Sequence[int], worth_ms: float
     """The boundaries inside the stage of segments a .. b - 1 whose cut saves more than `worth_ms` (the bytes of the
     merged cut, less the slack, in ms) fewest bytes first: the `cheapest` few in bytes and those within two segments
     of the stage's even point, each timed only when tried. The fewest bytes often lie far from the even point (the
-    1 KB between block 3 and the head, three small segments past block 3's convolution); the even point's
+    1 KB between block 3 and the head, four small segments past block 3's convolution); the even point's
     neighbours keep a stage with only large cuts near its balance."""
     inside = [cut for cut in range(a + 1, b) if cut_bytes[cut - 1] * per_byte < worth_ms]
     if not inside:
