@@ -139,7 +139,7 @@ def markdown(report: dict) -> str:
              f"thread(s) per stage, median of {report['runs']} runs. Every possible stage (each run of consecutive "
              "segments) is measured as a stage; the exhaustive search picks the best cuts from those measurements. "
              "Transfer counted: the same two bottlenecks with each stage also paying "
-             f"{report.get('per_mb_ms', DEFAULT_TRANSFER_MS_PER_MB)} ms per MB across its cuts, as `split` counts "
+             f"{report['per_mb_ms']} ms per MB across its cuts, as `split` counts "
              "them (its objective; the columns before count compute alone, so a cut `split` moves for fewer bytes "
              "shows there as a trade). Same cuts again: `split`'s own choice made again from scratch (its segment "
              "costs and stage timings measured anew), how many times of how many it made its most frequent choice.",
@@ -158,8 +158,6 @@ def markdown(report: dict) -> str:
 
 def counted_cell(result: dict) -> str:
     """The chosen and the best bottleneck counting transfer, as `split` does: "44.2 / 44.2 (1.000)"."""
-    if "counted_ratio" not in result:
-        return "-"  # a run from before the column
     return f"{result['counted_bottleneck_ms']:.2f} / {result['counted_best_ms']:.2f} ({result['counted_ratio']:.3f})"
 
 
