@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -207,20 +208,20 @@ def latency_section(pipeline: Path, seconds: float, rounds: int = 10) -> list[di
     setups = ["whole model, in-process (1 thread/call, 2 callers for throughput)", f"{n} stages chained in-process",
               f"{n} stage processes chained on loopback (binary)",
               f"{n} stages through the Envoy mesh (gateway with TLS and a token, sidecars, mTLS)"]
+    run_whole, run_chain = partial(whole.run, None, feeds), partial(chain.run, feeds)
     with direct_chain(pipeline) as stages, local_mesh(pipeline) as (url, access, _):
-        for warm in (lambda: whole.run(None, feeds), lambda: chain.run(feeds)):
-            for _ in range(3):
-                warm()
+        for _ in range(3):
+            run_whole()
+            run_chain()
         _log(f"latency of the four setups, interleaved: {rounds} rounds of {2 * seconds / rounds:.1f} s each")
         lat = interleaved_ms({
-            setups[0]: lambda s: sequential_ms(lambda: whole.run(None, feeds), s),
-            setups[1]: lambda s: sequential_ms(lambda: chain.run(feeds), s),
+            setups[0]: partial(sequential_ms, run_whole),
+            setups[1]: partial(sequential_ms, run_chain),
             setups[2]: lambda s: http_ms(stages[0].url, manifest.name, s),
             setups[3]: lambda s: http_ms(url, manifest.name, s, access),
         }, seconds * 2, rounds)
         _log("throughput: whole model, stages in-process, stage processes, mesh")
-        rps = [threaded_rps(lambda: whole.run(None, feeds), seconds, 2),
-               threaded_rps(lambda: chain.run(feeds), seconds, 2),
+        rps = [threaded_rps(run_whole, seconds, 2), threaded_rps(run_chain, seconds, 2),
                over_http(stages[0].url, manifest.name, seconds)["throughput_rps"],
                over_http(url, manifest.name, seconds, access=access)["throughput_rps"]]
     rows: list[dict[str, Any]] = [
