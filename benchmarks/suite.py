@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmarks import request_profile
+from benchmarks.floor_stage import floor_chain
 from benchmarks.sections import update_section
 from loadtest import report
 from loadtest.machine import describe
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from mesh.local import State
 
 SWEEP = (1, 2, 4, 8)
+PAUSE_S = 0.02  # the idle before each stage of the in-process reference: a stage of the reference chain idles 20-60 ms
 
 
 def _log(text: str) -> None:
@@ -93,6 +95,28 @@ def http_ms(url: str, model: str, seconds: float, access: Access | None = None) 
     if failed:
         raise RuntimeError(f"{url}: requests answered {', '.join(failed)}; expected 200")
     return [s.latency_s * 1000 for s in samples[1:]]
+
+
+def paused_chain_ms(chain: Chain, feeds: dict[str, np.ndarray], pause_s: float, seconds: float) -> list[float]:
+    """The milliseconds of each sequential run of `chain` in `seconds`, each stage run after `pause_s` of sleep that
+    is not counted: every stage starts as a stage process of a chain at concurrency 1 does, after idling while the
+    others ran (on the 2-core VM of BENCHMARKS.md work after a pause runs slower than work in a row)."""
+    lat: list[float] = []
+    slept = 0.0
+
+    def pause() -> None:
+        nonlocal slept
+        begin = time.perf_counter()
+        time.sleep(pause_s)
+        slept += time.perf_counter() - begin
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        slept = 0.0
+        begin = time.perf_counter()
+        chain.run_all(feeds, before_each=pause)
+        lat.append((time.perf_counter() - begin - slept) * 1000)
+    return lat
 
 
 def interleaved_ms(windows: dict[str, Callable[[float], list[float]]], seconds: float,
@@ -199,7 +223,10 @@ def imports_rss_mb() -> float:
 
 def latency_section(pipeline: Path, seconds: float, rounds: int = 10) -> list[dict[str, Any]]:
     """p50/p99 at concurrency 1 of the four setups measured interleaved (`interleaved_ms`), all four up at once;
-    then each setup's best throughput, one after the other."""
+    then each setup's best throughput, one after the other. Two reference rows (`"reference": True`, after the
+    four), measured in the same turns, split the loopback chain's gap over the in-process chain in two: the stages
+    run in-process after the idle each stage process has between its turns (`paused_chain_ms`), and the least any
+    Python stage process does (`floor_stage`); the stage service's own part is what its chain takes over that."""
     manifest = load_manifest(pipeline)
     feeds = pipeline_inputs(manifest, 1, 0)
     whole = create_session(str(resolve_source(pipeline, manifest, None)), 1)
@@ -208,17 +235,23 @@ def latency_section(pipeline: Path, seconds: float, rounds: int = 10) -> list[di
     setups = ["whole model, in-process (1 thread/call, 2 callers for throughput)", f"{n} stages chained in-process",
               f"{n} stage processes chained on loopback (binary)",
               f"{n} stages through the Envoy mesh (gateway with TLS and a token, sidecars, mTLS)"]
+    references = [f"{n} stages chained in-process, each after {PAUSE_S * 1000:g} ms idle (not counted)",
+                  f"{n} floor stage processes chained on loopback (`benchmarks/floor_stage.py`)"]
     run_whole, run_chain = partial(whole.run, None, feeds), partial(chain.run, feeds)
-    with direct_chain(pipeline) as stages, local_mesh(pipeline) as (url, access, _):
+    with (direct_chain(pipeline) as stages, local_mesh(pipeline) as (url, access, _),
+          tempfile.TemporaryDirectory(prefix="bench-floor-") as logs, floor_chain(pipeline, Path(logs)) as floor):
         for _ in range(3):
             run_whole()
             run_chain()
-        _log(f"latency of the four setups, interleaved: {rounds} rounds of {2 * seconds / rounds:.1f} s each")
+        _log(f"latency of the four setups and two references, interleaved: {rounds} rounds of "
+             f"{2 * seconds / rounds:.1f} s each")
         lat = interleaved_ms({
             setups[0]: partial(sequential_ms, run_whole),
             setups[1]: partial(sequential_ms, run_chain),
             setups[2]: lambda s: http_ms(stages[0].url, manifest.name, s),
             setups[3]: lambda s: http_ms(url, manifest.name, s, access),
+            references[0]: partial(paused_chain_ms, chain, feeds, PAUSE_S),
+            references[1]: lambda s: http_ms(floor, manifest.name, s),
         }, seconds * 2, rounds)
         _log("throughput: whole model, stages in-process, stage processes, mesh")
         rps = [threaded_rps(run_whole, seconds, 2), threaded_rps(run_chain, seconds, 2),
@@ -230,7 +263,9 @@ def latency_section(pipeline: Path, seconds: float, rounds: int = 10) -> list[di
     direct, meshed = float(rows[2]["p50_ms"]), float(rows[3]["p50_ms"])
     # hops that gain Envoy: client->gateway->stage-0 and each stage->stage (outbound + inbound sidecar)
     rows[3]["per_hop_overhead_ms"] = (meshed - direct) / n
-    return rows
+    return rows + [{"setup": setup, "reference": True, "p50_ms": float(np.percentile(lat[setup], 50)),
+                    "p99_ms": float(np.percentile(lat[setup], 99)), "requests": len(lat[setup])}
+                   for setup in references]
 
 
 def envoy_overhead_section(pipeline: Path, seconds: float, runs: int = 5) -> list[dict[str, Any]]:
@@ -371,10 +406,38 @@ def _f(x: float) -> str:
     return f"{x:.2f}"
 
 
+def gap_markdown(latency: list[dict[str, Any]]) -> list[str]:
+    """The loopback chain's p50 over the whole model's, step by step through the two reference rows: each step's
+    p50 and what it adds to the one before (differences of p50s from the same interleaved turns)."""
+    setups = [r for r in latency if not r.get("reference")]
+    references = [r for r in latency if r.get("reference")]
+    if len(setups) < 3 or len(references) < 2:
+        return []
+    steps = [(setups[0], "the whole model, one session"), (setups[1], "the split itself: one session per stage instead of one"),
+             (references[0], "each stage run after the idle a stage process has between its turns"),
+             (references[1], "stage processes, sockets and copies, at the least a Python stage does"),
+             (setups[2], "the stage service over that floor: HTTP server, checks, limits, metrics")]
+    whole = setups[0]["p50_ms"]
+    out = ["#### Where the loopback chain's extra time goes", "",
+           "From the whole model to the stage processes in steps, all measured in the same turns as the table above "
+           "(p50s; each step's difference to the one before is what it adds). The two reference rows: the stages "
+           "in-process, each run after sleeping as long as a stage process idles between its turns (the sleep not "
+           "counted), and the same chain of processes made of floor stages (`benchmarks/floor_stage.py`: raw "
+           "asyncio HTTP/1.1, tensors as views of the body, inline inference, the stage service's own client to "
+           "the next; no framework, checks, limits, metrics or tracing).", "",
+           "| step | p50 ms | vs whole model | adds ms | what the step adds |", "|---|---|---|---|---|"]
+    before = None
+    for row, adds in steps:
+        added = "" if before is None else f"{row['p50_ms'] - before:+.2f}"
+        out.append(f"| {row['setup']} | {_f(row['p50_ms'])} | {row['p50_ms'] / whole:.2f}x | {added} | {adds} |")
+        before = row["p50_ms"]
+    return out + [""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     out = ["## make bench", "", f"Measured by `make bench` on {result['machine']}, {result['date']}.",
            "All traffic on loopback; batch 1 unless stated; JSON in `build/bench/bench.json`.", ""]
-    lat = result.get("latency")
+    lat = [r for r in result.get("latency", []) if not r.get("reference")]
     if lat:
         out += ["### Latency and throughput: in-process, chained processes, Envoy mesh", "",
                 "p50 and p99: concurrency 1, the four setups up at once and measured in turns (windows of about a "
@@ -388,6 +451,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"(target at most 1.10x), through the Envoy mesh {mesh['p50_ms'] / whole:.2f}x (target at most 1.15x). "
                 f"Envoy mesh overhead over direct chaining: {_f(mesh['per_hop_overhead_ms'])} ms p50 per hop "
                 f"(target at most 1 ms; five runs below).", ""]
+        out += gap_markdown(result["latency"])
     env = result.get("envoy_overhead")
     if env:
         overheads = sorted(r["per_hop_overhead_ms"] for r in env)
@@ -465,7 +529,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lat = result.get("latency")
+    lat = [r for r in result.get("latency", []) if not r.get("reference")]
     if lat:
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
         labels = [r["setup"].split(" (")[0] for r in lat]

@@ -27,7 +27,7 @@ import numpy as np
 from fastapi import FastAPI, Request, Response
 
 from stage_service.launch import HOST, free_port
-from stage_service.supervisor import Child, Target, wait_ready
+from stage_service.supervisor import Child, Target, port_open, wait_ready
 
 SIZES = {"0.8 MB": 800_000, "3.2 MB": 3_200_000}  # bytes, as the reference model's activations
 PREFIX = struct.Struct("<Q")
@@ -98,18 +98,6 @@ def app_factory() -> Any:
     return fastapi_app()
 
 
-def _port_open(port: int) -> Callable[[], bool]:
-    import socket
-
-    def check() -> bool:
-        try:
-            with socket.create_connection((HOST, port), timeout=1):
-                return True
-        except OSError:
-            return False
-    return check
-
-
 def start_servers(log_dir: Path) -> tuple[list[Child], dict[str, int]]:
     children: list[Child] = []
     ports: dict[str, int] = {}
@@ -121,7 +109,7 @@ def start_servers(log_dir: Path) -> tuple[list[Child], dict[str, int]]:
                                                    "--port", str(port)], log_dir / f"{kind}.log")
             children.append(child)
             ports[kind] = port
-            targets.append(child.target(_port_open(port)))
+            targets.append(child.target(port_open(HOST, port)))
         wait_ready(targets, timeout=60)
     except BaseException:
         for child in children:

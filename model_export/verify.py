@@ -64,10 +64,14 @@ class Chain:
             for s in manifest.stages
         ]
 
-    def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Every stage's outputs (the cut tensors and the final outputs) by name."""
+    def run_all(self, feeds: dict[str, np.ndarray],
+                before_each: Callable[[], object] | None = None) -> dict[str, np.ndarray]:
+        """Every stage's outputs (the cut tensors and the final outputs) by name; `before_each` is called before
+        each stage runs."""
         values = dict(feeds)
         for stage, session in zip(self.manifest.stages, self.sessions, strict=True):
+            if before_each is not None:
+                before_each()
             outs = session.run([t.name for t in stage.outputs], {t.name: values[t.name] for t in stage.inputs})
             values.update(zip([t.name for t in stage.outputs], outs, strict=True))
         return values

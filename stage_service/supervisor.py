@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -219,6 +220,17 @@ def http_ready(*urls: str, timeout: float = 1.0, client: httpx.Client | None = N
     """A probe: every URL answers GET with 200."""
     get = client.get if client is not None else httpx.get
     return lambda: all(get(url, timeout=timeout).status_code == 200 for url in urls)
+
+
+def port_open(host: str, port: int) -> Callable[[], bool]:
+    """A probe: something accepts TCP connections on host:port (a server that speaks no HTTP route to ask)."""
+    def check() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return True
+        except OSError:
+            return False
+    return check
 
 
 def wait_ready(targets: Sequence[Target], timeout: float, interval: float = 0.05) -> float:

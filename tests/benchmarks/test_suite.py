@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
+import numpy as np
+
+from benchmarks.floor_stage import floor_chain
 from benchmarks.sections import update_section
-from benchmarks.suite import interleaved_ms, latency_section, markdown, sequential_ms, threaded_rps
+from benchmarks.suite import interleaved_ms, latency_section, markdown, paused_chain_ms, sequential_ms, threaded_rps
 from model_export.manifest import Manifest
+from model_export.verify import Chain, pipeline_inputs
+from stage_service import protocol
 
 
 def test_sections_of_benchmarks_md_are_replaced_in_place(tmp_path: Path) -> None:
@@ -44,9 +50,37 @@ def test_latency_section_runs_every_setup_on_a_real_chain_and_mesh(tiny_pipeline
     rows = latency_section(directory, seconds=0.5)
     assert [r["setup"].split(",")[0].split(" (")[0] for r in rows] == [
         "whole model", "3 stages chained in-process", "3 stage processes chained on loopback",
-        "3 stages through the Envoy mesh"]
+        "3 stages through the Envoy mesh", "3 stages chained in-process", "3 floor stage processes chained on loopback"]
+    assert [bool(r.get("reference")) for r in rows] == [False] * 4 + [True] * 2
     for row in rows:
-        assert row["p50_ms"] > 0 and row["throughput_rps"] > 0 and row["requests"] > 0
-    assert "per_hop_overhead_ms" in rows[-1]
+        assert row["p50_ms"] > 0 and row["requests"] > 0
+        assert row.get("reference") or row["throughput_rps"] > 0
+    assert "per_hop_overhead_ms" in rows[3]
     text = markdown({"machine": "m", "date": "d", "latency": rows, "failed": {}})
-    assert "Envoy mesh overhead over direct chaining" in text and text.count("\n| ") >= 5
+    assert "Envoy mesh overhead over direct chaining" in text and text.count("\n| ") == 11
+    assert "Where the loopback chain's extra time goes" in text and "idle (not counted)" in text
+
+
+def test_the_paused_chain_counts_the_stages_and_not_the_pauses(tiny_pipeline: tuple[Path, Manifest]) -> None:
+    directory, manifest = tiny_pipeline
+    chain, feeds = Chain(directory, manifest, threads=1), pipeline_inputs(manifest, 1, 0)
+    lat = paused_chain_ms(chain, feeds, pause_s=0.05, seconds=0.5)
+    # 3 pauses of 50 ms a run: at most 4 runs fit in 0.5 s, and what is counted is the tiny stages' microseconds
+    assert 1 <= len(lat) <= 4 and max(lat) < 50
+
+
+def test_a_floor_chain_answers_what_the_chain_computes(tiny_pipeline: tuple[Path, Manifest], tmp_path: Path) -> None:
+    directory, manifest = tiny_pipeline
+    feeds = pipeline_inputs(manifest, 2, 0)
+    body, header_length = protocol.encode_request(feeds)
+    with floor_chain(directory, tmp_path) as url:
+        meta = httpx.get(f"{url}/v2/models/{manifest.name}", timeout=10).json()
+        response = httpx.post(f"{url}/v2/models/{manifest.name}/infer", content=body, timeout=30,
+                              headers={protocol.HEADER_LENGTH: str(header_length),
+                                       "content-type": protocol.BINARY_CONTENT_TYPE})
+    assert [t["name"] for t in meta["inputs"]] == [t.name for t in manifest.inputs]
+    assert response.status_code == 200
+    assert response.headers["x-stage-timing"].count("floor=") == len(manifest.stages)
+    _, outputs = protocol.decode_response(response.content, response.headers[protocol.HEADER_LENGTH])
+    for name, want in Chain(directory, manifest, threads=1).run(feeds).items():
+        np.testing.assert_array_equal(outputs[name], want)
