@@ -5,10 +5,12 @@
 Every server serves the same stage ONNX file in an onnxruntime session with the same options (1 intra-op
 thread, 1 inter-op, sequential, every graph optimization) over KServe v2 REST, on a free 127.0.0.1 port. The
 peers run from their own venvs (`.venv-peers/<peer>`, made by `make peers-venv`); this driver and the load
-generator run from the product's venv. One server at a time: start, wait until ready, then per encoding it
-speaks (binary tensor extension and/or JSON): warm up, a closed loop at concurrency 1 (p50/p99 latency), a short
-sweep of higher concurrency (throughput at saturation), all with the same request bodies; then stop it. The
-peak RSS of the server's whole process tree, sampled from /proc every 0.5 s, is reported per encoding.
+generator run from the product's venv. Ours and one peer at a time: both started and ready, then per encoding
+both speak (binary tensor extension, JSON, gRPC): each warmed up, a closed loop at concurrency 1 (p50/p99
+latency) and a short sweep of higher concurrency (throughput at saturation), every level in turns (`--rounds`
+windows each, the two servers alternating), all with the same request bodies; then both stopped. Turns make the
+machine's phases fall on both alike; one peer at a time keeps the others' idle processes (Ray's 11) off the
+pair. The peak RSS of each server's whole process tree, sampled from /proc every 0.5 s, is reported per encoding.
 
 Ours must serve a stage without a next stage to forward to, so it serves a one-stage manifest made from the
 pipeline's (`standalone_manifest`): the same stage entry, the same ONNX file (sha256 checked at start).
@@ -95,12 +97,12 @@ def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For every peer row, ours in the same encoding: p50 at concurrency 1 and peak throughput, as ratios,
-    and whether ours is ahead in both (the target)."""
-    ours = {r["encoding"]: r for r in results if r["server"] == "ours" and r.get("runs")}
+    """For every peer row, ours in the same encoding measured beside it (the same `pair`): p50 at concurrency 1 and
+    peak throughput, as ratios, and whether ours is ahead in both (the target)."""
+    ours = {(r.get("pair"), r["encoding"]): r for r in results if r["server"] == "ours" and r.get("runs")}
     verdicts = []
     for r in results:
-        mine = ours.get(r["encoding"])
+        mine = ours.get((r.get("pair"), r["encoding"]))
         if r["server"] == "ours" or not r.get("runs") or mine is None:
             continue
         p50_ratio = r["latency"]["latency_ms"]["p50"] / mine["latency"]["latency_ms"]["p50"]
@@ -133,7 +135,7 @@ def verdict_markdown(verdicts: list[dict[str, Any]]) -> str:
 def markdown(results: list[dict[str, Any]], levels: list[int]) -> str:
     """The results as a Markdown table: one row per server and encoding."""
     head = ["server", "version", "encoding", "c=1 p50 ms", "c=1 p99 ms", "c=1 n",
-            *[f"c={c} req/s" for c in levels], "peak req/s", "peak RSS MiB", "processes"]
+            *[f"c={c} req/s" for c in levels], "peak req/s", "peak RSS MiB", "processes", "in turns with"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if not r.get("runs"):
@@ -147,9 +149,16 @@ def markdown(results: list[dict[str, Any]], levels: list[int]) -> str:
         lines.append("| " + " | ".join([
             r["title"], r["version"], r["encoding"], f"{lat['p50']:.1f}", f"{lat['p99']:.1f}",
             str(r["latency"]["ok"]), *tputs, f"{peak['throughput_rps']:.1f} (c={peak['concurrency']})",
-            _fmt_mib(r.get("peak_rss_bytes")), str(r.get("processes", "-")),
+            _fmt_mib(r.get("peak_rss_bytes")), str(r.get("processes", "-")), _turns_with(r),
         ]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _turns_with(row: dict[str, Any]) -> str:
+    """The server a row was measured in turns with: ours beside its peer, the peer beside ours."""
+    if row.get("pair") is None:
+        return "-"
+    return TITLES["ours"] if row["server"] != "ours" else TITLES[row["pair"]]
 
 
 # -------------------------------------------------------------------------------------------- server processes
@@ -273,40 +282,68 @@ def _closed(workload: Any, concurrency: int, duration: float) -> list[Any]:
     return run(workload, LoadSettings(concurrency=concurrency, duration_s=duration, timeout_s=60.0))
 
 
-def bench_server(key: str, args: argparse.Namespace, version: str) -> list[dict[str, Any]]:
-    server = make_server(key, args.pipeline, args.stage, args.out, args.mlserver_parallel_workers)
-    encodings = [e for e in ENCODINGS[key] if e in args.encodings]
-    rows: list[dict[str, Any]] = [
-        {"server": key, "title": TITLES[key], "version": version, "encoding": e} for e in encodings
-    ]
-    err.print(f"[bold]{TITLES[key]}[/] {version}: starting")
+def _pair_rows(pair: str | None, versions: dict[str, str], encodings: list[str]) -> list[dict[str, Any]]:
+    keys = ["ours", *([pair] if pair else [])]
+    return [{"server": key, "title": TITLES[key], "version": versions[key], "encoding": encoding, "pair": pair}
+            for encoding in encodings for key in keys]
+
+
+def _in_turns(loads: dict[str, Load], concurrency: int, duration: float, rounds: int) -> dict[str, list[Sample]]:
+    """Each server's samples of `rounds` windows of duration / rounds at `concurrency`, the servers taking turns
+    (the other first every other round): the machine's phases (the 2-core VM's speed moves every half second or
+    so) then fall on both alike, where one window each compared one phase with another."""
+    samples: dict[str, list[Sample]] = {key: [] for key in loads}
+    keys = list(loads)
+    for r in range(rounds):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            samples[key] += loads[key](concurrency, duration / rounds)
+    return samples
+
+
+def bench_pair(pair: str | None, args: argparse.Namespace, versions: dict[str, str]) -> list[dict[str, Any]]:
+    """Ours and the peer `pair` (None: ours alone) up at once; per encoding both speak, each warmed up, then every
+    concurrency level measured in turns (`_in_turns`); then both stopped. Rows: ours and the peer per encoding,
+    each with the peak RSS of its process tree during that encoding."""
+    out = args.out / (pair or "ours-alone")
+    keys = ["ours", *([pair] if pair else [])]
+    servers = {key: make_server(key, args.pipeline, args.stage, out, args.mlserver_parallel_workers) for key in keys}
+    encodings = [e for e in ENCODINGS["ours"] if e in args.encodings and all(e in ENCODINGS[k] for k in keys)]
+    rows = _pair_rows(pair, versions, encodings)
+    err.print(f"[bold]{' and '.join(TITLES[k] for k in keys)}[/]: starting")
     try:
-        server.start()
-        startup = server.wait_ready(args.stage, args.ready_timeout)
-        for row in rows:
-            server.peak_rss = 0  # each encoding's own peak (the sampler keeps raising it from the tree's RSS)
-            load = load_for(server, args.pipeline, args.stage, row["encoding"])
-            load(1, args.warmup)
-            runs = []
+        for server in servers.values():
+            server.start()
+        startup = {key: server.wait_ready(args.stage, args.ready_timeout) for key, server in servers.items()}
+        for encoding in encodings:
+            loads = {key: load_for(server, args.pipeline, args.stage, encoding) for key, server in servers.items()}
+            for key, server in servers.items():
+                server.peak_rss = 0  # each encoding's own peak (the sampler keeps raising it from the tree's RSS)
+                loads[key](1, args.warmup)
+            runs: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}
             for c in args.levels:
                 duration = args.latency_duration if c == 1 else args.sweep_duration
-                err.print(f"  {row['encoding']}: concurrency {c}, {duration:g} s")
-                summary = report.summarize(load(c, duration), duration, f"concurrency {c}")
-                summary["concurrency"] = c
-                runs.append(summary)
-                failed = summary["requests"] - summary["ok"]
-                if failed:
-                    err.print(f"  [red]{failed} failed[/]: {summary['errors']}")
+                err.print(f"  {encoding}: concurrency {c}, {duration:g} s each, in {args.rounds} turns")
+                for key, samples in _in_turns(loads, c, duration, args.rounds).items():
+                    summary = report.summarize(samples, duration, f"concurrency {c}")
+                    summary["concurrency"] = c
+                    runs[key].append(summary)
+                    if summary["requests"] - summary["ok"]:
+                        err.print(f"  [red]{key}: {summary['requests'] - summary['ok']} failed[/]: {summary['errors']}")
             time.sleep(0.6)  # one more RSS sample
-            row.update(runs=runs, latency=runs[0], startup_s=startup, peak_rss_bytes=server.peak_rss)
+            for row in rows:
+                if row["encoding"] == encoding:
+                    key = row["server"]
+                    row.update(runs=runs[key], latency=runs[key][0], startup_s=startup[key],
+                               peak_rss_bytes=servers[key].peak_rss)
     except (RuntimeError, TimeoutError, WorkloadError) as exc:
-        err.print(f"  [red]{key} failed:[/] {exc}")
+        err.print(f"  [red]{' and '.join(keys)} failed:[/] {exc}")
         for row in rows:
             row.setdefault("error", str(exc).splitlines()[0][:200])
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
     for row in rows:
-        row["processes"] = server.processes
+        row["processes"] = servers[row["server"]].processes
     return rows
 
 
@@ -340,12 +377,12 @@ def plot(results: list[dict[str, Any]], out: Path, title: str) -> Path:
 def rich_table(results: list[dict[str, Any]], levels: list[int], title: str) -> Table:
     t = Table(title=title)
     for col in ("server", "version", "encoding", "c=1 p50 ms", "c=1 p99 ms", "n",
-                *[f"c={c} req/s" for c in levels], "peak RSS MiB", "procs", "errors"):
+                *[f"c={c} req/s" for c in levels], "peak RSS MiB", "procs", "errors", "in turns with"):
         t.add_column(col, justify="left" if col in ("server", "version", "encoding") else "right")
     for r in results:
         if not r.get("runs"):
             t.add_row(r["title"], r.get("version", "-"), r["encoding"], "[red]failed[/]", *[""] * (len(levels) + 5),
-                      r.get("error", ""))
+                      r.get("error", ""), _turns_with(r))
             continue
         lat = r["latency"]["latency_ms"]
         by_level = {run["concurrency"]: run for run in r["runs"]}
@@ -353,7 +390,7 @@ def rich_table(results: list[dict[str, Any]], levels: list[int], title: str) -> 
         t.add_row(r["title"], r["version"], r["encoding"], f"{lat['p50']:.1f}", f"{lat['p99']:.1f}",
                   str(r["latency"]["ok"]),
                   *[f"{by_level[c]['throughput_rps']:.1f}" if c in by_level else "-" for c in levels],
-                  _fmt_mib(r.get("peak_rss_bytes")), str(r.get("processes", "-")), str(errors))
+                  _fmt_mib(r.get("peak_rss_bytes")), str(r.get("processes", "-")), str(errors), _turns_with(r))
     return t
 
 
@@ -378,6 +415,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-duration", type=float, default=10.0, help="seconds at concurrency 1")
     p.add_argument("--sweep-duration", type=float, default=6.0, help="seconds at each higher concurrency")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of discarded load before each encoding")
+    p.add_argument("--rounds", type=int, default=4, choices=range(1, 21), metavar="1-20",
+                   help="turns: each level's seconds are split into this many windows per server, taken in turns")
     p.add_argument("--ready-timeout", type=float, default=120.0)
     p.add_argument("--mlserver-parallel-workers", type=int, default=0,
                    help="MLServer parallel_workers (0: inference in the server process; MLServer's default is 1)")
@@ -403,19 +442,22 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     skipped = {}
     t0 = time.monotonic()
+    peers = []
     for key in servers:
         if key != "ours" and not peer_python(key).exists():
             skipped[key] = f"{peer_python(key)} missing: run `make peers-venv`"
             err.print(f"[yellow]skipping {key}[/]: {skipped[key]}")
-            continue
-        version = f"this repo @ {git_head()}" if key == "ours" else peer_version(key)
-        results.extend(bench_server(key, args, version))
+        elif key != "ours":
+            peers.append(key)
+    versions = {"ours": f"this repo @ {git_head()}", **{key: peer_version(key) for key in peers}}
+    for pair in peers or [None]:
+        results.extend(bench_pair(pair, args, versions))
     verdicts = compare(results)
-    title = f"{args.stage} of {args.pipeline}, one server at a time, closed loop ({machine})"
+    title = f"{args.stage} of {args.pipeline}, ours and one peer at a time in turns, closed loop ({machine})"
     meta = {
         "machine": machine, "pipeline": str(args.pipeline), "stage": args.stage, "levels": args.levels,
         "durations_s": {"warmup": args.warmup, "concurrency_1": args.latency_duration,
-                        "sweep": args.sweep_duration},
+                        "sweep": args.sweep_duration}, "turns": args.rounds,
         "settings": {"onnxruntime": "intra_op 1, inter_op 1, sequential, ORT_ENABLE_ALL, CPU",
                      "mlserver_parallel_workers": args.mlserver_parallel_workers},
         "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},

@@ -413,7 +413,8 @@ def gap_markdown(latency: list[dict[str, Any]]) -> list[str]:
     references = [r for r in latency if r.get("reference")]
     if len(setups) < 3 or len(references) < 2:
         return []
-    steps = [(setups[0], "the whole model, one session"), (setups[1], "the split itself: one session per stage instead of one"),
+    steps = [(setups[0], "the whole model, one session"),
+             (setups[1], "the split itself: one session per stage instead of one"),
              (references[0], "each stage run after the idle a stage process has between its turns"),
              (references[1], "stage processes, sockets and copies, at the least a Python stage does"),
              (setups[2], "the stage service over that floor: HTTP server, checks, limits, metrics")]

@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks.peer_servers.common import create_session, load_stage_file
 from benchmarks.peer_servers.mlserver_peer import write_config
-from benchmarks.peers import compare, markdown, rss_bytes, standalone_manifest
+from benchmarks.peers import _in_turns, compare, main, markdown, rss_bytes, standalone_manifest
 from model_export.manifest import Manifest, load_manifest
 from stage_service.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH, decode_response, encode_request
 from tests.stage_service.procs import start_stage
@@ -112,3 +112,42 @@ def test_compare_is_like_for_like_and_markdown_lists_every_row() -> None:
     table = markdown(results, [1, 4])
     assert table.count("\n") == 2 + len(results)
     assert "| ray | 1 | json | failed: not ready |" in table and "100.0 (c=4)" in table
+
+
+def test_ours_is_compared_with_the_run_measured_beside_each_peer() -> None:
+    beside_kserve, beside_ray = _row("ours", "binary", 10, [90, 100]), _row("ours", "binary", 20, [45, 50])
+    kserve, ray = _row("kserve", "binary", 30, [40, 45]), _row("ray", "binary", 30, [40, 45])
+    for row, pair in ((beside_kserve, "kserve"), (kserve, "kserve"), (beside_ray, "ray"), (ray, "ray")):
+        row["pair"] = pair
+    verdicts = {v["peer"]: v for v in compare([beside_kserve, kserve, beside_ray, ray])}
+    assert verdicts["kserve"]["peer_p50_over_ours"] == pytest.approx(3.0)
+    assert verdicts["ray"]["peer_p50_over_ours"] == pytest.approx(1.5)
+    assert markdown([beside_ray, ray], [1, 4]).splitlines()[2].endswith("| Ray Serve |")
+
+
+def test_servers_take_turns_at_each_level_the_other_first_every_other_round() -> None:
+    calls: list[tuple[str, int, float]] = []
+
+    def load(key: str):  # noqa: ANN202
+        return lambda c, seconds: calls.append((key, c, seconds)) or [key]
+
+    samples = _in_turns({"ours": load("ours"), "kserve": load("kserve")}, 4, 6.0, rounds=3)
+    assert calls == [("ours", 4, 2.0), ("kserve", 4, 2.0), ("kserve", 4, 2.0), ("ours", 4, 2.0),
+                     ("ours", 4, 2.0), ("kserve", 4, 2.0)]
+    assert samples == {"ours": ["ours"] * 3, "kserve": ["kserve"] * 3}
+
+
+def test_the_driver_measures_ours_alone_where_no_peer_is_asked_for(tiny_pipeline: tuple[Path, Manifest],
+                                                                  tmp_path: Path) -> None:
+    directory, manifest = tiny_pipeline
+    bench = tmp_path / "BENCHMARKS.md"
+    code = main(["--pipeline", str(directory), "--stage", manifest.stages[1].name, "--out", str(tmp_path / "out"),
+                 "--benchmarks", str(bench), "--servers", "ours", "--encodings", "binary,json", "--levels", "1,2",
+                 "--latency-duration", "1", "--sweep-duration", "0.5", "--warmup", "0.3", "--rounds", "2"])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "peers.json").read_text())
+    rows = report["results"]
+    assert [(r["server"], r["encoding"], r["pair"]) for r in rows] == [("ours", "binary", None), ("ours", "json", None)]
+    assert all(r["latency"]["ok"] > 0 and r["runs"][1]["concurrency"] == 2 for r in rows)
+    assert report["turns"] == 2 and report["target"] == []
+    assert (tmp_path / "out" / "peers.png").stat().st_size > 0 and "<!-- bench-peers:start -->" in bench.read_text()
