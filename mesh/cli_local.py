@@ -73,8 +73,8 @@ def register(sub: Any) -> None:
     _state_dir(p)
     p.set_defaults(func=_down)
 
-    p = sub.add_parser("status", help="every process of the mesh: running, ready, or crashed (exit 1); every "
-                                      "endpoint's discovery record as the callers' Envoys see it")
+    p = sub.add_parser("status", help="every process of the mesh: running, ready, or crashed (exit 1 if any is not "
+                                      "ready); every endpoint's discovery record as the callers' Envoys see it")
     _state_dir(p)
     _json(p)
     p.add_argument("--watch", action="store_true",
@@ -252,7 +252,7 @@ def _token(args: argparse.Namespace) -> int:
     if not args.subject.strip():
         return _fail("--subject must not be empty")
     if not 0 < args.expires_in <= MAX_TOKEN_LIFETIME_S:
-        return _fail(f"--expires-in must be between 0 and {MAX_TOKEN_LIFETIME_S:.0f} seconds, "
+        return _fail(f"--expires-in must be more than 0 and at most {MAX_TOKEN_LIFETIME_S:.0f} seconds, "
                      f"got {args.expires_in:.12g}")
     where = _found(args)
     state = local.read_state(where)
@@ -324,6 +324,12 @@ def _status(args: argparse.Namespace) -> int:
                 f"`{keep}` starts a keeper, which starts them again")
         err.print(f"[red]{len(dead)} process(es) not running:[/] {', '.join(dead)}; {then}", highlight=False,
                   soft_wrap=True)
+        return 1
+    unready = [r.proc.name for r in rows if r.ready is False]
+    if unready:
+        err.print(f"[yellow]{len(unready)} process(es) running but not ready:[/] {', '.join(unready)}; still starting, "
+                  "frozen, or failing their readiness check (a sidecar is not ready while its app is not); the "
+                  "pipeline may not answer", highlight=False, soft_wrap=True)
         return 1
     return 0
 

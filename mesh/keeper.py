@@ -153,12 +153,12 @@ class Keeper:
             again = procs.restart(p)
         except OSError as exc:  # its command or directory gone, a failed fork: try again after the back-off
             self.gone_since[p.name] = time.monotonic()
-            _say(f"{p.name} (pid {p.pid}) exited (exit {exits} in a row) and could not be started again: {exc}; "
+            _say(f"{p.name} (pid {p.pid}) exited (exits in a row: {exits}) and could not be started again: {exc}; "
                  f"next try in {backoff_s(exits + 1):g} s")
             return p
         if p.role in ("sidecar", local.GATEWAY):
             self.unproven.add(p.name)
-        _say(f"{p.name} (pid {p.pid}) exited (exit {exits} in a row); started again: pid {again.pid} "
+        _say(f"{p.name} (pid {p.pid}) exited (exits in a row: {exits}); started again: pid {again.pid} "
              f"(restart {again.restarts}); if it exits again, the next start waits {backoff_s(exits + 1):g} s")
         return again
 

@@ -30,6 +30,11 @@ EXPORT_TOLERANCE = Tolerance(rtol=1e-3, atol=1e-4)
 CHAIN_TOLERANCE = Tolerance(rtol=1e-4, atol=1e-5)
 
 
+def _clipped(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters at a space, marked "...": a cut mid-word turned idx=999 into idx=99."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 @dataclass
 class Proof:
     """What one check compared, its worst element, and which outputs were constant."""
@@ -46,7 +51,7 @@ class Proof:
 
     def skip(self, case: str, reason: str) -> None:
         """The reference cannot run this case: the model does not take such inputs, so it proves nothing."""
-        self.skipped.append(f"{case}: {reason.splitlines()[0][:200]}")
+        self.skipped.append(f"{case}: {_clipped(reason.splitlines()[0], 300)}")
         if len(self.skipped) == self.cases:
             raise ExportError(f"the model runs on none of the {self.cases} input cases; the first failed with "
                               f"{self.skipped[0]}; give inputs it takes with --samples FILE.npz")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -28,6 +29,7 @@ from stage_service.errors import (
     PayloadTooLarge,
     RequestTimeout,
     StageError,
+    UnsupportedMediaType,
     install_handlers,
     stage_error_response,
 )
@@ -55,39 +57,40 @@ async def get_plane(request: Request) -> DataPlane:
 
 Plane = Annotated[DataPlane, Depends(get_plane)]
 router = APIRouter()
+GET = ["GET", "HEAD"]  # HEAD wherever GET (RFC 9110): FastAPI's routes do not add it as Starlette's do
 
 
-@router.get("/v2")
+@router.api_route("/v2", methods=GET)
 async def server_metadata(plane: Plane) -> protocol.ServerMetadata:
     return plane.server_metadata()
 
 
-@router.get("/v2/health/live")
+@router.api_route("/v2/health/live", methods=GET)
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready")
+@router.api_route("/v2/health/ready", methods=GET)
 async def ready(plane: Plane) -> dict[str, bool]:
     plane.require_ready()
     return {"ready": True}
 
 
-@router.get("/v2/models/{name}/ready")
-@router.get("/v2/models/{name}/versions/{model_version}/ready")
+@router.api_route("/v2/models/{name}/ready", methods=GET)
+@router.api_route("/v2/models/{name}/versions/{model_version}/ready", methods=GET)
 async def model_ready(name: str, plane: Plane, model_version: str | None = None) -> dict[str, object]:
     plane.resolve(name, model_version)
     plane.require_ready()
     return {"name": name, "ready": True}
 
 
-@router.get("/v2/models/{name}")
-@router.get("/v2/models/{name}/versions/{model_version}")
+@router.api_route("/v2/models/{name}", methods=GET)
+@router.api_route("/v2/models/{name}/versions/{model_version}", methods=GET)
 async def model_metadata(name: str, plane: Plane, model_version: str | None = None) -> protocol.ModelMetadata:
     return plane.model_metadata(name, model_version)
 
 
-@router.get("/metrics")
+@router.api_route("/metrics", methods=GET)
 async def prometheus_metrics(plane: Plane) -> Response:
     return Response(generate_latest(plane.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -127,6 +130,9 @@ async def serve_infer(request: Request, plane: DataPlane, name: str, model_versi
     budget: BodyBudget = request.app.state.body_budget
     with budget.account() as take:
         body = await read_body(request, settings.max_request_bytes, settings.body_timeout_s, take)
+        encoding = request.headers.get("content-encoding")
+        if encoding is not None:
+            body = decoded_body(body, encoding, settings.max_request_bytes, take)
         call = InferCall(model=name, version=model_version, body=body,
                          header_length=request.headers.get(protocol.HEADER_LENGTH), headers=request.headers,
                          route=INFER_ROUTE if model_version is None else INFER_VERSION_ROUTE,
@@ -199,6 +205,34 @@ async def _read_chunks(request: Request, limit: int, take: Callable[[int], None]
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+DECODED = {"gzip", "x-gzip", "deflate"}  # what tritonclient's request_compression_algorithm sends
+
+
+def decoded_body(body: bytes, encoding: str, limit: int, take: Callable[[int], None]) -> bytes:
+    """The body as it was before its Content-Encoding (gzip, or deflate: zlib's format), at most `limit` bytes,
+    taken from the body budget as it is held (`take`); Inference-Header-Content-Length counts the decoded body, as in
+    Triton. 415 for an encoding it does not decode, 413 past the limit (read no further: a small compressed body can
+    inflate a thousandfold), 400 for a stream that is cut short or is not what it says."""
+    name = encoding.strip().lower()
+    if name == "identity":
+        return body
+    if name not in DECODED:
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not decoded here; send the body as it is, or "
+                                   f"compressed with one of {sorted(DECODED)}")
+    inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # | 32: a gzip or a zlib header, whichever it has
+    try:
+        decoded = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"the body is not {name} data as its Content-Encoding says ({exc})") from None
+    if len(decoded) > limit:
+        raise PayloadTooLarge(f"the {name} body decodes to over the limit of {limit} bytes (STAGE_MAX_REQUEST_BYTES)")
+    if not inflater.eof or inflater.unused_data:
+        raise InvalidInput(f"the {name} body is {'cut short' if not inflater.eof else 'followed by other data'}; "
+                           "expected one complete compressed stream")
+    take(len(decoded))
+    return decoded
+
+
 def answer_response(answer: InferAnswer) -> Response:
     headers = {TIMING_HEADER: answer.timing}
     if answer.header_length is None:
@@ -238,8 +272,9 @@ def create_app(settings: StageSettings, runtime: StageRuntime, tracing: StageTra
     """The ASGI app of one stage, serving `runtime` (loaded and checked by `runtime.load_stage`)."""
     place = runtime.place
     metrics = StageMetrics(place.manifest.name, place.stage.name, place.version)
+    # No redirect of a path with a trailing slash: Starlette's would name http:// behind a TLS gateway (a 404 instead)
     app = FastAPI(title=f"stage {place.stage.name}", version=SERVICE_VERSION, lifespan=lifespan, docs_url=None,
-                  redoc_url=None, openapi_url=None)
+                  redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.settings = settings
     app.state.plane = DataPlane(settings, runtime, tracing, metrics, SERVICE_VERSION)
     app.state.body_budget = app.state.plane.body_budget

@@ -48,6 +48,12 @@ class PayloadTooLarge(StageError):
     status_code = 413
 
 
+class UnsupportedMediaType(StageError):
+    """The body comes in a Content-Encoding the stage does not decode (415)."""
+
+    status_code = 415
+
+
 class RequestTimeout(StageError):
     """The body did not arrive within STAGE_BODY_TIMEOUT_S (408; the connection is closed)."""
 
@@ -133,6 +139,22 @@ class ErrorBoundary:
             await error_response(500, f"internal error: {type(exc).__name__}")(scope, receive, send)
 
 
+# What a stage serves, for the 404 of a path no route takes (KServe v2's REST routes and the metrics).
+ROUTES = ("GET /v2, GET /v2/health/live, GET /v2/health/ready, GET /v2/models/<name>[/versions/<version>], "
+          "GET /v2/models/<name>[/versions/<version>]/ready, POST /v2/models/<name>[/versions/<version>]/infer, "
+          "GET /metrics")
+
+
+def _routing_detail(request: Request, exc: StarletteHTTPException) -> str:
+    """Starlette's bare "Not Found" / "Method Not Allowed" for a request no route takes, said in full."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return f"no route for {where}; a stage serves {ROUTES}"
+    if exc.status_code == 405 and exc.detail == "Method Not Allowed":
+        return f"{where}: method not allowed; this path takes {(exc.headers or {}).get('allow', 'other methods')}"
+    return str(exc.detail)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Map the errors to `{"error": ...}` with their status (anything else: `ErrorBoundary`)."""
 
@@ -140,9 +162,9 @@ def install_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StageError)
         return stage_error_response(exc)
 
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        response = error_response(exc.status_code, str(exc.detail))
+        response = error_response(exc.status_code, _routing_detail(request, exc))
         response.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110: it must name the methods)
         return response
 

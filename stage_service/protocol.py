@@ -182,9 +182,8 @@ def _checked_json_array(name: str, datatype: str, dtype: np.dtype[Any], shape: l
         ok = kind in "iuf"
     if not ok:
         wanted = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}[dtype.kind]
-        raise InvalidInput(
-            f"tensor {name}: data must hold {wanted} for datatype {datatype}, got {raw.dtype.name} values"
-        )
+        raise InvalidInput(f"tensor {name}: data must hold {wanted} for datatype {datatype}, got "
+                           f"{_KIND_WORDS.get(kind, 'mixed values')}")
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         low, high = raw.min(), raw.max()
@@ -254,17 +253,33 @@ def _split_header(body: bytes, header_length: str | None) -> tuple[bytes, int]:
     return body[:length], length
 
 
+# What JSON `data` held, by the kind of the array numpy made of it.
+_KIND_WORDS = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers with a fraction or exponent",
+               "U": "strings", "S": "strings", "O": "mixed values"}
 _NON_JSON_NUMBER = re.compile(rb"[\[,:]\s*-?(NaN|Infinity)\b")
 
 
-def _loads(header: bytes, what: str) -> Any:
-    """The JSON header (orjson: a third faster than pydantic's parser on a large `data` list)."""
+def _loads(header: bytes, what: str, framed: bool = False) -> Any:
+    """The JSON header (orjson: a third faster than pydantic's parser on a large `data` list); `framed`: its length
+    came from Inference-Header-Content-Length, which the message then names."""
     try:
         return orjson.loads(header)
     except orjson.JSONDecodeError as exc:
-        hint = ("; JSON has no NaN or Infinity: send such values in binary (the binary tensor extension)"
-                if _NON_JSON_NUMBER.search(header) else "")
-        raise InvalidInput(f"invalid inference {what}: the body is not valid JSON ({exc}){hint}") from None
+        raise InvalidInput(f"invalid inference {what}: {_not_json(header, exc, framed)}") from None
+
+
+def _not_json(header: bytes, exc: orjson.JSONDecodeError, framed: bool) -> str:
+    """Why a header is not JSON, with the likely cause: the binary framing or non-JSON numbers."""
+    if framed:
+        return (f"the first {len(header)} bytes of the body ({HEADER_LENGTH}) are not valid JSON ({exc}); "
+                f"{HEADER_LENGTH} must be the JSON header's length in bytes")
+    if "unexpected content after document" in str(exc):
+        return (f"the body is not valid JSON ({exc}); a body whose JSON is followed by binary tensors needs "
+                f"{HEADER_LENGTH}: the JSON's length in bytes")
+    if _NON_JSON_NUMBER.search(header):
+        return (f"the body is not valid JSON ({exc}); JSON has no NaN or Infinity: send such values in binary "
+                "(the binary tensor extension)")
+    return f"the body is not valid JSON ({exc})"
 
 
 def _plain(value: Any) -> Any:
@@ -341,13 +356,13 @@ def _numeric_inputs(header: bytes) -> tuple[dict[str, Any], dict[int, np.ndarray
     return request, arrays
 
 
-def _loads_request(header: bytes) -> tuple[Any, dict[int, np.ndarray]]:
+def _loads_request(header: bytes, framed: bool) -> tuple[Any, dict[int, np.ndarray]]:
     """The JSON header, and the inputs' `data` already parsed into arrays where it is large (by index)."""
     if len(header) >= FAST_JSON_MIN_BYTES:
         fast = _numeric_inputs(header)
         if fast is not None:
             return fast
-    return _loads(header, "request"), {}
+    return _loads(header, "request", framed), {}
 
 
 def _count_json_values(header: bytes, limit: int | None) -> None:
@@ -402,7 +417,7 @@ def decode_request(body: bytes, header_length: str | None, max_json_values: int 
     apart from `body` (then the header alone), in order, as if they followed it."""
     header, offset = _split_header(body, header_length)
     _count_json_values(header, max_json_values)
-    document, parsed = _loads_request(header)
+    document, parsed = _loads_request(header, header_length is not None)
     try:
         request = InferenceRequest.model_validate(document)
     except ValidationError as exc:
@@ -434,7 +449,7 @@ def decode_response(body: bytes, header_length: str | None) -> tuple[InferenceRe
     """Parse a JSON or binary-extension response body (the next stage's answer)."""
     header, offset = _split_header(body, header_length)
     try:
-        response = InferenceResponse.model_validate(_loads(header, "response"))
+        response = InferenceResponse.model_validate(_loads(header, "response", header_length is not None))
     except ValidationError as exc:
         raise InvalidInput(f"invalid inference response: {validation_problems(exc)}") from None
     return response, _decode_tensors(response.outputs, body, offset, "response")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import socket
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -145,11 +146,17 @@ class StageHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to a parser error; a callback that refused the request made that error."""
-        if self._refusal is None:
-            self._last(functools.partial(super().send_400_response, msg))
-        else:
+        """uvicorn's answer to a parser error, made `{"error": ...}` naming what the parser found (uvicorn answers
+        the same plain "Invalid HTTP request received." to all); a callback that refused the request made that
+        error. Called from uvicorn's `except httptools.HttpParserError`, so the error is the one being handled."""
+        if self._refusal is not None:
             self._refuse(*self._refusal)
+            return
+        error = sys.exc_info()[1]
+        found = f": {error}" if isinstance(error, httptools.HttpParserError) and str(error) else ""
+        self._refuse(400, f"invalid HTTP/1.1 request{found}; expected a request framed as RFC 9112 says (one "
+                          "decimal Content-Length or chunked Transfer-Encoding, not both; header names and values of "
+                          "allowed characters)")
 
     def _headers_too_large(self, size: int) -> tuple[int, str]:
         self._refusal = (431, f"the request line and headers are over {self.limits.max_header_bytes} bytes "

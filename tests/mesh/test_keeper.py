@@ -95,7 +95,7 @@ def test_killed_processes_are_started_again_and_the_pipeline_answers(tmp_path: P
         assert times[2] - died >= keeper.backoff_s(3) - 0.05
         _wait_for(lambda: _answers(state_dir, url))
         logs = mesh_cli("logs", "keeper", "--state-dir", str(state_dir))
-        assert f"{app} (pid {current.pid}) exited (exit 3 in a row); started again" in logs.stdout
+        assert f"{app} (pid {current.pid}) exited (exits in a row: 3); started again" in logs.stdout
         assert "if it exits again, the next start waits 4 s" in logs.stdout
     # running_mesh's `down` left no process of the mesh, the keeper included
 
@@ -121,7 +121,7 @@ def test_a_process_that_cannot_be_started_again_waits_the_back_off_and_the_keepe
     assert kept._start_again(gone) is gone  # not a new process, and no exception out of the keeper
     assert kept.exits["app"] == 1 and "app" in kept.gone_since  # the back-off counts it
     said = capsys.readouterr().out
-    assert "app (pid 1) exited (exit 1 in a row) and could not be started again: " in said
+    assert "app (pid 1) exited (exits in a row: 1) and could not be started again: " in said
     assert "next try in 1 s" in said
 
 

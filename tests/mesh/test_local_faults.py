@@ -84,6 +84,33 @@ def test_a_frozen_replica_is_retried_around_and_ejected(mesh: tuple[local.State,
     assert stats[f"{cluster}.outlier_detection.ejections_enforced_consecutive_local_origin_failure"] > 0, stats
 
 
+def _status_until(state_dir: Path, done: Any, timeout: float = 30.0) -> Any:
+    """`mesh status` again and again until `done(result)`; the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = mesh_cli("status", "--state-dir", str(state_dir))
+        if done(result) or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
+def test_status_exits_1_while_a_frozen_app_is_not_ready(mesh: tuple[local.State, Path, Path]) -> None:
+    """A frozen app leaves every process running: status said so and exited 0 while the pipeline could not answer."""
+    state, state_dir, _ = mesh
+    victim = state.layout.of_stage(LAST)[0].name
+    app = next(p.pid for p in state.procs if p.name == victim)
+    os.kill(app, signal.SIGSTOP)
+    try:
+        frozen = _status_until(state_dir, lambda r: r.returncode != 0)
+        said = " ".join(frozen.stderr.split())
+        assert frozen.returncode == 1 and "process(es) running but not ready:" in said, frozen.stdout + said
+        assert victim in said and "frozen" in said
+    finally:
+        os.kill(app, signal.SIGCONT)
+    thawed = _status_until(state_dir, lambda r: r.returncode == 0)
+    assert thawed.returncode == 0, thawed.stdout + thawed.stderr
+
+
 def _fault_in_routes(admin_socket: str) -> bool:
     dump = sockets.get(admin_socket, "/config_dump", resource="dynamic_route_configs").text
     return "envoy.extensions.filters.http.fault.v3.HTTPFault" in dump

@@ -49,6 +49,17 @@ def test_shape_and_nan_mismatches_fail_at_once() -> None:
         proof.compare("y", np.zeros((1, 2)), np.array([[0.0, np.nan]]), "case")
 
 
+def test_a_case_the_model_cannot_run_is_named_in_whole_words() -> None:
+    proof = Proof(Tolerance(0.1, 0.1))
+    proof.cases = 2
+    reason = "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : " + "x" * 249 + " idx=999"  # 300 characters: "...idx=99"
+    proof.skip("batch 1", reason)
+    assert proof.skipped[0].endswith(" ...") and "idx=99" not in proof.skipped[0]
+    with pytest.raises(ExportError, match="runs on none of the 2 input cases"):
+        proof.skip("batch 4", "[ONNXRuntimeError] : idx=999 out of bounds")
+    assert proof.skipped[1] == "batch 4: [ONNXRuntimeError] : idx=999 out of bounds"
+
+
 def test_constant_outputs_are_reported() -> None:
     proof = Proof(Tolerance(1e-4, 1e-5))
     for rows in (np.full((4, 10), 0.1), np.full((1, 10), 0.1)):

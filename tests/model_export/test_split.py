@@ -161,6 +161,8 @@ def test_bad_inputs_get_one_clear_message_and_leave_nothing(whole: Path, tmp_pat
                                              str(out)])
     msg = _error(capsys, ["split", str(whole), "--cut", "nope", "--out", str(out)])
     assert "--cut 'nope': no such tensor" in msg and "clean cut points include" in msg
+    msg = _error(capsys, ["split", str(whole), "--cut", "x", "--out", str(out)])
+    assert "--cut 'x': is an input of the model, not a tensor between its inputs and outputs" in msg
     msg = _error(capsys, ["split", str(whole), "--stages", "40", "--out", str(out)])
     assert "only 11 clean cut points, so at most 12 stages" in msg
     existing = tmp_path / "exists"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -224,6 +226,39 @@ def test_bad_input_is_400_naming_the_problem(chain: list[StageProcess], case: st
     assert r.status_code == 400, r.text
     message = r.json()["error"]
     assert expected.lower() in message.lower() or (expected == "absurd" and "elements" in message), message
+
+
+def test_tritonclient_compressed_requests(chain: list[StageProcess], reference: Callable[..., np.ndarray]) -> None:
+    """tritonclient's request_compression_algorithm (gzip, deflate) as Triton takes it: the body decoded first."""
+    client = triton.InferenceServerClient(chain[0].url.removeprefix("http://"))
+    try:
+        x = RNG.standard_normal((2, 16)).astype(np.float32)
+        for algorithm in ("gzip", "deflate"):
+            for binary_in in (True, False):
+                inp = triton.InferInput("x", list(x.shape), "FP32")
+                inp.set_data_from_numpy(x, binary_data=binary_in)
+                result = client.infer("tiny", [inp], request_compression_algorithm=algorithm,
+                                      response_compression_algorithm=algorithm)
+                np.testing.assert_allclose(result.as_numpy("y"), reference(x), atol=1e-5, rtol=0)
+    finally:
+        client.close()
+
+
+def test_a_compressed_body_is_checked_as_it_is_decoded(chain: list[StageProcess]) -> None:
+    body = json.dumps(json_request(np.ones((1, 16), np.float32))).encode()
+    packed = gzip.compress(body)
+    bomb = gzip.compress(b" " * (MAX_REQUEST_BYTES + 1))  # JSON whitespace, a thousandth of its size packed
+    for sent, encoding, status, words in (
+        (zlib.compress(body), "deflate", 200, None), (packed, "GZIP", 200, None), (body, "identity", 200, None),
+        (packed, "br", 415, "Content-Encoding 'br' is not decoded here"),
+        (packed[:-12], "gzip", 400, "the gzip body is cut short"),
+        (packed + b"x", "gzip", 400, "followed by other data"),
+        (body, "gzip", 400, "is not gzip data as its Content-Encoding says"),
+        (bomb, "gzip", 413, "decodes to over the limit"),
+    ):
+        r = post(chain[0], "tiny", content=sent, headers={"content-encoding": encoding})
+        assert r.status_code == status, (encoding, r.text)
+        assert words is None or words in r.json()["error"], r.text
 
 
 def test_body_over_limit_is_413(chain: list[StageProcess]) -> None:

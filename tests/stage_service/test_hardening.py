@@ -107,6 +107,15 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
                                                   "data": [1.0] * 16}]}},
                             "tensor img: not an input of tiny; expected ['x']"),
     "shape of strings": ({"json": one_input(["1", 16], data=[1.0] * 16)}, "Input should be a valid integer"),
+    "data of strings": ({"json": one_input([1, 16], data=["NaN"] * 16)}, "data must hold numbers for datatype "
+                        "FP32, got strings"),
+    # the binary framing: a header length that cuts the JSON short, and tensors after the JSON without one
+    "header length short": ({"content": binary(one_input([1, 16], parameters={"binary_data_size": 64}),
+                                               X.tobytes())["content"], "headers": {HEADER_LENGTH: "10"}},
+                            f"the first 10 bytes of the body ({HEADER_LENGTH}) are not valid JSON"),
+    "binary without header length": ({"content": binary(one_input([1, 16], parameters={"binary_data_size": 64}),
+                                                        X.tobytes())["content"]},
+                                     f"followed by binary tensors needs {HEADER_LENGTH}"),
 }
 
 
@@ -116,6 +125,24 @@ def test_bad_input_is_400_naming_it(hard: list[StageProcess], case: str) -> None
     r = post(hard[0], **kwargs)
     assert r.status_code == 400, r.text
     assert words in r.json()["error"], r.json()["error"]
+
+
+def test_a_path_no_route_takes_is_404_naming_the_routes_never_a_redirect(hard: list[StageProcess]) -> None:
+    """A trailing slash was redirected (307) to an http:// Location, plaintext to a TLS gateway's port."""
+    for method, path in (("POST", INFER + "/"), ("GET", "/v2/models/tiny/"), ("GET", "/v2/models/tiny/x/y")):
+        r = httpx.request(method, hard[0].url + path, timeout=10)
+        assert r.status_code == 404 and "location" not in r.headers, r
+        assert r.json()["error"].startswith(f"no route for {method} {path}; a stage serves GET /v2,"), r.text
+    r = httpx.delete(hard[0].url + "/v2/health/ready", timeout=10)
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+    assert r.json() == {"error": "DELETE /v2/health/ready: method not allowed; this path takes GET, HEAD"}
+
+
+def test_head_is_answered_wherever_get_is(hard: list[StageProcess]) -> None:
+    for path in ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/tiny", "/v2/models/tiny/ready", "/metrics"):
+        got, head = httpx.get(hard[0].url + path, timeout=10), httpx.head(hard[0].url + path, timeout=10)
+        assert got.status_code == head.status_code == 200 and head.content == b"", (path, head)
+        assert head.headers["content-type"] == got.headers["content-type"]
 
 
 def test_an_error_keeps_the_connection_alive(hard: list[StageProcess]) -> None:

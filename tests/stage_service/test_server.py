@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import socket
 import threading
 import time
@@ -227,7 +228,7 @@ def test_a_request_cut_short_by_the_fin_closes_at_once(url: str) -> None:
 def test_a_method_the_route_does_not_take_is_405_naming_those_it_does(url: str) -> None:
     with Wire(url) as wire:
         reply = wire.request("DELETE", "/ok")
-        assert reply.status == 405 and reply.json() == {"error": "Method Not Allowed"}
+        assert reply.status == 405 and reply.json() == {"error": "DELETE /ok: method not allowed; this path takes GET"}
         assert reply.headers.get("allow") == "GET"  # RFC 9110: a 405 names the allowed methods
 
 
@@ -277,3 +278,16 @@ def test_a_body_over_the_limit_is_refused_and_one_cut_short_harms_nothing_else(u
     with Wire(url) as wire:
         body = _body(500_000, 4)
         _digest_of(wire.request("POST", "/digest", body).json(), body)
+
+
+@pytest.mark.parametrize("framing", [b"content-length: -1", b"content-length: 12abc",
+                                     b"content-length: 4\r\ncontent-length: 5",
+                                     b"transfer-encoding: chunked\r\ncontent-length: 4"])
+def test_a_request_framed_wrongly_is_a_json_400_naming_what_the_parser_found(url: str, framing: bytes) -> None:
+    with socket.create_connection((HOST, int(url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"POST /digest HTTP/1.1\r\nhost: stage\r\n" + framing + b"\r\n\r\nabcd")
+        head, _, body = _all_until_closed(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), head
+    error = json.loads(body)["error"]
+    assert error.startswith("invalid HTTP/1.1 request: ") and "expected a request framed as RFC 9112 says" in error
+    assert len(error.split(";")[0]) > len("invalid HTTP/1.1 request: "), error  # the parser's own words
