@@ -151,7 +151,8 @@ def _routing_detail(request: Request, exc: StarletteHTTPException) -> str:
     if exc.status_code == 404 and exc.detail == "Not Found":
         return f"no route for {where}; a stage serves {ROUTES}"
     if exc.status_code == 405 and exc.detail == "Method Not Allowed":
-        return f"{where}: method not allowed; this path takes {(exc.headers or {}).get('allow', 'other methods')}"
+        allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "other methods")
+        return f"{where}: method not allowed; this path takes {allowed}"
     return str(exc.detail)
 
 

@@ -12,6 +12,7 @@ with itself (datatype known, data matching the shape). Whether the tensors fit t
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -268,12 +269,22 @@ def _loads(header: bytes, what: str, framed: bool = False) -> Any:
         raise InvalidInput(f"invalid inference {what}: {_not_json(header, exc, framed)}") from None
 
 
+def _json_then_more(body: bytes) -> bool:
+    """Whether `body` is one JSON document followed by other bytes (binary tensors sent without their framing
+    header: orjson then reports the first byte that is not UTF-8, not the JSON's end). Only on the error path."""
+    try:
+        _, end = json.JSONDecoder().raw_decode(body.decode("latin-1"))  # latin-1: any bytes, one char each
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's parser goes
+        return False
+    return end < len(body.rstrip())
+
+
 def _not_json(header: bytes, exc: orjson.JSONDecodeError, framed: bool) -> str:
     """Why a header is not JSON, with the likely cause: the binary framing or non-JSON numbers."""
     if framed:
         return (f"the first {len(header)} bytes of the body ({HEADER_LENGTH}) are not valid JSON ({exc}); "
                 f"{HEADER_LENGTH} must be the JSON header's length in bytes")
-    if "unexpected content after document" in str(exc):
+    if _json_then_more(header):
         return (f"the body is not valid JSON ({exc}); a body whose JSON is followed by binary tensors needs "
                 f"{HEADER_LENGTH}: the JSON's length in bytes")
     if _NON_JSON_NUMBER.search(header):
@@ -356,7 +367,7 @@ def _numeric_inputs(header: bytes) -> tuple[dict[str, Any], dict[int, np.ndarray
     return request, arrays
 
 
-def _loads_request(header: bytes, framed: bool) -> tuple[Any, dict[int, np.ndarray]]:
+def _loads_request(header: bytes, framed: bool = False) -> tuple[Any, dict[int, np.ndarray]]:
     """The JSON header, and the inputs' `data` already parsed into arrays where it is large (by index)."""
     if len(header) >= FAST_JSON_MIN_BYTES:
         fast = _numeric_inputs(header)

@@ -154,7 +154,7 @@ class StageHttpProtocol(HttpToolsProtocol):
             return
         error = sys.exc_info()[1]
         found = f": {error}" if isinstance(error, httptools.HttpParserError) and str(error) else ""
-        self._refuse(400, f"invalid HTTP/1.1 request{found}; expected a request framed as RFC 9112 says (one "
+        self._refuse(400, f"invalid HTTP request{found}; expected a request framed as RFC 9112 says (one "
                           "decimal Content-Length or chunked Transfer-Encoding, not both; header names and values of "
                           "allowed characters)")
 

@@ -58,7 +58,7 @@ def _restarts_logged(state_dir: Path, name: str) -> list[float]:
     """When the keeper's log says `name` was started again, as Unix times."""
     text = (state_dir / "logs" / "keeper.log").read_text()
     return [datetime.fromisoformat(m.group(1)).timestamp()
-            for m in re.finditer(rf"^(\S+) {re.escape(name)} \(pid \d+\) exited \(exit \d+ in a row\); started again",
+            for m in re.finditer(rf"^(\S+) {re.escape(name)} \(pid \d+\) exited \(exits in a row: \d+\); started again",
                                  text, re.M)]
 
 
