@@ -90,6 +90,11 @@ class FloorStage:
                 writer.writelines([status.encode(), *parts])
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
+        except Exception as exc:  # a request it cannot serve: say so and close, never leave the client waiting
+            message = orjson.dumps({"error": f"floor stage: {type(exc).__name__}: {exc}"})
+            writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(message), message))
+            writer.close()
 
 
 async def _serve(pipeline: Path, stage_name: str, port: int, next_url: str | None) -> None:

@@ -288,16 +288,22 @@ def _pair_rows(pair: str | None, versions: dict[str, str], encodings: list[str])
             for encoding in encodings for key in keys]
 
 
-def _in_turns(loads: dict[str, Load], concurrency: int, duration: float, rounds: int) -> dict[str, list[Sample]]:
+def _in_turns(loads: dict[str, Load], concurrency: int, duration: float,
+              rounds: int) -> dict[str, tuple[list[Sample], float]]:
     """Each server's samples of `rounds` windows of duration / rounds at `concurrency`, the servers taking turns
-    (the other first every other round): the machine's phases (the 2-core VM's speed moves every half second or
-    so) then fall on both alike, where one window each compared one phase with another."""
+    (the other first every other round), and the seconds its windows took in all (a closed loop's last requests
+    end after its window: counted, for the throughput). The machine's phases (the 2-core VM's speed moves every
+    half second or so) then fall on both alike, where one window each compared one phase with another."""
     samples: dict[str, list[Sample]] = {key: [] for key in loads}
+    seconds = dict.fromkeys(loads, 0.0)
     keys = list(loads)
+    window = duration / rounds
     for r in range(rounds):
         for key in keys if r % 2 == 0 else keys[::-1]:
-            samples[key] += loads[key](concurrency, duration / rounds)
-    return samples
+            got = loads[key](concurrency, window)
+            samples[key] += got
+            seconds[key] += max([window, *[s.intended_s + s.latency_s for s in got]])
+    return {key: (samples[key], seconds[key]) for key in keys}
 
 
 def bench_pair(pair: str | None, args: argparse.Namespace, versions: dict[str, str]) -> list[dict[str, Any]]:
@@ -323,8 +329,8 @@ def bench_pair(pair: str | None, args: argparse.Namespace, versions: dict[str, s
             for c in args.levels:
                 duration = args.latency_duration if c == 1 else args.sweep_duration
                 err.print(f"  {encoding}: concurrency {c}, {duration:g} s each, in {args.rounds} turns")
-                for key, samples in _in_turns(loads, c, duration, args.rounds).items():
-                    summary = report.summarize(samples, duration, f"concurrency {c}")
+                for key, (samples, seconds) in _in_turns(loads, c, duration, args.rounds).items():
+                    summary = report.summarize(samples, seconds, f"concurrency {c}")
                     summary["concurrency"] = c
                     runs[key].append(summary)
                     if summary["requests"] - summary["ok"]:
@@ -381,7 +387,7 @@ def rich_table(results: list[dict[str, Any]], levels: list[int], title: str) -> 
         t.add_column(col, justify="left" if col in ("server", "version", "encoding") else "right")
     for r in results:
         if not r.get("runs"):
-            t.add_row(r["title"], r.get("version", "-"), r["encoding"], "[red]failed[/]", *[""] * (len(levels) + 5),
+            t.add_row(r["title"], r.get("version", "-"), r["encoding"], "[red]failed[/]", *[""] * (len(levels) + 4),
                       r.get("error", ""), _turns_with(r))
             continue
         lat = r["latency"]["latency_ms"]

@@ -31,8 +31,12 @@ CHAIN_TOLERANCE = Tolerance(rtol=1e-4, atol=1e-5)
 
 
 def _clipped(text: str, limit: int) -> str:
-    """`text` cut to at most `limit` characters at a space, marked "...": a cut mid-word turned idx=999 into idx=99."""
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+    """`text` cut to at most `limit` characters at a space where it has one, marked "...": a cut mid-word turned
+    idx=999 into idx=99."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit + 1]  # one more: a space right after the limit keeps the word before it
+    return (head.rsplit(" ", 1)[0] if " " in head else text[:limit]) + " ..."
 
 
 @dataclass

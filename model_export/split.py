@@ -222,17 +222,13 @@ def _even_point(left: int, right: int, timed: Callable[[int, int], float]) -> in
     return min({max(lo - 1, left + 1), lo}, key=lambda p: max(timed(left, p), timed(p, right)))
 
 
-def graph_inputs(model: onnx.ModelProto) -> set[str]:
-    return {i.name for i in model.graph.input}
-
-
 def validate_cuts(c: Candidates, requested: Sequence[str]) -> list[str]:
     """Check user-given cut tensors exist and are clean; return them ordered inputs -> outputs."""
     for name in requested:
         if name not in c.index.producer:
             sample = ", ".join(c.cuts[:5]) or "(none)"
             what = ("is an input of the model, not a tensor between its inputs and outputs"
-                    if name in graph_inputs(c.model) else "no such tensor in the graph")
+                    if name in c.index.inputs else "no such tensor in the graph")
             raise ExportError(f"--cut {name!r}: {what}; clean cut points include: {sample}")
         crossing = c.index.crossing(name)
         if name in c.index.outputs or crossing:

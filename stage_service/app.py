@@ -206,31 +206,43 @@ async def _read_chunks(request: Request, limit: int, take: Callable[[int], None]
 
 
 DECODED = {"gzip", "x-gzip", "deflate"}  # what tritonclient's request_compression_algorithm sends
+DECODE_STEP = 1 << 20  # bytes inflated at a time, each taken from the body budget before the next
 
 
 def decoded_body(body: bytes, encoding: str, limit: int, take: Callable[[int], None]) -> bytes:
-    """The body as it was before its Content-Encoding (gzip, or deflate: zlib's format), at most `limit` bytes,
-    taken from the body budget as it is held (`take`); Inference-Header-Content-Length counts the decoded body, as in
-    Triton. 415 for an encoding it does not decode, 413 past the limit (read no further: a small compressed body can
-    inflate a thousandfold), 400 for a stream that is cut short or is not what it says."""
+    """The body as it was before its Content-Encoding (gzip, or deflate: zlib's format), at most `limit` bytes;
+    Inference-Header-Content-Length counts the decoded body, as in Triton. What it inflates is taken from the body
+    budget a step at a time (`take`: 503 past it) and the compressed bytes given back once decoded. 415 for an
+    encoding it does not decode, 413 past the limit (read no further: a small compressed body can inflate a
+    thousandfold), 400 for a stream that is cut short or is not what it says."""
     name = encoding.strip().lower()
-    if name == "identity":
+    if name in ("", "identity"):
         return body
     if name not in DECODED:
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not decoded here; send the body as it is, or "
-                                   f"compressed with one of {sorted(DECODED)}")
+                                   "compressed with gzip or deflate")
     inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # | 32: a gzip or a zlib header, whichever it has
+    parts: list[bytes] = []
+    size, pending = 0, body
     try:
-        decoded = inflater.decompress(body, limit + 1)
+        while not inflater.eof:
+            part = inflater.decompress(pending, DECODE_STEP)
+            if not part and len(inflater.unconsumed_tail) == len(pending):
+                break  # no more comes out of it: the stream is cut short
+            pending = inflater.unconsumed_tail
+            size += len(part)
+            if size > limit:
+                raise PayloadTooLarge(f"the {name} body decodes to over the limit of {limit} bytes "
+                                      "(STAGE_MAX_REQUEST_BYTES)")
+            take(len(part))
+            parts.append(part)
     except zlib.error as exc:
         raise InvalidInput(f"the body is not {name} data as its Content-Encoding says ({exc})") from None
-    if len(decoded) > limit:
-        raise PayloadTooLarge(f"the {name} body decodes to over the limit of {limit} bytes (STAGE_MAX_REQUEST_BYTES)")
     if not inflater.eof or inflater.unused_data:
         raise InvalidInput(f"the {name} body is {'cut short' if not inflater.eof else 'followed by other data'}; "
                            "expected one complete compressed stream")
-    take(len(decoded))
-    return decoded
+    take(-len(body))  # the compressed bytes are let go once decoded
+    return b"".join(parts)
 
 
 def answer_response(answer: InferAnswer) -> Response:

@@ -12,7 +12,6 @@ with itself (datatype known, data matching the shape). Whether the tensors fit t
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -269,27 +268,30 @@ def _loads(header: bytes, what: str, framed: bool = False) -> Any:
         raise InvalidInput(f"invalid inference {what}: {_not_json(header, exc, framed)}") from None
 
 
-def _json_then_more(body: bytes) -> bool:
-    """Whether `body` is one JSON document followed by other bytes (binary tensors sent without their framing
-    header: orjson then reports the first byte that is not UTF-8, not the JSON's end). Only on the error path."""
-    try:
-        _, end = json.JSONDecoder().raw_decode(body.decode("latin-1"))  # latin-1: any bytes, one char each
-    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's parser goes
-        return False
-    return end < len(body.rstrip())
+_LEADING_SPACE = re.compile(rb"[ \t\r\n]*")
+
+
+def _json_then_more(body: bytes, exc: orjson.JSONDecodeError) -> bool:
+    """Whether `body` looks like a JSON object followed by other bytes (binary tensors sent without their framing
+    header): an object whose parse failed on content after it, or on bytes that are not UTF-8 (orjson checks
+    those first). Cheap: no second parse of a body that may be megabytes."""
+    space = _LEADING_SPACE.match(body)
+    start = space.end() if space else 0
+    said = str(exc)
+    return body[start:start + 1] == b"{" and ("unexpected content after document" in said or "not valid UTF-8" in said)
 
 
 def _not_json(header: bytes, exc: orjson.JSONDecodeError, framed: bool) -> str:
-    """Why a header is not JSON, with the likely cause: the binary framing or non-JSON numbers."""
-    if framed:
-        return (f"the first {len(header)} bytes of the body ({HEADER_LENGTH}) are not valid JSON ({exc}); "
-                f"{HEADER_LENGTH} must be the JSON header's length in bytes")
-    if _json_then_more(header):
-        return (f"the body is not valid JSON ({exc}); a body whose JSON is followed by binary tensors needs "
-                f"{HEADER_LENGTH}: the JSON's length in bytes")
+    """Why a header is not JSON, with the likely cause: non-JSON numbers, or the binary framing."""
     if _NON_JSON_NUMBER.search(header):
         return (f"the body is not valid JSON ({exc}); JSON has no NaN or Infinity: send such values in binary "
                 "(the binary tensor extension)")
+    if framed:
+        return (f"the first {len(header)} bytes of the body ({HEADER_LENGTH}) are not valid JSON ({exc}); "
+                f"{HEADER_LENGTH} must be the JSON header's length in bytes")
+    if _json_then_more(header, exc):
+        return (f"the body is not valid JSON ({exc}); a body whose JSON is followed by binary tensors needs "
+                f"{HEADER_LENGTH}: the JSON's length in bytes")
     return f"the body is not valid JSON ({exc})"
 
 

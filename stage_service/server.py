@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import socket
 import sys
 import threading
@@ -31,6 +32,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from stage_service.app import InferFastPath
 from stage_service.limits import BodyBudget
 from stage_service.settings import StageSettings
+
+log = logging.getLogger("stage_service")
 
 # The app answers a slow body itself at STAGE_BODY_TIMEOUT_S; the protocol's guard closes what is left later.
 BODY_GUARD_GRACE_S = 2.0
@@ -153,6 +156,13 @@ class StageHttpProtocol(HttpToolsProtocol):
             self._refuse(*self._refusal)
             return
         error = sys.exc_info()[1]
+        if isinstance(error, httptools.HttpParserCallbackError):
+            # raised in a callback (uvicorn's reading of the request line, or ours): not the framing's fault
+            log.warning("a request could not be read: %s", error.__context__ or error)
+            cause = error.__context__
+            self._refuse(400, "invalid HTTP request: its request line or headers could not be read "
+                              f"({str(cause)[:200] or type(cause).__name__ if cause else error})")
+            return
         found = f": {error}" if isinstance(error, httptools.HttpParserError) and str(error) else ""
         self._refuse(400, f"invalid HTTP request{found}; expected a request framed as RFC 9112 says (one "
                           "decimal Content-Length or chunked Transfer-Encoding, not both; header names and values of "

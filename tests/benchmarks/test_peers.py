@@ -17,6 +17,7 @@ import pytest
 from benchmarks.peer_servers.common import create_session, load_stage_file
 from benchmarks.peer_servers.mlserver_peer import write_config
 from benchmarks.peers import _in_turns, compare, main, markdown, rss_bytes, standalone_manifest
+from loadtest.runner import Sample
 from model_export.manifest import Manifest, load_manifest
 from stage_service.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH, decode_response, encode_request
 from tests.stage_service.procs import start_stage
@@ -128,13 +129,18 @@ def test_ours_is_compared_with_the_run_measured_beside_each_peer() -> None:
 def test_servers_take_turns_at_each_level_the_other_first_every_other_round() -> None:
     calls: list[tuple[str, int, float]] = []
 
-    def load(key: str):  # noqa: ANN202
-        return lambda c, seconds: calls.append((key, c, seconds)) or [key]
+    def load(key: str, overrun: float):  # noqa: ANN202
+        def window(c: int, seconds: float) -> list[Sample]:
+            calls.append((key, c, seconds))
+            return [Sample(intended_s=seconds - 0.1, latency_s=overrun, status="200", max_abs_diff=None)]
+        return window
 
-    samples = _in_turns({"ours": load("ours"), "kserve": load("kserve")}, 4, 6.0, rounds=3)
+    turns = _in_turns({"ours": load("ours", 0.05), "kserve": load("kserve", 0.6)}, 4, 6.0, rounds=3)
     assert calls == [("ours", 4, 2.0), ("kserve", 4, 2.0), ("kserve", 4, 2.0), ("ours", 4, 2.0),
                      ("ours", 4, 2.0), ("kserve", 4, 2.0)]
-    assert samples == {"ours": ["ours"] * 3, "kserve": ["kserve"] * 3}
+    assert {key: len(samples) for key, (samples, _) in turns.items()} == {"ours": 3, "kserve": 3}
+    # a window lasts until its last request ends: ours ended within each, the peer's last ran 0.5 s over
+    assert turns["ours"][1] == pytest.approx(6.0) and turns["kserve"][1] == pytest.approx(7.5)
 
 
 def test_the_driver_measures_ours_alone_where_no_peer_is_asked_for(tiny_pipeline: tuple[Path, Manifest],

@@ -64,6 +64,7 @@ def test_latency_section_runs_every_setup_on_a_real_chain_and_mesh(tiny_pipeline
 def test_the_paused_chain_counts_the_stages_and_not_the_pauses(tiny_pipeline: tuple[Path, Manifest]) -> None:
     directory, manifest = tiny_pipeline
     chain, feeds = Chain(directory, manifest, threads=1), pipeline_inputs(manifest, 1, 0)
+    chain.run(feeds)  # onnxruntime's first runs are slower
     lat = paused_chain_ms(chain, feeds, pause_s=0.05, seconds=0.5)
     # 3 pauses of 50 ms a run: at most 4 runs fit in 0.5 s, and what is counted is the tiny stages' microseconds
     assert 1 <= len(lat) <= 4 and max(lat) < 50

@@ -154,7 +154,7 @@ def test_the_token_command_mints_what_the_gateway_accepts(gateway: local.Gateway
 
 
 def test_the_token_command_refuses_bad_input(mesh: Path, tmp_path: Path) -> None:
-    for args, words in ((["--subject", "a", "--expires-in", "0"], "--expires-in must be between"),
+    for args, words in ((["--subject", "a", "--expires-in", "0"], "--expires-in must be more than 0 and at most"),
                         (["--subject", " "], "--subject must not be empty")):
         done = mesh_cli("token", *args, "--state-dir", str(mesh))
         assert done.returncode == 2 and words in done.stderr, done.stderr

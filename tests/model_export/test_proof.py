@@ -52,7 +52,7 @@ def test_shape_and_nan_mismatches_fail_at_once() -> None:
 def test_a_case_the_model_cannot_run_is_named_in_whole_words() -> None:
     proof = Proof(Tolerance(0.1, 0.1))
     proof.cases = 2
-    reason = "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : " + "x" * 249 + " idx=999"  # 300 characters: "...idx=99"
+    reason = "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : " + "x" * 249 + " idx=999"  # cut at 300: "...idx=99"
     proof.skip("batch 1", reason)
     assert proof.skipped[0].endswith(" ...") and "idx=99" not in proof.skipped[0]
     with pytest.raises(ExportError, match="runs on none of the 2 input cases"):

@@ -291,3 +291,12 @@ def test_a_request_framed_wrongly_is_a_json_400_naming_what_the_parser_found(url
     error = json.loads(body)["error"]
     assert error.startswith("invalid HTTP request: ") and "expected a request framed as RFC 9112 says" in error
     assert len(error.split(";")[0]) > len("invalid HTTP request: "), error  # the parser's own words
+
+
+def test_a_request_line_uvicorn_cannot_read_is_a_json_400_not_blamed_on_the_framing(url: str) -> None:
+    with socket.create_connection((HOST, int(url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"GET http://[::1 HTTP/1.1\r\nhost: stage\r\n\r\n")  # httptools reads it, uvicorn cannot
+        head, _, body = _all_until_closed(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert json.loads(body) == {"error": "invalid HTTP request: its request line or headers could not be read "
+                                         "(invalid url b'http://[::1')"}
