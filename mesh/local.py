@@ -328,9 +328,9 @@ def _envoy_cmd(envoy: str, bootstrap: Path, base_id: int, concurrency: int) -> l
             "--drain-time-s", "5"]
 
 
-def _probe(socket: str, url_path: str) -> bool:
+def _probe(socket: str, url_path: str, timeout: float = 1.0) -> bool:
     try:
-        return sockets.get(socket, url_path, timeout=1.0).status_code == 200
+        return sockets.get(socket, url_path, timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -381,14 +381,14 @@ def _missing_listeners(state_dir: str, p: procs.Proc, admin_socket: str) -> list
             if lst.get("name") not in names]
 
 
-def readiness(state: State, p: procs.Proc) -> tuple[bool, str | None]:
+def readiness(state: State, p: procs.Proc, timeout: float = 1.0) -> tuple[bool, str | None]:
     """Whether `p` is ready, as `status` shows it (an app's readiness; an Envoy's with every listener of its
     configuration, and a sidecar's once it sees its app healthy; a keeper running), and for an Envoy that answers
-    but never will be, why: listeners it could not bind."""
+    but never will be, why: listeners it could not bind. `timeout`: how long its probe may take to answer."""
     if p.role == KEEPER:
         return True, None  # it answers nothing: running is all it is
     socket, url_path = _ready_probe(state, p)
-    if not _probe(socket, url_path):
+    if not _probe(socket, url_path, timeout):
         return False, None
     state_dir = p.env.get(MARKER_ENV)
     missing = _missing_listeners(state_dir, p, socket) if p.role != "app" and state_dir else []
@@ -621,6 +621,9 @@ def down(state_dir: Path = DEFAULT_STATE_DIR, grace_s: float = 10.0) -> list[pro
     return was_alive
 
 
+STATUS_PROBE_TIMEOUT_S = 5.0
+
+
 def status(state_dir: Path = DEFAULT_STATE_DIR) -> tuple[State, list[ProcStatus]]:
     """Every recorded process: alive or not (a dead one has crashed or was killed), ready or not."""
     state = read_state(state_dir)
@@ -629,7 +632,8 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> tuple[State, list[ProcStatus]
     out = []
     for p in state.procs:
         live = procs.alive(p)
-        ready, problem = readiness(state, p) if live else (None, None)
+        # as long as a sidecar's own check of its app waits (APP_CHECK_TIMEOUT): a busy stage is not an unready one
+        ready, problem = readiness(state, p, STATUS_PROBE_TIMEOUT_S) if live else (None, None)
         out.append(ProcStatus(p, live, ready, problem or (p.note if not ready and p.note else None)))
     return state, out
 
