@@ -31,7 +31,7 @@ from typing import Any
 from mesh import envoy_grpc, envoy_pinning
 from mesh.layout import LOOPBACK, Layout, Replica, subset_name
 from mesh.pki import CertPair
-from mesh.plan import ClientLimits, Hop, Plan, model_paths
+from mesh.plan import GATEWAY_SETS, ClientLimits, Hop, Plan, model_paths
 from mesh.splits import HEADER, Pinning
 
 Json = dict[str, Any]
@@ -474,10 +474,20 @@ def gateway(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dynamic_di
     every split's first stage (`layouts`: each split's replicas), routed on `x-pipeline-version`
     (mesh.envoy_pinning)."""
     res = _gateway_routes(layout, plan, identity, ca, dynamic_dir, client_side, pinning, layouts)
+    for route_config in res.routes:
+        for virtual_host in route_config["virtual_hosts"]:
+            virtual_host["request_headers_to_add"] = gateway_sets()
     if layout.gateway_tls:
         for listener in res.listeners:
             listener["filter_chains"][0]["transport_socket"] = _downstream_tls(client_side.server_cert)
     return res
+
+
+def gateway_sets() -> list[Json]:
+    """GATEWAY_SETS as Envoy's headers to add, each replacing any value a client sent (istiod's form of a
+    VirtualService's `headers.request.set`)."""
+    return [{"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for key, value in GATEWAY_SETS.items()]
 
 
 def _gateway_routes(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dynamic_dir: Path,
@@ -500,7 +510,7 @@ def _gateway_routes(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dy
               for r in _pinned_gateway_routes(pinning, layouts, _route_match(p), lambda action: action)]
     _outbound(res, "gateway", address, first, dynamic_dir, plan.clients, plan.gateway_paths, routes, filters)
     if layout.gateway_grpc_port is not None:
-        grpc_routes = _pinned_gateway_routes(pinning, layouts, {"prefix": "/"},
+        grpc_routes = _pinned_gateway_routes(pinning, layouts, {"prefix": envoy_grpc.GRPC_PREFIX},
                                              lambda action: envoy_grpc.gateway_route_action(action, first))
         _gateway_grpc(res, layout, first, dynamic_dir, plan, client_side, grpc_routes)
     return res
@@ -517,13 +527,16 @@ def _pinned_gateway_routes(pinning: Pinning, layouts: dict[str, Layout], match: 
 
 def _gateway_grpc(res: Resources, layout: Layout, first: Hop, dynamic_dir: Path, plan: Plan,
                   client_side: ClientSide, routes: list[Json] | None = None) -> None:
-    """The gateway's gRPC listener, route and HTTP/2 clusters to the first stage (mesh.envoy_grpc)."""
+    """The gateway's gRPC listener, route and HTTP/2 clusters to the first stage (mesh.envoy_grpc): only the
+    KServe v2 service is routed, as Istio's gateway VirtualService does."""
     name = envoy_grpc.GATEWAY_GRPC
     filters = _client_filters(plan, client_side, [{"prefix": "/"}])
     res.listeners.append(envoy_grpc.gateway_listener(layout, first, _hcm(name, dynamic_dir, filters, plan.clients)))
-    route = _route_config(name, envoy_grpc.gateway_route_action(route_to(first), first))
-    if routes is not None:
-        route["virtual_hosts"][0]["routes"] = routes
+    if routes is None:
+        routes = [{"match": {"prefix": envoy_grpc.GRPC_PREFIX},
+                   "route": envoy_grpc.gateway_route_action(route_to(first), first)}]
+    route = _route_config(name, {})
+    route["virtual_hosts"][0]["routes"] = [*routes, envoy_grpc.no_route()]
     route["virtual_hosts"][0]["include_request_attempt_count"] = True
     res.routes.append(route)
     res.clusters += envoy_grpc.gateway_clusters([c for c in res.clusters if c["name"].startswith("outbound|")])

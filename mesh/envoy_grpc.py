@@ -19,6 +19,7 @@ from mesh.plan import Hop
 
 Json = dict[str, Any]
 GRPC_PREFIX = "/inference.GRPCInferenceService/"
+GRPC_PATHS = f"{GRPC_PREFIX}*"  # the gateway's gRPC route (Istio's form); any other service: no route (UNIMPLEMENTED)
 APP_GRPC_CLUSTER = "inbound|grpc"
 GATEWAY_GRPC = "gateway-grpc"
 # Envoy's gRPC retry conditions (grpc-status in the answer), and the transport failures any retry covers.
@@ -85,6 +86,13 @@ def gateway_route_action(rest_action: Json, hop: Hop) -> Json:
         policy["retry_on"] = ",".join(GRPC_RETRY_ON)
         policy.pop("retriable_status_codes", None)  # HTTP statuses: a gRPC answer is 200 with a grpc-status
     return action
+
+
+def no_route() -> Json:
+    """The gateway's last gRPC route: any other service has none. Envoy answers a gRPC call's 404 as
+    UNIMPLEMENTED carrying this text, as an Istio gateway with no matching route does."""
+    return {"match": {"prefix": "/"},
+            "direct_response": {"status": 404, "body": {"inline_string": f"no route here; routed: {GRPC_PATHS}"}}}
 
 
 def gateway_listener(layout: Layout, hop: Hop, hcm: Json) -> Json:

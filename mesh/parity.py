@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from mesh import envoy_config
-from mesh.envoy_grpc import HTTP_PROTOCOL_OPTIONS
+from mesh.envoy_grpc import GATEWAY_GRPC, HTTP_PROTOCOL_OPTIONS
 from mesh.layout import Layout, Replica
 from mesh.layout import plan as plan_layout
 from mesh.pki import CertPair
 from mesh.plan import GATEWAY, Hop, Plan
-from mesh.render import INGRESS_GATEWAY_TARGET_PORT
+from mesh.render import GRPC_PORT, INGRESS_GATEWAY_TARGET_PORT
 
 Json = dict[str, Any]
 SERVICE_PORT = 8080  # the port of every stage's Service (render.py), in istiod's cluster and route names
@@ -134,6 +134,24 @@ def _route_fields(route: Json, version_of: dict[str, str]) -> dict[str, str]:
     }
 
 
+def _headers_set(*levels: Json) -> str:
+    """The request headers a route sets over any value sent, from its virtual host's and its own
+    `request_headers_to_add` ("-" where none)."""
+    entries = [e for level in levels for e in level.get("request_headers_to_add", [])
+               if e.get("append_action") == "OVERWRITE_IF_EXISTS_OR_ADD" or e.get("append") is False]
+    return ",".join(sorted(f"{e['header']['key']}={e['header']['value']}" for e in entries)) or "-"
+
+
+def _grpc_route_fields(virtual_host: Json, route: Json) -> dict[str, str]:
+    """The gateway's gRPC route: what it matches, its timeout and retries, the headers it sets."""
+    retry = route["route"].get("retry_policy", {})
+    return {"route match": ",".join(f"{k}:{v}" for k, v in route["match"].items() if k in ("prefix", "path")),
+            "route timeout": _seconds(route["route"]["timeout"]),
+            "retry attempts": str(retry.get("num_retries", 0)),
+            "retry on": ",".join(sorted(retry.get("retry_on", "").split(","))),
+            "request headers set": _headers_set(virtual_host, route)}
+
+
 # Envoy's outlier_detection fields, by the short name the table gives them.
 OUTLIER_FIELDS = {"consecutive_5xx": "5xx", "enforcing_consecutive_5xx": "5xx enforcing",
                   "consecutive_gateway_failure": "gateway errors",
@@ -167,6 +185,10 @@ def hop_label(hop: Hop) -> str:
     return f"{hop.caller} -> {hop.callee}"
 
 
+def grpc_label(plan: Plan) -> str:
+    return f"{hop_label(plan.hops[0])} (gRPC)"
+
+
 def _by_name(items: list[Json], name: str, what: str) -> Json:
     for item in items:
         if item.get("name") == name:
@@ -195,9 +217,11 @@ def local_view(plan: Plan) -> dict[str, dict[str, str]]:
     for hop in plan.hops:
         caller = _local_resources(plan, layout, hop.caller)
         listener_name = "gateway" if hop.caller == GATEWAY else "outbound"
-        route = _by_name(caller.routes, listener_name, "route")["virtual_hosts"][0]["routes"][0]["route"]
+        virtual_host = _by_name(caller.routes, listener_name, "route")["virtual_hosts"][0]
+        route = virtual_host["routes"][0]
         version_of = {envoy_config.cluster_name(hop.callee, v): v for v in hop.upstream.subsets}
-        fields = _route_fields(route, version_of)
+        fields = _route_fields(route["route"], version_of)
+        fields["request headers set"] = _headers_set(virtual_host, route)
         for version in hop.upstream.subsets:
             fields |= _cluster_fields(version, _by_name(caller.clusters, envoy_config.cluster_name(hop.callee, version),
                                                         "cluster"))
@@ -208,6 +232,9 @@ def local_view(plan: Plan) -> dict[str, dict[str, str]]:
         fields["inbound RBAC principals"] = _allowed_principals(inbound)
         fields["inbound RBAC paths"] = _allowed_paths(inbound)
         view[hop_label(hop)] = fields
+    gateway = _local_resources(plan, layout, GATEWAY)
+    grpc_host = _by_name(gateway.routes, GATEWAY_GRPC, "route")["virtual_hosts"][0]
+    view[grpc_label(plan)] = _grpc_route_fields(grpc_host, grpc_host["routes"][0])
     return view
 
 
@@ -225,7 +252,9 @@ def _proxy_name(plan: Plan, workload: str) -> str:
     return f"{workload}-{plan.stage(workload).versions[0].name}"
 
 
-def _istiod_route(plan: Plan, proxy: Json, hop: Hop) -> Json:
+def _istiod_route(plan: Plan, proxy: Json, hop: Hop, port: int = SERVICE_PORT) -> tuple[Json, Json]:
+    """The virtual host and route that send `hop`'s calls on the callee's Service `port` (REST's, or gRPC's)
+    to a subset of it."""
     host = f"{hop.callee}.{plan.namespace}.svc.cluster.local"
     for route_config in proxy["routes"]:
         for virtual_host in route_config.get("virtual_hosts", []):
@@ -233,10 +262,9 @@ def _istiod_route(plan: Plan, proxy: Json, hop: Hop) -> Json:
                 action = route.get("route", {})
                 targets = [action.get("cluster", "")] + [c["name"] for c in
                                                          action.get("weighted_clusters", {}).get("clusters", [])]
-                # the REST route (the gateway's gRPC route goes to the Service's other port)
-                if any(t.startswith(f"outbound|{SERVICE_PORT}|") and t.endswith(f"|{host}") and t.split("|")[2]
+                if any(t.startswith(f"outbound|{port}|") and t.endswith(f"|{host}") and t.split("|")[2]
                        for t in targets):
-                    return dict(action)
+                    return virtual_host, route
     raise KeyError(f"istiod generated no route to a subset of {host} for {hop.caller}")
 
 
@@ -246,7 +274,9 @@ def istiod_view(plan: Plan, generated: dict[str, Json]) -> dict[str, dict[str, s
     for hop in plan.hops:
         caller = generated[_proxy_name(plan, hop.caller)]
         version_of = {istiod_cluster_name(plan, hop.callee, v): v for v in hop.upstream.subsets}
-        fields = _route_fields(_istiod_route(plan, caller, hop), version_of)
+        virtual_host, route = _istiod_route(plan, caller, hop)
+        fields = _route_fields(route["route"], version_of)
+        fields["request headers set"] = _headers_set(virtual_host, route)
         for version in hop.upstream.subsets:
             fields |= _cluster_fields(version, _by_name(caller["clusters"],
                                                         istiod_cluster_name(plan, hop.callee, version), "cluster"))
@@ -258,6 +288,8 @@ def istiod_view(plan: Plan, generated: dict[str, Json]) -> dict[str, dict[str, s
         fields["inbound RBAC principals"] = _allowed_principals(inbound)
         fields["inbound RBAC paths"] = _allowed_paths(inbound)
         view[hop_label(hop)] = fields
+    grpc_host, grpc_route = _istiod_route(plan, generated[_proxy_name(plan, GATEWAY)], plan.hops[0], GRPC_PORT)
+    view[grpc_label(plan)] = _grpc_route_fields(grpc_host, grpc_route)
     return view
 
 

@@ -54,7 +54,7 @@ from mesh.policy import (
     problems_error,
 )
 from model_export.manifest import Manifest
-from stage_service.settings import StageSettings
+from stage_service.settings import GATEWAY_HEADER, StageSettings
 
 MIB = 1 << 20
 ENVOY_DEFAULT_BUFFER = MIB
@@ -68,6 +68,9 @@ PER_TRY_FLOOR_S = Retries().per_try_floor_s
 # for the kubelet and Prometheus, which do not pass the inbound authorization).
 # REST (KServe v2) and gRPC (inference.GRPCInferenceService, on its own port)
 INFERENCE_PATHS = ("/v2", "/v2/*", "/inference.GRPCInferenceService/*")
+# What the gateway sets on every request it forwards, over any value a client sent: the first stage then answers
+# only for the pipeline (stage_service.chain.GATEWAY_HEADER), where a gRPC call could otherwise name its stage.
+GATEWAY_SETS = {GATEWAY_HEADER: "true"}
 
 
 def gateway_paths(pipeline: str) -> list[str]:

@@ -35,7 +35,7 @@ import yaml
 
 from mesh.dashboard import dashboard_json
 from mesh.envoy_config import client_limits
-from mesh.plan import ENVOY_DEFAULT_BUFFER, GATEWAY, Hop, Placement, Plan, StagePlan, resolve
+from mesh.plan import ENVOY_DEFAULT_BUFFER, GATEWAY, GATEWAY_SETS, Hop, Placement, Plan, StagePlan, resolve
 from mesh.policy import Fault, Policy, StagePolicy, Version
 from model_export.manifest import MANIFEST_FILE, Manifest, load_manifest
 from stage_service.settings import StageSettings
@@ -419,11 +419,19 @@ def gateway_virtual_service(manifest: Manifest, resolved: Plan) -> dict[str, Any
             "gateways": [manifest.name],
             # REST first: the overlays' patches of a hop's route (/spec/http/0) hold for the stage's own
             # VirtualService and this one; the gRPC route (GATEWAY_GRPC_ROUTE) gets its own ops.
-            "http": [_http_route(resolved.hops[0], resolved.namespace, "pipeline",
-                                 [_uri_match(p) for p in resolved.gateway_paths]),
-                     _grpc_route(resolved.hops[0], resolved.namespace)],
+            "http": gateway_sets([_http_route(resolved.hops[0], resolved.namespace, "pipeline",
+                                              [_uri_match(p) for p in resolved.gateway_paths]),
+                                  _grpc_route(resolved.hops[0], resolved.namespace)]),
         },
     }
+
+
+def gateway_sets(http: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`http` with every route that forwards setting GATEWAY_SETS, over any value a client sent."""
+    for route in http:
+        if "route" in route:
+            route["headers"] = {"request": {"set": dict(GATEWAY_SETS)}}
+    return http
 
 
 def _grpc_route(hop: Hop, ns: str) -> dict[str, Any]:

@@ -138,7 +138,7 @@ def gateway_virtual_service(manifest: Manifest, pinning: Pinning, primary: Plan)
     http.append(_route("pipeline-grpc", grpc, _assigned(pinning, ns, render.GRPC_PORT), hop, grpc=True))
     return {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
             "metadata": render._meta(f"{manifest.name}-gateway", ns),
-            "spec": {"hosts": [primary.gateway.host], "gateways": [manifest.name], "http": http}}
+            "spec": {"hosts": [primary.gateway.host], "gateways": [manifest.name], "http": render.gateway_sets(http)}}
 
 
 def stage_names(pinning: Pinning) -> list[StagePlan]:

@@ -78,16 +78,18 @@ async def ready(plane: Plane) -> dict[str, bool]:
 
 @router.api_route("/v2/models/{name}/ready", methods=GET)
 @router.api_route("/v2/models/{name}/versions/{model_version}/ready", methods=GET)
-async def model_ready(name: str, plane: Plane, model_version: str | None = None) -> dict[str, object]:
-    plane.resolve(name, model_version)
+async def model_ready(name: str, request: Request, plane: Plane,
+                      model_version: str | None = None) -> dict[str, object]:
+    plane.resolve(name, model_version, request.headers)
     plane.require_ready()
     return {"name": name, "ready": True}
 
 
 @router.api_route("/v2/models/{name}", methods=GET)
 @router.api_route("/v2/models/{name}/versions/{model_version}", methods=GET)
-async def model_metadata(name: str, plane: Plane, model_version: str | None = None) -> protocol.ModelMetadata:
-    return plane.model_metadata(name, model_version)
+async def model_metadata(name: str, request: Request, plane: Plane,
+                         model_version: str | None = None) -> protocol.ModelMetadata:
+    return plane.model_metadata(name, model_version, request.headers)
 
 
 @router.api_route("/metrics", methods=GET)

@@ -23,7 +23,7 @@ from stage_service.errors import InvalidInput, ModelNotFound, ModelNotReady, Ups
 from stage_service.limits import Admission, BatchLimit, BodyBudget
 from stage_service.metrics import StageMetrics
 from stage_service.runtime import StageRuntime
-from stage_service.settings import StageSettings
+from stage_service.settings import GATEWAY_HEADER, StageSettings
 from stage_service.tracing import (
     ATTR_BODY_IN,
     ATTR_BODY_OUT,
@@ -125,13 +125,16 @@ class DataPlane:
 
     # ------------------------------------------------------------------------- model repository
 
-    def resolve(self, name: str, model_version: str | None = None) -> bool:
+    def resolve(self, name: str, model_version: str | None = None,
+                headers: Mapping[str, str] | None = None) -> bool:
         """True for the pipeline name (first stage only), False for the stage's own; else ModelNotFound, naming
         what a caller at this door uses: the pipeline at the first stage (the only one clients reach; its stage
-        names are internal), the stage elsewhere."""
+        names are internal, and refused to a request that came through the gateway: `GATEWAY_HEADER`), the
+        stage elsewhere."""
         place = self.place
         is_pipeline = place.is_first and name == place.manifest.name
-        if name != place.stage.name and not is_pipeline:
+        from_gateway = place.is_first and headers is not None and GATEWAY_HEADER in headers
+        if not is_pipeline and (name != place.stage.name or from_gateway):
             served = place.manifest.name if place.is_first else place.stage.name
             raise ModelNotFound(f"model {name!r} is not served here; this process serves {served!r}")
         if model_version is not None and model_version != place.version:
@@ -147,10 +150,11 @@ class DataPlane:
         return protocol.ServerMetadata(name="meshpipe-stage-service", version=self.service_version,
                                        extensions=["binary_tensor_data"])
 
-    def model_metadata(self, name: str, model_version: str | None = None) -> protocol.ModelMetadata:
+    def model_metadata(self, name: str, model_version: str | None = None,
+                       headers: Mapping[str, str] | None = None) -> protocol.ModelMetadata:
         """The pipeline's inputs (first stage, pipeline name) or the stage's; always the final outputs."""
         place = self.place
-        inputs = place.manifest.inputs if self.resolve(name, model_version) else place.stage.inputs
+        inputs = place.manifest.inputs if self.resolve(name, model_version, headers) else place.stage.inputs
         return protocol.ModelMetadata(
             name=name,
             versions=[place.version],
@@ -171,7 +175,7 @@ class DataPlane:
     async def infer(self, call: InferCall) -> InferAnswer:
         """Decode, run this stage, forward to the next, encode the outputs asked for: one SERVER span."""
         with self.tracing.server(call.route, "POST", call.path, call.headers) as span:
-            self.resolve(call.model, call.version)
+            self.resolve(call.model, call.version, call.headers)
             self.require_ready()
             with self.admission:
                 answer = await self._infer(call, span)

@@ -276,7 +276,7 @@ class InferenceServicer:
         return pb.ServerReadyResponse(ready=self.plane.ready)
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        self.plane.resolve(request.name, request.version or None)
+        self.plane.resolve(request.name, request.version or None, text_metadata(context))
         return pb.ModelReadyResponse(ready=self.plane.ready)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
@@ -284,7 +284,7 @@ class InferenceServicer:
         return pb.ServerMetadataResponse(name=meta.name, version=meta.version, extensions=meta.extensions)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        meta = self.plane.model_metadata(request.name, request.version or None)
+        meta = self.plane.model_metadata(request.name, request.version or None, text_metadata(context))
         return pb.ModelMetadataResponse(name=meta.name, versions=meta.versions, platform=meta.platform,
                                         inputs=tensor_metadata(meta.inputs), outputs=tensor_metadata(meta.outputs))
 

@@ -24,6 +24,12 @@ ENV_PREFIX = "STAGE_"
 MAX_SOCKET_PATH = 107
 _URL = re.compile(r"^https?://[^/\s:]+(:\d{1,5})?(/[^\s]*)?$")
 
+# Set by the mesh's gateway on every request it lets in, overwriting any a client sent: at the first stage such a
+# request may name only the pipeline. gRPC carries the model name inside the message, where the gateway's routes
+# cannot see it, so this is what keeps the first stage's own name (an internal one) out of clients' reach. (Here,
+# with the settings, so the mesh can name it without importing the serving code.)
+GATEWAY_HEADER = "x-pipeline-gateway"
+
 # Short names accepted in STAGE_PROVIDERS besides onnxruntime's own.
 PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",

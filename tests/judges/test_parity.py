@@ -78,7 +78,7 @@ def test_istiod_agrees_with_the_local_mesh_on_every_hop(tree: str, committed: tu
                                                         generated: dict[str, dict[str, Any]]) -> None:
     plan = {"committed": committed, "tiny": tiny}[tree][0]
     rows = parity.compare(plan, generated[tree])
-    assert {r.hop for r in rows} == {parity.hop_label(h) for h in plan.hops}
+    assert {r.hop for r in rows} == {parity.hop_label(h) for h in plan.hops} | {parity.grpc_label(plan)}
     assert len(rows) >= 30 * len(plan.hops)
     assert parity.unexplained(rows) == []
 
@@ -132,6 +132,24 @@ def test_an_envoyfilter_that_matches_nothing_shows_as_a_difference(tiny: tuple[P
     different = parity.unexplained(parity.compare(plan, istiod.generated_config(broken)))
     assert {r.field for r in different} >= {"caller listener buffer limit", "v1 cluster buffer limit"}
     assert all(r.istiod == str(parity.ENVOY_BUFFER) for r in different)
+
+
+def test_the_gateways_mark_and_grpc_route_are_compared(tiny: tuple[Plan, Objs]) -> None:
+    """The header the gateway sets (the first stage's guard of its own name) and the gRPC route's one service are
+    read from both sides: a gateway VirtualService without them differs, field by field."""
+    plan, objects = tiny
+    broken = copy.deepcopy(objects)
+    gateway_service = next(o for o in broken if o["kind"] == "VirtualService" and o["spec"].get("gateways"))
+    for route in gateway_service["spec"]["http"]:
+        route.pop("headers")
+        if route["name"] == "pipeline-grpc":
+            route["match"] = [{"uri": {"prefix": "/"}}]
+    different = {(r.hop, r.field): r for r in parity.unexplained(parity.compare(plan,
+                                                                                istiod.generated_config(broken)))}
+    first, grpc = parity.hop_label(plan.hops[0]), parity.grpc_label(plan)
+    assert set(different) == {(first, "request headers set"), (grpc, "request headers set"), (grpc, "route match")}
+    assert different[first, "request headers set"].local == "x-pipeline-gateway=true"
+    assert different[grpc, "route match"].istiod == "prefix:/"
 
 
 def test_parity_command_prints_the_table(committed: tuple[Plan, Objs], generated: dict[str, dict[str, Any]],

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -19,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 from mesh import local, sockets
 from mesh.envoy_grpc import GATEWAY_GRPC
 from model_export.manifest import Manifest
+from stage_service.settings import GATEWAY_HEADER
 from tests.mesh.local_mesh import running_mesh, write_policy
 
 FIRST = "tiny-stage-0"
@@ -87,6 +89,35 @@ def test_tritonclient_grpc_through_the_gateway(mesh: local.State, gateway: local
         client.close()
     # a bad input is not retried: it would only fail again
     assert _stat(mesh.layout.gateway_admin_socket, f"http.{GATEWAY_GRPC}.downstream_rq_completed") >= 5
+
+
+def test_the_gateway_reaches_only_the_pipeline_over_grpc(mesh: local.State, gateway: local.GatewayCredentials,
+                                                         auth: dict[str, str]) -> None:
+    """As over REST: the first stage's own model name is not a client's to call (the gateway marks each call, and
+    the stage refuses its name to marked calls, whatever mark a client sent), and a service other than KServe v2's
+    has no route (UNIMPLEMENTED, as at an Istio gateway), rather than the sidecar's authorization refusal."""
+    client = _client(gateway)
+    x = np.zeros((1, 16), np.float32)
+    try:
+        for forged in ({}, {GATEWAY_HEADER: ""}, {GATEWAY_HEADER: "false"}):
+            with pytest.raises(InferenceServerException) as info:
+                client.infer(FIRST, _input(x), headers={**auth, **forged})
+            assert info.value.status() == "StatusCode.NOT_FOUND", info.value
+            assert "serves 'tiny'" in (info.value.message() or "")
+        with pytest.raises(InferenceServerException) as info:
+            client.get_model_metadata(FIRST, headers=auth)
+        assert info.value.status() == "StatusCode.NOT_FOUND"
+        assert client.infer("tiny", _input(x), headers=auth).as_numpy("y").shape == (1, 4)
+    finally:
+        client.close()
+    assert gateway.grpc_address is not None
+    credentials = grpc.ssl_channel_credentials(Path(gateway.ca).read_bytes())
+    with grpc.secure_channel(gateway.grpc_address, credentials) as channel:
+        health = channel.unary_unary("/grpc.health.v1.Health/Check")
+        with pytest.raises(grpc.RpcError) as error:
+            health(b"", metadata=list(auth.items()), timeout=10)
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED, error.value
+    assert "/inference.GRPCInferenceService/" in (error.value.details() or "")
 
 
 def test_gateway_retries_unavailable_while_a_replica_drains(mesh: local.State, gateway: local.GatewayCredentials,

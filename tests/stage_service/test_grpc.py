@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import onnx
 import pytest
@@ -24,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 from model_export.manifest import Manifest
 from model_export.pipeline_writer import write_pipeline
 from stage_service import kserve_grpc
+from stage_service.settings import GATEWAY_HEADER
 from tests.stage_service.conftest import MAX_REQUEST_BYTES
 from tests.stage_service.procs import HOST, StageProcess, free_port, start_stage, stop_all
 from tests.stage_service.test_datatypes import ARRAYS, ONNX_TYPES
@@ -365,6 +367,31 @@ def test_six_inputs_and_outputs_of_six_datatypes(identity_grpc: GrpcStage) -> No
         np.testing.assert_array_equal(result.as_numpy("u8_out"), ARRAYS["u8"])
     finally:
         client.close()
+
+
+def test_through_the_gateway_the_first_stage_answers_only_for_the_pipeline(grpc_chain: GrpcStage) -> None:
+    """The first stage's own name is internal. gRPC names the model inside the message, where the gateway's routes
+    cannot see it, so the gateway marks every call it lets in (GATEWAY_HEADER) and such a call may name only the
+    pipeline. A caller inside the mesh, without the mark, still reaches the stage by its name."""
+    client = grpc_chain.client()
+    x = {"x": RNG.standard_normal((2, 16)).astype(np.float32)}
+    marked = {GATEWAY_HEADER: "true"}
+    try:
+        assert client.is_model_ready("tiny-stage-0")
+        assert client.get_model_metadata("tiny-stage-0").name == "tiny-stage-0"
+        inside = client.infer("tiny-stage-0", inputs_of(x)).as_numpy("y")
+        for call in (lambda: client.infer("tiny-stage-0", inputs_of(x), headers=marked),
+                     lambda: client.get_model_metadata("tiny-stage-0", headers=marked),
+                     lambda: client.is_model_ready("tiny-stage-0", headers=marked)):
+            error = refused(call)
+            assert error.status() == "StatusCode.NOT_FOUND", error
+            assert error.message() == "model 'tiny-stage-0' is not served here; this process serves 'tiny'"
+        np.testing.assert_array_equal(client.infer("tiny", inputs_of(x), headers=marked).as_numpy("y"), inside)
+    finally:
+        client.close()
+    rest = httpx.get(f"{grpc_chain.process.url}/v2/models/tiny-stage-0", headers=marked)
+    assert rest.status_code == 404 and "serves 'tiny'" in rest.json()["error"]
+    assert httpx.get(f"{grpc_chain.process.url}/v2/models/tiny", headers=marked).status_code == 200
 
 
 # --------------------------------------------------------------------------------------- not ready
