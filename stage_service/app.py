@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, cast
@@ -33,7 +33,7 @@ from stage_service.errors import (
     install_handlers,
     stage_error_response,
 )
-from stage_service.limits import BodyBudget
+from stage_service.limits import BodyBudget, Held
 from stage_service.metrics import InferMetricsMiddleware, StageMetrics
 from stage_service.runtime import StageRuntime
 from stage_service.settings import StageSettings
@@ -173,7 +173,7 @@ class InferFastPath:
         await response(scope, receive, send)
 
 
-async def read_body(request: Request, limit: int, timeout_s: float, take: Callable[[int], None]) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float, take: Held) -> bytes:
     """The whole body, within `timeout_s` (else 408, closing the connection), refusing (413) as soon as it is
     known to exceed `limit` bytes; uvicorn then reads and drops the rest (within the protocol's body guard)
     and the connection stays usable: closing it with the body unread would reset it, and the caller might
@@ -193,7 +193,7 @@ async def read_body(request: Request, limit: int, timeout_s: float, take: Callab
         raise InvalidInput("the client disconnected before sending the whole body") from None
 
 
-async def _read_chunks(request: Request, limit: int, take: Callable[[int], None]) -> bytes:
+async def _read_chunks(request: Request, limit: int, take: Held) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -211,7 +211,7 @@ DECODED = {"gzip", "x-gzip", "deflate"}  # what tritonclient's request_compressi
 DECODE_STEP = 1 << 20  # bytes inflated at a time, each taken from the body budget before the next
 
 
-def decoded_body(body: bytes, encoding: str, limit: int, take: Callable[[int], None]) -> bytes:
+def decoded_body(body: bytes, encoding: str, limit: int, take: Held) -> bytes:
     """The body as it was before its Content-Encoding (gzip, or deflate: zlib's format), at most `limit` bytes;
     Inference-Header-Content-Length counts the decoded body, as in Triton. What it inflates is taken from the body
     budget a step at a time (`take`: 503 past it) and the compressed bytes given back once decoded. 415 for an
@@ -243,7 +243,7 @@ def decoded_body(body: bytes, encoding: str, limit: int, take: Callable[[int], N
     if not inflater.eof or inflater.unused_data:
         raise InvalidInput(f"the {name} body is {'cut short' if not inflater.eof else 'followed by other data'}; "
                            "expected one complete compressed stream")
-    take(-len(body))  # the compressed bytes are let go once decoded
+    take.give_back(len(body))  # the compressed bytes are let go once decoded
     return b"".join(parts)
 
 
@@ -292,7 +292,7 @@ def create_app(settings: StageSettings, runtime: StageRuntime, tracing: StageTra
     app.state.settings = settings
     app.state.plane = DataPlane(settings, runtime, tracing, metrics, SERVICE_VERSION)
     app.state.body_budget = app.state.plane.body_budget
-    install_handlers(app)
+    install_handlers(app, router.routes)
     app.add_middleware(InferMetricsMiddleware, metrics=metrics)
     app.add_middleware(ErrorBoundary)  # added last: the outermost of the app's own
     app.include_router(router)

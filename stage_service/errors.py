@@ -8,11 +8,13 @@ onnxruntime exceptions, decoding errors) are translated into these classes where
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("stage_service")
@@ -139,25 +141,40 @@ class ErrorBoundary:
             await error_response(500, f"internal error: {type(exc).__name__}")(scope, receive, send)
 
 
-# What a stage serves, for the 404 of a path no route takes (KServe v2's REST routes and the metrics).
-ROUTES = ("GET /v2, GET /v2/health/live, GET /v2/health/ready, GET /v2/models/<name>[/versions/<version>], "
-          "GET /v2/models/<name>[/versions/<version>]/ready, POST /v2/models/<name>[/versions/<version>]/infer, "
-          "GET /metrics")
+VERSIONED = "/versions/{model_version}"
 
 
-def _routing_detail(request: Request, exc: StarletteHTTPException) -> str:
+def served_routes(routes: Sequence[BaseRoute]) -> str:
+    """What `routes` serve, for the 404 of a path none takes, in their order: `METHOD path`, HEAD left
+    out (it goes with GET), a path's `/versions/{model_version}` twin folded into it as `[...]`."""
+    served = {(method, route.path): None for route in routes if isinstance(route, Route)
+              for method in sorted(route.methods or ()) if method != "HEAD"}
+    shown = []
+    for method, path in served:
+        if VERSIONED in path:
+            continue
+        twin = path.replace("/{name}", "/{name}" + VERSIONED, 1)
+        if twin != path and (method, twin) in served:
+            path = path.replace("/{name}", "/{name}[" + VERSIONED + "]", 1)
+        shown.append(f"{method} {path}")
+    return ", ".join(shown)
+
+
+def _routing_detail(request: Request, exc: StarletteHTTPException, served: str) -> str:
     """Starlette's bare "Not Found" / "Method Not Allowed" for a request no route takes, said in full."""
     where = f"{request.method} {request.url.path}"
     if exc.status_code == 404 and exc.detail == "Not Found":
-        return f"no route for {where}; a stage serves {ROUTES}"
+        return f"no route for {where}; a stage serves {served}"
     if exc.status_code == 405 and exc.detail == "Method Not Allowed":
         allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "other methods")
         return f"{where}: method not allowed; this path takes {allowed}"
     return str(exc.detail)
 
 
-def install_handlers(app: FastAPI) -> None:
-    """Map the errors to `{"error": ...}` with their status (anything else: `ErrorBoundary`)."""
+def install_handlers(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
+    """Map the errors to `{"error": ...}` with their status (anything else: `ErrorBoundary`); a 404 names what
+    `routes` serve."""
+    served = served_routes(routes)
 
     async def stage_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StageError)
@@ -165,7 +182,7 @@ def install_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        response = error_response(exc.status_code, _routing_detail(request, exc))
+        response = error_response(exc.status_code, _routing_detail(request, exc, served))
         response.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110: it must name the methods)
         return response
 

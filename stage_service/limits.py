@@ -10,7 +10,7 @@ as 1, so for such stages the bound is a lower one and that stage's own limit sti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -50,21 +50,14 @@ class BodyBudget:
         self.used = 0
 
     @contextmanager
-    def account(self) -> Iterator[Callable[[int], None]]:
-        """A function that takes `n` more bytes for one request; all it took is given back on exit."""
-        held = 0
-
-        def take(size: int) -> None:
-            nonlocal held
-            if not self.reserve(size):
-                raise Overloaded(f"stage {self.stage} holds {self.used} bytes of request bodies "
-                                 f"(STAGE_MAX_BUFFERED_BYTES={self.limit}); try again")
-            held += size
-
+    def account(self) -> Iterator[Held]:
+        """What one request holds: `take(n)` more bytes, `take.give_back(n)` of them early; the rest is given
+        back on exit."""
+        held = Held(self)
         try:
-            yield take
+            yield held
         finally:
-            self.release(held)
+            self.release(held.size)
 
     def reserve(self, size: int) -> bool:
         """Hold `size` bytes for a body read before the app takes it (`release` gives them back); False past the
@@ -76,6 +69,28 @@ class BodyBudget:
 
     def release(self, size: int) -> None:
         self.used -= size
+
+
+class Held:
+    """The bytes of one request's body taken from a BodyBudget (`BodyBudget.account`)."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.size = 0
+
+    def __call__(self, size: int) -> None:
+        """Take `size` more bytes; Overloaded past the budget's limit."""
+        budget = self.budget
+        if not budget.reserve(size):
+            raise Overloaded(f"stage {budget.stage} holds {budget.used} bytes of request bodies "
+                             f"(STAGE_MAX_BUFFERED_BYTES={budget.limit}); try again")
+        self.size += size
+
+    def give_back(self, size: int) -> None:
+        """Let go of `size` of the bytes taken (no more than were) before the request ends."""
+        size = min(size, self.size)
+        self.budget.release(size)
+        self.size -= size
 
 
 def sample_bytes(tensors: list[TensorSpec]) -> int | None:

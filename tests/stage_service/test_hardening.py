@@ -133,6 +133,9 @@ def test_a_path_no_route_takes_is_404_naming_the_routes_never_a_redirect(hard: l
         r = httpx.request(method, hard[0].url + path, timeout=10)
         assert r.status_code == 404 and "location" not in r.headers, r
         assert r.json()["error"].startswith(f"no route for {method} {path}; a stage serves GET /v2,"), r.text
+        served = r.json()["error"].split("; a stage serves ")[1].split(", ")
+        assert {"GET /v2/health/ready", "GET /metrics", "GET /v2/models/{name}[/versions/{model_version}]",
+                "POST /v2/models/{name}[/versions/{model_version}]/infer"} <= set(served), served
     r = httpx.delete(hard[0].url + "/v2/health/ready", timeout=10)
     assert r.status_code == 405 and sorted(r.headers["allow"].split(", ")) == ["GET", "HEAD"]
     assert r.json() == {"error": f"DELETE /v2/health/ready: method not allowed; this path takes {r.headers['allow']}"}

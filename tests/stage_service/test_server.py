@@ -28,7 +28,7 @@ from tests.stage_service.wire import Wire
 
 def failing_app() -> FastAPI:
     app = FastAPI()
-    install_handlers(app)
+    install_handlers(app, app.routes)
     app.add_middleware(ErrorBoundary)
 
     @app.get("/boom")
