@@ -128,7 +128,10 @@ def refine_with_stage_times(picked: list[int], segments: int, timed: Callable[[i
     segment) and `per_byte` (ms a byte costs a stage), where given, let a cut also move to another stage for fewer
     bytes at the same bottleneck (`_reseated`)."""
     edges = [0, *[i + 1 for i in picked], segments]
+    settled = False
     for _ in track(list(range(passes)), "timing candidate stages"):
+        if settled:
+            continue  # nothing left to time; the bar still ends at its total, not at the pass that settled
         moved = False
         for j in range(1, len(edges) - 1):
             left, cut, right = edges[j - 1], edges[j], edges[j + 1]
@@ -141,8 +144,7 @@ def refine_with_stage_times(picked: list[int], segments: int, timed: Callable[[i
         reseated = _reseated(edges, timed, slack, cut_bytes, per_byte)
         if reseated is not None:
             edges, moved = reseated, True
-        if not moved:
-            break
+        settled = not moved
     return [e - 1 for e in edges[1:-1]]
 
 

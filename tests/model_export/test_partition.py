@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import pytest
@@ -111,3 +111,16 @@ def test_a_cut_moves_to_the_fewest_bytes_in_a_stage_however_far_from_its_even_po
 
     assert refine_with_stage_times([3, 4, 6], 14, timed, cut_bytes=[int(x * 1e6) for x in mb],
                                    per_byte=0.3e-6) == [3, 6, 10]
+
+
+def test_the_timing_passes_run_to_their_total_when_the_cuts_settle_early() -> None:
+    """The progress bar of `split` stood at 0/3 when no cut moved: the loop left its iterator unfinished."""
+    seen: list[int] = []
+
+    def track(items: Iterable[int], _: str) -> Iterator[int]:
+        for item in items:
+            yield item
+            seen.append(item)
+
+    assert refine_with_stage_times([0, 2], 5, _span_time([10.0, 1.0, 1.0, 3.0, 1.0]), track=track) == [0, 2]
+    assert seen == [0, 1, 2]
