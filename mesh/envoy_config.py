@@ -470,7 +470,7 @@ def gateway(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dynamic_di
             pinning: Pinning | None = None, layouts: dict[str, Layout] | None = None) -> Resources:
     """Listeners, routes and clusters of the gateway: HTTPS in (plain HTTP with `--insecure-gateway`), a token
     required on the pipeline's model paths (health stays open), mTLS to the first stage, only on the plan's
-    gateway paths (404 for any other); the gRPC listener the same, a token on every call. With `pinning`, to
+    gateway paths (404 for any other); the gRPC listener the same: a token on every KServe v2 call, no route for another service. With `pinning`, to
     every split's first stage (`layouts`: each split's replicas), routed on `x-pipeline-version`
     (mesh.envoy_pinning)."""
     res = _gateway_routes(layout, plan, identity, ca, dynamic_dir, client_side, pinning, layouts)
@@ -530,7 +530,7 @@ def _gateway_grpc(res: Resources, layout: Layout, first: Hop, dynamic_dir: Path,
     """The gateway's gRPC listener, route and HTTP/2 clusters to the first stage (mesh.envoy_grpc): only the
     KServe v2 service is routed, as Istio's gateway VirtualService does."""
     name = envoy_grpc.GATEWAY_GRPC
-    filters = _client_filters(plan, client_side, [{"prefix": "/"}])
+    filters = _client_filters(plan, client_side, [{"prefix": envoy_grpc.GRPC_PREFIX}])  # as Istio's DENY rule
     res.listeners.append(envoy_grpc.gateway_listener(layout, first, _hcm(name, dynamic_dir, filters, plan.clients)))
     if routes is None:
         routes = [{"match": {"prefix": envoy_grpc.GRPC_PREFIX},

@@ -69,7 +69,7 @@ PER_TRY_FLOOR_S = Retries().per_try_floor_s
 # REST (KServe v2) and gRPC (inference.GRPCInferenceService, on its own port)
 INFERENCE_PATHS = ("/v2", "/v2/*", "/inference.GRPCInferenceService/*")
 # What the gateway sets on every request it forwards, over any value a client sent: the first stage then answers
-# only for the pipeline (stage_service.chain.GATEWAY_HEADER), where a gRPC call could otherwise name its stage.
+# only for the pipeline (stage_service.settings.GATEWAY_HEADER), where a gRPC call could otherwise name its stage.
 GATEWAY_SETS = {GATEWAY_HEADER: "true"}
 
 

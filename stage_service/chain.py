@@ -28,6 +28,7 @@ import orjson
 from stage_service.errors import InvalidInput, UpstreamError, UpstreamTimeout
 from stage_service.http1 import Http1Client, Http1Error, Http1Response, ProtocolFailed
 from stage_service.protocol import BINARY_CONTENT_TYPE, HEADER_LENGTH, decode_response, encode_request_parts
+from stage_service.settings import GATEWAY_HEADER
 from stage_service.tracing import StageTracing
 
 log = logging.getLogger("stage_service")
@@ -44,8 +45,10 @@ KEEPALIVE_EXPIRY_S = 30.0
 
 
 def propagated_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The tracing and pipeline headers of an incoming request that every hop carries on."""
-    return {k: v for k, v in headers.items() if k.lower() in PROPAGATED or k.lower().startswith(PROPAGATED_PREFIXES)}
+    """The tracing and pipeline headers of an incoming request that every hop carries on; not the gateway's mark,
+    which speaks of the hop into the first stage only."""
+    return {k: v for k, v in headers.items()
+            if (k.lower() in PROPAGATED or k.lower().startswith(PROPAGATED_PREFIXES)) and k.lower() != GATEWAY_HEADER}
 
 
 def _error_text(response: Http1Response) -> str:

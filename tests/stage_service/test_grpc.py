@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 from model_export.manifest import Manifest
 from model_export.pipeline_writer import write_pipeline
 from stage_service import kserve_grpc
+from stage_service.chain import propagated_headers
 from stage_service.settings import GATEWAY_HEADER
 from tests.stage_service.conftest import MAX_REQUEST_BYTES
 from tests.stage_service.procs import HOST, StageProcess, free_port, start_stage, stop_all
@@ -389,6 +390,9 @@ def test_through_the_gateway_the_first_stage_answers_only_for_the_pipeline(grpc_
         np.testing.assert_array_equal(client.infer("tiny", inputs_of(x), headers=marked).as_numpy("y"), inside)
     finally:
         client.close()
+    # the mark speaks of the hop into the first stage: it is not carried on, where x-pipeline-* headers are
+    assert propagated_headers({"X-Pipeline-Gateway": "true", "x-pipeline-version": "s1", "x-request-id": "r"}) == {
+        "x-pipeline-version": "s1", "x-request-id": "r"}
     rest = httpx.get(f"{grpc_chain.process.url}/v2/models/tiny-stage-0", headers=marked)
     assert rest.status_code == 404 and "serves 'tiny'" in rest.json()["error"]
     assert httpx.get(f"{grpc_chain.process.url}/v2/models/tiny", headers=marked).status_code == 200
