@@ -470,9 +470,9 @@ def gateway(layout: Layout, plan: Plan, identity: CertPair, ca: Path, dynamic_di
             pinning: Pinning | None = None, layouts: dict[str, Layout] | None = None) -> Resources:
     """Listeners, routes and clusters of the gateway: HTTPS in (plain HTTP with `--insecure-gateway`), a token
     required on the pipeline's model paths (health stays open), mTLS to the first stage, only on the plan's
-    gateway paths (404 for any other); the gRPC listener the same: a token on every KServe v2 call, no route for another service. With `pinning`, to
-    every split's first stage (`layouts`: each split's replicas), routed on `x-pipeline-version`
-    (mesh.envoy_pinning)."""
+    gateway paths (404 for any other); the gRPC listener the same: a token on every KServe v2 call, no route for
+    another service. Every request it forwards carries its mark (GATEWAY_SETS). With `pinning`, to every split's
+    first stage (`layouts`: each split's replicas), routed on `x-pipeline-version` (mesh.envoy_pinning)."""
     res = _gateway_routes(layout, plan, identity, ca, dynamic_dir, client_side, pinning, layouts)
     for route_config in res.routes:
         for virtual_host in route_config["virtual_hosts"]:
