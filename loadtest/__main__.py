@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         workload = build(args.url, args.model, binary=args.binary, batch=args.batch, pipeline=args.pipeline,
                          access=Access(ca=args.cacert, token=args.token))
     except (WorkloadError, ManifestError, OSError, ssl.SSLError) as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     base = LoadSettings(rate=args.rate, duration_s=args.duration, timeout_s=args.timeout,
                         max_requests=args.max_requests,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from mesh import local, state_dir
 from mesh.cli_local import STATE_DIR_HELP
@@ -86,7 +87,7 @@ def _trace(args: argparse.Namespace) -> int:
             if time.monotonic() < deadline:
                 time.sleep(0.1)
                 continue
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             return 1
         if time.time_ns() - trace.end_ns >= SETTLE_NS or time.monotonic() >= deadline:
             break

@@ -141,7 +141,9 @@ def test_verify_catches_a_stage_that_no_longer_fits(whole: Path, tmp_path: Path)
 
 def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     assert main(argv) == 2
-    return " ".join(capsys.readouterr().err.split())
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line however long: a log or a pipe gets it unbroken
+    return err.strip()
 
 
 def _no_leftovers(parent: Path) -> None:
