@@ -203,11 +203,12 @@ def cmd_retrain_stage(args: argparse.Namespace) -> int:
 
     options = TrainingOptions(args.epochs, args.learning_rate, args.batch_size, args.seed)
 
-    def show_layers(layers: list[str]) -> None:
-        err.print(f"training {', '.join(layers)} of {args.stage}; every other layer frozen", highlight=False)
+    def show_layers(stage: str, layers: list[str]) -> None:
+        err.print(f"training {', '.join(layers)} of {stage}; every other layer frozen", highlight=False)
 
     r = retrain_stage(args.dir, args.stage, args.model, args.data, args.out, options,
-                      callbacks=[EpochProgress(err, args.epochs)], track=track, on_layers=show_layers)
+                      callbacks=[EpochProgress(err, args.epochs)], track=track, on_layers=show_layers,
+                      layer=args.layer)
     stage = r.manifest.stage(r.stage)
     console.print(f"loss on the data: {r.loss_before:.4f} before, {r.loss_after:.4f} after", highlight=False)
     console.print(f"wrote {args.out}: {r.stage} {r.version} ({stage.file}); every other stage byte-identical "
@@ -326,7 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("retrain-stage", help="fine-tune one stage's layers and write it as a new stage version")
     p.add_argument("dir", type=Path, help="the pipeline directory (pipeline.json)")
-    p.add_argument("--stage", required=True, help="the stage to retrain, by name (see `inspect`)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stage", help="the stage to retrain, by name (see `inspect`)")
+    which.add_argument("--layer", help="or the stage holding this Keras layer's weights (e.g. the head's Dense): "
+                                       "where a split by measured time put it")
     p.add_argument("--model", type=Path, required=True, help="the Keras model the pipeline was exported from")
     p.add_argument("--data", type=Path, required=True,
                    help="inputs and labels (.npz: one array per model input, and labels)")

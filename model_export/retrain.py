@@ -83,6 +83,20 @@ def stage_layers(model: Any, stage: onnx.ModelProto) -> list[str]:
     return found
 
 
+def stage_holding(pipeline_dir: Path, manifest: Manifest, model: Any, layer: str) -> str:
+    """The stage whose weights include Keras layer `layer`'s: how a user names "the head" without knowing
+    where a split by measured time put it. ExportError if the model has no such layer with weights."""
+    with_weights = [ly.name for ly in model.layers if ly.trainable_weights]
+    if layer not in with_weights:
+        raise ExportError(f"--layer {layer!r}: the model has no layer of that name with trainable weights; its "
+                          f"layers with weights are {with_weights}")
+    for s in manifest.stages:
+        if layer in stage_layers(model, load_onnx(pipeline_dir / s.file)):
+            return s.name
+    raise ExportError(f"--layer {layer!r}: no stage of {manifest.name} holds its weights; is the model the one "
+                      "this pipeline was cut from?")
+
+
 def _keras_io(model: Any) -> tuple[list[str], dict[str, tuple[int | None, ...]], tuple[int | None, ...]]:
     if len(model.outputs) != 1:
         raise ExportError(f"model {model.name!r} has {len(model.outputs)} outputs; retrain-stage fits one output")
@@ -141,22 +155,31 @@ def changed_elsewhere(old_dir: Path, old: Manifest, new_dir: Path, new: Manifest
             if was.name != stage and sha256_file(new_dir / now.file) != was.sha256]
 
 
-def retrain_stage(pipeline_dir: Path, stage: str, model_path: Path, data_path: Path, out: Path,
+def retrain_stage(pipeline_dir: Path, stage: str | None, model_path: Path, data_path: Path, out: Path,
                   options: TrainingOptions, callbacks: list[Any] | None = None,
-                  track: Track = no_progress, on_layers: Callable[[list[str]], None] | None = None) -> RetrainResult:
+                  track: Track = no_progress, on_layers: Callable[[str, list[str]], None] | None = None,
+                  layer: str | None = None) -> RetrainResult:
+    """Retrain `stage`, or (`layer`) the stage that holds that Keras layer's weights."""
     # 1. validate, before any training
     options.check()
+    if (stage is None) == (layer is None):
+        raise ExportError("give --stage NAME or --layer NAME (the stage holding that Keras layer), one of the two")
     old = load_manifest(pipeline_dir)
-    try:
-        index = old.index(stage)
-    except KeyError as exc:
-        raise ExportError(f"--stage: {exc.args[0]}") from exc
+    if stage is not None:
+        try:
+            old.index(stage)
+        except KeyError as exc:
+            raise ExportError(f"--stage: {exc.args[0]}") from exc
     if out.exists():
         raise ExportError(f"--out {out} already exists; expected a new directory")
     for s in old.stages:
         verify_stage_file(pipeline_dir, s)
-    old_stage = load_onnx(pipeline_dir / old.stages[index].file)
     model = as_functional(load_keras(model_path))
+    if layer is not None:
+        stage = stage_holding(pipeline_dir, old, model, layer)
+    assert stage is not None
+    index = old.index(stage)
+    old_stage = load_onnx(pipeline_dir / old.stages[index].file)
     names, shapes, output_shape = _keras_io(model)
     data = load_training_data(data_path, names, shapes, output_shape)
     layers = stage_layers(model, old_stage)
@@ -164,7 +187,7 @@ def retrain_stage(pipeline_dir: Path, stage: str, model_path: Path, data_path: P
         raise ExportError(f"stage {stage} holds no Keras layer with trainable weights (its nodes name the layers "
                           f"{sorted(stage_layer_scopes(old_stage)) or 'none'}); nothing to retrain")
     if on_layers:
-        on_layers(layers)
+        on_layers(stage, layers)
     # 2. train and export
     before, after, epochs = train(model, data, layers, options, callbacks or [])
     out.parent.mkdir(parents=True, exist_ok=True)

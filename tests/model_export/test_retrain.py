@@ -17,7 +17,7 @@ from model_export.keras_source import load_keras
 from model_export.manifest import Manifest, load_manifest, sha256_file
 from model_export.ort_session import create_session
 from model_export.reference import save_reference
-from model_export.retrain import RetrainResult, TrainingOptions, retrain_stage
+from model_export.retrain import RetrainResult, TrainingOptions, retrain_stage, stage_holding
 from model_export.split import split_model
 from model_export.training_data import write_reference_data
 from model_export.verify import prove_pipeline
@@ -76,6 +76,18 @@ def test_check_contract_accepts_it_and_the_chain_is_the_new_model(tiny: Path, re
     assert report.fits and report.changed == [HEAD]
     assert prove_pipeline(tiny / "tiny-v2").cases > 0
     assert (tiny / "tiny-v2" / "model.keras").is_file()
+
+
+def test_a_stage_is_found_by_the_layer_it_holds(tiny: Path) -> None:
+    """--layer: the head is where the split put the head's Dense, whatever its index."""
+    manifest, model = load_manifest(tiny / "tiny"), load_keras(tiny / "model.keras")
+    assert stage_holding(tiny / "tiny", manifest, model, "probs") == HEAD
+    assert stage_holding(tiny / "tiny", manifest, model, "block1_conv") == "tiny-stage-0"
+    with pytest.raises(ExportError, match=r"--layer 'pool': the model has no layer of that name with trainable "
+                                          r"weights; its layers with weights are \['block1_conv'"):
+        stage_holding(tiny / "tiny", manifest, model, "pool")
+    with pytest.raises(ExportError, match="give --stage NAME or --layer NAME"):
+        retrain_stage(tiny / "tiny", HEAD, tiny / "model.keras", tiny / "data.npz", tiny / "w", OPTIONS, layer="probs")
 
 
 def test_a_stage_without_weights_is_one_message(tiny: Path) -> None:
