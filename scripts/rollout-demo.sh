@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# One stage's life on the reference model, end to end (issue 16): retrain its last stage on generated data,
+# One stage's life on the reference model, end to end (issue 16): retrain its head's stage on generated data,
 # check the new pipeline's contract, then on a running local mesh canary it at 10%, roll it back, canary it
 # again at 10% and 50%, and promote it, while an open-loop load test runs through all of it. Exit 1 when
 # any request of the load test failed or any step was refused.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 BUILD=${BUILD:-build}
-STAGE=reference-stage-3
 LOAD_S=${LOAD_S:-150}
 OLD=$BUILD/reference
 NEW=$BUILD/reference-v2
 step() { printf '\n== %s\n' "$*"; }
 
-step "labelled data and the retrained last stage"
+step "labelled data and the retrained stage of the head (the Dense layer probs)"
 $PY -m model_export reference-data --model "$BUILD/reference.keras" --out "$BUILD/rollout-data.npz" --samples 64
 rm -rf "$NEW"
-$PY -m model_export retrain-stage "$OLD" --stage "$STAGE" --model "$BUILD/reference.keras" \
+$PY -m model_export retrain-stage "$OLD" --layer probs --model "$BUILD/reference.keras" \
     --data "$BUILD/rollout-data.npz" --epochs 1 --out "$NEW"
+# the stage retrain-stage gave a new version: the one to roll out
+STAGE=$($PY -c "import json, sys; old, new = (json.load(open(f'{d}/pipeline.json'))['stages'] for d in sys.argv[1:])
+print(next(n['name'] for o, n in zip(old, new) if o['version'] != n['version']))" "$OLD" "$NEW")
 $PY -m model_export check-contract "$OLD" "$NEW"
 
 step "the mesh, and ${LOAD_S} s of steady load through it"
