@@ -222,6 +222,11 @@ def _route_config(name: str, action: Json, paths: list[str] | None = None) -> Js
     """`action` for every path in `paths` (Istio's form), 404 for any other; `paths` None: every path."""
     routes = ([{"match": _route_match(p), "route": action} for p in paths] + [not_found(paths)] if paths is not None
               else [{"match": {"prefix": "/"}, "route": action}])
+    return _route_table(name, routes)
+
+
+def _route_table(name: str, routes: list[Json]) -> Json:
+    """A route configuration of one virtual host, for any domain, with `routes` in order."""
     return {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]}
 
 
@@ -356,9 +361,8 @@ def _outbound(res: Resources, name: str, address: Json, hop: Hop, dynamic_dir: P
         "per_connection_buffer_limit_bytes": hop.upstream.buffer_limit_bytes,
         "filter_chains": [{"filters": [_hcm(name, dynamic_dir, [*(first_filters or []), _fault_filter()], limits)]}],
     })
-    route = _route_config(name, route_to(hop), paths)
-    if routes is not None:
-        route["virtual_hosts"][0]["routes"] = [*routes, not_found(paths)]
+    route = (_route_config(name, route_to(hop), paths) if routes is None
+             else _route_table(name, [*routes, not_found(paths)]))
     # As istiod's outbound and gateway virtual hosts: the callee sees x-envoy-attempt-count (1 on a first try).
     route["virtual_hosts"][0]["include_request_attempt_count"] = True
     fault = fault_config(hop)
@@ -535,8 +539,7 @@ def _gateway_grpc(res: Resources, layout: Layout, first: Hop, dynamic_dir: Path,
     if routes is None:
         routes = [{"match": {"prefix": envoy_grpc.GRPC_PREFIX},
                    "route": envoy_grpc.gateway_route_action(route_to(first), first)}]
-    route = _route_config(name, {})
-    route["virtual_hosts"][0]["routes"] = [*routes, envoy_grpc.no_route()]
+    route = _route_table(name, [*routes, envoy_grpc.no_route()])
     route["virtual_hosts"][0]["include_request_attempt_count"] = True
     res.routes.append(route)
     res.clusters += envoy_grpc.gateway_clusters([c for c in res.clusters if c["name"].startswith("outbound|")])

@@ -125,13 +125,18 @@ def _route_fields(route: Json, version_of: dict[str, str]) -> dict[str, str]:
     return {
         "route timeout": _seconds(route["timeout"]),
         "weighted clusters": ", ".join(f"{v}={w}" for v, w in split),
-        "retry attempts": str(retry.get("num_retries", 0)),
-        "retry on": ",".join(sorted(retry.get("retry_on", "").split(","))),
+        **_retries(retry),
         "retriable status codes": ",".join(str(c) for c in sorted(retry.get("retriable_status_codes", []))),
         "per-try timeout": _seconds(retry["per_try_timeout"]) if "per_try_timeout" in retry else "-",
         "retry host predicate": ",".join(p["name"] for p in retry.get("retry_host_predicate", [])),
         "host selection attempts": str(retry.get("host_selection_retry_max_attempts", "-")),
     }
+
+
+def _retries(retry: Json) -> dict[str, str]:
+    """A retry policy's attempts and conditions."""
+    return {"retry attempts": str(retry.get("num_retries", 0)),
+            "retry on": ",".join(sorted(retry.get("retry_on", "").split(",")))}
 
 
 def _headers_set(*levels: Json) -> str:
@@ -144,11 +149,9 @@ def _headers_set(*levels: Json) -> str:
 
 def _grpc_route_fields(virtual_host: Json, route: Json) -> dict[str, str]:
     """The gateway's gRPC route: what it matches, its timeout and retries, the headers it sets."""
-    retry = route["route"].get("retry_policy", {})
     return {"route match": ",".join(f"{k}:{v}" for k, v in route["match"].items() if k in ("prefix", "path")),
             "route timeout": _seconds(route["route"]["timeout"]),
-            "retry attempts": str(retry.get("num_retries", 0)),
-            "retry on": ",".join(sorted(retry.get("retry_on", "").split(","))),
+            **_retries(route["route"].get("retry_policy", {})),
             "request headers set": _headers_set(virtual_host, route)}
 
 
@@ -213,9 +216,17 @@ def _first_replica(layout: Layout, stage: str) -> Replica:
 def local_view(plan: Plan) -> dict[str, dict[str, str]]:
     """Per hop, the compared fields of the local mesh's Envoy config for `plan`."""
     layout = plan_layout(plan, "parity", Path("."), gateway_port=0, socket_dir=Path("/sock"))
+    built: dict[str, envoy_config.Resources] = {}
+
+    def resources(workload: str) -> envoy_config.Resources:
+        """Each workload's config built once: a stage is the callee of one hop and the caller of the next."""
+        if workload not in built:
+            built[workload] = _local_resources(plan, layout, workload)
+        return built[workload]
+
     view: dict[str, dict[str, str]] = {}
     for hop in plan.hops:
-        caller = _local_resources(plan, layout, hop.caller)
+        caller = resources(hop.caller)
         listener_name = "gateway" if hop.caller == GATEWAY else "outbound"
         virtual_host = _by_name(caller.routes, listener_name, "route")["virtual_hosts"][0]
         route = virtual_host["routes"][0]
@@ -228,12 +239,11 @@ def local_view(plan: Plan) -> dict[str, dict[str, str]]:
         listener = _by_name(caller.listeners, listener_name, "listener")
         fields["caller listener buffer limit"] = str(listener.get("per_connection_buffer_limit_bytes", ENVOY_BUFFER))
         fields |= _token_fields(listener)
-        inbound = _by_name(_local_resources(plan, layout, hop.callee).listeners, "inbound", "listener")
+        inbound = _by_name(resources(hop.callee).listeners, "inbound", "listener")
         fields["inbound RBAC principals"] = _allowed_principals(inbound)
         fields["inbound RBAC paths"] = _allowed_paths(inbound)
         view[hop_label(hop)] = fields
-    gateway = _local_resources(plan, layout, GATEWAY)
-    grpc_host = _by_name(gateway.routes, GATEWAY_GRPC, "route")["virtual_hosts"][0]
+    grpc_host = _by_name(resources(GATEWAY).routes, GATEWAY_GRPC, "route")["virtual_hosts"][0]
     view[grpc_label(plan)] = _grpc_route_fields(grpc_host, grpc_host["routes"][0])
     return view
 

@@ -83,16 +83,17 @@ def stage_layers(model: Any, stage: onnx.ModelProto) -> list[str]:
     return found
 
 
-def stage_holding(pipeline_dir: Path, manifest: Manifest, model: Any, layer: str) -> str:
-    """The stage whose weights include Keras layer `layer`'s: how a user names "the head" without knowing
-    where a split by measured time put it. ExportError if the model has no such layer with weights."""
+def stage_holding(pipeline_dir: Path, manifest: Manifest, model: Any, layer: str) -> tuple[str, onnx.ModelProto]:
+    """The stage whose weights include Keras layer `layer`'s, and its graph: how a user names "the head" without
+    knowing where a split by measured time put it. ExportError if the model has no such layer with weights."""
     with_weights = [ly.name for ly in model.layers if ly.trainable_weights]
     if layer not in with_weights:
         raise ExportError(f"--layer {layer!r}: the model has no layer of that name with trainable weights; its "
                           f"layers with weights are {with_weights}")
     for s in manifest.stages:
-        if layer in stage_layers(model, load_onnx(pipeline_dir / s.file)):
-            return s.name
+        graph = load_onnx(pipeline_dir / s.file)
+        if layer in stage_layers(model, graph):
+            return s.name, graph
     raise ExportError(f"--layer {layer!r}: no stage of {manifest.name} holds its weights; is the model the one "
                       "this pipeline was cut from?")
 
@@ -176,10 +177,11 @@ def retrain_stage(pipeline_dir: Path, stage: str | None, model_path: Path, data_
         verify_stage_file(pipeline_dir, s)
     model = as_functional(load_keras(model_path))
     if layer is not None:
-        stage = stage_holding(pipeline_dir, old, model, layer)
-    assert stage is not None
+        stage, old_stage = stage_holding(pipeline_dir, old, model, layer)
+    else:
+        assert stage is not None
+        old_stage = load_onnx(pipeline_dir / old.stages[old.index(stage)].file)
     index = old.index(stage)
-    old_stage = load_onnx(pipeline_dir / old.stages[index].file)
     names, shapes, output_shape = _keras_io(model)
     data = load_training_data(data_path, names, shapes, output_shape)
     layers = stage_layers(model, old_stage)

@@ -48,7 +48,7 @@ def propagated_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The tracing and pipeline headers of an incoming request that every hop carries on; not the gateway's mark,
     which speaks of the hop into the first stage only."""
     return {k: v for k, v in headers.items()
-            if (k.lower() in PROPAGATED or k.lower().startswith(PROPAGATED_PREFIXES)) and k.lower() != GATEWAY_HEADER}
+            if (low := k.lower()) != GATEWAY_HEADER and (low in PROPAGATED or low.startswith(PROPAGATED_PREFIXES))}
 
 
 def _error_text(response: Http1Response) -> str:

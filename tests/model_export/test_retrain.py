@@ -81,8 +81,8 @@ def test_check_contract_accepts_it_and_the_chain_is_the_new_model(tiny: Path, re
 def test_a_stage_is_found_by_the_layer_it_holds(tiny: Path) -> None:
     """--layer: the head is where the split put the head's Dense, whatever its index."""
     manifest, model = load_manifest(tiny / "tiny"), load_keras(tiny / "model.keras")
-    assert stage_holding(tiny / "tiny", manifest, model, "probs") == HEAD
-    assert stage_holding(tiny / "tiny", manifest, model, "block1_conv") == "tiny-stage-0"
+    assert stage_holding(tiny / "tiny", manifest, model, "probs")[0] == HEAD
+    assert stage_holding(tiny / "tiny", manifest, model, "block1_conv")[0] == "tiny-stage-0"
     with pytest.raises(ExportError, match=r"--layer 'pool': the model has no layer of that name with trainable "
                                           r"weights; its layers with weights are \['block1_conv'"):
         stage_holding(tiny / "tiny", manifest, model, "pool")
