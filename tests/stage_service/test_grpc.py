@@ -373,7 +373,7 @@ def test_six_inputs_and_outputs_of_six_datatypes(identity_grpc: GrpcStage) -> No
 def test_through_the_gateway_the_first_stage_answers_only_for_the_pipeline(grpc_chain: GrpcStage) -> None:
     """The first stage's own name is internal. gRPC names the model inside the message, where the gateway's routes
     cannot see it, so the gateway marks every call it lets in (GATEWAY_HEADER) and such a call may name only the
-    pipeline. A caller inside the mesh, without the mark, still reaches the stage by its name."""
+    pipeline. A direct caller of the app, without the mark, still reaches the stage by its name."""
     client = grpc_chain.client()
     x = {"x": RNG.standard_normal((2, 16)).astype(np.float32)}
     marked = {GATEWAY_HEADER: "true"}
