@@ -84,9 +84,10 @@ cluster-tools: | $(STAMP)
 # builds what they need first.
 # TEST_WORKERS pytest processes (pytest-xdist), each taking a whole test module at a time, so a module's
 # mesh or chain is started once: most tests wait on processes, so two keep 2 cores busier (16 min here against
-# about 25 in one). TEST_WORKERS=0 runs them all in one process, in order.
+# about 25 in one). Modules go out in collection order, the longest first (tests/conftest.py LONGEST_FIRST):
+# xdist's own order, most tests first, left the long few-test modules for last. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 test: lint typecheck istio-tools
 	@if command -v go >/dev/null; then $(MAKE) --no-print-directory cluster-tools; \
 	else echo "Go is missing: kube-apiserver is not built, the API-server tests will not run"; fi

@@ -13,6 +13,26 @@ from mesh.render import render_tree, write_tree
 from model_export.manifest import Manifest
 from tests.tiny import write_tiny_pipeline
 
+# The modules that take longest on 2 cores (1-5 minutes each), longest first. `make test` hands whole modules to
+# its pytest-xdist workers in collection order (`--no-loadscope-reorder`: xdist's own order puts the modules with
+# the most tests first, so these few-test modules came last and one worker ran on alone for minutes at the end).
+LONGEST_FIRST = (
+    "tests/test_readme.py",
+    "tests/model_export/test_zoo.py",
+    "tests/mesh/test_rollout.py",
+    "tests/mesh/test_split_pinning.py",
+    "tests/mesh/test_keeper.py",
+    "tests/model_export/test_keras_models.py",
+    "tests/mesh/test_local_faults.py",
+    "tests/model_export/test_retrain.py",
+    "tests/benchmarks/test_reliability.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def own_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
