@@ -136,8 +136,8 @@ def _path_matcher(path: str) -> Json:
 
 def _rbac(hop: Hop) -> Json:
     """Envoy's RBAC filter: ALLOW only callers whose certificate carries one of the hop's principals as its
-    SPIFFE id (`spiffe://` + principal, as istiod writes an AuthorizationPolicy's principals), and only on
-    its allowed paths, else 403."""
+    SPIFFE id (`spiffe://` + principal, as istiod writes an AuthorizationPolicy's principals), with the hop's
+    required headers, and only on its allowed paths, else 403."""
     return {
         "name": "envoy.filters.http.rbac",
         "typed_config": _typed(
@@ -147,13 +147,23 @@ def _rbac(hop: Hop) -> Json:
                 "policies": {
                     "allow-previous-hop": {
                         "permissions": [{"or_rules": {"rules": [_path_matcher(p) for p in hop.allowed_paths]}}],
-                        "principals": [{"authenticated": {"principal_name": {"exact": f"spiffe://{p}"}}}
-                                       for p in hop.allowed_principals],
+                        "principals": _principals(hop),
                     }
                 },
             },
         ),
     }
+
+
+def _principals(hop: Hop) -> list[Json]:
+    """The callers' SPIFFE ids; with required headers, those ids and each header, as istiod writes an
+    AuthorizationPolicy's `when: request.headers[...]` beside its principals."""
+    callers = [{"authenticated": {"principal_name": {"exact": f"spiffe://{p}"}}} for p in hop.allowed_principals]
+    if not hop.required_headers:
+        return callers
+    headers = [{"or_ids": {"ids": [{"header": {"name": name, "string_match": {"exact": value}}}]}}
+               for name, value in hop.required_headers.items()]
+    return [{"and_ids": {"ids": [{"or_ids": {"ids": callers}}, *headers]}}]
 
 
 def _config_source(dynamic_dir: Path, file: str) -> Json:

@@ -89,6 +89,15 @@ def _allowed_principals(listener: Json) -> str:
     return ",".join(_spiffe_ids(_allow_rules(listener)))
 
 
+def _required_headers(listener: Json) -> str:
+    """The request headers the ALLOW policies that name a principal ask for, as name=value ("-" where none)."""
+    wanted = {f"{n['header']['name']}={n['header'].get('string_match', {}).get('exact', '?')}"
+              for rules in _allow_rules(listener) for policy in rules.get("policies", {}).values()
+              if _spiffe_ids(policy.get("principals"))
+              for n in _walk(policy.get("principals")) if isinstance(n, dict) and "header" in n}
+    return ",".join(sorted(wanted)) or "-"
+
+
 def _allowed_paths(listener: Json) -> str:
     """The request paths the ALLOW policies that name a principal admit ("any" where one admits every path)."""
     paths: set[str] = set()
@@ -242,6 +251,7 @@ def local_view(plan: Plan) -> dict[str, dict[str, str]]:
         inbound = _by_name(resources(hop.callee).listeners, "inbound", "listener")
         fields["inbound RBAC principals"] = _allowed_principals(inbound)
         fields["inbound RBAC paths"] = _allowed_paths(inbound)
+        fields["inbound RBAC required headers"] = _required_headers(inbound)
         view[hop_label(hop)] = fields
     grpc_host = _by_name(resources(GATEWAY).routes, GATEWAY_GRPC, "route")["virtual_hosts"][0]
     view[grpc_label(plan)] = _grpc_route_fields(grpc_host, grpc_host["routes"][0])
@@ -297,6 +307,7 @@ def istiod_view(plan: Plan, generated: dict[str, Json]) -> dict[str, dict[str, s
         inbound = _by_name(generated[_proxy_name(plan, hop.callee)]["listeners"], "virtualInbound", "listener")
         fields["inbound RBAC principals"] = _allowed_principals(inbound)
         fields["inbound RBAC paths"] = _allowed_paths(inbound)
+        fields["inbound RBAC required headers"] = _required_headers(inbound)
         view[hop_label(hop)] = fields
     grpc_host, grpc_route = _istiod_route(plan, generated[_proxy_name(plan, GATEWAY)], plan.hops[0], GRPC_PORT)
     view[grpc_label(plan)] = _grpc_route_fields(grpc_host, grpc_route)

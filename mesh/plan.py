@@ -151,6 +151,9 @@ class Hop(_Frozen):
     upstream: Upstream
     allowed_principals: list[str]  # the callee's inbound authorization: who may call it
     allowed_paths: list[str]  # ... and on which request paths (Istio's form: exact, or a `/*` prefix)
+    # ... and only with these request headers: the gateway's mark (GATEWAY_SETS) on the first stage, so a route
+    # of the shared ingress gateway other than the pipeline's reaches it only by setting the mark on purpose.
+    required_headers: dict[str, str] = {}
 
 
 class StagePlan(_Frozen):
@@ -361,6 +364,7 @@ def resolve(policy: Policy, manifest: Manifest) -> Plan:
                 retry_budget=own.retry_budget or d.retry_budget,
                 buffer_limit_bytes=buffer, expected_san=identity.spiffe_id),
             allowed_principals=[caller_identity.principal], allowed_paths=list(INFERENCE_PATHS),
+            required_headers=dict(GATEWAY_SETS) if caller == GATEWAY else {},
         ))
         stages.append(StagePlan(
             name=stage.name, index=i, identity=identity, replicas=replicas,

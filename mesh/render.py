@@ -467,6 +467,8 @@ def allow_caller(hop: Hop, ns: str) -> dict[str, Any]:
                 "from": [{"source": {"principals": list(hop.allowed_principals)}}],
                 "to": [{"operation": {"ports": [str(PORT)] + ([str(GRPC_PORT)] if hop.caller == GATEWAY else []),
                                       "paths": list(hop.allowed_paths)}}],
+                **({"when": [{"key": f"request.headers[{name}]", "values": [value]}
+                             for name, value in hop.required_headers.items()]} if hop.required_headers else {}),
             }],
         },
     }

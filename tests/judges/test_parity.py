@@ -135,8 +135,9 @@ def test_an_envoyfilter_that_matches_nothing_shows_as_a_difference(tiny: tuple[P
 
 
 def test_the_gateways_mark_and_grpc_route_are_compared(tiny: tuple[Plan, Objs]) -> None:
-    """The header the gateway sets (the first stage's guard of its own name) and the gRPC route's one service are
-    read from both sides: a gateway VirtualService without them differs, field by field."""
+    """The header the gateway sets (the first stage's guard of its own name), the first stage's demand for it
+    and the gRPC route's one service are read from both sides: a gateway VirtualService and a first stage's
+    AuthorizationPolicy without them differ, field by field."""
     plan, objects = tiny
     broken = copy.deepcopy(objects)
     gateway_service = next(o for o in broken if o["kind"] == "VirtualService" and o["spec"].get("gateways"))
@@ -144,11 +145,17 @@ def test_the_gateways_mark_and_grpc_route_are_compared(tiny: tuple[Plan, Objs]) 
         route.pop("headers")
         if route["name"] == "pipeline-grpc":
             route["match"] = [{"uri": {"prefix": "/"}}]
+    first_allows = next(o for o in broken if o["kind"] == "AuthorizationPolicy"
+                        and o["metadata"]["name"] == f"{plan.hops[0].callee}-allow-caller")
+    first_allows["spec"]["rules"][0].pop("when")
     different = {(r.hop, r.field): r for r in parity.unexplained(parity.compare(plan,
                                                                                 istiod.generated_config(broken)))}
     first, grpc = parity.hop_label(plan.hops[0]), parity.grpc_label(plan)
-    assert set(different) == {(first, "request headers set"), (grpc, "request headers set"), (grpc, "route match")}
+    assert set(different) == {(first, "request headers set"), (grpc, "request headers set"), (grpc, "route match"),
+                              (first, "inbound RBAC required headers")}
     assert different[first, "request headers set"].local == "x-pipeline-gateway=true"
+    assert different[first, "inbound RBAC required headers"].local == "x-pipeline-gateway=true"
+    assert different[first, "inbound RBAC required headers"].istiod == "-"
     assert different[grpc, "route match"].istiod == "prefix:/"
 
 

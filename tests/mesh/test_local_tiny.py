@@ -17,8 +17,9 @@ import onnxruntime as ort
 import pytest
 
 from mesh import local, procs
-from mesh.v2client import STAGE_TIMING, encode, infer, stage_timing
+from mesh.v2client import STAGE_TIMING, decode, encode, infer, stage_timing
 from model_export.manifest import Manifest
+from stage_service.settings import GATEWAY_HEADER
 from tests.mesh.local_mesh import gateway_client, mesh_cli, mtls_client, processes_of, running_mesh, write_policy
 
 CANARY_STAGE = "tiny-stage-1"
@@ -109,6 +110,27 @@ def test_rbac_admits_only_the_previous_stage(mesh: tuple[local.State, Path], tmp
     assert outcomes["tiny-stage-0"].status_code == 200, outcomes["tiny-stage-0"].text
     assert {k: r.status_code for k, r in outcomes.items() if k != "tiny-stage-0"} == \
         {"tiny-stage-2": 403, "gateway": 403, "other-ns": 403}
+
+
+def test_the_first_stage_admits_the_gateway_only_with_its_mark(mesh: tuple[local.State, Path],
+                                                                 pipeline: Path, tmp_path: Path) -> None:
+    """Stage 0's sidecar: the gateway's identity without the mark the gateway sets (as another route of a shared
+    ingress gateway would come) gets 403; with it, the pipeline answers; the mark from another identity, 403."""
+    state, state_dir = mesh
+    replica = state.layout.of_stage("tiny-stage-0")[0]
+    url = f"https://127.0.0.1:{replica.inbound_port}/v2/models/tiny/infer"
+    x = np.ones((1, 16), np.float32)
+    body, headers = encode({"x": x})
+    marked = {**headers, GATEWAY_HEADER: "true"}
+    gateway_id = state.policy.gateway_identity.spiffe_id
+    with mtls_client(state_dir, gateway_id, tmp_path) as client:
+        unmarked, forged_false, admitted = (client.post(url, content=body, headers=h) for h in
+                                            (headers, {**headers, GATEWAY_HEADER: "false"}, marked))
+    with mtls_client(state_dir, "spiffe://cluster.local/ns/tiny-ns/sa/tiny-stage-1", tmp_path) as client:
+        other = client.post(url, content=body, headers=marked)
+    assert (unmarked.status_code, forged_false.status_code, other.status_code) == (403, 403, 403)
+    assert admitted.status_code == 200, admitted.text
+    np.testing.assert_allclose(decode(admitted)["y"], _whole(pipeline, x), atol=1e-5, rtol=0)
 
 
 def _served_versions(state_dir: Path, n: int) -> Counter[str]:

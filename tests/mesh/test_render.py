@@ -147,6 +147,10 @@ def test_values_come_from_the_resolved_policy(tiny_pipeline: tuple[Path, Manifes
         f"cluster.local/ns/ml/sa/{s0}"]
     assert aps[f"{s0}-allow-caller"]["spec"]["rules"][0]["from"][0]["source"]["principals"] == [
         "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"]
+    # the gateway is admitted to the first stage only with its mark; stage to stage asks for no header
+    assert aps[f"{s0}-allow-caller"]["spec"]["rules"][0]["when"] == [
+        {"key": "request.headers[x-pipeline-gateway]", "values": ["true"]}]
+    assert "when" not in aps[f"{s1}-allow-caller"]["spec"]["rules"][0]
     dashboard = json.loads(files["base/grafana-dashboard-tiny.json"])
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     for metric in ("istio_requests_total", "istio_request_duration_milliseconds_bucket", "stage_requests_total",

@@ -101,10 +101,13 @@ def test_a_convolutional_network_of_any_image_size_exports_and_splits(tmp_path: 
     keras.Model(x, y).save(tmp_path / "fcn.keras")
     result = export_keras(tmp_path / "fcn.keras", tmp_path / "fcn.onnx")
     assert result.proof.cases == 18 and result.proof.max_abs_diff <= 1e-3  # none left out as a size it cannot take
-    split = split_model(tmp_path / "fcn.onnx", tmp_path / "fcn", 3, runs=1)
+    # Cut inside the convolutions by name: a split by measured cost of a network this small is decided by
+    # timing noise, and on a loaded machine both cuts have come after the global pooling.
+    inside = GraphIndex.build(onnx.load(tmp_path / "fcn.onnx")).clean_cuts()[:2]
+    split = split_model(tmp_path / "fcn.onnx", tmp_path / "fcn", 3, cuts=inside, runs=1)
     assert split.proof.max_abs_diff <= 1e-5
     cut_shapes = [t.shape for s in split.manifest.stages[1:] for t in s.inputs]
-    assert any(-1 in shape[1:] for shape in cut_shapes), cut_shapes  # a cut inside the convolutions
+    assert all(len(shape) == 4 and shape[0] == -1 and shape[2:] == [-1, -1] for shape in cut_shapes), cut_shapes
 
 
 def test_a_model_whose_inputs_are_a_dict_exports_with_its_input_names(tmp_path: Path) -> None:
