@@ -83,7 +83,7 @@ cluster-tools: | $(STAMP)
 # Where Go is missing the API-server tests do not run (they say so in one line); where it is, cluster-tools
 # builds what they need first.
 # TEST_WORKERS pytest processes (pytest-xdist), each taking a whole test module at a time, so a module's
-# mesh or chain is started once: most tests wait on processes, so two keep 2 cores busier (16 min here against
+# mesh or chain is started once: most tests wait on processes, so two keep 2 cores busier (14.5 min here against
 # about 25 in one). Modules go out in collection order, the longest first (tests/conftest.py LONGEST_FIRST):
 # xdist's own order, most tests first, left the long few-test modules for last. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
