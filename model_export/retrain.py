@@ -180,7 +180,7 @@ def retrain_stage(pipeline_dir: Path, stage: str | None, model_path: Path, data_
         stage, old_stage = stage_holding(pipeline_dir, old, model, layer)
     else:
         assert stage is not None
-        old_stage = load_onnx(pipeline_dir / old.stages[old.index(stage)].file)
+        old_stage = load_onnx(pipeline_dir / old.stage(stage).file)
     index = old.index(stage)
     names, shapes, output_shape = _keras_io(model)
     data = load_training_data(data_path, names, shapes, output_shape)
